@@ -1,0 +1,218 @@
+"""Command line: `python -m benchmarks {run,evaluate,list} ...` (see --help of each)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+import warnings
+
+import yaml
+
+from benchmarks.errors import BenchmarkError, ConfigError
+
+EPILOG = """examples:
+  python -m benchmarks run --suite digits                      # the quick main job (CPU, minutes)
+  python -m benchmarks run --suite digits --methods simclr byol swav --seeds 0 1 2 --epochs 20
+  python -m benchmarks run --suite cifar10 --data-root ~/data --download
+  python -m benchmarks run --suite my_suite.yaml --import my_methods.py --methods my_method
+  python -m benchmarks evaluate --checkpoint runs/digits/simclr_e40_s0/model.pt --protocols knn clustering
+  python -m benchmarks list
+"""
+
+
+def _parse_set(items: list[str]) -> dict:
+    """--set a.b=c pairs -> nested dict (values parsed as YAML: numbers, lists, booleans)."""
+    overrides: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch_size=128")
+        key, raw = item.split("=", 1)
+        node = overrides
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return overrides
+
+
+def _deep_update(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark self-supervised methods under one protocol: pretrain, evaluate, record, report.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Lightning's and the libraries' logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="pretrain and evaluate methods on a suite, write run records",
+                         description="Pretrain each method for each seed on the suite's data, evaluate it with "
+                         "the suite's protocols and write one record per run under --out. Finished runs are "
+                         "skipped (records are never overwritten without --force); interrupted runs resume "
+                         "from their last epoch checkpoint under --work-dir.")
+    run.add_argument("--suite", required=True, help="suite name (digits, mnist, cifar10, cifar100, cifar100-20, "
+                     "stl10) or a path to a suite YAML file")
+    run.add_argument("--methods", nargs="+", metavar="NAME", help="registered method names (default: the suite's "
+                     "methods_to_run); see `python -m benchmarks list`")
+    run.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the suite's)")
+    run.add_argument("--epochs", type=int, help="pretraining epochs (default: the suite's)")
+    run.add_argument("--batch-size", type=int, help="per-device batch size (default: the suite's)")
+    run.add_argument("--data-root", help="folder holding the dataset (default: $SSL_BENCH_DATA or ./data)")
+    run.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
+    run.add_argument("--out", default="results", help="folder for run records (default: results)")
+    run.add_argument("--work-dir", default="runs", help="folder for checkpoints and logs (default: runs)")
+    run.add_argument("--no-references", action="store_true", help="skip the random-init and supervised rows")
+    run.add_argument("--force", action="store_true", help="redo runs whose record exists and overwrite it")
+    run.add_argument("--restart", action="store_true", help="ignore existing epoch checkpoints (no resume)")
+    run.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], help="device (default: auto)")
+    run.add_argument("--devices", help="number of devices, or 'auto'")
+    run.add_argument("--precision", help="32, bf16-mixed, 16-mixed or auto (bf16 on GPU)")
+    run.add_argument("--protocols", nargs="+", help="evaluation protocols (default: the suite's)")
+    run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                     help="override any suite key, e.g. --set train.batch_size=128 methods.simclr.temperature=0.5")
+    run.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
+                     help="import a module (dotted name or .py path) that registers your own methods")
+    run.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
+    run.add_argument("--report-dir", default=None, help="where the report goes (default: reports/generated)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    lst = sub.add_parser("list", help="list registered methods, suites and datasets")
+    lst.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
+
+    try:
+        from benchmarks.evaluate_cli import add_evaluate_parser
+    except ImportError:
+        pass
+    else:
+        add_evaluate_parser(sub)
+    return parser
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    if verbose:
+        return
+    import pytorch_lightning  # noqa: F401  (sets its loggers' levels on import; override after)
+
+    os.environ.setdefault("LITLOGGER_DISABLE_TIP", "1")
+    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*LeafSpec.*")
+    warnings.filterwarnings("ignore", category=UserWarning, module="pytorch_lightning")
+    warnings.filterwarnings("ignore", category=UserWarning, module="lightning_fabric")
+
+
+def cmd_run(args) -> int:
+    from benchmarks.config import load_suite
+    from benchmarks.runner import load_suite_data, run_one
+    from methods import get_method, import_plugins_from_env, import_user_module
+
+    import_plugins_from_env()
+    for spec in args.imports:
+        import_user_module(spec)
+    overrides = _parse_set(args.set)
+    cli = {"train": {}}
+    if args.epochs is not None:
+        cli["train"]["epochs"] = args.epochs
+    if args.batch_size is not None:
+        cli["train"]["batch_size"] = args.batch_size
+    if args.seeds:
+        cli["train"]["seeds"] = args.seeds
+    if args.accelerator:
+        cli["train"]["accelerator"] = args.accelerator
+    if args.devices:
+        cli["train"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
+    if args.precision:
+        cli["train"]["precision"] = args.precision
+    if args.protocols:
+        cli["evaluation"] = {"protocols": args.protocols}
+    config = load_suite(args.suite, _deep_update(overrides, cli))
+    methods = args.methods or config["methods_to_run"]
+    if not methods:
+        raise ConfigError("--methods: none given and the suite has no methods_to_run")
+    if not args.no_references:
+        methods = list(methods) + [r for r in config["references"] if r not in methods]
+    for name in methods:
+        get_method(name)  # fail before any work on an unknown name
+    data_root = args.data_root or os.environ.get("SSL_BENCH_DATA") or "data"
+    data = load_suite_data(config, data_root, args.download)
+    seeds = config["train"]["seeds"]
+    started = time.perf_counter()
+    rows = []
+    for seed in seeds:
+        for name in methods:
+            t0 = time.perf_counter()
+            print(f"[{config['name']}] {name} seed {seed}: pretraining {config['train']['epochs']} epochs ...",
+                  flush=True)
+            record = run_one(config, name, seed, args.out, args.work_dir, data=data, force=args.force,
+                             restart=args.restart, progress=not args.no_progress)
+            rows.append(record)
+            knn = record["metrics"].get("knn_k20", {}).get("top1")
+            nmi = record["metrics"].get("clustering", {}).get("NMI")
+            summary = f"status {record['status']}"
+            if knn is not None:
+                summary += f", kNN(k=20) top-1 {knn:.1f}%"
+            if nmi is not None:
+                summary += f", NMI {nmi:.1f}"
+            print(f"[{config['name']}] {name} seed {seed}: {summary} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    print(f"{len(rows)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config['name']}/")
+    if not args.no_report:
+        try:
+            from reports.build import build_report
+        except ImportError:
+            print("(report generator not available; skipping the report)")
+        else:
+            out_dir = args.report_dir or os.path.join("reports", "generated")
+            build_report(args.out, out_dir)
+            print(f"report written to {out_dir}/")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from benchmarks.config import available_suites
+    from benchmarks.data import available_datasets
+    from methods import available_methods, get_method, import_user_module
+
+    for spec in args.imports:
+        import_user_module(spec)
+    print("methods:")
+    for name in available_methods():
+        cls = get_method(name)
+        print(f"  {name:16s} {cls.display_name}{'  (reference row)' if cls.is_reference else ''}")
+    print("suites:   " + ", ".join(available_suites()))
+    print("datasets: " + ", ".join(available_datasets()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    _quiet_libraries(args.verbose)
+    handlers = {"run": cmd_run, "list": cmd_list}
+    if args.command == "evaluate":
+        from benchmarks.evaluate_cli import cmd_evaluate
+
+        handlers["evaluate"] = cmd_evaluate
+    try:
+        return handlers[args.command](args)
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last epoch checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

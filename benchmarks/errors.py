@@ -1,0 +1,44 @@
+"""Error types the suite raises for bad input.
+
+Every error carries a message that names the cause and the fix; the CLI prints the
+message alone (no traceback) and exits with status 2.
+"""
+
+
+class BenchmarkError(Exception):
+    """Base class: a problem the user can fix (bad config, missing data, ...)."""
+
+
+class ConfigError(BenchmarkError, ValueError):
+    """A suite/method config has an unknown key or a value of the wrong type or range."""
+
+
+class DatasetNotFoundError(BenchmarkError, FileNotFoundError):
+    """The dataset files are not where the loader looked."""
+
+
+class DatasetCorruptError(BenchmarkError, ValueError):
+    """A dataset file exists but is truncated, corrupted or holds no usable images."""
+
+
+class UnknownMethodError(BenchmarkError, KeyError):
+    """No method is registered under the requested name."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; we want it plain
+        return str(self.args[0]) if self.args else ""
+
+
+class RecordExistsError(BenchmarkError, FileExistsError):
+    """A run record already exists and --force was not given."""
+
+
+class RecordError(BenchmarkError, ValueError):
+    """A run record is malformed or does not follow the schema."""
+
+
+class CheckpointError(BenchmarkError, ValueError):
+    """A checkpoint cannot be used (wrong method/suite, unsafe content, corrupted)."""
+
+
+class DivergedError(BenchmarkError, FloatingPointError):
+    """The training loss became NaN or infinite."""

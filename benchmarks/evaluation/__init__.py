@@ -1,0 +1,2 @@
+"""Evaluation protocols, identical for every method: kNN, linear, semi-supervised,
+cross-domain transfer, clustering (and per-layer probes)."""

@@ -1,0 +1,151 @@
+"""What every method shares: hyperparameter handling, batch/epoch context, EMA.
+
+A method subclass holds only what differs between methods: its heads, its loss,
+its cluster assignment and its defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from benchmarks.distributed import gather_cat
+from benchmarks.errors import ConfigError
+
+
+@dataclass
+class DataInfo:
+    num_classes: int  # true classes of the labelled set (for over-clustering defaults)
+    num_train: int  # images in the pretraining set (label stores are this long)
+    in_channels: int
+    image_size: int
+
+
+@dataclass
+class TrainBatch:
+    views: list[torch.Tensor]  # augmented, normalised views (2 or more)
+    indices: torch.Tensor  # dataset indices of the images (label stores)
+    labels: torch.Tensor | None  # only given to methods with uses_labels=True (supervised reference)
+    epoch: int
+    step: int  # global optimizer step
+    max_epochs: int
+    generator: torch.Generator  # seeded by (seed, step): per-step randomness that survives resume
+
+
+@dataclass
+class EpochContext:
+    epoch: int
+    max_epochs: int
+    seed: int
+    # predict(fn) runs fn(normalised clean images) over the whole pretraining set in
+    # index order and returns the concatenated outputs [num_train, ...]
+    predict: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+    # the augmented views of images by index (same pipeline as training)
+    device: torch.device
+
+
+def validate_hparams(method_name: str, defaults: dict, given: dict) -> dict:
+    """Merge `given` over `defaults`; unknown keys and wrong types name the key."""
+    resolved = dict(defaults)
+    for key, value in (given or {}).items():
+        if key not in defaults:
+            raise ConfigError(
+                f"methods.{method_name}.{key}: unknown hyperparameter; allowed: {', '.join(sorted(defaults))}"
+            )
+        default = defaults[key]
+        if default is not None and value is not None and not _same_kind(default, value):
+            raise ConfigError(
+                f"methods.{method_name}.{key}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})"
+            )
+        resolved[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value
+    return resolved
+
+
+def _same_kind(default: Any, value: Any) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+class SSLMethod(nn.Module):
+    """Base class of every method.
+
+    Subclasses set `display_name`, `paper` (seed paper id in paper_results.csv, if
+    any) and `default_hparams`, build their heads in `__init__` from
+    `self.backbone.feature_dim`, and implement `training_loss`.
+    """
+
+    name: ClassVar[str] = "?"  # set by @register_method
+    display_name: ClassVar[str] = "?"
+    paper: ClassVar[str | None] = None
+    default_hparams: ClassVar[dict] = {}
+    uses_labels: ClassVar[bool] = False
+    is_reference: ClassVar[bool] = False
+    skips_training: ClassVar[bool] = False  # random_init: evaluated as initialised
+
+    def __init__(self, backbone: nn.Module, data: DataInfo, hparams: dict | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.data = data
+        self.hparams = validate_hparams(self.name, self.default_hparams, hparams or {})
+        self.check_hparams()
+
+    # -- to override ---------------------------------------------------------------
+    def check_hparams(self) -> None:
+        """Range checks; raise ConfigError('methods.<name>.<key>: ...')."""
+
+    def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor | None:
+        """[B, K] scores of the method's own clustering/classification head, or None."""
+        return None
+
+    def on_train_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
+        """Called before each epoch; returns values to log (e.g. a scheduled weight)."""
+        return {}
+
+    def after_optimizer_step(self, progress: float) -> None:
+        """Called after each optimizer step; progress in [0, 1] over the whole run (EMA updates)."""
+
+    def epoch_order(self, epoch: int, generator: torch.Generator) -> torch.Tensor | None:
+        """The order in which to visit the pretraining set this epoch; None = a random permutation."""
+        return None
+
+    # -- helpers -------------------------------------------------------------------
+    def config_error(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"methods.{self.name}.{key}: {message}")
+
+    def require(self, condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise self.config_error(key, message)
+
+    @staticmethod
+    def global_batch(x: torch.Tensor) -> torch.Tensor:
+        """Concatenate `x` over all DDP ranks (gradients flow back to each rank's slice)."""
+        return gather_cat(x)
+
+
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batch_norm: bool = True,
+                   last_bn: bool = False) -> nn.Sequential:
+    """Linear-BN-ReLU blocks then a final Linear (the dissertation's 512 -> 128 projection head)."""
+    layers: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(dim, hidden_dim, bias=not batch_norm)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(nn.ReLU(inplace=True))
+        dim = hidden_dim
+    layers.append(nn.Linear(dim, out_dim, bias=not last_bn))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
