@@ -200,4 +200,4 @@ def iter_record_files(results_dir: str | Path) -> list[Path]:
     root = Path(results_dir)
     if not root.exists():
         return []
-    return sorted(p for p in root.rglob("*.json") if not p.name.startswith(".") and "benchmarks" not in p.parts)
+    return sorted(p for p in root.rglob("*.json") if not p.name.startswith(".") and "benchmarks" not in p.parts and "splits" not in p.parts)
