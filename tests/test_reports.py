@@ -120,7 +120,7 @@ def test_mean_std_and_seed_counts(built):
     assert carl["n"] == 1 and carl["std"] != carl["std"]  # NaN: one seed has no sample std
     section = md_section(built["paths"]["md"].read_text(), "Linear evaluation", LINEAR)
     row = md_row(section, "SimCLR")
-    assert row[1] == "3" and row[2] == "72.00 ± 2.00" and row[5] == "91.00 ± 1.00"
+    assert row[1] == "3" and row[2] == "72.00 ± 2.00" and row[5] == "**91.00 ± 1.00**"
     assert md_row(section, "CARL")[1:3] == ["1", "75.00"]  # one seed: the mean alone, n = 1
     transfer = md_row(md_section(built["paths"]["md"].read_text(), "Semi-supervised and transfer", LINEAR),
                       "SimCLR")
