@@ -67,6 +67,7 @@ from reports.tables import (
 
 FORMATS = ("md", "tex", "html")
 TITLE = "Self-supervised representation learning benchmark"
+OUTPUT_MODE = 0o644
 FILE_NAMES = {"md": "report.md", "tex": "report.tex", "html": "report.html"}
 CONVENTIONS = (
     "Cells are mean ± sample std (ddof=1) over seeds; with one seed the cell shows the mean alone. "
@@ -101,6 +102,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp_name, OUTPUT_MODE)
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -141,6 +143,9 @@ def _result_sections(agg: pd.DataFrame, values: pd.DataFrame, history: pd.DataFr
                      images: dict[str, bytes]) -> list[Section]:
     sections: list[Section] = []
     names = _Names()
+    used_labels = {label for frame in (agg, history) for _, group in frame.groupby(["suite", "dataset", "epochs"])
+                   for label in _labels(group).values()}
+    palette = figs.palette_for(sorted(used_labels))
     groups = sorted({(s, d, int(e)) for s, d, e in zip(agg["suite"], agg["dataset"], agg["epochs"])})
     for kind in KINDS:
         kind_sections = []
@@ -172,7 +177,7 @@ def _result_sections(agg: pd.DataFrame, values: pd.DataFrame, history: pd.DataFr
                 present = set(data["column"])
                 order = [c.label for c in columns if c.label in present]
                 images[name] = figs.bar_chart(data, order, [labels[r] for r in row_order(cells)],
-                                              f"{kind.title}: {heading}")
+                                              f"{kind.title}: {heading}", palette)
                 blocks.append(Figure(name, f"{kind.title}, {heading}: mean over seeds, error bars = std "
                                            "over seeds."))
             kind_sections.append(Section(heading, 3, blocks))
@@ -186,13 +191,12 @@ def _result_sections(agg: pd.DataFrame, values: pd.DataFrame, history: pd.DataFr
             mine = history[(history["suite"] == suite) & (history["dataset"] == dataset)
                            & (history["epochs"] == epochs)]
             labels = _labels(mine)
+            order = [labels[r] for r in row_order(mine)]
             mine = mine.assign(method=[labels[(m, d, bool(r))] for m, d, r in
                                        zip(mine["method"], mine["method_display"], mine["is_reference"])])
             heading = f"{dataset} — suite {suite}, {epochs} epochs"
             name = names(f"curves_{_slug(suite)}_{_slug(dataset)}_e{epochs}")
-            images[name] = figs.curves_chart(mine, [labels[r] for r in row_order(history[
-                (history["suite"] == suite) & (history["dataset"] == dataset) & (history["epochs"] == epochs)])],
-                f"Training curves: {heading}")
+            images[name] = figs.curves_chart(mine, order, f"Training curves: {heading}", palette)
             curves.append(Section(heading, 3, [Figure(name, f"Training curves, {heading}: mean over seeds per "
                                                             "epoch, band = std over seeds.")]))
         sections.append(Section("Training curves", 2))
@@ -291,6 +295,9 @@ def build_report(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     figure_paths = [atomic_write_bytes(out_dir / "figures" / name, images[name]) for name in sorted(images)]
+    for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
+        if stale.name not in images and re.fullmatch(r"(bars|curves)_[a-z0-9_.-]+\.png", stale.name):
+            stale.unlink()
     paths: dict[str, Path] = {}
     for fmt_ in formats:
         if fmt_ == "md":
@@ -300,6 +307,7 @@ def build_report(
         else:
             text = to_html(TITLE, sections, images)
         paths[fmt_] = atomic_write_text(out_dir / FILE_NAMES[fmt_], text)
+        os.chmod(paths[fmt_], OUTPUT_MODE)  # mkstemp creates 0600; a report is meant to be read by others
     return {
         "paths": paths,
         "figures": figure_paths,

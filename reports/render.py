@@ -70,8 +70,23 @@ def _tex_cell(cell: Cell) -> str:
     return rf"\textbf{{{text}}}" if cell.bold and text else text
 
 
+def _tex_longtable(table: Table) -> list[str]:
+    """Text tables (lists of files, paper rows) can be long: longtable breaks them across pages."""
+    ncol = len(table.columns)
+    spec = "l" * (ncol - 1) + r"p{0.15\linewidth}"
+    header = " & ".join(tex_escape(c) for c in table.columns) + r" \\"
+    lines = [r"{\scriptsize\setlength{\tabcolsep}{3pt}", rf"\begin{{longtable}}{{{spec}}}", r"\toprule", header,
+             r"\midrule", r"\endfirsthead", r"\toprule", header, r"\midrule", r"\endhead", r"\bottomrule",
+             r"\endlastfoot"]
+    lines += [" & ".join(_tex_cell(c) for c in row) + r" \\" for row in table.rows]
+    lines += [r"\end{longtable}}"]
+    return lines
+
+
 def _tex_table(table: Table) -> list[str]:
     ncol = len(table.columns)
+    if table.numeric_from >= ncol and table.reference_from is None:
+        return _tex_longtable(table)
     spec = "l" * table.numeric_from + "r" * (ncol - table.numeric_from)
     lines = [r"\begin{table}[htbp]", r"\centering", r"\small",
              r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
@@ -93,7 +108,8 @@ def to_latex(title: str, sections: Sequence[Section]) -> str:
              r"\documentclass[10pt]{article}",
              r"\usepackage[utf8]{inputenc}", r"\usepackage[T1]{fontenc}",
              r"\usepackage[landscape,margin=1.5cm]{geometry}",
-             r"\usepackage{booktabs}", r"\usepackage{graphicx}", r"\usepackage{caption}",
+             r"\usepackage{booktabs}", r"\usepackage{longtable}", r"\usepackage{graphicx}",
+             r"\usepackage{caption}",
              r"\begin{document}", rf"\section*{{{tex_escape(title)}}}"]
     for section in sections:
         command = "subsection*" if section.level <= 2 else "subsubsection*"
@@ -126,11 +142,12 @@ h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
 h3 { margin-top: 1.5em; }
 table { border-collapse: collapse; margin: .5em 0; font-size: 13px; font-variant-numeric: tabular-nums; }
 thead th { border-top: 2px solid #000; border-bottom: 1px solid #000; padding: 4px 10px; background: #f3f3f3; }
-tbody td { padding: 3px 10px; border-bottom: 1px solid #eee; white-space: nowrap; }
+tbody td { padding: 3px 10px; border-bottom: 1px solid #eee; }
+div.scroll { overflow-x: auto; max-width: 100%; }
 tbody:last-of-type tr:last-child td { border-bottom: 2px solid #000; }
 tbody.reference tr:first-child td { border-top: 1.5px solid #000; }
 tbody.reference td { color: #444; font-style: italic; }
-td.num, th.num { text-align: right; }
+td.num, th.num { text-align: right; white-space: nowrap; }
 td.missing { color: #999; }
 p.caption { font-size: 12px; color: #555; margin-top: 0; }
 figure { margin: .8em 0 1.5em 0; }
@@ -154,14 +171,14 @@ def _html_table(table: Table) -> list[str]:
     head = "".join(f"<th{num if i >= table.numeric_from else ''}>{html.escape(c)}</th>"
                    for i, c in enumerate(table.columns))
     split = len(table.rows) if table.reference_from is None else table.reference_from
-    lines = ["<table>", f"<thead><tr>{head}</tr></thead>", "<tbody>"]
+    lines = ['<div class="scroll"><table>', f"<thead><tr>{head}</tr></thead>", "<tbody>"]
     lines += [_html_row(row, table.numeric_from) for row in table.rows[:split]]
     lines.append("</tbody>")
     if split < len(table.rows):
         lines.append('<tbody class="reference">')
         lines += [_html_row(row, table.numeric_from) for row in table.rows[split:]]
         lines.append("</tbody>")
-    lines.append("</table>")
+    lines.append("</table></div>")
     if table.caption:
         lines.append(f'<p class="caption">{html.escape(table.caption)}</p>')
     return lines
