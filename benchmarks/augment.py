@@ -15,6 +15,7 @@ rotation of the chroma plane in YIQ space.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -76,10 +77,21 @@ def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.
     return (factor.view(-1, 1, 1, 1) * x + (1 - factor.view(-1, 1, 1, 1)) * other).clamp(0, 1)
 
 
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)
+
+
+@functools.cache
+def _yiq_matrices(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The YIQ matrices on `device`, made once: a host-to-GPU copy (and a GPU linalg.inv) in every
+    call would synchronise the GPU with the host twice per view."""
+    with torch.inference_mode(False):
+        return _TO_YIQ.to(device, dtype), _FROM_YIQ.to(device, dtype)
+
+
 def _rotate_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate hue by `shift` (fraction of a turn) per image, via the YIQ chroma plane."""
-    to_yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    from_yiq = torch.linalg.inv(to_yiq)
+    to_yiq, from_yiq = _yiq_matrices(x.device, x.dtype)
     yiq = torch.einsum("ij,bjhw->bihw", to_yiq, x)
     angle = shift * 2 * math.pi
     cos, sin = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)

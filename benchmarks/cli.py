@@ -32,9 +32,17 @@ def _parse_set(items: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = overrides
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"--set {item!r}: empty key part in {key!r}; use dotted keys, e.g. optimizer.lr=0.1")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw)
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is set to a value earlier, it cannot also hold keys")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem or exc}); quote "
+                              "strings and write lists as [a, b]") from None
     return overrides
 
 
@@ -47,7 +55,7 @@ def _deep_update(base: dict, extra: dict) -> dict:
     return base
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description="Benchmark self-supervised methods under one protocol: pretrain, evaluate, record, report.",
@@ -72,8 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="results", help="folder for run records (default: results)")
     run.add_argument("--work-dir", default="runs", help="folder for checkpoints and logs (default: runs)")
     run.add_argument("--no-references", action="store_true", help="skip the random-init and supervised rows")
-    run.add_argument("--force", action="store_true", help="redo runs whose record exists and overwrite it")
-    run.add_argument("--restart", action="store_true", help="ignore existing epoch checkpoints (no resume)")
+    run.add_argument("--force", action="store_true", help="redo runs whose record exists and overwrite it (a "
+                     "finished checkpoint is reused, so only the evaluation reruns; add --restart to retrain)")
+    run.add_argument("--restart", action="store_true", help="delete the run's epoch checkpoint and train from "
+                     "scratch instead of resuming")
     run.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], help="device (default: auto)")
     run.add_argument("--devices", help="number of devices, or 'auto'")
     run.add_argument("--precision", help="32, bf16-mixed, 16-mixed or auto (bf16 on GPU)")
@@ -89,12 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list registered methods, suites and datasets")
     lst.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
 
-    try:
-        from benchmarks.evaluate_cli import add_evaluate_parser
-    except ImportError:
-        pass
-    else:
-        add_evaluate_parser(sub)
+    if with_evaluate:
+        try:
+            from benchmarks.evaluate_cli import add_evaluate_parser
+        except ImportError:
+            pass
+        else:
+            add_evaluate_parser(sub)
     return parser
 
 
@@ -113,13 +124,12 @@ def _quiet_libraries(verbose: bool) -> None:
 
 
 def cmd_run(args) -> int:
+    # Order: what needs only the config and the dataset files first (a bad key or a missing dataset is
+    # reported within seconds, before Lightning, the methods and the evaluation libraries load), then
+    # names and hyperparameters, then the checks that need both; only then any training.
     from benchmarks.config import load_suite
-    from benchmarks.runner import load_suite_data, run_one
-    from methods import get_method, import_plugins_from_env, import_user_module
+    from benchmarks.suite_data import load_suite_data
 
-    import_plugins_from_env()
-    for spec in args.imports:
-        import_user_module(spec)
     overrides = _parse_set(args.set)
     cli = {"train": {}}
     if args.epochs is not None:
@@ -131,6 +141,8 @@ def cmd_run(args) -> int:
     if args.accelerator:
         cli["train"]["accelerator"] = args.accelerator
     if args.devices:
+        if not (args.devices.isdigit() or args.devices in ("auto", "-1")):
+            raise ConfigError(f"--devices: expected a number of devices or 'auto', got {args.devices!r}")
         cli["train"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
     if args.precision:
         cli["train"]["precision"] = args.precision
@@ -142,10 +154,18 @@ def cmd_run(args) -> int:
         raise ConfigError("--methods: none given and the suite has no methods_to_run")
     if not args.no_references:
         methods = list(methods) + [r for r in config["references"] if r not in methods]
-    for name in methods:
-        get_method(name)  # fail before any work on an unknown name
     data_root = args.data_root or os.environ.get("SSL_BENCH_DATA") or "data"
     data = load_suite_data(config, data_root, args.download)
+
+    _quiet_libraries(args.verbose)
+    from benchmarks.runner import check_method_settings, preflight, run_one
+    from methods import import_plugins_from_env, import_user_module
+
+    import_plugins_from_env()
+    for spec in args.imports:
+        import_user_module(spec)
+    check_method_settings(config, methods)
+    preflight(config, methods, data)
     seeds = config["train"]["seeds"]
     started = time.perf_counter()
     rows = []
@@ -154,8 +174,8 @@ def cmd_run(args) -> int:
             t0 = time.perf_counter()
             print(f"[{config['name']}] {name} seed {seed}: pretraining {config['train']['epochs']} epochs ...",
                   flush=True)
-            record = run_one(config, name, seed, args.out, args.work_dir, data=data, force=args.force,
-                             restart=args.restart, progress=not args.no_progress)
+            record = run_one(config, name, seed, args.out, args.work_dir, data=data, data_root=data_root,
+                             force=args.force, restart=args.restart, progress=not args.no_progress)
             rows.append(record)
             knn = record["metrics"].get("knn_k20", {}).get("top1")
             nmi = record["metrics"].get("clustering", {}).get("NMI")
@@ -166,7 +186,9 @@ def cmd_run(args) -> int:
                 summary += f", NMI {nmi:.1f}"
             print(f"[{config['name']}] {name} seed {seed}: {summary} ({time.perf_counter() - t0:.1f} s)", flush=True)
     print(f"{len(rows)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config['name']}/")
-    if not args.no_report:
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
+    if not args.no_report and getattr(rank_zero_only, "rank", 0) == 0:
         try:
             from reports.build import build_report
         except ImportError:
@@ -195,10 +217,14 @@ def cmd_list(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    # `run` and `list` do not need the evaluate command's parser (and its imports: a slow start)
+    parser = build_parser(with_evaluate=command not in ("run", "list"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    _quiet_libraries(args.verbose)
+    if args.command != "run":  # cmd_run quiets them once it imports them
+        _quiet_libraries(args.verbose)
     handlers = {"run": cmd_run, "list": cmd_list}
     if args.command == "evaluate":
         from benchmarks.evaluate_cli import cmd_evaluate

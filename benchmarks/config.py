@@ -88,6 +88,22 @@ def _kind_ok(default: Any, value: Any) -> bool:
     return isinstance(value, type(default))
 
 
+# Sections whose keys are checked by their own schema later, not against the suite file: method
+# hyperparameters (each method's default_hparams), evaluation (benchmarks.evaluation's defaults) and
+# loader options (the loader's signature). Overrides merge into them key by key.
+FREE_FORM = ("methods", "evaluation", "dataset.options")
+
+
+def _merge_free(base: dict, extra: dict, path: str) -> dict:
+    result = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = _merge_free(result[key], value, f"{path}.{key}")
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
 def merge_checked(defaults: dict, given: dict | None, path: str = "") -> dict:
     """Deep-merge `given` over `defaults`, refusing unknown keys and wrong types."""
     result = copy.deepcopy(defaults)
@@ -101,6 +117,11 @@ def merge_checked(defaults: dict, given: dict | None, path: str = "") -> dict:
             allowed = ", ".join(sorted(map(str, defaults))) or "(none)"
             raise ConfigError(f"{where}: unknown key; allowed: {allowed}")
         default = defaults[key]
+        if where in FREE_FORM:
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
+            result[key] = _merge_free(default or {}, value or {}, where)
+            continue
         if isinstance(default, dict) and default and isinstance(value, dict):
             result[key] = merge_checked(default, value, where)
         elif not _kind_ok(default, value):
@@ -194,7 +215,10 @@ def check_optimizer(opt: dict, where: str) -> None:
 
 def method_settings(config: dict, method: str) -> tuple[dict, dict]:
     """(hyperparameters, optimizer) for `method` in this suite; the optimizer merges over the suite's."""
-    section = dict(config["methods"].get(method) or {})
+    section = config["methods"].get(method) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"methods.{method}: expected a mapping of hyperparameters, got {section!r}")
+    section = dict(section)
     opt_override = section.pop("optimizer", None)
     optimizer = merge_checked(config["optimizer"], opt_override, f"methods.{method}.optimizer")
     check_optimizer(optimizer, f"methods.{method}.optimizer")

@@ -42,3 +42,11 @@ class CheckpointError(BenchmarkError, ValueError):
 
 class DivergedError(BenchmarkError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class StorageError(BenchmarkError, OSError):
+    """A record, model or checkpoint could not be written (disk full, no permission, ...)."""
+
+
+class RunLockedError(BenchmarkError, RuntimeError):
+    """Another process is training the same run (same work dir, suite, method, epochs, seed)."""

@@ -31,7 +31,7 @@ Schema (version 1) -- every key is required unless marked optional:
     peak_memory_mb: float | null
     checkpoint: str | null    # path of the final model checkpoint
     created: str              # ISO-8601 UTC
-    message: str | null       # optional: why a run diverged/failed
+    message: str | null       # optional; required (non-empty) when status is diverged/failed
 """
 
 from __future__ import annotations
@@ -40,10 +40,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from benchmarks.errors import RecordError, RecordExistsError
+from benchmarks.errors import BenchmarkError, RecordError, RecordExistsError, StorageError
 
 SCHEMA_VERSION = 1
 STATUSES = ("completed", "diverged", "failed")
@@ -113,8 +114,23 @@ def validate_record(record: Any) -> None:
                     problems.append(f"metrics['{protocol}']['{metric}'] must be a finite number, got {value!r}")
                 elif not 0.0 <= value <= 100.0:
                     problems.append(f"metrics['{protocol}']['{metric}'] = {value} is outside 0-100 (percent)")
+    history = record.get("history")
+    if isinstance(history, list):
+        for i, entry in enumerate(history):
+            if not isinstance(entry, dict) or isinstance(entry.get("epoch"), bool) \
+                    or not isinstance(entry.get("epoch"), int) or not _is_number(entry.get("loss")):
+                problems.append(f"history[{i}] must be an object with an integer 'epoch' and a numeric 'loss'")
+                break
+    if "message" in record and not isinstance(record["message"], (str, type(None))):
+        problems.append(f"'message' must be str/null, got {type(record['message']).__name__}")
+    if record.get("status") in ("diverged", "failed") and not record.get("message"):
+        problems.append(f"a {record.get('status')} record needs a 'message' saying why")
     if problems:
         raise RecordError("; ".join(problems))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_record(path: str | Path) -> dict:
@@ -148,21 +164,23 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
-    """Write `text` to `path` through a temp file in the same folder + fsync + rename.
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite: bool = True) -> Path:
+    """Write a file through a temp file in the same folder + fsync + rename.
 
-    A reader never sees a half-written file; on any error (disk full included) the
-    temp file is removed and the previous file, if any, is left untouched. With
-    overwrite=False the final step is a hard link, which fails atomically if another
-    writer got there first.
+    `write(handle)` fills the temp file. A reader never sees a half-written file; on
+    any error (disk full included) the temp file is removed, the previous file, if
+    any, is left untouched, and an OSError is raised as StorageError naming the file.
+    With overwrite=False the final step is a hard link, which fails atomically if
+    another writer got there first (RecordExistsError).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
+    tmp: Path | None = None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(tmp_name)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         if overwrite:
@@ -176,10 +194,22 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Pa
                 ) from None
             tmp.unlink()
         _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, (BenchmarkError, FileExistsError)):
+            reason = exc.strerror or str(exc)
+            raise StorageError(f"{path}: cannot be written ({reason}); nothing was written and any previous "
+                               "file there is unchanged. Free disk space or fix the folder's permissions "
+                               "(or choose another folder), then rerun the same command.") from exc
         raise
     return path
+
+
+def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Path:
+    """`atomic_write` for UTF-8 text."""
+    data = text.encode("utf-8")
+    return atomic_write(path, lambda handle: handle.write(data), overwrite=overwrite)
 
 
 def write_record(record: dict, path: str | Path, force: bool = False) -> Path:

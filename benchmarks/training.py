@@ -7,31 +7,43 @@ The loop itself is Lightning's. What this module adds:
   seeded by (seed, epoch), so an interrupted run resumes to bitwise the same result
   on CPU from its last epoch checkpoint;
 - a per-epoch history (mean loss, online kNN top-1, method schedules) kept in the
-  checkpoint and copied into the run record.
+  checkpoint and copied into the run record;
+- epoch checkpoints (last.ckpt) written atomically and read back with
+  weights_only=True (SafeCheckpointIO), holding only plain data: the global
+  torch/numpy/python RNG states are stored as tensors and numbers, and a config
+  fingerprint refuses a checkpoint of another run before any training starts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from benchmarks.augment import BatchAugment, step_generator
 from benchmarks.data import ImageDataset
-from benchmarks.distributed import gather_cat_nograd
-from benchmarks.errors import CheckpointError, DivergedError
+from benchmarks.errors import CheckpointError, ConfigError, DivergedError
 from benchmarks.evaluation.features import backbone_features
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
+from benchmarks.records import atomic_write
 from methods.base import EpochContext, SSLMethod, TrainBatch
+
+CHECKPOINT_FORMAT = "ssl-bench-trainer/1"
+log = logging.getLogger("benchmarks")
 
 
 class IndexedBatches(Dataset):
@@ -62,8 +74,8 @@ class EpochBatchSampler(Sampler):
         self.order_fn, self.rank, self.world_size = order_fn, rank, world_size
         self.epoch = 0
         if self.num_samples < batch_size * world_size:
-            raise ValueError(f"the pretraining set has {num_samples} images, fewer than one global batch "
-                             f"({batch_size} x {world_size} ranks); lower train.batch_size")
+            raise ConfigError(f"train.batch_size: the pretraining set has {num_samples} images, fewer than one "
+                              f"global batch ({batch_size} x {world_size} ranks); lower train.batch_size")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -104,6 +116,41 @@ def build_optimizer(params, cfg: dict, batch_size: int):
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight_decay"])
 
 
+class CombinedOptimizer(torch.optim.Optimizer):
+    """Optimizers over disjoint parameter sets, stepped as one (Lightning's automatic optimization
+    and one LR schedule drive them all: the schedule scales every group's own base lr)."""
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+        super().__init__([p for o in self.optimizers for g in o.param_groups for p in g["params"]], {})
+        self._link_groups()
+
+    def _link_groups(self) -> None:
+        # the inner optimizers' own group dicts: LR changes made through this object reach them
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for optimizer, state in zip(self.optimizers, state_dict["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+        self._link_groups()
+
+
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction: float) -> float:
     """LR multiplier: linear warm-up, then cosine decay to `final_fraction`."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -111,6 +158,13 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def restarted_warmup_cosine(step: int, bounds: list[int], warmup_steps: int, final_fraction: float) -> float:
+    """warmup_cosine started over at each boundary; bounds = [0, restart steps..., total_steps]."""
+    start = max(b for b in bounds[:-1] if b <= step)
+    end = min((b for b in bounds[1:] if b > start), default=bounds[-1])
+    return warmup_cosine(step - start, max(1, end - start), warmup_steps, final_fraction)
 
 
 @dataclass
@@ -167,7 +221,8 @@ class PretrainModule(pl.LightningModule):
     # -- training ------------------------------------------------------------------
     def on_train_epoch_start(self):
         self._epoch_loss, self._epoch_steps, self._epoch_started = None, 0, time.perf_counter()
-        ctx = EpochContext(self.current_epoch, self.max_epochs, self.seed, self._predict_pretrain, self.device)
+        ctx = EpochContext(self.current_epoch, self.max_epochs, self.seed, self._predict_pretrain, self.device,
+                           labels=self.pretrain.labels)
         self._epoch_logs = {k: float(v) for k, v in (self.method.on_train_epoch_start(ctx) or {}).items()}
 
     def training_step(self, batch, batch_idx):
@@ -180,16 +235,26 @@ class PretrainModule(pl.LightningModule):
                                  self.current_epoch, self.global_step, self.max_epochs, generator)
         loss, logs = self.method.training_loss(train_batch)
         if self.global_step % self.divergence_check_every == 0 and not torch.isfinite(loss):
-            raise DivergedError(f"the loss became {loss.item()} at epoch {self.current_epoch}, "
-                                f"step {self.global_step}")
+            raise DivergedError(f"the loss became {loss.item()} in epoch {self.current_epoch + 1} (optimizer step "
+                                f"{self.global_step}); lower the learning rate or check the method's hyperparameters")
         detached = loss.detach()
         self._epoch_loss = detached if self._epoch_loss is None else self._epoch_loss + detached
         self._epoch_steps += 1
         self.images_seen += images.shape[0] * self.trainer.world_size
-        self.log("train_loss", detached, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(images))
-        for key, value in logs.items():
-            self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=len(images))
+        if self._step_logs_written():
+            self.log("train_loss", detached, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(images))
+            for key, value in logs.items():
+                self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=len(images))
         return loss
+
+    def _step_logs_written(self) -> bool:
+        """Whether Lightning hands this step's metrics to the loggers (every log_every_n_steps steps).
+
+        self.log costs ~0.2 ms of Python per call; skipping it on the other steps writes the same
+        log rows (the progress bar shows the last logged value).
+        """
+        every = self.trainer.log_every_n_steps
+        return every <= 1 or (self.global_step + 1) % every == 0 or bool(self.trainer.fast_dev_run)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         total = max(1, self.trainer.estimated_stepping_batches)
@@ -199,7 +264,8 @@ class PretrainModule(pl.LightningModule):
         self.train_seconds += time.perf_counter() - self._epoch_started
         mean_loss = (self._epoch_loss / max(1, self._epoch_steps)).item() if self._epoch_loss is not None else math.nan
         if not math.isfinite(mean_loss):
-            raise DivergedError(f"the mean loss of epoch {self.current_epoch} is {mean_loss}")
+            raise DivergedError(f"the mean loss of epoch {self.current_epoch + 1} is {mean_loss}; lower the learning "
+                                "rate or check the method's hyperparameters")
         entry = {"epoch": self.current_epoch + 1, "loss": mean_loss, **self._epoch_logs}
         monitor = self.monitor
         last_epoch = self.current_epoch + 1 == self.max_epochs
@@ -222,36 +288,135 @@ class PretrainModule(pl.LightningModule):
         return topk_accuracy(scores, m.test.labels, ks=(1,))["top1"]
 
     def configure_optimizers(self):
-        params = [p for p in self.method.parameters() if p.requires_grad]
-        optimizer = build_optimizer(params, self.optim_cfg, self.batch_size * self.trainer.world_size)
+        batch = self.batch_size * self.trainer.world_size
+        # parameter sets a method trains with settings of their own (SSL++: Adam for its IIC stage)
+        own = [([p for p in ps if p.requires_grad], {**self.optim_cfg, **overrides})
+               for ps, overrides in self.method.optimizer_groups()]
+        claimed = {id(p) for ps, _ in own for p in ps}
+        params = [p for p in self.method.parameters() if p.requires_grad and id(p) not in claimed]
+        optimizer = build_optimizer(params, self.optim_cfg, batch)
+        if own:
+            optimizer = CombinedOptimizer([optimizer] + [build_optimizer(ps, cfg, batch) for ps, cfg in own])
         total = max(1, self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.max_epochs))
         warmup = int(self.optim_cfg["warmup_epochs"] * steps_per_epoch)
         final = self.optim_cfg["final_lr_fraction"]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup, final))
+        # a method may restart the schedule (SSL++: each of its two stages gets warm-up + cosine)
+        restarts = sorted({e for e in self.method.schedule_restarts(self.max_epochs) if 0 < e < self.max_epochs})
+        bounds = [0, *(e * steps_per_epoch for e in restarts), total]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: restarted_warmup_cosine(s, bounds, warmup,
+                                                                                                   final))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint extras ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["ssl_bench"] = {"history": self.history, "images_seen": self.images_seen,
-                                   "train_seconds": self.train_seconds, "fingerprint": self.fingerprint}
+        # plain data only (loaded back with weights_only=True); the global RNG states make a
+        # resumed run draw what the uninterrupted one would have (dropout, any method that
+        # draws without its own generator)
+        checkpoint["ssl_bench"] = {"format": CHECKPOINT_FORMAT, "history": self.history,
+                                   "images_seen": self.images_seen, "train_seconds": self.train_seconds,
+                                   "fingerprint": self.fingerprint, "rng": global_rng_state()}
 
     def on_load_checkpoint(self, checkpoint):
-        extra = checkpoint.get("ssl_bench")
-        if extra is None:
-            raise CheckpointError("this checkpoint was not written by ssl-bench's trainer")
-        if extra["fingerprint"] != self.fingerprint:
-            raise CheckpointError("the checkpoint belongs to a run with another config/method/suite; "
-                                  "pass --restart to train from scratch")
-        self.history = list(extra["history"])
+        extra = check_resume_payload(checkpoint, self.fingerprint, "last.ckpt")
+        self.history = [dict(entry) for entry in extra["history"]]
         self.images_seen = int(extra["images_seen"])
         self.train_seconds = float(extra["train_seconds"])
+        set_global_rng_state(extra["rng"])
 
     fingerprint: str = ""
 
 
 def config_fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# train.* keys that do not change what is trained (so they may differ between a run and its resume)
+NON_TRAINING_KEYS = ("seeds", "num_workers", "log_every_n_steps", "tensorboard")
+
+
+def training_fingerprint(config: dict, method_name: str, hparams: dict, optimizer: dict, seed: int) -> str:
+    """Identifies what a training run computes: data, backbone, views, schedule, method, seed.
+
+    Evaluation settings, other methods' sections and logging options are left out, so changing
+    them does not stop a run from resuming; anything else refuses the old checkpoint.
+    """
+    keys = ("name", "dataset", "backbone", "in_channels", "image_size", "num_classes", "augment")
+    payload = {key: config[key] for key in keys}
+    payload["train"] = {k: v for k, v in config["train"].items() if k not in NON_TRAINING_KEYS}
+    payload.update(method=method_name, hparams=hparams, optimizer=optimizer, seed=seed)
+    return config_fingerprint(payload)
+
+
+# -- RNG state as plain data --------------------------------------------------------------
+def global_rng_state() -> dict:
+    """torch (CPU, CUDA), numpy and python global RNG states as tensors/numbers (weights_only-safe)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
+             "python": {"version": int(version), "internal": torch.tensor(internal, dtype=torch.int64),
+                        "gauss_next": gauss_next}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_global_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- checkpoints ---------------------------------------------------------------------------
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Epoch checkpoints written atomically and loaded without unpickling arbitrary objects.
+
+    Lightning's own writer goes through fsspec, which stages the file in the system temp
+    folder and moves it (a copy, not a rename, across file systems; no fsync). Here the temp
+    file sits beside the target, is fsynced and renamed over it (benchmarks.records.atomic_write),
+    so last.ckpt is always a complete checkpoint, the previous or the new one, whenever the
+    process dies. Loading always uses weights_only=True.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        atomic_write(path, lambda handle: torch.save(checkpoint, handle))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return load_checkpoint_file(path, map_location=map_location)
+
+
+def load_checkpoint_file(path, map_location=None, mmap: bool = False) -> dict:
+    """torch.load with weights_only=True; unsafe or damaged files raise CheckpointError."""
+    try:
+        payload = torch.load(path, map_location=map_location or "cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # pickle errors for unsafe objects, truncated zip files, ...
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot be loaded ({type(exc).__name__}: {first}); only complete "
+                              "checkpoints holding tensors and plain data are accepted. Delete it or pass "
+                              "--restart to train from scratch") from exc
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not a training checkpoint; delete it or pass --restart")
+    return payload
+
+
+def check_resume_payload(checkpoint: dict, fingerprint: str, where) -> dict:
+    """The ssl-bench part of a Lightning checkpoint, refused unless it belongs to this very run."""
+    extra = checkpoint.get("ssl_bench")
+    if not isinstance(extra, dict) or extra.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{where}: not a checkpoint of ssl-bench's trainer ({CHECKPOINT_FORMAT}); "
+                              "delete it or pass --restart to train from scratch")
+    if extra.get("fingerprint") != fingerprint:
+        raise CheckpointError(f"{where}: this checkpoint belongs to a run with another config, method, suite or "
+                              "seed, so resuming from it would mix two runs. Pass --restart to train from scratch "
+                              "(it is deleted), or use another --work-dir")
+    return extra
 
 
 @dataclass
@@ -272,6 +437,26 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
+def ddp_strategy_for(method: SSLMethod, train_cfg: dict) -> str:
+    """train.strategy, switched to DDP with find_unused_parameters for methods that train only part of
+    their model in a step (SSL++'s stages); DDP otherwise fails on parameters without gradients."""
+    strategy = train_cfg["strategy"]
+    if not method.has_unused_parameters:
+        return strategy
+    if strategy == "auto":  # Lightning picks DDP when it uses more than one device
+        devices = train_cfg["devices"]
+        gpus = torch.cuda.device_count() if train_cfg["accelerator"] != "cpu" else 0
+        try:
+            count = max(1, gpus) if str(devices) in ("auto", "-1") else int(devices)
+        except (TypeError, ValueError):
+            return strategy
+        if count * train_cfg["num_nodes"] <= 1:
+            return strategy
+        strategy = "ddp"
+    return {"ddp": "ddp_find_unused_parameters_true",
+            "ddp_spawn": "ddp_spawn_find_unused_parameters_true"}.get(strategy, strategy)
+
+
 def fit(module: PretrainModule, train_cfg: dict, run_dir: Path, fingerprint: str, restart: bool = False,
         progress: bool = True) -> FitResult:
     """Train `module` for train_cfg['epochs'] epochs; resumes from run_dir/checkpoints/last.ckpt."""
@@ -280,31 +465,64 @@ def fit(module: PretrainModule, train_cfg: dict, run_dir: Path, fingerprint: str
     last = ckpt_dir / "last.ckpt"
     if restart and last.exists():
         last.unlink()
+    for stale in ckpt_dir.glob(".*.tmp"):  # left by a process killed while writing (the caller holds the run lock)
+        stale.unlink(missing_ok=True)
+    resume = last.exists()
+    epochs_done = 0
+    if resume:  # refuse a foreign or damaged checkpoint before any work (mmap: reads only what it checks)
+        payload = load_checkpoint_file(last, mmap=True)
+        epochs_done = len(check_resume_payload(payload, fingerprint, last)["history"])
+        log.warning("resuming from %s after epoch %d of %d (pass --restart to train from scratch)", last,
+                    epochs_done, train_cfg["epochs"])
+        del payload
     module.fingerprint = fingerprint
     module.num_workers = train_cfg["num_workers"]
     accelerator = train_cfg["accelerator"]
     precision = resolve_precision(train_cfg["precision"], accelerator)
+    # CPU runs are bitwise reproducible (and resume bitwise); on GPU deterministic kernels cost too much speed
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     loggers = [CSVLogger(str(run_dir), name="logs", version=0)]
     if train_cfg.get("tensorboard"):
         from pytorch_lightning.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=0))
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_epochs=1,
-                                 save_on_train_epoch_end=True, enable_version_counter=False)
+    # one file, last.ckpt, rewritten after every epoch (save_last=True with save_top_k=0 would only write it
+    # when training ends: nothing to resume from after a crash)
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename=last.stem, save_top_k=1, save_last=False,
+                                 every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
     callbacks = [checkpoint]
     if progress:
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, train_cfg["log_every_n_steps"])))
     trainer = pl.Trainer(
         max_epochs=train_cfg["epochs"], accelerator=accelerator, devices=train_cfg["devices"],
-        strategy=train_cfg["strategy"], num_nodes=train_cfg["num_nodes"], precision=precision,
-        deterministic=bool(train_cfg["deterministic"]) and accelerator != "gpu" and not torch.cuda.is_available(),
+        strategy=ddp_strategy_for(module.method, train_cfg), num_nodes=train_cfg["num_nodes"], precision=precision,
+        deterministic=bool(train_cfg["deterministic"]) and on_cpu,
         callbacks=callbacks, logger=loggers, use_distributed_sampler=False, enable_model_summary=False,
         enable_progress_bar=progress, log_every_n_steps=train_cfg["log_every_n_steps"], limit_val_batches=0,
-        num_sanity_val_steps=0, default_root_dir=str(run_dir),
+        num_sanity_val_steps=0, default_root_dir=str(run_dir), plugins=[SafeCheckpointIO()],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, ckpt_path=str(last) if last.exists() else None)
+    previous_sigint = signal.getsignal(signal.SIGINT)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()  # Lightning turns it on for good
+    try:
+        trainer.fit(module, ckpt_path=str(last) if resume else None, weights_only=True)
+    except torch.OutOfMemoryError as exc:
+        raise ConfigError(f"train.batch_size: out of device memory at batch size {module.batch_size} "
+                          f"({(str(exc).splitlines() or [''])[0]}); lower --batch-size or use --precision "
+                          "bf16-mixed. Rerun the same command to resume from the last epoch checkpoint") from exc
+    except SystemExit:
+        # Lightning turns Ctrl+C into sys.exit(1) (and ignores SIGINT from then on); give the
+        # caller a KeyboardInterrupt back so the CLI can say how to resume
+        if not trainer.interrupted:
+            raise
+        try:
+            signal.signal(signal.SIGINT, previous_sigint or signal.default_int_handler)
+        except ValueError:  # not the main thread
+            pass
+        raise KeyboardInterrupt from None
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return FitResult(module.history, module.images_seen, module.train_seconds, str(trainer.strategy.root_device),
-                     peak)
+                     peak, extra={"resumed_after_epochs": epochs_done, "global_rank": trainer.global_rank})

@@ -44,8 +44,10 @@ class EpochContext:
     # predict(fn) runs fn(normalised clean images) over the whole pretraining set in
     # index order and returns the concatenated outputs [num_train, ...]
     predict: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
-    # the augmented views of images by index (same pipeline as training)
     device: torch.device
+    # true labels of the pretraining set in index order (-1 = unlabelled), or None; only
+    # for logging the quality of pseudo-labels (NMI), never for training
+    labels: torch.Tensor | None = None
 
 
 def validate_hparams(method_name: str, defaults: dict, given: dict) -> dict:
@@ -90,6 +92,7 @@ class SSLMethod(nn.Module):
     uses_labels: ClassVar[bool] = False
     is_reference: ClassVar[bool] = False
     skips_training: ClassVar[bool] = False  # random_init: evaluated as initialised
+    has_unused_parameters: ClassVar[bool] = False  # some parameters get no gradient in a step (DDP must allow it)
 
     def __init__(self, backbone: nn.Module, data: DataInfo, hparams: dict | None = None):
         super().__init__()
@@ -119,6 +122,15 @@ class SSLMethod(nn.Module):
     def epoch_order(self, epoch: int, generator: torch.Generator) -> torch.Tensor | None:
         """The order in which to visit the pretraining set this epoch; None = a random permutation."""
         return None
+
+    def optimizer_groups(self) -> list[tuple[list[nn.Parameter], dict]]:
+        """[(parameters, overrides of the method's optimizer config)]: parameter sets that get an optimizer
+        of their own (e.g. Adam for SSL++'s IIC stage); every other parameter uses the method's optimizer."""
+        return []
+
+    def schedule_restarts(self, max_epochs: int) -> list[int]:
+        """Epochs at which the LR schedule (warm-up + cosine) starts over, e.g. SSL++'s second stage."""
+        return []
 
     # -- helpers -------------------------------------------------------------------
     def config_error(self, key: str, message: str) -> ConfigError:

@@ -1,0 +1,194 @@
+"""UIC (Chen et al., "Unsupervised Image Classification for Deep Representation Learning").
+
+A classification network f' = W o f_theta with K outputs is trained like a supervised
+classifier on pseudo-labels that it produces itself (sec. 3.2):
+  y_n = argmax f'(t1(x_n))                  (Eq. 5, pseudo-label generation)
+  min (1/N) sum_n CE(y_n, f'(t2(x_n)))      (Eq. 6, representation learning)
+"For efficiency, the forward pass of label generation can reuse the forward results of
+representation learning in the previous epoch": each image is forwarded once per epoch
+(augmented view t2 of this epoch), trained against the label recorded from the previous
+epoch's view (t1), and the argmax of this forward becomes its label for the next epoch
+(Fig. 1). Hand-written: no library has the label store or the UIC epoch logic.
+
+Sec. 4.2 implementation details: before each epoch, every empty class takes half of the
+largest class (random split, repeated until none is empty: `fill_empty_classes`), and the
+epoch samples each class equally often (`class_balanced_order`; with repetition for small
+classes). Images not visited in an epoch (large classes are subsampled) keep their label.
+
+Choices where the paper is silent:
+- First epoch: labels from a forward pass of the initial network over the clean images
+  (`init_labels: predict`), then the empty classes are filled; `random` draws uniform
+  random labels instead.
+- Head: the ResNet-50 + MLP-head variant (Table 7, its best ResNet result): backbone ->
+  SimCLR-style MLP (Linear-BN-ReLU-Linear) -> linear classifier W; `head: linear` is the
+  plain ResNet variant (W directly on the backbone features). The paper keeps the MLP when
+  probing; the suite evaluates the backbone features like every other method.
+- K defaults to 3 x the true classes (the paper's 3k classes for ImageNet-1k, Table 1).
+- The paper's AlexNet-only details (Sobel input, drop-out) are not used.
+- Under DDP the label store stays identical on every rank: each step gathers the
+  (index, label) pairs of all ranks before writing them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.distributed import gather_cat_nograd
+from methods import register_method
+from methods.base import EpochContext, SSLMethod, TrainBatch, projection_mlp
+
+
+def fill_empty_classes(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None
+                       ) -> torch.LongTensor:
+    """UIC sec. 4.2: while a class is empty, split the largest class into two random halves and
+    give one half (the smaller one for odd sizes) to the empty class. Returns new labels; the
+    input is not modified. Empty classes are filled in increasing order; ties for the largest
+    class go to the lowest class index."""
+    labels = torch.as_tensor(labels).long().clone()
+    if labels.dim() != 1 or ((labels < 0) | (labels >= num_classes)).any():
+        raise ValueError(f"labels must be a 1-d tensor of classes in [0, {num_classes})")
+    if len(labels) < num_classes:
+        raise ValueError(f"cannot fill {num_classes} classes with {len(labels)} samples")
+    counts = torch.bincount(labels, minlength=num_classes)
+    while bool((counts == 0).any()):
+        empty = int((counts == 0).nonzero()[0])
+        largest = int(counts.argmax())
+        members = (labels == largest).nonzero().squeeze(1)
+        moved = members[torch.randperm(len(members), generator=generator)[: len(members) // 2]]
+        labels[moved] = empty
+        counts[largest] -= len(moved)
+        counts[empty] = len(moved)
+    return labels
+
+
+def class_balanced_order(labels: torch.Tensor, generator: torch.Generator | None = None,
+                         length: int | None = None) -> torch.LongTensor:
+    """An epoch's sample order (`length` indices, default len(labels)) in which every non-empty
+    class appears equally often (the remainder of length / classes goes to randomly chosen
+    classes, one extra each). A class with fewer members than its share repeats its members
+    as evenly as possible (each member t or t+1 times); a larger class is subsampled
+    without replacement. The order is shuffled."""
+    labels = torch.as_tensor(labels).long()
+    length = len(labels) if length is None else length
+    classes = torch.unique(labels)
+    share = torch.full((len(classes),), length // len(classes), dtype=torch.long)
+    share[torch.randperm(len(classes), generator=generator)[: length % len(classes)]] += 1
+    parts = []
+    for cls, count in zip(classes.tolist(), share.tolist()):
+        members = (labels == cls).nonzero().squeeze(1)
+        repeats, rest = divmod(count, len(members))
+        parts += [members] * repeats
+        parts.append(members[torch.randperm(len(members), generator=generator)[:rest]])
+    order = torch.cat(parts)
+    return order[torch.randperm(len(order), generator=generator)]
+
+
+def last_write_wins(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unique indices, the value of each index's last occurrence): a deterministic scatter when
+    an index occurs twice in a batch (class-balanced epochs repeat images)."""
+    unique, inverse = torch.unique(indices, return_inverse=True)
+    positions = torch.arange(len(indices), device=indices.device)
+    last = torch.full((len(unique),), -1, dtype=torch.long, device=indices.device)
+    last = last.scatter_reduce(0, inverse, positions, reduce="amax")
+    return unique, values[last]
+
+
+@register_method("uic")
+class UIC(SSLMethod):
+    display_name = "UIC"
+    paper = "uic"
+    default_hparams = {
+        "num_classes": None,  # K; None = 3 x the true classes (the paper's 3k for ImageNet-1k)
+        "head": "mlp",  # mlp (Table 7 "Res50 + MLP-head") | linear (plain classifier on the features)
+        "mlp_hidden_dim": None,  # None = the backbone's feature size (SimCLR's MLP)
+        "mlp_out_dim": 128,
+        "init_labels": "predict",  # predict (forward pass of the initial network) | random
+        "class_balanced": True,  # sec. 4.2 class-balanced sampling (False: plain random order)
+    }
+
+    def __init__(self, backbone, data, hparams=None):
+        super().__init__(backbone, data, hparams)
+        hp = self.hparams
+        self.num_classes = hp["num_classes"] or 3 * data.num_classes
+        dim = backbone.feature_dim
+        if hp["head"] == "mlp":
+            hidden = hp["mlp_hidden_dim"] or dim
+            self.head = nn.Sequential(projection_mlp(dim, hidden, hp["mlp_out_dim"]),
+                                      nn.Linear(hp["mlp_out_dim"], self.num_classes))
+        else:
+            self.head = nn.Linear(dim, self.num_classes)
+        # the label store, indexed by pretraining sample: `pseudo_labels` are this epoch's targets,
+        # `next_pseudo_labels` collects this epoch's predictions; buffers, so resumes restore them
+        self.register_buffer("pseudo_labels", torch.full((data.num_train,), -1, dtype=torch.long))
+        self.register_buffer("next_pseudo_labels", torch.full((data.num_train,), -1, dtype=torch.long))
+
+    def check_hparams(self):
+        hp = self.hparams
+        k = hp["num_classes"]
+        self.require(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 2), "num_classes",
+                     f"must be an integer >= 2 (or null for 3 x the true classes), got {k!r}")
+        self.require(hp["head"] in ("mlp", "linear"), "head", f"must be 'mlp' or 'linear', got {hp['head']!r}")
+        hidden = hp["mlp_hidden_dim"]
+        self.require(hidden is None or (isinstance(hidden, int) and hidden >= 1), "mlp_hidden_dim",
+                     f"must be a positive integer or null, got {hidden!r}")
+        self.require(hp["mlp_out_dim"] >= 1, "mlp_out_dim", f"must be >= 1, got {hp['mlp_out_dim']}")
+        self.require(hp["init_labels"] in ("predict", "random"), "init_labels",
+                     f"must be 'predict' or 'random', got {hp['init_labels']!r}")
+        num_classes = k or 3 * self.data.num_classes
+        self.require(self.data.num_train >= num_classes, "num_classes",
+                     f"{num_classes} classes need at least as many pretraining images (got {self.data.num_train})")
+
+    def scores(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def on_train_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
+        generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.epoch * 7_919 + 17)
+        if bool((self.pseudo_labels < 0).any()):  # first epoch: no forward results yet
+            if self.hparams["init_labels"] == "predict":
+                start = ctx.predict(self.scores).argmax(dim=1).cpu()
+            else:
+                start = torch.randint(self.num_classes, (len(self.pseudo_labels),), generator=generator)
+            previous = None
+        else:  # the predictions recorded during the previous epoch become this epoch's labels
+            start, previous = self.next_pseudo_labels.cpu(), self.pseudo_labels.cpu().clone()
+        empty_before = int((torch.bincount(start, minlength=self.num_classes) == 0).sum())
+        filled = fill_empty_classes(start, self.num_classes, generator)
+        self.pseudo_labels.copy_(filled.to(self.pseudo_labels.device))
+        self.next_pseudo_labels.copy_(self.pseudo_labels)
+        logs = {"empty_classes_filled": float(empty_before)}
+        if previous is not None:
+            logs["label_change"] = float((filled != previous).float().mean())
+        if ctx.labels is not None and bool((ctx.labels >= 0).any()):
+            from sklearn.metrics import normalized_mutual_info_score
+
+            keep = ctx.labels >= 0
+            # the paper's "NMI t/labels" (Table 1): pseudo-labels vs annotated labels
+            logs["pseudo_label_nmi"] = float(normalized_mutual_info_score(ctx.labels[keep].numpy(),
+                                                                          filled[keep].numpy()))
+        return logs
+
+    def epoch_order(self, epoch: int, generator: torch.Generator) -> torch.Tensor | None:
+        if not self.hparams["class_balanced"]:
+            return None
+        return class_balanced_order(self.pseudo_labels.cpu(), generator)
+
+    def training_loss(self, batch: TrainBatch):
+        indices = batch.indices.to(self.pseudo_labels.device)
+        targets = self.pseudo_labels[indices]
+        if bool((targets < 0).any()):
+            raise RuntimeError("UIC's label store is empty; on_train_epoch_start must run before training")
+        logits = self.scores(batch.views[0])
+        loss = F.cross_entropy(logits, targets)
+        # Eq. 5 for the next epoch: this forward's argmax, written for every rank's images
+        predicted = logits.detach().argmax(dim=1)
+        all_indices, all_predicted = gather_cat_nograd(indices), gather_cat_nograd(predicted)
+        unique, values = last_write_wins(all_indices, all_predicted)
+        self.next_pseudo_labels[unique] = values
+        accuracy = (predicted == targets).float().mean()
+        return loss, {"pseudo_label_accuracy": accuracy}
+
+    @torch.no_grad()
+    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.scores(images)

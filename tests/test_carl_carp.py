@@ -1,0 +1,283 @@
+"""CARL and CARP: losses against the dissertation's equations written out by hand,
+stop-gradients, partitions, the lambda schedule, the methods."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+
+from benchmarks.backbones import small_cnn
+from benchmarks.errors import ConfigError
+from methods import get_method
+from methods.base import DataInfo, EpochContext, TrainBatch
+from methods.carl import carl_loss, consistency_term, kl_weight_schedule
+from methods.carp import carp_loss, random_partition
+
+SCORES_A = [[1.2, -0.3, 0.4, 0.0], [0.1, 0.9, -1.1, 0.5], [-0.6, 0.2, 0.3, 1.4]]
+SCORES_B = [[0.8, 0.1, -0.2, 0.3], [-0.5, 1.3, 0.2, 0.1], [0.0, -0.4, 0.7, 0.9]]
+
+
+def softmax_row(row):
+    exps = [math.exp(v) for v in row]
+    return [e / sum(exps) for e in exps]
+
+
+def hand_carl(scores_a, scores_b, kl_weight, targets_a=None, targets_b=None):
+    """Eq. 5.4 (symmetrised) + lambda * (Eq. 5.5 for view a + for view b); targets default to the views."""
+    targets_a = scores_a if targets_a is None else targets_a
+    targets_b = scores_b if targets_b is None else targets_b
+    p_a, p_b = [softmax_row(r) for r in scores_a], [softmax_row(r) for r in scores_b]
+    t_a, t_b = [softmax_row(r) for r in targets_a], [softmax_row(r) for r in targets_b]
+    n, k = len(p_a), len(p_a[0])
+    cons_ab = -sum(math.log(sum(p_a[i][c] * t_b[i][c] for c in range(k))) for i in range(n)) / n
+    cons_ba = -sum(math.log(sum(p_b[i][c] * t_a[i][c] for c in range(k))) for i in range(n)) / n
+    consistency = 0.5 * cons_ab + 0.5 * cons_ba
+    kl = 0.0
+    for p in (p_a, p_b):
+        mean = [sum(p[i][c] for i in range(n)) / n for c in range(k)]
+        kl += math.log(k) + sum(m * math.log(m) for m in mean)
+    return consistency + kl_weight * kl
+
+
+def hand_carp(scores_a, scores_b, partition, kl_weight):
+    """Eq. 6.5 + lambda * block-wise Eq. 6.6-6.7 (log N_B per block, mean over blocks), summed over views."""
+    n = len(scores_a)
+    blocks = [list(b) for b in partition]
+    n_blocks, block_size = len(blocks), len(blocks[0])
+    p_a = [[softmax_row([scores_a[i][c] for c in b]) for b in blocks] for i in range(n)]
+    p_b = [[softmax_row([scores_b[i][c] for c in b]) for b in blocks] for i in range(n)]
+    consistency = 0.0
+    for pred, target in ((p_a, p_b), (p_b, p_a)):
+        total = 0.0
+        for i in range(n):
+            for j in range(n_blocks):
+                total -= math.log(sum(pred[i][j][c] * target[i][j][c] for c in range(block_size)))
+        consistency += 0.5 * total / (n * n_blocks)
+    kl = 0.0
+    for p in (p_a, p_b):
+        per_block = 0.0
+        for j in range(n_blocks):
+            mean = [sum(p[i][j][c] for i in range(n)) / n for c in range(block_size)]
+            per_block += math.log(block_size) + sum(m * math.log(m) for m in mean)
+        kl += per_block / n_blocks
+    return consistency + kl_weight * kl
+
+
+def test_the_contract_signatures():
+    assert list(inspect.signature(carl_loss).parameters) == ["scores_a", "scores_b", "kl_weight"]
+    assert list(inspect.signature(carp_loss).parameters) == ["scores_a", "scores_b", "partition", "kl_weight"]
+    assert list(inspect.signature(random_partition).parameters) == ["num_prototypes", "block_size", "generator"]
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 1.5, 4.0])
+def test_carl_loss_matches_the_equations_by_hand(kl_weight):
+    got = carl_loss(torch.tensor(SCORES_A, dtype=torch.float64), torch.tensor(SCORES_B, dtype=torch.float64),
+                    kl_weight)
+    assert got.item() == pytest.approx(hand_carl(SCORES_A, SCORES_B, kl_weight), rel=1e-10)
+
+
+def test_carl_kl_has_the_sign_of_eq_5_5():
+    """Uniform mean assignment: KL = 0; a collapsed batch (all one prototype) is penalised by about 2 log K."""
+    uniform = torch.zeros(3, 4)
+    collapsed = torch.tensor([[20.0, 0, 0, 0]] * 3)
+    assert (carl_loss(uniform, uniform, 1.0) - carl_loss(uniform, uniform, 0.0)).item() == pytest.approx(0, abs=1e-6)
+    penalty = (carl_loss(collapsed, collapsed, 1.0) - carl_loss(collapsed, collapsed, 0.0)).item()
+    assert penalty == pytest.approx(2 * math.log(4), abs=1e-3)
+
+
+def test_carl_clamps_the_dot_product_before_the_log():
+    a = torch.tensor([[100.0, -100.0]], dtype=torch.float64)
+    b = torch.tensor([[-100.0, 100.0]], dtype=torch.float64)  # disjoint one-hot assignments: <p_a, p_b> ~ 0
+    loss = carl_loss(a, b, 0.0)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(-math.log(1e-7), rel=1e-6)
+
+
+def _numeric_grad(fn, values, h=1e-6):
+    grad = [[0.0] * len(values[0]) for _ in values]
+    for i in range(len(values)):
+        for c in range(len(values[0])):
+            plus, minus = copy.deepcopy(values), copy.deepcopy(values)
+            plus[i][c] += h
+            minus[i][c] -= h
+            grad[i][c] = (fn(plus) - fn(minus)) / (2 * h)
+    return torch.tensor(grad, dtype=torch.float64)
+
+
+def test_carl_stop_gradient_targets_get_no_gradient_through_the_target_side():
+    a = torch.tensor(SCORES_A, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(SCORES_B, dtype=torch.float64, requires_grad=True)
+    # the term where b is the target: no gradient at all w.r.t. b
+    consistency_term(torch.softmax(a, 1), torch.softmax(b, 1)).backward()
+    assert b.grad is None or torch.count_nonzero(b.grad) == 0
+    assert a.grad.abs().sum() > 1e-3
+    # the whole loss: autograd equals finite differences with the targets held fixed ...
+    a.grad = b.grad = None
+    carl_loss(a, b, 1.3).backward()
+    want_a = _numeric_grad(lambda s: hand_carl(s, SCORES_B, 1.3, targets_a=SCORES_A, targets_b=SCORES_B), SCORES_A)
+    want_b = _numeric_grad(lambda s: hand_carl(SCORES_A, s, 1.3, targets_a=SCORES_A, targets_b=SCORES_B), SCORES_B)
+    torch.testing.assert_close(a.grad, want_a, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.grad, want_b, atol=1e-6, rtol=0)
+    # ... and differs from the gradient without stop-gradient (so the check has power)
+    full_a = _numeric_grad(lambda s: hand_carl(s, SCORES_B, 1.3), SCORES_A)
+    assert (full_a - a.grad).abs().max() > 1e-3
+
+
+def test_kl_weight_schedule_eq_5_8():
+    # b = 4, a = 1.5, E = 100: b - (b - a) / E * e for e <= E, then a
+    assert kl_weight_schedule(0, 4.0, 1.5, 100) == pytest.approx(4.0)
+    assert kl_weight_schedule(40, 4.0, 1.5, 100) == pytest.approx(4.0 - 2.5 * 0.4)
+    assert kl_weight_schedule(100, 4.0, 1.5, 100) == pytest.approx(1.5)
+    assert kl_weight_schedule(150, 4.0, 1.5, 100) == pytest.approx(1.5)
+    assert kl_weight_schedule(5, 2.0, 0.15, 0) == pytest.approx(0.15)
+
+
+def test_random_partition_covers_every_prototype_once_and_follows_the_seed():
+    draws = {}
+    for seed in range(4):
+        part = random_partition(12, 4, torch.Generator().manual_seed(seed))
+        assert part.shape == (3, 4) and part.dtype == torch.long
+        assert sorted(part.flatten().tolist()) == list(range(12))
+        draws[seed] = part
+    assert torch.equal(random_partition(12, 4, torch.Generator().manual_seed(2)), draws[2])
+    assert len({tuple(p.flatten().tolist()) for p in draws.values()}) == 4
+    with pytest.raises(ValueError, match="must divide"):
+        random_partition(10, 4)
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 0.9])
+def test_carp_loss_matches_the_equations_by_hand(kl_weight):
+    scores_a = [row + [0.2 * i - 0.3, 0.5 - 0.1 * i] for i, row in enumerate(SCORES_A)]  # K = 6
+    scores_b = [row + [0.1 * i, -0.2 * i + 0.4] for i, row in enumerate(SCORES_B)]
+    partition = random_partition(6, 3, torch.Generator().manual_seed(3))
+    got = carp_loss(torch.tensor(scores_a, dtype=torch.float64), torch.tensor(scores_b, dtype=torch.float64),
+                    partition, kl_weight)
+    want = hand_carp(scores_a, scores_b, partition.tolist(), kl_weight)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_carp_with_one_block_is_carl():
+    """Eq. 6.1: with N_B = K the partition is {C} and CARP reduces to CARL (in any prototype order)."""
+    a, b = torch.tensor(SCORES_A), torch.tensor(SCORES_B)
+    single_block = random_partition(4, 4, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(carp_loss(a, b, single_block, 2.0), carl_loss(a, b, 2.0))
+
+
+def test_carp_stop_gradient():
+    a = torch.tensor(SCORES_A, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(SCORES_B, dtype=torch.float64, requires_grad=True)
+    partition = torch.tensor([[0, 3], [2, 1]])
+    carp_loss(a, b, partition, 0.0).backward()
+
+    def hand_held(pred_a, pred_b):  # consistency with fixed targets (the stop-gradient), kl_weight 0
+        total = 0.0
+        for pred, target in ((pred_a, SCORES_B), (pred_b, SCORES_A)):
+            for i in range(3):
+                for block in partition.tolist():
+                    p = softmax_row([pred[i][c] for c in block])
+                    t = softmax_row([target[i][c] for c in block])
+                    total -= 0.5 * math.log(sum(x * y for x, y in zip(p, t))) / 6
+        return total
+
+    torch.testing.assert_close(a.grad, _numeric_grad(lambda s: hand_held(s, SCORES_B), SCORES_A), atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.grad, _numeric_grad(lambda s: hand_held(SCORES_A, s), SCORES_B), atol=1e-6, rtol=0)
+
+
+# -- the methods ------------------------------------------------------------------------------------------------
+
+def _method(name, hparams=None):
+    data = DataInfo(num_classes=10, num_train=100, in_channels=1, image_size=8)
+    return get_method(name)(small_cnn(1, width=8), data, hparams)
+
+
+def _batch(seed=0, epoch=0, n=16):
+    gen = torch.Generator().manual_seed(100)
+    views = [torch.randn(n, 1, 8, 8, generator=gen), torch.randn(n, 1, 8, 8, generator=gen)]
+    return TrainBatch(views, torch.arange(n), None, epoch, 0, 50, torch.Generator().manual_seed(seed))
+
+
+def test_carl_method_heads_schedule_and_logged_lambda():
+    torch.manual_seed(0)
+    method = _method("carl", {"num_prototypes": 20, "kl_weight_start": 2.0, "kl_weight_end": 1.0,
+                              "kl_decay_epochs": 10})
+    assert method.display_name == "CARL" and method.paper == "carl-carp-dissertation"
+    assert method.cluster_logits(torch.randn(5, 1, 8, 8)).shape == (5, 20)
+    ctx = EpochContext(epoch=5, max_epochs=50, seed=0, predict=None, device=torch.device("cpu"))
+    assert method.on_train_epoch_start(ctx) == {"kl_weight": pytest.approx(1.5)}
+    # the loss of a training step uses lambda_e of the batch's epoch
+    batch = _batch(epoch=5)
+    loss, logs = method.training_loss(batch)
+    assert loss.item() == pytest.approx((logs["consistency"] + 1.5 * logs["kl"]).item(), rel=1e-6)
+
+
+def test_carp_method_draws_the_partition_from_the_step_generator():
+    torch.manual_seed(0)
+    method = _method("carp", {"num_prototypes": 24, "block_size": 6})
+    assert method.display_name == "CARP"
+    assert method.cluster_logits(torch.randn(5, 1, 8, 8)).shape == (5, 24)
+    method.eval()  # fixed BN statistics: the loss then depends on the partition only through the seed
+    same = [method.training_loss(_batch(seed=7))[0].item() for _ in range(2)]
+    other = method.training_loss(_batch(seed=8))[0].item()
+    assert same[0] == same[1] and other != same[0]
+    batch = _batch(seed=7)
+    scores = [method._scores(v) for v in batch.views]
+    partition = random_partition(24, 6, torch.Generator().manual_seed(7))
+    want = carp_loss(*scores, partition, method.kl_weight(0))
+    assert same[0] == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_carp_ema_teacher_gives_the_targets_and_follows_the_student():
+    torch.manual_seed(0)
+    method = _method("carp", {"num_prototypes": 12, "block_size": 4, "ema_teacher": True, "ema_momentum_base": 0.9})
+    assert all(not p.requires_grad for p in method.teacher.parameters())
+    method.eval()
+    # the teacher starts as a copy: the same loss as without it (a fresh batch each call: the
+    # partition consumes the step's generator)
+    plain = _method("carp", {"num_prototypes": 12, "block_size": 4})
+    plain.load_state_dict({k: v for k, v in method.state_dict().items() if not k.startswith("teacher.")})
+    plain.eval()
+    plain_loss = plain.training_loss(_batch(seed=1))[0].item()
+    assert method.training_loss(_batch(seed=1))[0].item() == pytest.approx(plain_loss, rel=1e-6)
+    # a different teacher changes only the targets: gradients reach the student only
+    with torch.no_grad():
+        method.teacher["assigner"][3].weight.normal_(0, 5.0)  # peaked targets, unlike the near-uniform student
+    loss, _ = method.training_loss(_batch(seed=1))
+    assert loss.item() != pytest.approx(plain_loss, rel=1e-4)
+    loss.backward()
+    assert all(p.grad is None for p in method.teacher.parameters())
+    # EMA update at progress 0: teacher <- m * teacher + (1 - m) * student with m = 0.9
+    student_w = method.assigner[0].weight.detach().clone()
+    teacher_w = method.teacher["assigner"][0].weight.detach().clone()
+    method.after_optimizer_step(0.0)
+    torch.testing.assert_close(method.teacher["assigner"][0].weight, 0.9 * teacher_w + 0.1 * student_w)
+
+
+@pytest.mark.parametrize("name,hparams,key", [
+    ("carp", {"num_prototypes": 30, "block_size": 7}, "block_size"),
+    ("carp", {"block_size": 1}, "block_size"),
+    ("carl", {"num_prototypes": 1}, "num_prototypes"),
+    ("carl", {"kl_weight_start": -1.0}, "kl_weight_start"),
+    ("carl", {"kl_decay_epochs": -1}, "kl_decay_epochs"),
+    ("carp", {"ema_momentum_base": 1.5}, "ema_momentum_base"),
+])
+def test_hparam_errors_name_the_key(name, hparams, key):
+    with pytest.raises(ConfigError, match=f"methods.{name}.{key}"):
+        _method(name, hparams)
+
+
+@pytest.mark.parametrize("suite", ["digits", "mnist", "cifar10", "cifar100", "cifar100-20", "stl10"])
+def test_suite_sections_of_the_seed_methods_are_valid(suite):
+    from benchmarks.config import load_suite, method_settings
+
+    config = load_suite(suite)
+    data = DataInfo(num_classes=config["num_classes"], num_train=100, in_channels=1, image_size=8)
+    built = {}
+    for name in ("self_classifier", "carl", "carp"):
+        hparams, optimizer = method_settings(config, name)
+        built[name] = get_method(name)(small_cnn(1, width=8), data, hparams)  # runs check_hparams
+        assert optimizer["lr"] > 0
+    if suite in ("cifar10", "cifar100", "stl10"):  # the dissertation's K (sec. 5.8.4)
+        assert built["carl"].hparams["num_prototypes"] == (100 if suite == "cifar10" else 300)

@@ -1,0 +1,107 @@
+"""End to end: CIFAR-10 -> CIFAR-100 transfer through run_one on the fixture datasets, and the
+`evaluate` command re-evaluating a saved digits model without retraining."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.config import load_suite
+from benchmarks.data import load_split
+from benchmarks.evaluation.clustering import clustering_metrics, kmeans_assign
+from benchmarks.evaluation.features import backbone_features
+from benchmarks.evaluation.linear import linear_probe
+from benchmarks.evaluation.transfer import transfer_preprocess
+from benchmarks.runner import build_augment, build_method, load_model_file, load_suite_data, run_one
+
+try:
+    from tests import fixtures
+except ImportError:
+    import fixtures
+
+
+def rebuild(config, model_file, data):
+    payload = load_model_file(model_file)
+    method, _ = build_method(config, payload["method"], data)
+    method.load_state_dict(payload["state_dict"])
+    return method.eval()
+
+
+@pytest.mark.slow
+def test_cifar10_to_cifar100_transfer_end_to_end(tmp_path):
+    root = tmp_path / "data"
+    fixtures.make_cifar10(root)
+    fixtures.make_cifar100(root)
+    transfer = {"targets": ["cifar100"], "epochs": 5, "batch_size": 32, "lr": 0.1}
+    config = load_suite("cifar10", {
+        "backbone": "small_cnn",  # the protocol, not the architecture, is under test: keep it fast
+        "train": {"epochs": 1, "batch_size": 16, "seeds": [0], "online_knn_every": 0, "accelerator": "cpu"},
+        "evaluation": {"protocols": ["knn", "transfer"], "knn": {"ks": [5]}, "transfer": transfer}})
+    record = run_one(config, "simclr", 0, results_dir=tmp_path / "results", work_dir=tmp_path / "runs",
+                     data_root=root, progress=False)
+    assert record["status"] == "completed"
+    metrics = record["metrics"]["transfer_linear:CIFAR-100"]
+    assert set(metrics) == {"top1", "top5"}
+    params = record["evaluation"]["transfer_linear:CIFAR-100"]
+    assert params["num_classes"] == 100 and params["epochs"] == 5 and params["target"] == "cifar100"
+    assert "knn_k5" in record["metrics"]
+    # the recorded numbers are a linear probe on CIFAR-100 features of the pretrained backbone
+    data = load_suite_data(config, root)
+    method = rebuild(config, record["checkpoint"], data)
+    norm = config["augment"]["normalization"]
+    prep = transfer_preprocess(32, 3, norm["mean"], norm["std"])
+    train, test = load_split("cifar100", "train", root), load_split("cifar100", "test", root)
+    feats = [backbone_features(method.backbone, split, prep) for split in (train, test)]
+    expected, _ = linear_probe(feats[0], train.labels, feats[1], test.labels, 100,
+                               {**transfer, "momentum": 0.9, "weight_decay": 0.0}, seed=0)
+    assert metrics == pytest.approx(expected)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, capsys):
+    out, work = tmp_path / "results", tmp_path / "runs"
+    common = ["--out", str(out), "--no-progress"]
+    assert main(["run", "--suite", "digits", "--methods", "simclr", "--no-references", "--epochs", "1",
+                 "--work-dir", str(work), "--no-report", "--protocols", "knn",
+                 "--set", "train.online_knn_every=0", *common]) == 0
+    record_file = out / "digits" / "simclr_e1_s0.json"
+    before = json.loads(record_file.read_text())
+    assert "clustering" not in before["metrics"] and before["clusters"] is None
+    model = work / "digits" / "simclr_e1_s0" / "model.pt"
+    files_before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "clustering", *common]) == 0
+    after = json.loads(record_file.read_text())
+    # nothing retrained: the work dir is untouched, history and kNN metrics kept
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != ".lock"} == files_before
+    assert after["history"] == before["history"] and after["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]
+    assert after["clusters"]["source"] == "kmeans" and after["clusters"]["num_clusters"] == 10
+    # the numbers are k-means on the saved model's test features
+    config = load_suite("digits")
+    data = load_suite_data(config)
+    method = rebuild(config, model, data)
+    feats = backbone_features(method.backbone, data.test, build_augment(config).clean)
+    c = config["evaluation"]["clustering"]
+    assignment, _ = kmeans_assign(feats, 10, 0, c["niter"], c["nredo"], c["spherical"])
+    assert after["metrics"]["clustering"]["NMI"] == pytest.approx(100 * clustering_metrics(data.test.labels,
+                                                                                            assignment)["nmi"])
+
+    # existing metrics are replaced only with --force
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "clustering", *common]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "clustering", "--force", *common]) == 0
+    assert json.loads(record_file.read_text())["metrics"] == after["metrics"]  # deterministic
+
+    # a checkpoint of another suite/method is refused
+    assert main(["evaluate", "--checkpoint", str(model), "--suite", "mnist", *common]) == 2
+    assert "trained on suite 'digits'" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(model), "--method", "byol", *common]) == 2
+
+    # no record yet: one is created
+    fresh = tmp_path / "fresh"
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "knn", "--out", str(fresh),
+                 "--no-progress"]) == 0
+    created = json.loads((fresh / "digits" / "simclr_e1_s0.json").read_text())
+    assert created["status"] == "completed" and created["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]

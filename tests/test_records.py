@@ -1,0 +1,245 @@
+"""Run records: schema validation on write and read, atomic writes, no silent overwrite, concurrency."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import records
+from benchmarks.errors import RecordError, RecordExistsError, StorageError
+from benchmarks.records import (
+    atomic_write,
+    atomic_write_text,
+    iter_record_files,
+    read_record,
+    record_path,
+    validate_record,
+    write_record,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_record(**changes) -> dict:
+    record = {
+        "schema_version": 1, "status": "completed", "suite": "digits", "dataset": "digits", "method": "simclr",
+        "method_display": "SimCLR", "is_reference": False, "seed": 0, "epochs": 2, "backbone": "small_cnn",
+        "batch_size": 128, "config": {"train": {"epochs": 2}}, "metrics": {"knn_k20": {"top1": 91.5, "top5": 99.0}},
+        "evaluation": {"knn_k20": {"k": 20}}, "clusters": None,
+        "history": [{"epoch": 1, "loss": 4.2}, {"epoch": 2, "loss": 3.1, "online_knn_top1": 90.0}],
+        "paper_reference": None, "versions": {"torch": "2.5"}, "git_commit": None, "device": "cpu",
+        "wall_time_s": 3.5, "throughput_images_per_s": 1000.0, "peak_memory_mb": None,
+        "checkpoint": "runs/digits/simclr_e2_s0/model.pt", "created": "2025-01-01T00:00:00+00:00",
+    }
+    record.update(changes)
+    return record
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Temp files a writer left behind (there must be none after success or failure)."""
+    return sorted(p.name for p in folder.rglob("*") if p.name.endswith(".tmp"))
+
+
+# ----------------------------------------------------------------------------- schema
+
+def test_valid_record_round_trips(tmp_path):
+    path = record_path(tmp_path, "digits", "simclr", 2, 0)
+    assert path == tmp_path / "digits" / "simclr_e2_s0.json"
+    write_record(make_record(), path)
+    assert read_record(path) == make_record()
+    assert json.loads(path.read_text()) == make_record()
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"schema_version": 2}, "schema_version is 2, this suite reads version 1"),
+    ({"status": "done"}, "'status' must be one of completed, diverged, failed"),
+    ({"seed": "0"}, "'seed' must be int, got str"),
+    ({"is_reference": 1}, "'is_reference' must be bool, got int"),
+    ({"epochs": True}, "'epochs' must be int, got bool"),
+    ({"metrics": {"knn_k20": {"top1": 0.915 * 1000}}}, "metrics['knn_k20']['top1'] = 915.0 is outside 0-100"),
+    ({"metrics": {"knn_k20": {"top1": float("nan")}}}, "metrics['knn_k20']['top1'] must be a finite number"),
+    ({"metrics": {"knn_k20": 91.5}}, "metrics['knn_k20'] must map metric names to numbers"),
+    ({"history": [{"epoch": 1}]}, "history[0] must be an object with an integer 'epoch' and a numeric 'loss'"),
+    ({"status": "diverged"}, "a diverged record needs a 'message' saying why"),
+    ({"message": 3}, "'message' must be str/null, got int"),
+])
+def test_schema_violations_are_named(change, expected):
+    with pytest.raises(RecordError) as info:
+        validate_record(make_record(**change))
+    assert expected in str(info.value)
+
+
+def test_missing_keys_are_all_listed():
+    record = make_record()
+    del record["device"], record["created"]
+    with pytest.raises(RecordError, match="missing key 'device'; missing key 'created'"):
+        validate_record(record)
+
+
+def test_invalid_record_is_not_written(tmp_path):
+    path = tmp_path / "digits" / "simclr_e2_s0.json"
+    with pytest.raises(RecordError):
+        write_record(make_record(status="bogus"), path)
+    assert not path.exists() and leftovers(tmp_path) == []
+
+
+def test_nan_anywhere_is_refused_before_writing(tmp_path):
+    # JSON has no NaN; a record holding one (e.g. a NaN loss in the history) must not be written
+    path = tmp_path / "r.json"
+    with pytest.raises(ValueError):
+        write_record(make_record(history=[{"epoch": 1, "loss": float("nan")}]), path)
+    assert not path.exists() and leftovers(tmp_path) == []
+
+
+def test_read_names_the_file_and_the_problem(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"schema_version": 1, "status": ')  # a half-written record
+    with pytest.raises(RecordError, match=r"broken\.json: not valid JSON \(Expecting value at line 1"):
+        read_record(broken)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text(json.dumps(make_record(seed=-1.5)))
+    with pytest.raises(RecordError, match=r"wrong\.json: 'seed' must be int, got float"):
+        read_record(wrong)
+    with pytest.raises(RecordError, match=r"absent\.json: cannot be read"):
+        read_record(tmp_path / "absent.json")
+
+
+def test_iter_record_files_skips_temp_and_benchmark_files(tmp_path):
+    write_record(make_record(), tmp_path / "digits" / "simclr_e2_s0.json")
+    (tmp_path / "digits" / ".simclr_e2_s1.json.abc.tmp").write_text("{")
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks" / "latest.json").write_text("{}")
+    assert iter_record_files(tmp_path) == [tmp_path / "digits" / "simclr_e2_s0.json"]
+
+
+# ----------------------------------------------------------------------------- no silent overwrite
+
+def test_existing_record_is_never_overwritten_without_force(tmp_path):
+    path = tmp_path / "digits" / "simclr_e2_s0.json"
+    write_record(make_record(), path)
+    before = path.read_bytes()
+    with pytest.raises(RecordExistsError, match="already exists; pass --force"):
+        write_record(make_record(seed=0, wall_time_s=9.0), path)
+    assert path.read_bytes() == before
+    write_record(make_record(wall_time_s=9.0), path, force=True)
+    assert read_record(path)["wall_time_s"] == 9.0
+    assert leftovers(tmp_path) == []
+
+
+def test_race_lost_after_the_exists_check_is_caught_by_the_link(tmp_path, monkeypatch):
+    """Another writer creates the record between our exists() check and our write: os.link refuses."""
+    path = tmp_path / "digits" / "simclr_e2_s0.json"
+    write_record(make_record(), path)
+    before = path.read_bytes()
+    real_exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda self: False if self == path else real_exists(self))
+    with pytest.raises(RecordExistsError):
+        write_record(make_record(wall_time_s=9.0), path)
+    assert path.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def _write_same_record(path: str, wall_time: float, barrier) -> str:
+    barrier.wait()  # all writers start together
+    try:
+        write_record(make_record(wall_time_s=wall_time), Path(path))
+    except RecordExistsError:
+        return "exists"
+    return "written"
+
+
+def test_concurrent_writers_of_one_record_exactly_one_wins(tmp_path):
+    path = tmp_path / "digits" / "simclr_e2_s0.json"
+    ctx = multiprocessing.get_context("spawn")
+    writers = 4
+    with ctx.Manager() as manager:
+        barrier = manager.Barrier(writers)
+        with ctx.Pool(writers) as pool:
+            outcomes = pool.starmap(_write_same_record, [(str(path), float(i), barrier) for i in range(writers)])
+    assert sorted(outcomes) == ["exists"] * (writers - 1) + ["written"]
+    winner = outcomes.index("written")
+    assert read_record(path)["wall_time_s"] == float(winner)
+    assert leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- atomicity, disk full
+
+def test_disk_full_at_fsync_keeps_the_previous_record(tmp_path, monkeypatch):
+    path = tmp_path / "digits" / "simclr_e2_s0.json"
+    write_record(make_record(), path)
+    before = path.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(records.os, "fsync", no_space)
+    with pytest.raises(StorageError) as info:
+        write_record(make_record(wall_time_s=9.0), path, force=True)
+    message = str(info.value)
+    assert str(path) in message and "No space left on device" in message and "unchanged" in message
+    assert isinstance(info.value, OSError)  # callers catching OSError still see it
+    assert path.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_disk_full_mid_write_leaves_no_partial_file(tmp_path):
+    path = tmp_path / "model.bin"
+
+    def half_then_full(handle):
+        handle.write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(StorageError, match="No space left on device"):
+        atomic_write(path, half_then_full)
+    assert not path.exists() and leftovers(tmp_path) == []
+    atomic_write_text(path, "complete")
+    with pytest.raises(StorageError):
+        atomic_write(path, half_then_full)
+    assert path.read_text() == "complete"
+
+
+def test_a_reader_sees_the_old_or_the_new_file_never_a_mix(tmp_path, monkeypatch):
+    """The target is replaced by a rename: until then it still holds the previous content."""
+    path = tmp_path / "r.json"
+    atomic_write_text(path, "old")
+    seen_during_write = []
+
+    def writer(handle):
+        handle.write(b"new")
+        seen_during_write.append(path.read_text())
+
+    atomic_write(path, writer)
+    assert seen_during_write == ["old"] and path.read_text() == "new"
+
+
+# ----------------------------------------------------------------------------- two runs, one results folder
+
+@pytest.mark.slow
+def test_two_concurrent_runs_write_separate_valid_records(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+
+    def command(seed: int) -> list[str]:
+        return [sys.executable, "-m", "benchmarks", "run", "--suite", "digits", "--methods", "simclr",
+                "--seeds", str(seed), "--epochs", "1", "--no-references", "--out", str(out), "--work-dir", str(work),
+                "--no-report", "--no-progress", "--set", "evaluation.protocols=[knn]", "train.online_knn_every=0"]
+
+    procs = [subprocess.Popen(command(seed), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in (0, 1)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr
+    files = iter_record_files(out)
+    assert [f.name for f in files] == ["simclr_e1_s0.json", "simclr_e1_s1.json"]
+    recs = [read_record(f) for f in files]  # validated against the schema
+    assert [r["seed"] for r in recs] == [0, 1]
+    assert all(r["status"] == "completed" and 0 <= r["metrics"]["knn_k20"]["top1"] <= 100 for r in recs)
+    # different seeds train differently: the two processes did not share or swap state
+    assert recs[0]["history"] != recs[1]["history"]
+    assert leftovers(out) == [] and leftovers(work) == []

@@ -1,0 +1,176 @@
+"""Self-Classifier: the loss against Eq. 3-4 written out by hand, gradients, the network."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.backbones import small_cnn
+from benchmarks.errors import ConfigError
+from methods import get_method
+from methods.base import DataInfo, TrainBatch
+from methods.self_classifier import self_classifier_loss, self_classifier_view_loss
+
+
+def hand_view_loss(pred, target, row_tau, col_tau, row_l1_norm):
+    """l(a, b) = -(1/N) sum_n sum_y p(b_n|y) log p(y|a_n) (Eq. 3), with explicit loops."""
+    n_rows, n_classes = len(pred), len(pred[0])
+    log_y_given_x = [[0.0] * n_classes for _ in range(n_rows)]
+    for n in range(n_rows):  # row softmax over classes
+        norm = sum(math.exp(pred[n][c] / row_tau) for c in range(n_classes))
+        for y in range(n_classes):
+            log_y_given_x[n][y] = pred[n][y] / row_tau - math.log(norm)
+    x_given_y = [[0.0] * n_classes for _ in range(n_rows)]
+    for y in range(n_classes):  # column softmax over the batch
+        norm = sum(math.exp(target[m][y] / col_tau) for m in range(n_rows))
+        for n in range(n_rows):
+            x_given_y[n][y] = math.exp(target[n][y] / col_tau) / norm
+    if row_l1_norm:
+        for n in range(n_rows):
+            row_sum = sum(x_given_y[n])
+            x_given_y[n] = [v / row_sum for v in x_given_y[n]]
+    total = 0.0
+    for n in range(n_rows):
+        for y in range(n_classes):
+            total -= x_given_y[n][y] * log_y_given_x[n][y]
+    return total / n_rows
+
+
+def hand_loss(heads_a, heads_b, row_tau, col_tau, row_l1_norm):
+    """Eq. 4, the mean over heads."""
+    per_head = [0.5 * (hand_view_loss(a, b, row_tau, col_tau, row_l1_norm)
+                       + hand_view_loss(b, a, row_tau, col_tau, row_l1_norm)) for a, b in zip(heads_a, heads_b)]
+    return sum(per_head) / len(per_head)
+
+
+LOGITS_A = [[0.9, -0.2, 0.1], [0.3, 0.8, -0.5], [-0.7, 0.2, 0.6], [0.1, 0.1, -0.9]]
+LOGITS_B = [[0.5, 0.1, -0.3], [0.2, 0.6, 0.0], [-0.4, -0.1, 0.9], [0.3, -0.2, -0.6]]
+
+
+def test_the_contract_signature():
+    params = list(inspect.signature(self_classifier_loss).parameters)
+    assert params == ["logits_a", "logits_b", "row_tau", "col_tau", "row_l1_norm"]
+
+
+@pytest.mark.parametrize("row_l1_norm", [False, True])
+@pytest.mark.parametrize("row_tau,col_tau", [(0.3, 0.3), (0.1, 0.05)])
+def test_single_head_matches_the_equation_by_hand(row_l1_norm, row_tau, col_tau):
+    got = self_classifier_loss(torch.tensor(LOGITS_A, dtype=torch.float64), torch.tensor(LOGITS_B, dtype=torch.float64),
+                               row_tau, col_tau, row_l1_norm)
+    want = hand_loss([LOGITS_A], [LOGITS_B], row_tau, col_tau, row_l1_norm)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+
+
+def test_row_l1_norm_changes_the_loss_and_closed_forms_hold():
+    # equal logits: log p(y|a) = -log C; p(b|y) = 1/N, rows sum to C/N -> l = C log C / N; l1-normalised rows: log C
+    zeros = torch.zeros(4, 3, dtype=torch.float64)
+    assert self_classifier_loss(zeros, zeros, 0.1, 0.05, False).item() == pytest.approx(3 * math.log(3) / 4)
+    assert self_classifier_loss(zeros, zeros, 0.1, 0.05, True).item() == pytest.approx(math.log(3))
+    a, b = torch.tensor(LOGITS_A), torch.tensor(LOGITS_B)
+    assert abs(self_classifier_loss(a, b, 0.1, 0.05, True) - self_classifier_loss(a, b, 0.1, 0.05, False)) > 1e-3
+
+
+@pytest.mark.parametrize("row_l1_norm", [False, True])
+def test_multi_head_is_the_mean_over_heads(row_l1_norm):
+    rng = np.random.default_rng(0)
+    heads_a = [LOGITS_A, rng.normal(size=(4, 5)).tolist()]
+    heads_b = [LOGITS_B, rng.normal(size=(4, 5)).tolist()]
+    got = self_classifier_loss([torch.tensor(h) for h in heads_a], [torch.tensor(h) for h in heads_b],
+                               0.2, 0.1, row_l1_norm)
+    want = hand_loss(heads_a, heads_b, 0.2, 0.1, row_l1_norm)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    with pytest.raises(ValueError, match="number of heads"):
+        self_classifier_loss([torch.tensor(LOGITS_A)], [torch.tensor(LOGITS_B)] * 2, 0.1, 0.1, True)
+
+
+def test_official_prediction_norm_variant_by_hand():
+    """The official code: log(N/C * p(y|a_n) / sum_m p(y|a_m)) instead of log p(y|a_n)."""
+    pred, target = np.array(LOGITS_A), np.array(LOGITS_B)
+    n, c = pred.shape
+    row = np.exp(pred / 0.1) / np.exp(pred / 0.1).sum(1, keepdims=True)
+    row_col = row / row.sum(0, keepdims=True)
+    col = np.exp(target / 0.05) / np.exp(target / 0.05).sum(0, keepdims=True)
+    col = col / col.sum(1, keepdims=True)
+    want = -(col * np.log(n / c * row_col + 1e-8)).sum() / n
+    got = self_classifier_view_loss(torch.tensor(pred), torch.tensor(target), 0.1, 0.05, True,
+                                    official_prediction_norm=True)
+    assert got.item() == pytest.approx(want, rel=1e-8)
+
+
+def test_no_stop_gradient_both_views_get_the_full_gradient():
+    """Finite differences of the hand-written Eq. 4 (no stop-gradient) equal autograd for both views."""
+    a = torch.tensor(LOGITS_A, dtype=torch.float64, requires_grad=True)
+    b = torch.tensor(LOGITS_B, dtype=torch.float64, requires_grad=True)
+    self_classifier_loss(a, b, 0.3, 0.2, True).backward()
+    h = 1e-6
+    for tensor, grad in ((a, a.grad), (b, b.grad)):
+        assert grad.abs().sum() > 1e-3
+        for n in range(4):
+            for y in range(3):
+                plus, minus = [r[:] for r in LOGITS_A], [r[:] for r in LOGITS_A]
+                plus_b, minus_b = [r[:] for r in LOGITS_B], [r[:] for r in LOGITS_B]
+                if tensor is a:
+                    plus[n][y] += h
+                    minus[n][y] -= h
+                else:
+                    plus_b[n][y] += h
+                    minus_b[n][y] -= h
+                numeric = (hand_loss([plus], [plus_b], 0.3, 0.2, True)
+                           - hand_loss([minus], [minus_b], 0.3, 0.2, True)) / (2 * h)
+                assert grad[n, y].item() == pytest.approx(numeric, abs=1e-6)
+
+
+def _method(hparams=None, feature_width=8):
+    backbone = small_cnn(1, width=feature_width)
+    data = DataInfo(num_classes=10, num_train=100, in_channels=1, image_size=8)
+    return get_method("self_classifier")(backbone, data, hparams)
+
+
+def test_network_fixed_orthonormal_cosine_classifier_and_default_over_clustering():
+    torch.manual_seed(0)
+    method = _method()
+    assert method.head_sizes == [30]  # 3x the 10 true classes
+    assert method.paper == "self-classifier" and method.display_name == "Self-Classifier"
+    weight = method.classifiers[0].weight
+    assert not weight.requires_grad
+    torch.testing.assert_close(weight @ weight.T, torch.eye(30), atol=1e-5, rtol=0)  # 30 <= 64: orthonormal rows
+    images = torch.randn(6, 1, 8, 8)
+    logits = method.cluster_logits(images)
+    assert logits.shape == (6, 30)
+    assert logits.abs().max() <= 1 + 1e-5  # cosine similarities
+    # more classes than dimensions: unit rows (cosine), and learnable behind the flag
+    wide = _method({"heads": [100, 20], "output_dim": 16, "learnable_classifier": True})
+    assert wide.head_sizes == [100, 20] and wide.classifiers[0].weight.requires_grad
+    wide.eval()
+    z = wide.mlp(wide.backbone(images)).detach().numpy()
+    w = wide.classifiers[0].weight.detach().numpy()
+    cosine = (z @ w.T) / np.linalg.norm(z, axis=1, keepdims=True) / np.linalg.norm(w, axis=1)[None, :]
+    np.testing.assert_allclose(wide.cluster_logits(images).numpy(), cosine, atol=1e-5)  # the first head
+
+
+def test_training_step_leaves_the_fixed_classifier_unchanged_and_trains_the_rest():
+    torch.manual_seed(0)
+    method = _method({"heads": [10, 20]})
+    before = [c.weight.detach().clone() for c in method.classifiers]
+    mlp_before = method.mlp[0].weight.detach().clone()
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    views = [torch.randn(16, 1, 8, 8), torch.randn(16, 1, 8, 8)]
+    batch = TrainBatch(views, torch.arange(16), None, 0, 0, 1, torch.Generator().manual_seed(0))
+    loss, _ = method.training_loss(batch)
+    loss.backward()
+    optimizer.step()
+    for c, w in zip(method.classifiers, before):
+        assert torch.equal(c.weight, w)
+    assert not torch.equal(method.mlp[0].weight, mlp_before)
+
+
+@pytest.mark.parametrize("hparams,key", [({"row_tau": 0.0}, "row_tau"), ({"col_tau": -1.0}, "col_tau"),
+                                         ({"heads": [10, 1]}, "heads"), ({"bogus": 1}, "bogus")])
+def test_hparam_errors_name_the_key(hparams, key):
+    with pytest.raises(ConfigError, match=f"methods.self_classifier.{key}"):
+        _method(hparams)

@@ -1,0 +1,360 @@
+"""IIC's loss and SSL++ (methods/sslpp.py) against hand-computed values from the paper's equations."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import normalized_mutual_info_score
+
+try:
+    from tests import ddp_harness
+except ImportError:  # pytest's rootdir-less import mode
+    import ddp_harness
+
+from benchmarks.backbones import small_cnn
+from benchmarks.errors import ConfigError
+from methods import get_method
+from methods.base import DataInfo, EpochContext, TrainBatch
+from methods.sslpp import iic_loss, rotation_batch, sslpp_loss
+
+
+# -- iic_loss ---------------------------------------------------------------------------------
+
+def _iic_by_hand(a: list[list[float]], b: list[list[float]], lamb: float) -> float:
+    """SSL++ Eq. 2 with IIC's symmetrisation, written with loops (0 log 0 = 0)."""
+    n, c = len(a), len(a[0])
+    joint = [[sum(a[i][p] * b[i][q] for i in range(n)) / n for q in range(c)] for p in range(c)]
+    joint = [[(joint[p][q] + joint[q][p]) / 2 for q in range(c)] for p in range(c)]
+    total = sum(sum(row) for row in joint)
+    joint = [[joint[p][q] / total for q in range(c)] for p in range(c)]
+    p_i = [sum(joint[p][q] for q in range(c)) for p in range(c)]
+    p_j = [sum(joint[p][q] for p in range(c)) for q in range(c)]
+    loss = 0.0
+    for p in range(c):
+        for q in range(c):
+            if joint[p][q] > 0:
+                loss -= joint[p][q] * (math.log(joint[p][q]) - lamb * math.log(p_i[p]) - lamb * math.log(p_j[q]))
+    return loss
+
+
+def _mutual_information_by_hand(a, b) -> float:
+    """I(z, z') = sum P log(P / (Pi Pj)) of the symmetrised, normalised joint (Eq. 2)."""
+    n, c = len(a), len(a[0])
+    joint = [[sum(a[i][p] * b[i][q] + a[i][q] * b[i][p] for i in range(n)) / (2 * n) for q in range(c)]
+             for p in range(c)]
+    marg = [sum(row) for row in joint]  # symmetric: row and column marginals agree
+    return sum(joint[p][q] * math.log(joint[p][q] / (marg[p] * marg[q]))
+               for p in range(c) for q in range(c) if joint[p][q] > 0)
+
+
+PROBS_A = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4], [0.05, 0.15, 0.8]]
+PROBS_B = [[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.25, 0.25, 0.5]]
+
+
+def test_iic_loss_at_lamb_1_is_minus_the_mutual_information():
+    a, b = torch.tensor(PROBS_A, dtype=torch.float64), torch.tensor(PROBS_B, dtype=torch.float64)
+    expected = -_mutual_information_by_hand(PROBS_A, PROBS_B)
+    assert iic_loss(a, b).item() == pytest.approx(expected, abs=1e-12)
+    assert iic_loss(a, b, lamb=1.0).item() == pytest.approx(_iic_by_hand(PROBS_A, PROBS_B, 1.0), abs=1e-12)
+    # symmetric in the two views (P is symmetrised)
+    assert iic_loss(b, a).item() == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("lamb", [1.5, 0.5])
+def test_iic_loss_with_lamb(lamb):
+    a, b = torch.tensor(PROBS_A, dtype=torch.float64), torch.tensor(PROBS_B, dtype=torch.float64)
+    expected = _iic_by_hand(PROBS_A, PROBS_B, lamb)
+    assert iic_loss(a, b, lamb=lamb).item() == pytest.approx(expected, abs=1e-12)
+    assert expected != pytest.approx(_iic_by_hand(PROBS_A, PROBS_B, 1.0), abs=1e-3)
+
+
+def test_iic_loss_of_perfect_balanced_agreement_is_minus_log_c():
+    # z = z' uniform over C clusters: I = H(z) = log C
+    c = 4
+    one_hot = torch.eye(c, dtype=torch.float64).repeat(3, 1)
+    assert iic_loss(one_hot, one_hot).item() == pytest.approx(-math.log(c), abs=1e-9)
+
+
+def test_iic_eps_clamp_is_out_of_place_and_gradients_stay_finite():
+    # exact zeros: empty clusters and zero joint entries
+    a = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]], requires_grad=True)
+    b = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    a_before, b_before = a.detach().clone(), b.detach().clone()
+    loss = iic_loss(a, b)
+    loss.backward()
+    assert torch.equal(a.detach(), a_before) and torch.equal(b.detach(), b_before)
+    assert torch.isfinite(loss) and torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    # zero entries contribute nothing (0 log 0 = 0): the clamp does not change the value
+    assert loss.item() == pytest.approx(_iic_by_hand(a_before.tolist(), b_before.tolist(), 1.0), abs=1e-6)
+
+
+def test_iic_loss_gradient_matches_finite_differences():
+    gen = torch.Generator().manual_seed(0)
+    logits_a = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    logits_b = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, y: iic_loss(F.softmax(x, dim=1), F.softmax(y, dim=1), lamb=1.3), (logits_a, logits_b))
+
+
+def _iic_through_head(x_a, x_b, w, lamb):
+    return iic_loss(F.softmax(x_a @ w, dim=1), F.softmax(x_b @ w, dim=1), lamb)
+
+
+def test_iic_loss_under_ddp_equals_single_process_on_the_concatenated_batch():
+    gen = torch.Generator().manual_seed(0)
+    x_a, x_b = (torch.randn(8, 5, generator=gen, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(5, 4, generator=gen, dtype=torch.float64)
+    cases = {f"iic_lamb{lamb}": (functools.partial(_iic_through_head, lamb=lamb), [x_a, x_b], [w])
+             for lamb in (1.0, 1.7)}
+    ddp = ddp_harness.run_distributed(ddp_harness.ddp_cases_worker, world_size=2, args=(cases,))
+    for name, (fn, inputs, params) in cases.items():
+        single = ddp_harness.single_process_loss_and_grads(fn, inputs, params)
+        local_only = ddp_harness.single_process_loss_and_grads(fn, [x[:4] for x in inputs], params)
+        assert not torch.allclose(local_only["loss"], single["loss"], atol=1e-4), name  # the check has power
+        ddp_harness.assert_matches_single_process([r[name] for r in ddp], single, atol=1e-9, rtol=1e-7)
+
+
+# -- SSL++ stage 2: rotation + pseudo-labels -------------------------------------------------------
+
+def test_rotation_batch_rotates_by_k_quarter_turns_with_label_k():
+    images = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).view(2, 1, 3, 3)
+    rotated, labels = rotation_batch(images)
+    assert rotated.shape == (8, 1, 3, 3)
+    for k in range(4):
+        for i in range(2):
+            expected = np.rot90(images[i, 0].numpy(), k)  # counter-clockwise quarter turns
+            np.testing.assert_array_equal(rotated[k * 2 + i, 0].numpy(), expected)
+            assert labels[k * 2 + i].item() == k
+    # 90 degrees counter-clockwise: the top-right pixel moves to the top-left corner
+    assert rotated[2, 0, 0, 0].item() == images[0, 0, 0, 2].item()
+
+
+def _ce_by_hand(logits: list[float], target: int) -> float:
+    return -(logits[target] - math.log(sum(math.exp(v) for v in logits)))
+
+
+def test_sslpp_loss_adds_the_pseudo_label_ce_with_weight_lambda():
+    rot_logits = torch.tensor([[2.0, 0.5, -1.0, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    rot_labels = torch.tensor([0, 3])
+    pl_logits = torch.tensor([[0.3, -0.2, 1.1], [1.0, 1.0, -2.0]])
+    pl_labels = torch.tensor([2, 1])
+    total, ls, lc = sslpp_loss(rot_logits, rot_labels, pl_logits, pl_labels, weight=0.05)
+    want_s = (_ce_by_hand(rot_logits[0].tolist(), 0) + _ce_by_hand(rot_logits[1].tolist(), 3)) / 2
+    want_c = (_ce_by_hand(pl_logits[0].tolist(), 2) + _ce_by_hand(pl_logits[1].tolist(), 1)) / 2
+    assert ls.item() == pytest.approx(want_s, abs=1e-6)
+    assert lc.item() == pytest.approx(want_c, abs=1e-6)
+    assert total.item() == pytest.approx(want_s + 0.05 * want_c, abs=1e-6)
+
+
+def _tiny_method(name: str, num_train: int = 12, **hparams):
+    torch.manual_seed(0)
+    data = DataInfo(num_classes=3, num_train=num_train, in_channels=1, image_size=8)
+    return get_method(name)(small_cnn(1, width=4), data, hparams)
+
+
+def _batch(images, indices, epoch, max_epochs=4, step=0):
+    gen = torch.Generator().manual_seed(step)
+    views = [images + 0.1 * torch.randn(images.shape, generator=gen) for _ in range(2)]
+    return TrainBatch(views, indices, None, epoch, step, max_epochs, torch.Generator().manual_seed(step))
+
+
+def _context(epoch, images, labels=None, max_epochs=4):
+    def predict(fn):
+        return torch.cat([fn(images[i:i + 5]) for i in range(0, len(images), 5)]).float()
+    return EpochContext(epoch, max_epochs, 0, predict, torch.device("cpu"), labels=labels)
+
+
+def test_sslpp_stage2_loss_is_rotation_ce_plus_weighted_pseudo_label_ce_on_every_rotated_copy():
+    method = _tiny_method("sslpp", num_clusters=5, pseudo_label_weight=0.05)
+    images = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    method.pseudo_labels.copy_(torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]))
+    method.eval()  # BatchNorm on running statistics: samples are independent, so loops can recompute them
+    indices = torch.tensor([3, 7, 10])
+    batch = _batch(images[indices], indices, epoch=2)
+    loss, _ = method.training_loss(batch)
+    terms_s, terms_c = [], []
+    with torch.no_grad():
+        view = batch.views[0]  # the four rotations of the first view
+        for k in range(4):
+            for i in range(3):
+                feats = method.backbone(torch.rot90(view[i:i + 1], k, dims=(2, 3)))
+                terms_s.append(_ce_by_hand(method.rotation_head(feats)[0].tolist(), k))
+                terms_c.append(_ce_by_hand(method.pseudo_label_head(feats)[0].tolist(),
+                                           int(method.pseudo_labels[indices[i]])))
+    assert loss.item() == pytest.approx(np.mean(terms_s) + 0.05 * np.mean(terms_c), abs=1e-5)
+    # upright-only variant: L_c on the 0-degree copies (the first 3 terms)
+    method.hparams["pseudo_labels_upright_only"] = True
+    loss_upright, _ = method.training_loss(batch)
+    assert loss_upright.item() == pytest.approx(np.mean(terms_s) + 0.05 * np.mean(terms_c[:3]), abs=1e-5)
+
+
+def test_sslpp_stages_train_only_their_own_model_and_pseudo_labels_come_from_stage_1():
+    from benchmarks.training import build_optimizer  # Lightning: imported here, not in the DDP workers
+
+    method = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2, stage1_fraction=0.5)
+    gen = torch.Generator().manual_seed(2)
+    images = torch.randn(20, 1, 8, 8, generator=gen)
+    true_labels = torch.arange(20) % 3
+    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad],
+                                {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}, 8)
+    stage1 = dict(method.clustering.named_parameters())
+    stage2 = {n: p for n, p in method.named_parameters() if not n.startswith("clustering.")}
+
+    def snapshot(params):
+        return {n: p.detach().clone() for n, p in params.items()}
+
+    def train_step(epoch, step):
+        optimizer.zero_grad(set_to_none=True)
+        idx = torch.arange(step % 3, 20, 3)[:6]
+        loss, _ = method.training_loss(_batch(images[idx], idx, epoch, step=step))
+        loss.backward()
+        optimizer.step()
+
+    assert method.stage1_epochs(4) == 2 and method.schedule_restarts(4) == [2]
+    logs = method.on_train_epoch_start(_context(0, images, true_labels))
+    assert logs["stage"] == 1.0
+    before, before_stage1 = snapshot(stage2), snapshot(stage1)
+    for step in range(3):
+        train_step(0, step)
+    assert all(torch.equal(before[n], p) for n, p in stage2.items())  # no update, decay or momentum
+    assert not all(torch.equal(before_stage1[n], p) for n, p in stage1.items())
+
+    method.eval()  # the trainer's predict pass runs in eval mode
+    logs = method.on_train_epoch_start(_context(2, images, true_labels))
+    expected = method.clustering(images).argmax(dim=1)
+    method.train()
+    assert torch.equal(method.pseudo_labels, expected)
+    assert logs["stage"] == 2.0
+    assert logs["pseudo_label_nmi"] == pytest.approx(normalized_mutual_info_score(true_labels, expected))
+    frozen = snapshot(stage1)
+    before = snapshot(stage2)
+    for step in range(3, 6):
+        train_step(2, step)
+    assert all(torch.equal(frozen[n], p) for n, p in stage1.items())  # stage-1 model no longer trains
+    assert not all(torch.equal(before[n], p) for n, p in stage2.items())
+
+    # the pseudo-labels are computed once: later epochs (and resumed runs) keep the stored ones
+    resumed = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2, stage1_fraction=0.5)
+    resumed.load_state_dict(method.state_dict())
+
+    def must_not_predict(fn):
+        raise AssertionError("pseudo-labels recomputed")
+    logs = resumed.on_train_epoch_start(EpochContext(3, 4, 0, must_not_predict, torch.device("cpu")))
+    assert "pseudo_label_nmi" not in logs and torch.equal(resumed.pseudo_labels, expected)
+    assert torch.equal(resumed.cluster_logits(images).argmax(1), method.cluster_logits(images).argmax(1))
+
+
+def test_iic_method_picks_the_sub_head_with_the_lowest_running_loss():
+    method = _tiny_method("iic", num_clusters=4, num_heads=3)
+    heads = method.clustering.heads
+    heads.record_losses(torch.tensor([-0.5, -1.0, -0.2]))
+    heads.record_losses(torch.tensor([-0.5, -1.0, -2.0]))  # head 2: 0.9 * -0.2 + 0.1 * -2.0 = -0.38
+    assert heads.best == 1
+    images = torch.randn(5, 1, 8, 8)
+    method.eval()
+    torch.testing.assert_close(method.cluster_logits(images), heads.heads[1](method.backbone(images)))
+
+
+def test_restarted_schedule_starts_the_cosine_again_at_each_stage():
+    from benchmarks.training import restarted_warmup_cosine
+
+    bounds = [0, 10, 30]
+    assert restarted_warmup_cosine(0, bounds, 0, 0.0) == pytest.approx(1.0)
+    assert restarted_warmup_cosine(5, bounds, 0, 0.0) == pytest.approx(0.5)  # half-way through stage 1
+    assert restarted_warmup_cosine(10, bounds, 0, 0.0) == pytest.approx(1.0)
+    assert restarted_warmup_cosine(20, bounds, 0, 0.0) == pytest.approx(0.5)
+    assert restarted_warmup_cosine(10, bounds, 4, 0.0) == pytest.approx(0.25)  # warm-up again: step 1 of 4
+
+
+def test_sslpp_asks_ddp_to_allow_unused_parameters():
+    from benchmarks.training import ddp_strategy_for
+
+    method = _tiny_method("sslpp")
+    cfg = {"strategy": "ddp", "accelerator": "cpu", "devices": 2, "num_nodes": 1}
+    assert ddp_strategy_for(method, cfg) == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for(method, {**cfg, "strategy": "auto"}) == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for(method, {**cfg, "strategy": "auto", "devices": 1}) == "auto"
+    assert ddp_strategy_for(_tiny_method("iic"), cfg) == "ddp"
+
+
+@pytest.mark.parametrize("name,hparams,key", [
+    ("sslpp", {"stage1_fraction": 1.0}, "stage1_fraction"),
+    ("sslpp", {"pseudo_label_weight": -0.1}, "pseudo_label_weight"),
+    ("sslpp", {"num_clusters": 1}, "num_clusters"),
+    ("iic", {"num_heads": 0}, "num_heads"),
+    ("iic", {"iic_lamb": 0.0}, "iic_lamb"),
+])
+def test_invalid_hparams_name_the_key(name, hparams, key):
+    with pytest.raises(ConfigError, match=rf"methods\.{name}\.{key}"):
+        _tiny_method(name, **hparams)
+
+
+def test_combined_optimizer_steps_each_part_with_its_own_settings_and_one_schedule():
+    from benchmarks.training import CombinedOptimizer
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    sgd = torch.optim.SGD([a], lr=0.1)
+    adam = torch.optim.AdamW([b], lr=0.01, weight_decay=0.0)
+    combined = CombinedOptimizer([sgd, adam])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(combined, lambda step: 0.5 ** step)
+    ((a * torch.tensor([1.0, 2.0, 3.0])).sum() + (b * 4.0).sum()).backward()
+    combined.step()
+    torch.testing.assert_close(a.detach(), 1 - 0.1 * torch.tensor([1.0, 2.0, 3.0]))  # SGD: lr * grad
+    torch.testing.assert_close(b.detach(), torch.full((2,), 1 - 0.01))  # Adam's first step: lr * sign(grad)
+    scheduler.step()
+    assert sgd.param_groups[0]["lr"] == pytest.approx(0.05) and adam.param_groups[0]["lr"] == pytest.approx(0.005)
+    combined.zero_grad()
+    assert a.grad is None and b.grad is None
+    # a checkpoint round trip restores both parts (Adam's moments included)
+    state = combined.state_dict()
+    fresh = CombinedOptimizer([torch.optim.SGD([a], lr=1.0), torch.optim.AdamW([b], lr=1.0)])
+    fresh.load_state_dict(state)
+    assert fresh.param_groups[1]["lr"] == pytest.approx(0.005)
+    torch.testing.assert_close(fresh.optimizers[1].state[b]["exp_avg"], adam.state[b]["exp_avg"])
+
+
+def test_sslpp_trains_both_stages_under_lightning(tmp_path):
+    from benchmarks.augment import BatchAugment, Normalization, ViewSpec
+    from benchmarks.config import SUITE_DEFAULTS
+    from benchmarks.data import ImageDataset
+    from benchmarks.training import CombinedOptimizer, PretrainModule, fit
+
+    n = 32
+    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
+    method = _tiny_method("sslpp", num_train=n, num_clusters=4, num_heads=2,
+                          clustering_optimizer={"lr": 0.01})
+    snapshots, lrs = {}, []
+    original_start = method.on_train_epoch_start
+
+    def start(ctx):
+        snapshots[ctx.epoch] = {k: v.clone() for k, v in method.clustering.state_dict().items()}
+        return original_start(ctx)
+    method.on_train_epoch_start = start
+    original_loss = method.training_loss
+
+    def loss(batch):
+        lrs.append([g["lr"] for g in module.trainer.optimizers[0].param_groups])
+        return original_loss(batch)
+    method.training_loss = loss
+    augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
+    module = PretrainModule(method, augment, SUITE_DEFAULTS["optimizer"], dataset, batch_size=8, max_epochs=4, seed=0)
+    train_cfg = {**SUITE_DEFAULTS["train"], "epochs": 4, "accelerator": "cpu", "devices": 1, "precision": "32"}
+    result = fit(module, train_cfg, tmp_path, "fp", progress=False)
+
+    assert isinstance(module.trainer.optimizers[0], CombinedOptimizer)
+    assert [h["stage"] for h in result.history] == [1.0, 1.0, 2.0, 2.0]
+    assert "pseudo_label_nmi" in result.history[2] and "pseudo_label_nmi" not in result.history[3]
+    assert 0.0 <= result.history[2]["pseudo_label_nmi"] <= 1.0
+    # stage 1 changed the clustering model, stage 2 left it alone
+    assert not torch.equal(snapshots[0]["heads.heads.0.weight"], snapshots[2]["heads.heads.0.weight"])
+    final = method.clustering.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in snapshots[2].items() if k.endswith("weight"))
+    # the schedule starts over at stage 2 (4 steps per epoch): its first step has the full lr again
+    assert lrs[8] == pytest.approx(lrs[0]) and lrs[7][0] < lrs[0][0]
+    assert lrs[0][-1] == pytest.approx(0.01)  # the clustering model's own (Adam) lr
