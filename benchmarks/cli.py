@@ -158,8 +158,14 @@ def cmd_run(args) -> int:
     data = load_suite_data(config, data_root, args.download)
 
     _quiet_libraries(args.verbose)
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
     from benchmarks.runner import check_method_settings, preflight, run_one
     from methods import import_plugins_from_env, import_user_module
+
+    # DDP ranks > 0 (Lightning reruns this command for them) train along but stay silent and write nothing
+    rank_zero = getattr(rank_zero_only, "rank", 0) == 0
+    say = print if rank_zero else (lambda *args, **kwargs: None)
 
     import_plugins_from_env()
     for spec in args.imports:
@@ -172,8 +178,8 @@ def cmd_run(args) -> int:
     for seed in seeds:
         for name in methods:
             t0 = time.perf_counter()
-            print(f"[{config['name']}] {name} seed {seed}: pretraining {config['train']['epochs']} epochs ...",
-                  flush=True)
+            say(f"[{config['name']}] {name} seed {seed}: pretraining {config['train']['epochs']} epochs ...",
+                flush=True)
             record = run_one(config, name, seed, args.out, args.work_dir, data=data, data_root=data_root,
                              force=args.force, restart=args.restart, progress=not args.no_progress)
             rows.append(record)
@@ -184,11 +190,9 @@ def cmd_run(args) -> int:
                 summary += f", kNN(k=20) top-1 {knn:.1f}%"
             if nmi is not None:
                 summary += f", NMI {nmi:.1f}"
-            print(f"[{config['name']}] {name} seed {seed}: {summary} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    print(f"{len(rows)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config['name']}/")
-    from pytorch_lightning.utilities.rank_zero import rank_zero_only
-
-    if not args.no_report and getattr(rank_zero_only, "rank", 0) == 0:
+            say(f"[{config['name']}] {name} seed {seed}: {summary} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    say(f"{len(rows)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config['name']}/")
+    if not args.no_report and rank_zero:
         try:
             from reports.build import build_report
         except ImportError:

@@ -107,8 +107,20 @@ class ClusterHeads(nn.Module):
         return self.heads[self.best](features)
 
 
+def clustering_loss(backbone: nn.Module, heads: ClusterHeads, views: list[torch.Tensor], lamb: float
+                    ) -> tuple[torch.Tensor, dict]:
+    """The mean IIC loss of the sub-heads between the first two views (records each head's loss)."""
+    if len(views) < 2:
+        raise ValueError("IIC needs two augmented views per image; give augment.views count >= 2")
+    logits_a, logits_b = heads(backbone(views[0])), heads(backbone(views[1]))
+    losses = torch.stack([iic_loss(F.softmax(a, dim=1), F.softmax(b, dim=1), lamb)
+                          for a, b in zip(logits_a, logits_b)])
+    heads.record_losses(losses)
+    return losses.mean(), {"iic_best_head_loss": losses.detach().min()}
+
+
 class ClusteringModel(nn.Module):
-    """Phi: a backbone and IIC sub-heads; `loss` is the mean IIC loss of the sub-heads."""
+    """SSL++'s stage-1 model Phi: its own backbone and IIC sub-heads."""
 
     def __init__(self, backbone: nn.Module, num_clusters: int, num_heads: int, lamb: float):
         super().__init__()
@@ -116,12 +128,8 @@ class ClusteringModel(nn.Module):
         self.heads = ClusterHeads(backbone.feature_dim, num_clusters, num_heads)
         self.lamb = lamb
 
-    def loss(self, view_a: torch.Tensor, view_b: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        logits_a, logits_b = self.heads(self.backbone(view_a)), self.heads(self.backbone(view_b))
-        losses = torch.stack([iic_loss(F.softmax(a, dim=1), F.softmax(b, dim=1), self.lamb)
-                              for a, b in zip(logits_a, logits_b)])
-        self.heads.record_losses(losses)
-        return losses.mean(), {"iic_best_head_loss": losses.detach().min()}
+    def loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        return clustering_loss(self.backbone, self.heads, views, self.lamb)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Scores of the best sub-head [B, C]."""
@@ -150,17 +158,17 @@ class IIC(SSLMethod):
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.clustering = ClusteringModel(backbone, hp["num_clusters"], hp["num_heads"], hp["iic_lamb"])
+        self.heads = ClusterHeads(backbone.feature_dim, hp["num_clusters"], hp["num_heads"])
 
     def check_hparams(self):
         _check_iic_hparams(self)
 
     def training_loss(self, batch: TrainBatch):
-        return self.clustering.loss(batch.views[0], batch.views[1])
+        return clustering_loss(self.backbone, self.heads, batch.views, self.hparams["iic_lamb"])
 
     @torch.no_grad()
     def cluster_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clustering(images)
+        return self.heads.best_logits(self.backbone(images))
 
 
 # -- SSL++ stage 2: the Rotation proxy task -----------------------------------------------------
@@ -267,8 +275,7 @@ class SSLPlusPlus(SSLMethod):
 
     def training_loss(self, batch: TrainBatch):
         if batch.epoch < self.stage1_epochs(batch.max_epochs):
-            loss, logs = self.clustering.loss(batch.views[0], batch.views[1])
-            return loss, logs
+            return self.clustering.loss(batch.views)
         if bool((self.pseudo_labels < 0).any()):
             raise RuntimeError("SSL++ stage 2 needs the stage-1 pseudo-labels (computed at the epoch start)")
         targets = self.pseudo_labels[batch.indices.to(self.pseudo_labels.device)]

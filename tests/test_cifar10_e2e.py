@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_cifar10_suite_end_to_end_on_the_fixture(tmp_path, capsys):
-    root = fixtures.make_cifar10(tmp_path / "data", n_train=50, n_test=20)
+    root = fixtures.make_cifar10(tmp_path / "data", n_train=32, n_test=20)  # two steps of 16
     out, work = tmp_path / "out", tmp_path / "work"
     sets = ["evaluation.protocols=[knn]", "evaluation.knn.ks=[1, 5]"]
     assert main(["run", "--suite", "cifar10", "--data-root", str(root), "--epochs", "1", "--batch-size", "16",

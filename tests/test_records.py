@@ -228,10 +228,12 @@ def test_two_concurrent_runs_write_separate_valid_records(tmp_path):
     def command(seed: int) -> list[str]:
         return [sys.executable, "-m", "benchmarks", "run", "--suite", "digits", "--methods", "simclr",
                 "--seeds", str(seed), "--epochs", "1", "--no-references", "--out", str(out), "--work-dir", str(work),
-                "--no-report", "--no-progress", "--set", "evaluation.protocols=[knn]", "train.online_knn_every=0"]
+                "--no-report", "--no-progress", "--set", "dataset.options.test_fraction=0.75",
+                "evaluation.protocols=[knn]", "train.online_knn_every=0"]
 
-    procs = [subprocess.Popen(command(seed), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for seed in (0, 1)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two processes side by side: one thread each
+    procs = [subprocess.Popen(command(seed), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for seed in (0, 1)]
     outputs = [p.communicate(timeout=300) for p in procs]
     for proc, (_stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr

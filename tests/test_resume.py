@@ -96,6 +96,7 @@ def runs(tmp_path_factory):
             "resumed": resumed}
 
 
+@pytest.mark.slow  # uses the module's subprocess runs
 def test_killed_run_resumes_to_bitwise_the_same_record(runs):
     assert runs["victim_rc"] == -signal.SIGKILL
     assert 1 <= runs["killed_after"] < EPOCHS, "the kill must land mid-run for this test to mean anything"
@@ -125,6 +126,7 @@ def _non_plain(obj, where="checkpoint") -> list[str]:
     return [] if isinstance(obj, PLAIN) else [f"{where}: {type(obj).__name__}"]
 
 
+@pytest.mark.slow  # uses the module's subprocess runs
 def test_epoch_checkpoint_holds_only_plain_data(runs):
     checkpoint = torch.load(runs["b_work"] / RUN_DIR / "checkpoints" / "last.ckpt", weights_only=True)
     assert _non_plain(checkpoint) == []
@@ -148,6 +150,7 @@ def _main(out: Path, work: Path, *flags: str, sets: tuple[str, ...] = ()) -> int
     return main(["run", *RUN_ARGS, *sets, "--out", str(out), "--work-dir", str(work), *flags])
 
 
+@pytest.mark.slow  # uses the module's subprocess runs
 def test_other_config_is_refused_and_restart_and_eval_changes_behave(runs, tmp_path, capsys, caplog):
     out, work = _copy_run(runs, tmp_path)
     checkpoint = work / RUN_DIR / "checkpoints" / "last.ckpt"
@@ -178,6 +181,7 @@ def test_other_config_is_refused_and_restart_and_eval_changes_behave(runs, tmp_p
     assert set(reevaluated["metrics"]) == {"knn_k10"} and reevaluated["history"] == restarted["history"]
 
 
+@pytest.mark.slow  # uses the module's subprocess runs
 def test_damaged_checkpoint_is_refused_before_training(runs, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     shutil.copytree(runs["b_work"], work)

@@ -22,7 +22,6 @@ from methods import get_method
 from methods.base import DataInfo, EpochContext, TrainBatch
 from methods.sslpp import iic_loss, rotation_batch, sslpp_loss
 
-
 # -- iic_loss ---------------------------------------------------------------------------------
 
 def _iic_by_hand(a: list[list[float]], b: list[list[float]], lamb: float) -> float:
@@ -251,7 +250,7 @@ def test_sslpp_stages_train_only_their_own_model_and_pseudo_labels_come_from_sta
 
 def test_iic_method_picks_the_sub_head_with_the_lowest_running_loss():
     method = _tiny_method("iic", num_clusters=4, num_heads=3)
-    heads = method.clustering.heads
+    heads = method.heads
     heads.record_losses(torch.tensor([-0.5, -1.0, -0.2]))
     heads.record_losses(torch.tensor([-0.5, -1.0, -2.0]))  # head 2: 0.9 * -0.2 + 0.1 * -2.0 = -0.38
     assert heads.best == 1
