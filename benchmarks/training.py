@@ -453,8 +453,9 @@ def ddp_strategy_for(method: SSLMethod, train_cfg: dict) -> str:
         if count * train_cfg["num_nodes"] <= 1:
             return strategy
         strategy = "ddp"
-    return {"ddp": "ddp_find_unused_parameters_true",
-            "ddp_spawn": "ddp_spawn_find_unused_parameters_true"}.get(strategy, strategy)
+    if strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
 
 
 def fit(module: PretrainModule, train_cfg: dict, run_dir: Path, fingerprint: str, restart: bool = False,

@@ -183,6 +183,14 @@ def rotation_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rotated, labels
 
 
+def random_rotation_batch(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random quarter turn k per image ([B, C, H, W], labels k [B]): RotNet's task at a quarter of
+    its cost (the `rotation_copies: 1` variant)."""
+    k = torch.randint(4, (images.shape[0],), generator=generator, device=generator.device).to(images.device)
+    every = torch.stack([torch.rot90(images, r, dims=(2, 3)) for r in range(4)])  # [4, B, C, H, W]
+    return every[k, torch.arange(images.shape[0], device=images.device)], k
+
+
 def sslpp_loss(rotation_logits: torch.Tensor, rotation_labels: torch.Tensor, pseudo_logits: torch.Tensor,
                pseudo_labels: torch.Tensor, weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 5: L = L_s + lambda * L_c with L_s the rotation CE (Eq. 3) and L_c the CE on the
@@ -213,6 +221,9 @@ class SSLPlusPlus(SSLMethod):
         "stage1_fraction": 0.5,  # share of the run's epochs spent on the clustering stage
         "pseudo_label_weight": 0.05,  # lambda of Eq. 5 (0.05 for Rotation/AET, 1 for Colorization/Context)
         "pseudo_labels_upright_only": False,  # L_c on the 0-degree copies only (default: all copies)
+        # 4: the four rotations of the first view (RotNet, the paper); 1: one random rotation of each
+        # view (half the cost with two views)
+        "rotation_copies": 4,
         # the stage-1 model's optimizer (overrides of the method's optimizer, which trains stage 2):
         # IIC's Adam, lr 1e-4 (SGD leaves IIC at the uniform solution, where its gradient vanishes)
         "clustering_optimizer": {"name": "adamw", "lr": 1.0e-4, "weight_decay": 0.0},
@@ -243,6 +254,9 @@ class SSLPlusPlus(SSLMethod):
         self.require(0 < hp["stage1_fraction"] < 1, "stage1_fraction", f"must be in (0, 1), got {hp['stage1_fraction']}")
         self.require(hp["pseudo_label_weight"] >= 0, "pseudo_label_weight",
                      f"must be >= 0, got {hp['pseudo_label_weight']}")
+        self.require(hp["rotation_copies"] in (1, 4), "rotation_copies", f"must be 4 or 1, got {hp['rotation_copies']}")
+        self.require(not (hp["pseudo_labels_upright_only"] and hp["rotation_copies"] == 1), "pseudo_labels_upright_only",
+                     "needs rotation_copies: 4 (with one random rotation a batch may have no upright copy)")
 
     def stage1_epochs(self, max_epochs: int) -> int:
         """Epochs of the clustering stage: the fraction rounded, leaving each stage >= 1 epoch."""
@@ -279,11 +293,16 @@ class SSLPlusPlus(SSLMethod):
         if bool((self.pseudo_labels < 0).any()):
             raise RuntimeError("SSL++ stage 2 needs the stage-1 pseudo-labels (computed at the epoch start)")
         targets = self.pseudo_labels[batch.indices.to(self.pseudo_labels.device)]
-        view = batch.views[0]  # RotNet's input: the four rotated copies of one augmented view
-        rotated, rotation_labels = rotation_batch(view)
+        if self.hparams["rotation_copies"] == 4:  # RotNet's input: the four rotated copies of one view
+            rotated, rotation_labels = rotation_batch(batch.views[0])
+        else:
+            pairs = [random_rotation_batch(view, batch.generator) for view in batch.views]
+            rotated, rotation_labels = torch.cat([r for r, _ in pairs]), torch.cat([k for _, k in pairs])
         features = self.backbone(rotated)
-        pseudo_features = features[: view.shape[0]] if self.hparams["pseudo_labels_upright_only"] else features
-        pseudo_targets = targets.repeat(pseudo_features.shape[0] // view.shape[0])  # k-major, like `rotated`
+        upright = rotation_labels == 0
+        pseudo_features = features[upright] if self.hparams["pseudo_labels_upright_only"] else features
+        pseudo_targets = targets.repeat(len(features) // len(targets))  # copies are stacked image-minor
+        pseudo_targets = pseudo_targets[upright] if self.hparams["pseudo_labels_upright_only"] else pseudo_targets
         loss, loss_s, loss_c = sslpp_loss(self.rotation_head(features), rotation_labels,
                                           self.pseudo_label_head(pseudo_features), pseudo_targets,
                                           self.hparams["pseudo_label_weight"])

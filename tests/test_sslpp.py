@@ -20,7 +20,7 @@ from benchmarks.backbones import small_cnn
 from benchmarks.errors import ConfigError
 from methods import get_method
 from methods.base import DataInfo, EpochContext, TrainBatch
-from methods.sslpp import iic_loss, rotation_batch, sslpp_loss
+from methods.sslpp import iic_loss, random_rotation_batch, rotation_batch, sslpp_loss
 
 # -- iic_loss ---------------------------------------------------------------------------------
 
@@ -133,6 +133,14 @@ def test_rotation_batch_rotates_by_k_quarter_turns_with_label_k():
     assert rotated[2, 0, 0, 0].item() == images[0, 0, 0, 2].item()
 
 
+def test_random_rotation_batch_turns_each_image_by_its_label():
+    images = torch.randn(64, 1, 3, 3, generator=torch.Generator().manual_seed(0))
+    rotated, labels = random_rotation_batch(images, torch.Generator().manual_seed(1))
+    assert set(labels.tolist()) == {0, 1, 2, 3}
+    for i in range(64):
+        np.testing.assert_array_equal(rotated[i, 0].numpy(), np.rot90(images[i, 0].numpy(), int(labels[i])))
+
+
 def _ce_by_hand(logits: list[float], target: int) -> float:
     return -(logits[target] - math.log(sum(math.exp(v) for v in logits)))
 
@@ -190,6 +198,20 @@ def test_sslpp_stage2_loss_is_rotation_ce_plus_weighted_pseudo_label_ce_on_every
     method.hparams["pseudo_labels_upright_only"] = True
     loss_upright, _ = method.training_loss(batch)
     assert loss_upright.item() == pytest.approx(np.mean(terms_s) + 0.05 * np.mean(terms_c[:3]), abs=1e-5)
+    # one random rotation of each view: k drawn from the batch's generator, view by view
+    method.hparams.update(pseudo_labels_upright_only=False, rotation_copies=1)
+    loss_random, _ = method.training_loss(_batch(images[indices], indices, epoch=2, step=7))
+    batch = _batch(images[indices], indices, epoch=2, step=7)
+    terms_s, terms_c = [], []
+    with torch.no_grad():
+        for view in batch.views:
+            turns = torch.randint(4, (3,), generator=batch.generator)
+            for i in range(3):
+                feats = method.backbone(torch.rot90(view[i:i + 1], int(turns[i]), dims=(2, 3)))
+                terms_s.append(_ce_by_hand(method.rotation_head(feats)[0].tolist(), int(turns[i])))
+                terms_c.append(_ce_by_hand(method.pseudo_label_head(feats)[0].tolist(),
+                                           int(method.pseudo_labels[indices[i]])))
+    assert loss_random.item() == pytest.approx(np.mean(terms_s) + 0.05 * np.mean(terms_c), abs=1e-5)
 
 
 def test_sslpp_stages_train_only_their_own_model_and_pseudo_labels_come_from_stage_1():
@@ -285,6 +307,10 @@ def test_sslpp_asks_ddp_to_allow_unused_parameters():
     ("sslpp", {"stage1_fraction": 1.0}, "stage1_fraction"),
     ("sslpp", {"pseudo_label_weight": -0.1}, "pseudo_label_weight"),
     ("sslpp", {"num_clusters": 1}, "num_clusters"),
+    ("sslpp", {"rotation_copies": 2}, "rotation_copies"),
+    ("sslpp", {"rotation_copies": 1, "pseudo_labels_upright_only": True}, "pseudo_labels_upright_only"),
+    ("sslpp", {"clustering_optimizer": {"name": "rmsprop"}}, r"clustering_optimizer\.name"),
+    ("sslpp", {"clustering_optimizer": {"betas": [0.9, 0.99]}}, "clustering_optimizer"),
     ("iic", {"num_heads": 0}, "num_heads"),
     ("iic", {"iic_lamb": 0.0}, "iic_lamb"),
 ])
