@@ -6,7 +6,7 @@ classifier on pseudo-labels that it produces itself (sec. 3.2):
   min (1/N) sum_n CE(y_n, f'(t2(x_n)))      (Eq. 6, representation learning)
 "For efficiency, the forward pass of label generation can reuse the forward results of
 representation learning in the previous epoch": each image is forwarded once per epoch
-(augmented view t2 of this epoch), trained against the label recorded from the previous
+(t2: the suite's first augmented view of this epoch), trained against the label recorded from the previous
 epoch's view (t1), and the argmax of this forward becomes its label for the next epoch
 (Fig. 1). Hand-written: no library has the label store or the UIC epoch logic.
 

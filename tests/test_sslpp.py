@@ -383,3 +383,44 @@ def test_sslpp_trains_both_stages_under_lightning(tmp_path):
     # the schedule starts over at stage 2 (4 steps per epoch): its first step has the full lr again
     assert lrs[8] == pytest.approx(lrs[0]) and lrs[7][0] < lrs[0][0]
     assert lrs[0][-1] == pytest.approx(0.01)  # the clustering model's own (Adam) lr
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_sslpp_resumed_mid_stage_2_ends_bitwise_like_an_uninterrupted_run(tmp_path):
+    """The checkpoint carries the pseudo-labels, both optimizers' states and the restarted schedule."""
+    from benchmarks.augment import BatchAugment, Normalization, ViewSpec
+    from benchmarks.config import SUITE_DEFAULTS
+    from benchmarks.data import ImageDataset
+    from benchmarks.training import PretrainModule, fit
+
+    n = 32
+    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
+    train_cfg = {**SUITE_DEFAULTS["train"], "epochs": 4, "accelerator": "cpu", "devices": 1, "precision": "32"}
+
+    def run(run_dir, crash_at_epoch=None):
+        method = _tiny_method("sslpp", num_train=n, num_clusters=4, num_heads=2, clustering_optimizer={"lr": 0.01})
+        if crash_at_epoch is not None:
+            original = method.training_loss
+
+            def crashing(batch):
+                if batch.epoch == crash_at_epoch:
+                    raise _Crash
+                return original(batch)
+            method.training_loss = crashing
+        augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
+        module = PretrainModule(method, augment, SUITE_DEFAULTS["optimizer"], dataset, batch_size=8, max_epochs=4,
+                                seed=0)
+        return method, fit(module, train_cfg, run_dir, "fp", progress=False)
+
+    full_method, full = run(tmp_path / "full")
+    with pytest.raises(_Crash):
+        run(tmp_path / "resumed", crash_at_epoch=3)  # killed in stage 2, after one stage-2 epoch
+    resumed_method, resumed = run(tmp_path / "resumed")
+    assert resumed.extra["resumed_after_epochs"] == 3
+    assert resumed.history == full.history
+    full_state, resumed_state = full_method.state_dict(), resumed_method.state_dict()
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
