@@ -392,6 +392,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.warmup_steps is None:
         args.warmup_steps = 10 if args.device.startswith("cuda") else 1
+    if args.steps < 1 or args.warmup_steps < 0 or args.batch_size < 2:
+        parser.error("--steps must be >= 1, --warmup-steps >= 0 and --batch-size >= 2")
     return args
 
 

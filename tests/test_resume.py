@@ -268,10 +268,13 @@ def test_one_run_cannot_be_trained_by_two_processes_at_once(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_stops_with_a_resume_hint(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen(cli_command(out, work), cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # many epochs, so the run is still training when the signal lands, however fast the machine
+    long_epochs = 200
+    proc = subprocess.Popen(cli_command(out, work, "--epochs", str(long_epochs)), cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = Path("digits") / f"simclr_e{long_epochs}_s0"
     try:
-        assert wait_for_checkpoint(proc, work / RUN_DIR / "checkpoints" / "last.ckpt", min_epochs=1) >= 1
+        assert wait_for_checkpoint(proc, work / run_dir / "checkpoints" / "last.ckpt", min_epochs=1) >= 1
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -279,4 +282,4 @@ def test_ctrl_c_stops_with_a_resume_hint(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted; rerun the same command to resume from the last epoch checkpoint" in err
-    assert not (out / RECORD).exists()
+    assert not (out / "digits" / f"simclr_e{long_epochs}_s0.json").exists()
