@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -212,12 +212,3 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     generator = torch.Generator(device=device)
     generator.manual_seed((int(seed) * 1_000_003 + int(step) * 7919 + 12345) % (2**63 - 1))
     return generator
-
-
-@dataclass
-class AugmentConfig:
-    views: list[ViewSpec] = field(default_factory=list)
-    normalization: Normalization | None = None
-
-    def build(self) -> BatchAugment:
-        return BatchAugment(self.views, self.normalization)

@@ -94,17 +94,6 @@ class EpochBatchSampler(Sampler):
             yield order[start:start + self.batch_size].tolist()
 
 
-@dataclass
-class OptimConfig:
-    name: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    warmup_epochs: int
-    final_lr_fraction: float
-    lr_scale_batch: int = 0
-
-
 def build_optimizer(params, cfg: dict, batch_size: int):
     lr = cfg["lr"] * (batch_size / cfg["lr_scale_batch"] if cfg.get("lr_scale_batch") else 1.0)
     if cfg["name"] == "sgd":
