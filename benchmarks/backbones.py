@@ -1,4 +1,5 @@
-"""Backbones: ResNet-18 with the CIFAR stem, ResNet-50, and a small CNN for 8x8/28x28.
+"""Backbones: ResNet-18 with the CIFAR stem, ResNet-50, a small CNN for 8x8/28x28, and RotNet's
+Network-In-Network (NIN, the SSL++ paper's CIFAR/STL-10 backbone).
 
 Each backbone maps images to a feature vector of size `feature_dim` and exposes its
 stage outputs (`forward_stages`) for per-layer probing.
@@ -80,11 +81,64 @@ def small_cnn(in_channels: int = 1, width: int = 32) -> Backbone:
     return Backbone(stem, stages, [width, 2 * width, 4 * width], in_channels)
 
 
+# ----------------------------------------------------------------------------- NIN (RotNet)
+# Facts from RotNet's official code (gidariss/FeatureLearningRotNet, architectures/NetworkInNetwork.py
+# with config/CIFAR10_RotNet_NIN4blocks.py: num_stages 4, use_avg_on_conv3 False), written anew here:
+# every conv is conv (bias-free) -> BN -> ReLU, "same" padding, stride 1; 192/160/96 channels.
+#   block 1: 5x5 in->192, 1x1 192->160, 1x1 160->96, max-pool 3x3 / 2 (pad 1)
+#   block 2: 5x5 96->192, 1x1 192->192, 1x1 192->192, avg-pool 3x3 / 2 (pad 1)
+#   blocks 3, 4: 3x3 192->192, 1x1 192->192, 1x1 192->192 (no pooling in the 4-block CIFAR model)
+# At 32x32: 96x16x16, 192x8x8, 192x8x8, 192x8x8 (SSL++ Table III: blocks 2-4 are 192x8x8).
+# The rotation classifier (RotNet's 'classifier' block: global average pooling + one linear layer)
+# is not part of the backbone; methods put their heads on the pooled 192-d features.
+NIN_MIN_POOL_SIZE = 8
+
+
+def _nin_conv(cin: int, cout: int, kernel_size: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel_size, padding=kernel_size // 2, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def nin_block(cin: int, widths: tuple[int, int, int], kernel_size: int) -> nn.Sequential:
+    """Three conv-BN-ReLU layers: a kernel_size conv, then two 1x1 convs (NIN's "mlpconv")."""
+    return nn.Sequential(_nin_conv(cin, widths[0], kernel_size), _nin_conv(widths[0], widths[1], 1),
+                         _nin_conv(widths[1], widths[2], 1))
+
+
+class PoolIfLarger(nn.Module):
+    """RotNet's 3x3/2 pooling, skipped when the map is already at most `min_size` on a side.
+
+    RotNet's pooling takes 32x32 CIFAR images to the 8x8 maps of blocks 2-4. On smaller inputs
+    (8x8 digits) pooling would leave 2x2 maps, where the 5x5/3x3 convs see mostly padding, so such
+    maps keep their size: 8x8 input -> 8x8 maps in every block; 28x28 -> 14x14, 7x7, 7x7, 7x7.
+    """
+
+    def __init__(self, pool: nn.Module, min_size: int = NIN_MIN_POOL_SIZE):
+        super().__init__()
+        self.pool, self.min_size = pool, min_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) if min(x.shape[-2:]) > self.min_size else x
+
+
+def nin(in_channels: int = 3) -> Backbone:
+    """RotNet's 4-block NIN (see the comment above): stage_dims [96, 192, 192, 192], feature_dim 192
+    (global average pooling of block 4)."""
+    stages = [
+        nn.Sequential(nin_block(in_channels, (192, 160, 96), 5), PoolIfLarger(nn.MaxPool2d(3, stride=2, padding=1))),
+        nn.Sequential(nin_block(96, (192, 192, 192), 5), PoolIfLarger(nn.AvgPool2d(3, stride=2, padding=1))),
+        nin_block(192, (192, 192, 192), 3),
+        nin_block(192, (192, 192, 192), 3),
+    ]
+    return Backbone(nn.Identity(), stages, [96, 192, 192, 192], in_channels)
+
+
 BACKBONES: dict[str, Callable[..., Backbone]] = {
     "resnet18_cifar": lambda in_channels=3: _resnet("resnet18", in_channels, cifar_stem=True),
     "resnet18": lambda in_channels=3: _resnet("resnet18", in_channels, cifar_stem=False),
     "resnet50": lambda in_channels=3: _resnet("resnet50", in_channels, cifar_stem=False),
     "small_cnn": small_cnn,
+    "nin": nin,
 }
 
 

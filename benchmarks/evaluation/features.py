@@ -1,14 +1,55 @@
-"""Feature extraction: one clean (un-augmented) pass of a frozen backbone over a split."""
+"""Feature extraction: one clean (un-augmented) pass of a frozen backbone over a split, and the
+check that the features are finite before any protocol scores them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from benchmarks.data import ImageDataset
+from benchmarks.errors import BenchmarkError
+
+try:  # one class, wherever it lives: benchmarks.errors may define it later
+    from benchmarks.errors import NonFiniteFeaturesError
+except ImportError:
+    class NonFiniteFeaturesError(BenchmarkError, FloatingPointError):
+        """A backbone's features hold NaN or inf (e.g. a diverged run): no metric can be computed."""
+
+
+def _nonfinite_rows(x) -> torch.Tensor:
+    x = torch.as_tensor(x).detach()
+    if not x.is_floating_point():  # integer arrays cannot hold NaN
+        return torch.zeros(len(x), dtype=torch.bool)
+    return (~torch.isfinite(x.reshape(len(x), -1))).any(dim=1).cpu()
+
+
+def count_nonfinite_rows(features) -> int:
+    """Rows (images) with at least one NaN or inf entry; for a list of per-stage features, the
+    images that are bad in any stage."""
+    if isinstance(features, (list, tuple)):
+        masks = [_nonfinite_rows(f) for f in features]
+        return int(torch.stack(masks).any(dim=0).sum()) if masks else 0
+    return int(_nonfinite_rows(features).sum())
+
+
+def check_finite(features: torch.Tensor | Sequence[torch.Tensor], *, method: str, protocol: str,
+                 split: str) -> torch.Tensor | Sequence[torch.Tensor]:
+    """Raise NonFiniteFeaturesError if any feature row is NaN/inf; else return `features` unchanged.
+
+    Called on every split's features before a protocol uses them: NaN features would otherwise
+    give a silent, meaningless number (a NaN query matches no neighbour and votes for class 0).
+    A list (per-stage features, one row per image in each) counts an image bad if any stage is.
+    """
+    bad = count_nonfinite_rows(features)
+    if bad:
+        total = len(features[0]) if isinstance(features, (list, tuple)) else len(features)
+        raise NonFiniteFeaturesError(
+            f"evaluation: method '{method}', protocol {protocol}: {bad} of {total} {split} feature rows are not "
+            "finite (NaN or inf); the backbone's features are broken (a diverged run?), so no metric is computed")
+    return features
 
 
 @torch.no_grad()
@@ -36,6 +77,7 @@ def extract(model_fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]
 
 def backbone_features(backbone: nn.Module, dataset: ImageDataset, preprocess, device="cpu", batch_size=512,
                       desc=None) -> torch.Tensor:
+    """`extract` with the backbone in eval mode (BN running statistics), its mode restored after."""
     was_training = backbone.training
     backbone.eval()
     try:

@@ -1,0 +1,265 @@
+"""reports.stats against closed forms, hand tables and scikit-learn / scipy (all fast, CPU only)."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as sps
+from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
+
+from reports import stats
+
+T_975_DF2 = 4.302652729911275  # t_{0.975, 2}, from tables
+
+
+def _planted(n=2000, acc=0.8, extra=60, seed=1):
+    """A correct on `acc` of n images; B = A plus `extra` more correct images."""
+    rng = np.random.default_rng(seed)
+    a = np.zeros(n, dtype=bool)
+    a[rng.permutation(n)[: int(acc * n)]] = True
+    b = a.copy()
+    b[rng.permutation(np.flatnonzero(~a))[:extra]] = True
+    return a, b
+
+
+# ------------------------------------------------------------------------------------------- over seeds
+
+
+def test_seed_summary_closed_form():
+    s = stats.seed_summary([1.0, 2.0, 4.0])
+    mean, sd = 7 / 3, math.sqrt(7 / 3)  # sum of squared deviations 42/9, over n - 1 = 2
+    half = T_975_DF2 * sd / math.sqrt(3)
+    assert (s.n, s.mean, s.std) == (3, pytest.approx(mean, abs=1e-12), pytest.approx(sd, abs=1e-12))
+    assert s.ci_low == pytest.approx(mean - half, abs=1e-9)
+    assert s.ci_high == pytest.approx(mean + half, abs=1e-9)
+
+
+def test_seed_summary_one_seed_has_nan_spread():
+    s = stats.seed_summary([71.5])
+    assert s.mean == 71.5 and s.n == 1 and all(math.isnan(x) for x in (s.std, s.ci_low, s.ci_high))
+
+
+def test_welch_test_hand_computation():
+    ma, sa, na, mb, sb, nb = 71.2, 0.4, 3, 70.1, 0.9, 5
+    va, vb = sa**2 / na, sb**2 / nb
+    t = (ma - mb) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
+    res = stats.welch_test(ma, sa, na, mb, sb, nb)
+    assert res.t == pytest.approx(t, rel=1e-12) and res.df == pytest.approx(df, rel=1e-12)
+    assert (t, df) == (pytest.approx(2.37048, abs=1e-5), pytest.approx(5.80824, abs=1e-5))  # by hand
+    assert res.p_value == pytest.approx(2 * sps.t.sf(abs(t), df), rel=1e-9)
+
+
+@pytest.mark.parametrize("args", [(71.2, None, 3, 70.1, 0.9, 5), (71.2, 0.4, 1, 70.1, 0.9, 5),
+                                  (71.2, 0.4, 3, 70.1, math.nan, 5)])
+def test_welch_test_nan_without_std_or_runs(args):
+    assert all(math.isnan(x) for x in stats.welch_test(*args))
+
+
+def test_delta_interval_welch_and_constant_paper():
+    ours, paper, paper_std, paper_n = [70.0, 71.0, 72.5], 70.5, 0.8, 5
+    m, s = np.mean(ours), np.std(ours, ddof=1)
+    va, vb = s**2 / 3, paper_std**2 / paper_n
+    df = (va + vb) ** 2 / (va**2 / 2 + vb**2 / (paper_n - 1))
+    half = sps.t.ppf(0.975, df) * math.sqrt(va + vb)
+    d = stats.delta_interval(ours, paper, paper_std, paper_n)
+    assert d.delta == pytest.approx(m - paper, abs=1e-12) and d.df == pytest.approx(df, rel=1e-12)
+    assert d.ci_low == pytest.approx(m - paper - half, abs=1e-9)
+    assert d.ci_high == pytest.approx(m - paper + half, abs=1e-9)
+    # paper number without std: a constant, our t interval shifted (t_{0.975, 2})
+    c = stats.delta_interval(ours, paper)
+    half = T_975_DF2 * s / math.sqrt(3)
+    assert c.ci_low == pytest.approx(m - paper - half, abs=1e-9)
+    assert c.ci_high == pytest.approx(m - paper + half, abs=1e-9)
+    assert c.df == 2
+
+
+def test_delta_interval_one_seed_has_nan_bounds():
+    for d in (stats.delta_interval([71.0], 70.5), stats.delta_interval([71.0], 70.5, 0.8, 5)):
+        assert d.delta == pytest.approx(0.5) and math.isnan(d.ci_low) and math.isnan(d.ci_high)
+
+
+# ------------------------------------------------------------------------------------ over test images
+
+
+def test_accuracy_interval_matches_binomial_interval():
+    correct = np.zeros(10_000, dtype=bool)
+    correct[np.random.default_rng(0).permutation(10_000)[:9_000]] = True
+    res = stats.accuracy_interval(correct, n_boot=1000, seed=0)
+    exact = sps.binomtest(9_000, 10_000).proportion_ci(0.95, method="exact")
+    assert res.value == pytest.approx(90.0)
+    assert abs(res.ci_low - 100 * exact.low) < 0.5 and abs(res.ci_high - 100 * exact.high) < 0.5
+    assert res.ci_low < 90.0 < res.ci_high and res.ci_high - res.ci_low > 0.8  # ±0.59 points expected
+
+
+def test_accuracy_interval_shares_images_across_seeds():
+    a, _ = _planted(n=500)
+    one = stats.accuracy_interval(a, n_boot=200, seed=3)
+    three = stats.accuracy_interval(np.stack([a, a, a]), n_boot=200, seed=3)
+    assert three == pytest.approx(one, abs=1e-9)  # independent resampling per seed would narrow it
+    rows = np.stack([a, np.roll(a, 7)])
+    generic = stats.bootstrap_interval(lambda c: 100 * c.mean(axis=-1).mean(), (rows,), n_boot=200, seed=3)
+    assert stats.accuracy_interval(rows, n_boot=200, seed=3) == pytest.approx(generic, abs=1e-9)
+
+
+def test_bootstrap_is_deterministic():
+    a, b = _planted(n=800)
+    assert stats.accuracy_interval(a, n_boot=300, seed=5) == stats.accuracy_interval(a, n_boot=300, seed=5)
+    assert stats.paired_bootstrap_test(a, b, 300, seed=5) == stats.paired_bootstrap_test(a, b, 300, seed=5)
+    y = np.arange(800) % 4
+    p = b.astype(np.int64) + 2 * (y % 2)
+    first = stats.clustering_interval(y, p, "ami", 50, seed=5)
+    assert first == stats.clustering_interval(y, p, "ami", 50, seed=5)
+    assert stats.accuracy_interval(a, n_boot=300, seed=6) != stats.accuracy_interval(a, n_boot=300, seed=5)
+
+
+def test_paired_test_flags_planted_difference():
+    a, b = _planted()
+    res = stats.paired_bootstrap_test(a, b, n_boot=1000, seed=0)
+    assert res.diff == pytest.approx(-3.0, abs=1e-12)
+    assert res.p_value < 0.05 and res.ci_high < 0
+    seeds = stats.paired_bootstrap_test(np.stack([b, b]), np.stack([a, a]), n_boot=1000, seed=0)
+    assert seeds.diff == pytest.approx(3.0, abs=1e-12) and seeds.p_value < 0.05 and seeds.ci_low > 0
+
+
+def test_paired_test_identical_predictions():
+    a, _ = _planted()
+    res = stats.paired_bootstrap_test(a, a.copy(), n_boot=500, seed=0)
+    assert res.diff == 0.0 and res.p_value == 1.0 and res.ci_low <= 0.0 <= res.ci_high
+
+
+def test_paired_metric_test_agrees_with_accuracy_test():
+    a, b = _planted(n=600)
+    generic = stats.paired_bootstrap_metric_test(lambda c: 100 * c.mean(), (a,), (b,), n_boot=300, seed=2)
+    assert generic == pytest.approx(stats.paired_bootstrap_test(a, b, n_boot=300, seed=2), abs=1e-9)
+
+
+def test_holm_adjustment_hand_numbers():
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_not_significantly_different_from_best():
+    a, b = _planted()  # b is best, a is 3 points worse
+    c = b.copy()
+    wrong, right = np.flatnonzero(~c)[0], np.flatnonzero(c)[0]
+    c[wrong], c[right] = True, False  # same accuracy as b, two images swapped
+    per_method = {"a": np.stack([a, a]), "b": np.stack([b, b]), "c": np.stack([c, c])}
+    for correction in ("holm", "none"):
+        flagged = stats.not_significantly_different_from_best(per_method, n_boot=500, correction=correction)
+        assert flagged == {"b", "c"}
+    # with a metric: clustering NMI of labelings that agree with the classes on a / b / c's correct images
+    y = np.arange(len(a)) % 5
+    labels = {name: (y, np.where(v[0], y, (y + 1) % 5)) for name, v in per_method.items()}
+    nmi = partial(stats.clustering_score, metric="nmi")
+    assert stats.not_significantly_different_from_best(labels, statistic=nmi, n_boot=200) == {"b", "c"}
+
+
+# --------------------------------------------------------------------------------- clustering metrics
+
+
+@pytest.mark.parametrize("classes,clusters,n,seed", [(5, 5, 400, 0), (7, 12, 500, 1), (6, 3, 300, 2),
+                                                      (10, 10, 1000, 3)])
+def test_contingency_metrics_match_sklearn(classes, clusters, n, seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    # half the images follow the class (so scores are far from 0), the rest are random
+    p = np.where(rng.random(n) < 0.5, y % clusters, rng.integers(0, clusters, n))
+    c = stats.contingency(y, p)
+    assert stats.nmi(c) == pytest.approx(normalized_mutual_info_score(y, p), abs=1e-10)
+    assert stats.ami(c) == pytest.approx(adjusted_mutual_info_score(y, p), abs=1e-10)
+    assert stats.ari(c) == pytest.approx(adjusted_rand_score(y, p), abs=1e-10)
+
+
+def test_contingency_metrics_with_empty_cluster_and_pure_random():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 4, 300)
+    p = rng.choice([0, 1, 2, 4, 5], 300)  # cluster 3 empty, independent of y
+    c = stats.contingency(y, p)
+    assert c.shape == (4, 6) and not c[:, 3].any()
+    c = np.concatenate([c, np.zeros((4, 2))], axis=1)  # two more empty clusters
+    for ours, theirs in [(stats.nmi, normalized_mutual_info_score), (stats.ami, adjusted_mutual_info_score),
+                         (stats.ari, adjusted_rand_score)]:
+        assert ours(c) == pytest.approx(theirs(y, p), abs=1e-10)
+    one = np.zeros(300, dtype=np.int64)
+    assert stats.nmi(stats.contingency(y, one)) == normalized_mutual_info_score(y, one) == 0.0
+    assert stats.ami(stats.contingency(y, one)) == adjusted_mutual_info_score(y, one) == 0.0
+    assert stats.ari(stats.contingency(one, one)) == stats.nmi(stats.contingency(one, one)) == 1.0
+
+
+def test_over_clustering_accuracies():
+    y = np.repeat(np.arange(10), 30)
+    p = 3 * y + np.arange(300) % 3  # 30 pure clusters, 3 per class
+    c = stats.contingency(y, p)
+    assert stats.clustering_score(y, p, "acc_many_to_one") == pytest.approx(100.0)
+    assert stats.clustering_score(y, p, "acc") == pytest.approx(100 / 3)
+    assert stats.acc_one_to_one(c) == pytest.approx(1 / 3)
+
+
+def test_hungarian_accuracy_hand_case():
+    y = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    p = np.array([1, 1, 0, 0, 0, 0, 2, 2])  # best matching 0->1, 1->0, 2->2: 2 + 2 + 2 of 8
+    assert stats.clustering_score(y, p, "acc") == pytest.approx(75.0)
+    assert stats.clustering_score(y, p, "acc_many_to_one") == pytest.approx(75.0)  # column maxima 2, 2, 2
+
+
+@pytest.mark.parametrize("metric,score", [("nmi", normalized_mutual_info_score), ("ari", adjusted_rand_score),
+                                          ("ami", adjusted_mutual_info_score)])
+def test_clustering_interval_equals_sklearn_on_resampled_labels(metric, score):
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 6, 400)
+    p = np.where(rng.random(400) < 0.6, y, rng.integers(0, 8, 400))
+    ours = stats.clustering_interval(y, p, metric, n_boot=40, seed=11)
+    theirs = stats.bootstrap_interval(lambda t, q: 100 * score(t, q), (y, p), n_boot=40, seed=11)
+    assert ours == pytest.approx(theirs, abs=1e-8)
+    assert ours.ci_low < ours.value < ours.ci_high
+
+
+def test_clustering_score_averages_seeds():
+    y = np.arange(200) % 4
+    p = np.stack([y, (y + np.arange(200) % 2) % 4])
+    expected = 50 * (1 + normalized_mutual_info_score(y, p[1]))
+    assert stats.clustering_score(y, p, "nmi") == pytest.approx(expected, abs=1e-10)
+
+
+# ------------------------------------------------------------------------------------------------ ranks
+
+
+def _frame(table):
+    rows = [(method, seed, metric, v) for (method, seed, metric), v in table.items()]
+    return pd.DataFrame(rows, columns=["method", "seed", "metric", "value"])
+
+
+def test_average_ranks_hand_table():
+    table = {
+        ("A", 0, "m1"): 90, ("B", 0, "m1"): 80, ("C", 0, "m1"): 80,  # ranks 1, 2.5, 2.5
+        ("A", 0, "m2"): 50, ("B", 0, "m2"): 60, ("C", 0, "m2"): 40,  # ranks 2, 1, 3
+        ("A", 1, "m1"): 85, ("B", 1, "m1"): 88, ("C", 1, "m1"): 70,  # ranks 2, 1, 3
+        ("A", 1, "m2"): 55, ("B", 1, "m2"): 55, ("C", 1, "m2"): 55,  # ranks 2, 2, 2
+        ("A", 0, "other"): 0, ("B", 0, "other"): 1, ("C", 0, "other"): 2,  # not a headline metric
+    }  # fmt: skip
+    out = stats.average_ranks(_frame(table), metrics=["m1", "m2"])
+    # per seed: A 1.5, 2; B 1.75, 1.5; C 2.75, 2.5
+    assert list(out["method"]) == ["B", "A", "C"]
+    assert out["mean_rank"].tolist() == pytest.approx([1.625, 1.75, 2.625])
+    assert out["std_rank"].tolist() == pytest.approx([0.25, 0.5, 0.25] / np.sqrt(2))
+    assert out["min_rank"].tolist() == [1.5, 1.5, 2.5] and out["max_rank"].tolist() == [1.75, 2.0, 2.75]
+    assert out["n_seeds"].tolist() == [2, 2, 2]
+
+
+def test_average_ranks_skips_missing_cells_for_everyone():
+    table = {
+        ("A", 0, "m1"): 90, ("B", 0, "m1"): 80,
+        ("A", 0, "m2"): 50, ("B", 0, "m2"): 60,
+        ("A", 1, "m1"): 70,  # B lacks seed 1: dropped for both
+        ("A", 2, "m1"): 10, ("B", 2, "m1"): 20, ("A", 2, "m2"): 99,  # B lacks m2 in seed 2: only m1 counts
+    }  # fmt: skip
+    out = stats.average_ranks(_frame(table)).set_index("method")
+    assert out.loc["A", "mean_rank"] == pytest.approx((1.5 + 2) / 2)
+    assert out.loc["B", "mean_rank"] == pytest.approx((1.5 + 1) / 2)
+    assert out["n_seeds"].tolist() == [2, 2]
+    single = stats.average_ranks(_frame({k: v for k, v in table.items() if k[1] == 0}))
+    assert single["std_rank"].isna().all() and single["n_seeds"].tolist() == [1, 1]
