@@ -7,10 +7,8 @@ import logging
 import os
 import sys
 import time
-import warnings
 
-import yaml
-
+from benchmarks.cli_common import deep_update, default_data_root, import_modules, parse_set, quiet_libraries
 from benchmarks.errors import BenchmarkError, ConfigError
 
 EPILOG = """examples:
@@ -21,38 +19,6 @@ EPILOG = """examples:
   python -m benchmarks evaluate --checkpoint runs/digits/simclr_e40_s0/model.pt --protocols knn clustering
   python -m benchmarks list
 """
-
-
-def _parse_set(items: list[str]) -> dict:
-    """--set a.b=c pairs -> nested dict (values parsed as YAML: numbers, lists, booleans)."""
-    overrides: dict = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.batch_size=128")
-        key, raw = item.split("=", 1)
-        node = overrides
-        parts = key.split(".")
-        if not all(parts):
-            raise ConfigError(f"--set {item!r}: empty key part in {key!r}; use dotted keys, e.g. optimizer.lr=0.1")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is set to a value earlier, it cannot also hold keys")
-        try:
-            node[parts[-1]] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc.problem or exc}); quote "
-                              "strings and write lists as [a, b]") from None
-    return overrides
-
-
-def _deep_update(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
@@ -88,6 +54,9 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--devices", help="number of devices, or 'auto'")
     run.add_argument("--precision", help="32, bf16-mixed, 16-mixed or auto (bf16 on GPU)")
     run.add_argument("--protocols", nargs="+", help="evaluation protocols (default: the suite's)")
+    run.add_argument("--logger", choices=["csv", "tensorboard", "wandb", "mlflow"],
+                     help="experiment tracker beside the step CSV log (default: the suite's train.logger, csv); "
+                     "wandb runs offline, mlflow writes to <run dir>/mlruns unless MLFLOW_TRACKING_URI is set")
     run.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                      help="override any suite key, e.g. --set train.batch_size=128 methods.simclr.temperature=0.5")
     run.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
@@ -96,8 +65,18 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--report-dir", default=None, help="where the report goes (default: reports/generated)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    lst = sub.add_parser("list", help="list registered methods, suites and datasets")
+    lst = sub.add_parser("list", help="list registered methods, suites (with their methods) and datasets")
     lst.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
+
+    cfg = sub.add_parser("config", help="print a suite's resolved config (YAML) or the suite-file JSON schema",
+                         description="Resolve a suite file plus --set overrides exactly as `run` does and print "
+                         "the result as YAML (every default filled in), or one method's resolved settings "
+                         "(--method), or the JSON schema of a suite file for editors (--schema).")
+    cfg.add_argument("--suite", help="suite name or YAML path")
+    cfg.add_argument("--method", help="print this method's (or variant's) resolved settings instead")
+    cfg.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides, as for run")
+    cfg.add_argument("--schema", action="store_true", help="print the JSON schema of a suite file")
+    cfg.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
 
     if with_evaluate:
         try:
@@ -109,76 +88,43 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     return parser
 
 
-def _quiet_libraries(verbose: bool) -> None:
-    if verbose:
-        return
-    import pytorch_lightning  # noqa: F401  (sets its loggers' levels on import; override after)
-
-    os.environ.setdefault("LITLOGGER_DISABLE_TIP", "1")
-    for name in ("pytorch_lightning", "lightning", "lightning.pytorch", "lightning_fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="pytorch_lightning")
-    warnings.filterwarnings("ignore", category=UserWarning, module="lightning_fabric")
-
-
 def cmd_run(args) -> int:
-    # Order: what needs only the config and the dataset files first (a bad key or a missing dataset is
-    # reported within seconds, before Lightning, the methods and the evaluation libraries load), then
-    # names and hyperparameters, then the checks that need both; only then any training.
+    # Order: the config (a bad key is reported within seconds, before Lightning and the evaluation
+    # libraries load) and the dataset files, then names and hyperparameters, then the checks that
+    # need both; only then any training.
+    import_modules(args.imports)
     from benchmarks.config import load_suite
     from benchmarks.suite_data import load_suite_data
 
-    overrides = _parse_set(args.set)
-    cli = {"train": {}}
-    if args.epochs is not None:
-        cli["train"]["epochs"] = args.epochs
-    if args.batch_size is not None:
-        cli["train"]["batch_size"] = args.batch_size
-    if args.seeds:
-        cli["train"]["seeds"] = args.seeds
-    if args.accelerator:
-        cli["train"]["accelerator"] = args.accelerator
-    if args.devices:
-        if not (args.devices.isdigit() or args.devices in ("auto", "-1")):
-            raise ConfigError(f"--devices: expected a number of devices or 'auto', got {args.devices!r}")
-        cli["train"]["devices"] = int(args.devices) if args.devices.isdigit() else args.devices
-    if args.precision:
-        cli["train"]["precision"] = args.precision
-    if args.protocols:
-        cli["evaluation"] = {"protocols": args.protocols}
-    config = load_suite(args.suite, _deep_update(overrides, cli))
-    methods = args.methods or config["methods_to_run"]
+    config = load_suite(args.suite, deep_update(parse_set(args.set), cli_overrides(args)))
+    methods = args.methods or config.methods_to_run
     if not methods:
         raise ConfigError("--methods: none given and the suite has no methods_to_run")
     if not args.no_references:
-        methods = list(methods) + [r for r in config["references"] if r not in methods]
-    data_root = args.data_root or os.environ.get("SSL_BENCH_DATA") or "data"
+        methods = list(methods) + [r for r in config.references if r not in methods]
+    data_root = default_data_root(args.data_root)
+    from benchmarks.runner import check_method_settings
+
+    check_method_settings(config, methods)
     data = load_suite_data(config, data_root, args.download)
 
-    _quiet_libraries(args.verbose)
+    quiet_libraries(args.verbose)
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    from benchmarks.runner import check_method_settings, preflight, run_one
-    from methods import import_plugins_from_env, import_user_module
+    from benchmarks.runner import preflight, run_one
 
     # DDP ranks > 0 (Lightning reruns this command for them) train along but stay silent and write nothing
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     say = print if rank_zero else (lambda *args, **kwargs: None)
 
-    import_plugins_from_env()
-    for spec in args.imports:
-        import_user_module(spec)
-    check_method_settings(config, methods)
     preflight(config, methods, data)
-    seeds = config["train"]["seeds"]
+    seeds = config.train.seeds
     started = time.perf_counter()
     rows = []
     for seed in seeds:
         for name in methods:
             t0 = time.perf_counter()
-            say(f"[{config['name']}] {name} seed {seed}: pretraining {config['train']['epochs']} epochs ...",
+            say(f"[{config.name}] {name} seed {seed}: pretraining {config.method(name).epochs} epochs ...",
                 flush=True)
             record = run_one(config, name, seed, args.out, args.work_dir, data=data, data_root=data_root,
                              force=args.force, restart=args.restart, progress=not args.no_progress)
@@ -190,8 +136,8 @@ def cmd_run(args) -> int:
                 summary += f", kNN(k=20) top-1 {knn:.1f}%"
             if nmi is not None:
                 summary += f", NMI {nmi:.1f}"
-            say(f"[{config['name']}] {name} seed {seed}: {summary} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    say(f"{len(rows)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config['name']}/")
+            say(f"[{config.name}] {name} seed {seed}: {summary} ({time.perf_counter() - t0:.1f} s)", flush=True)
+    say(f"{len(rows)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config.name}/")
     if not args.no_report and rank_zero:
         try:
             from reports.build import build_report
@@ -204,18 +150,67 @@ def cmd_run(args) -> int:
     return 0
 
 
-def cmd_list(args) -> int:
-    from benchmarks.config import available_suites
-    from benchmarks.data import available_datasets
-    from methods import available_methods, get_method, import_user_module
+def cli_overrides(args) -> dict:
+    """The dedicated flags of `run` as suite overrides (they win over --set)."""
+    train: dict = {}
+    if args.epochs is not None:
+        train["epochs"] = args.epochs
+    if args.batch_size is not None:
+        train["batch_size"] = args.batch_size
+    if args.seeds:
+        train["seeds"] = args.seeds
+    if args.accelerator:
+        train["accelerator"] = args.accelerator
+    if args.devices:
+        if not (args.devices.isdigit() or args.devices in ("auto", "-1")):
+            raise ConfigError(f"--devices: expected a number of devices or 'auto', got {args.devices!r}")
+        train["devices"] = int(args.devices) if args.devices.lstrip("-").isdigit() else args.devices
+    if args.precision:
+        train["precision"] = args.precision
+    if args.logger:
+        train["logger"] = args.logger
+    overrides: dict = {"train": train} if train else {}
+    if args.protocols:
+        overrides["evaluation"] = {"protocols": args.protocols}
+    return overrides
 
-    for spec in args.imports:
-        import_user_module(spec)
+
+def cmd_config(args) -> int:
+    """Print the resolved config of a suite (YAML), or the JSON schema of a suite file."""
+    import json
+
+    import yaml
+
+    import_modules(args.imports)
+    from benchmarks.config import json_schema, load_suite
+
+    if args.schema:
+        print(json.dumps(json_schema(), indent=2, sort_keys=True))
+        return 0
+    if not args.suite:
+        raise ConfigError("--suite: needed (a suite name or YAML file), unless --schema is given")
+    config = load_suite(args.suite, parse_set(args.set))
+    dump = config.canonical()
+    if args.method:
+        dump = config.method(args.method).model_dump(mode="json")
+    print(yaml.safe_dump(dump, sort_keys=False, default_flow_style=None, width=110), end="")
+    return 0
+
+
+def cmd_list(args) -> int:
+    from benchmarks.config import available_suites, load_suite
+    from benchmarks.data import available_datasets
+    from methods import available_methods, get_method
+
+    import_modules(args.imports)
     print("methods:")
     for name in available_methods():
         cls = get_method(name)
         print(f"  {name:16s} {cls.display_name}{'  (reference row)' if cls.is_reference else ''}")
-    print("suites:   " + ", ".join(available_suites()))
+    print("suites (methods and named variants they run by default):")
+    for suite in available_suites():
+        config = load_suite(suite)
+        print(f"  {suite:12s} {', '.join(config.methods_to_run)}")
     print("datasets: " + ", ".join(available_datasets()))
     return 0
 
@@ -224,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `list` do not need the evaluate command's parser (and its imports: a slow start)
-    parser = build_parser(with_evaluate=command not in ("run", "list"))
+    parser = build_parser(with_evaluate=command not in ("run", "list", "config"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command != "run":  # cmd_run quiets them once it imports them
-        _quiet_libraries(args.verbose)
-    handlers = {"run": cmd_run, "list": cmd_list}
+        quiet_libraries(args.verbose)
+    handlers = {"run": cmd_run, "list": cmd_list, "config": cmd_config}
     if args.command == "evaluate":
         from benchmarks.evaluate_cli import cmd_evaluate
 

@@ -1,133 +1,327 @@
-"""Suite configs: YAML files holding the shared protocol and per-method hyperparameters.
+"""Suite configs: a YAML file plus `--set` overrides, validated once into one typed `SuiteConfig`.
 
-A suite file is merged over `SUITE_DEFAULTS`; the defaults double as the schema:
-a key that is not in them is an error naming the key and the allowed ones, and a
-value must have the default's type. Method sections are checked against each
-method's own `default_hparams` (plus an optional `optimizer` override).
+One pydantic model per section (`dataset`, `train`, `optimizer`, `augment`, `evaluation` and each
+protocol's settings, `launcher`); every method declares its hyperparameters as a model in its own
+file (`SSLMethod.Hparams`). `load_suite` merges the overrides into the file's mapping, validates
+the whole tree (unknown keys, types and ranges, with the dotted key in the error), then checks
+what spans sections: loader options against the loader, normalisation against in_channels, every
+`methods:` section against its method's model. Code reads attributes (`config.train.batch_size`).
+
+Methods and named variants: `methods: {self_classifier: {...}, self_classifier/reimpl: {...}}`
+configures the method `self_classifier` twice; the part before `/` is the registry name. A
+section holds the method's hyperparameters plus optional overrides of the suite's `optimizer`,
+`augment` (the method's own views, where its paper requires them) and `train` (`batch_size`,
+`epochs`). `config.method(name)` returns the resolved settings (`MethodConfig`).
+
+The canonical dump (`canonical`) is what run records store, and what run fingerprints hash.
 """
 
 from __future__ import annotations
 
 import copy
-import math
+import hashlib
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import yaml
+from pydantic import Field, PrivateAttr, SerializeAsAny, field_validator
 
-from benchmarks.errors import ConfigError
+from benchmarks.augment import ViewSpec
+from benchmarks.errors import ConfigError, UnknownMethodError
+from benchmarks.evaluation.settings import EvaluationConfig
+from ssl_common.typed import MethodHparams, OptimizerConfig, StrictModel, load_yaml, validate
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-# Any value may be None where the default is None ("not set"): such keys accept any type.
-SUITE_DEFAULTS: dict[str, Any] = {
-    "name": "",
-    "description": "",
-    "dataset": {
-        "name": "",
-        "display_name": None,  # name in tables; default from the loader
-        "pretrain_split": "train",  # images used for self-supervised pretraining
-        "train_split": "train",  # labelled split: kNN bank, linear/semi training
-        "test_split": "test",
-        "options": {},  # passed to the loader (e.g. image_size for imagefolder)
-    },
-    "backbone": "resnet18_cifar",
-    "in_channels": 3,
-    "image_size": 32,
-    "num_classes": 10,
-    "methods_to_run": [],  # default --methods
-    "references": ["random_init", "supervised"],
-    "train": {
-        "epochs": 200,
-        "batch_size": 256,
-        "seeds": [0, 1, 2],
-        "accelerator": "auto",  # auto | cpu | gpu
-        "devices": "auto",  # auto | N
-        "strategy": "auto",  # auto | ddp | ddp_spawn ...
-        "num_nodes": 1,
-        "precision": "auto",  # auto (bf16-mixed on GPU, 32 on CPU) | 32 | bf16-mixed | 16-mixed
-        "num_workers": 0,  # DataLoader workers (ImageFolder data); in-memory data needs none
-        "channels_last": "auto",  # auto = on for GPU
-        "compile": False,  # torch.compile the backbone
-        "deterministic": True,  # torch deterministic algorithms (CPU runs are bitwise reproducible)
-        "online_knn_every": 1,  # epochs between online kNN monitor evaluations (0 = off)
-        "online_knn_max_bank": 10000,  # cap on the bank size of the online monitor
-        "log_every_n_steps": 10,
-        "tensorboard": False,
-    },
-    "optimizer": {
-        "name": "sgd",  # sgd | lars | adamw
-        "lr": 0.03,
-        "momentum": 0.9,
-        "weight_decay": 5e-4,
-        "warmup_epochs": 0,
-        "final_lr_fraction": 0.001,  # cosine decay from lr to lr * this (dissertation: 0.6 -> 0.0006)
-        "lr_scale_batch": 0,  # if > 0: lr *= batch_size / lr_scale_batch
-    },
-    "augment": {
-        "normalization": {"mean": [0.5], "std": [0.5]},
-        "views": [{"size": 32, "count": 2}],
-    },
-    "evaluation": {},  # validated by benchmarks.evaluation (its own defaults)
-    "methods": {},  # method name -> hyperparameters (+ optional "optimizer" overrides)
-}
-
-OPTIMIZERS = ("sgd", "lars", "adamw")
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
+RESERVED_METHOD_KEYS = ("optimizer", "augment", "train")
 
 
-def _kind_ok(default: Any, value: Any) -> bool:
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    if isinstance(default, str) and default == "auto":
-        return isinstance(value, (str, int))
-    return isinstance(value, type(default))
+class DatasetConfig(StrictModel):
+    name: str = ""
+    display_name: str | None = None  # name in tables; default from the loader
+    pretrain_split: str = "train"  # images used for self-supervised pretraining
+    train_split: str = "train"  # labelled split: kNN bank, linear/semi training
+    test_split: str = "test"
+    options: dict[str, Any] = Field(default_factory=dict)  # the loader's options (checked against the loader)
 
 
-# Sections whose keys are checked by their own schema later, not against the suite file: method
-# hyperparameters (each method's default_hparams), evaluation (benchmarks.evaluation's defaults) and
-# loader options (the loader's signature). Overrides merge into them key by key.
-FREE_FORM = ("methods", "evaluation", "dataset.options")
+class TrainConfig(StrictModel):
+    epochs: int = 200
+    batch_size: int = 256
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    devices: Any = "auto"  # auto | N (| -1: all)
+    strategy: str = "auto"  # auto | ddp | ddp_spawn ...
+    num_nodes: int = 1
+    precision: Any = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) | 32 | bf16-mixed | 16-mixed
+    num_workers: int = 0  # DataLoader workers (ImageFolder data); in-memory data needs none
+    channels_last: Any = "auto"  # auto = on for GPU | true | false
+    compile: bool = False  # torch.compile the backbone
+    deterministic: bool = True  # torch deterministic algorithms (CPU runs are bitwise reproducible)
+    online_knn_every: int = 1  # epochs between online kNN monitor evaluations (0 = off)
+    online_knn_max_bank: int = 10000  # cap on the bank size of the online monitor
+    log_every_n_steps: int = 10
+    logger: Literal["csv", "tensorboard", "wandb", "mlflow"] = "csv"  # extra tracker beside the CSV log
+
+    @field_validator("epochs")
+    @classmethod
+    def _epochs(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return value
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int) -> int:
+        if value < 2:
+            raise ValueError(f"must be >= 2 (self-supervised losses need pairs), got {value}")
+        return value
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, value):
+        if not isinstance(value, list) or not value or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value):
+            raise ValueError(f"must be a non-empty list of non-negative integers, got {value}")
+        return value
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and (value >= 1 or value == -1)):
+            return value
+        raise ValueError(f"expected a number of devices (>= 1, or -1 for all) or 'auto', got {value!r}")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, value):
+        text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        if text not in PRECISIONS:
+            raise ValueError(f"got {value!r}; allowed: {', '.join(PRECISIONS)}")
+        return text
+
+    @field_validator("channels_last", mode="before")
+    @classmethod
+    def _channels_last(cls, value):
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"expected true, false or 'auto', got {value!r}")
+
+    @field_validator("num_nodes", "log_every_n_steps")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    @field_validator("num_workers", "online_knn_every", "online_knn_max_bank")
+    @classmethod
+    def _non_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be >= 0, got {value}")
+        return value
 
 
-def _merge_free(base: dict, extra: dict, path: str) -> dict:
+# train.* keys that do not change what is trained (so they may differ between a run and its resume)
+NON_TRAINING_KEYS = ("seeds", "num_workers", "log_every_n_steps", "logger", "online_knn_every",
+                     "online_knn_max_bank")
+
+
+class NormalizationConfig(StrictModel):
+    mean: list[float] = Field(default_factory=lambda: [0.5])
+    std: list[float] = Field(default_factory=lambda: [0.5])
+
+    @field_validator("std")
+    @classmethod
+    def _std(cls, value: list[float]) -> list[float]:
+        if any(s <= 0 for s in value):
+            raise ValueError("values must be > 0")
+        return value
+
+
+class AugmentConfig(StrictModel):
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    views: list[ViewSpec] = Field(default_factory=lambda: [ViewSpec(size=32, count=2)])
+
+    @field_validator("views")
+    @classmethod
+    def _views(cls, value: list[ViewSpec]) -> list[ViewSpec]:
+        if not value:
+            raise ValueError("at least one view spec is needed")
+        return value
+
+
+class SlurmConfig(StrictModel):
+    """submitit's SLURM parameters (`--launcher slurm`)."""
+
+    partition: str | None = None
+    time_min: int = 24 * 60
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem_gb: int = 32
+    account: str | None = None
+    array_parallelism: int = 64
+    extra: dict[str, Any] = Field(default_factory=dict)  # further submitit `slurm_*` parameters
+
+
+class LauncherConfig(StrictModel):
+    """How the runs of a command are executed: one after another (`none`), N local worker processes
+    (`local`), or a SLURM job array through submitit (`slurm`)."""
+
+    name: Literal["none", "local", "slurm"] = "none"
+    jobs: int = 1
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @field_validator("jobs")
+    @classmethod
+    def _jobs(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+
+class TrainOverride(StrictModel):
+    """What a method section may change of the suite's `train` section (its paper's batch and budget)."""
+
+    batch_size: int | None = None
+    epochs: int | None = None
+
+
+class MethodConfig(StrictModel):
+    """The resolved settings of one method or named variant, as it is trained and recorded."""
+
+    name: str  # registry name, or `<registry name>/<variant>`
+    method: str  # registry name
+    variant: str | None = None
+    version: int = 1  # the method's code version (SSLMethod.version): part of the run fingerprint
+    hparams: SerializeAsAny[MethodHparams]
+    optimizer: OptimizerConfig
+    augment: AugmentConfig
+    batch_size: int
+    epochs: int
+
+
+class SuiteConfig(StrictModel):
+    name: str = ""
+    description: str = ""
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    backbone: str = "resnet18_cifar"
+    in_channels: int = 3
+    image_size: int = 32
+    num_classes: int = 10
+    methods_to_run: list[str] = Field(default_factory=list)  # default --methods
+    references: list[str] = Field(default_factory=lambda: ["random_init", "supervised"])
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    launcher: LauncherConfig = Field(default_factory=LauncherConfig)
+    # method or `method/variant` -> hyperparameters (+ optional optimizer / augment / train overrides)
+    methods: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    _source: str | None = PrivateAttr(default=None)
+    _resolved: dict[str, MethodConfig] = PrivateAttr(default_factory=dict)
+
+    @field_validator("in_channels", "image_size", "num_classes")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be >= 1, got {value}")
+        return value
+
+    def __eq__(self, other) -> bool:
+        """Equal settings (the suite file it came from and the resolved-method cache do not count)."""
+        return isinstance(other, SuiteConfig) and self.canonical() == other.canonical()
+
+    __hash__ = None
+
+    @property
+    def source(self) -> str | None:
+        """The suite file this config was read from."""
+        return self._source
+
+    def canonical(self) -> dict:
+        """The JSON-ready dump records store (the resolved settings, every default filled in)."""
+        return self.model_dump(mode="json")
+
+    def method(self, name: str) -> MethodConfig:
+        """The resolved settings of method `name` (a registry name or a `method/variant` of `methods:`)."""
+        if name not in self._resolved:
+            self._resolved[name] = resolve_method(self, name)
+        return self._resolved[name]
+
+    def method_names(self) -> list[str]:
+        """Every method and variant this suite configures or runs by default."""
+        return sorted(set(self.methods_to_run) | set(self.methods))
+
+
+def base_method(name: str) -> tuple[str, str | None]:
+    """`self_classifier/reimpl` -> (`self_classifier`, `reimpl`); `simclr` -> (`simclr`, None)."""
+    method, sep, variant = name.partition("/")
+    return method, (variant if sep else None)
+
+
+def _check_variant_name(name: str) -> None:
+    method, variant = base_method(name)
+    ok = bool(method) and method.replace("_", "").isalnum()
+    if variant is not None:
+        ok = ok and bool(variant) and variant.replace("_", "").replace("-", "").replace(".", "").isalnum()
+    if not ok:
+        raise ConfigError(f"methods.{name}: a method is named `<registry name>` or `<registry name>/<variant>` "
+                          "(letters, digits, '_'; the variant also '-' and '.')")
+
+
+def resolve_method(config: SuiteConfig, name: str) -> MethodConfig:
+    """Validate the `methods.<name>` section against its method's model and merge it over the suite's."""
+    from methods import get_method
+
+    _check_variant_name(name)
+    registry_name, variant = base_method(name)
+    section = config.methods.get(name)
+    if section is None and variant is not None:
+        raise UnknownMethodError(f"unknown method variant '{name}': the suite has no `methods: {{{name}: ...}}` "
+                                 f"section; configured: {', '.join(sorted(config.methods)) or '(none)'}")
+    cls = get_method(registry_name)
+    section = dict(section or {})
+    where = f"methods.{name}"
+    optimizer = section.pop("optimizer", None)
+    augment = section.pop("augment", None)
+    train = validate(TrainOverride, section.pop("train", None), f"{where}.train")
+    hparams = cls.resolve_hparams(section, where)
+    optimizer = merge_optimizer(config.optimizer, optimizer, f"{where}.optimizer")
+    augment_cfg = config.augment if augment is None else validate(
+        AugmentConfig, _deep_merge(config.augment.model_dump(mode="json"), _mapping(augment, f"{where}.augment")),
+        f"{where}.augment")
+    _check_normalization(augment_cfg, config.in_channels, f"{where}.augment")
+    epochs = config.train.epochs if train.epochs is None else train.epochs
+    batch_size = config.train.batch_size if train.batch_size is None else train.batch_size
+    validate(TrainConfig, {"epochs": epochs, "batch_size": batch_size}, f"{where}.train")
+    return MethodConfig(name=name, method=registry_name, variant=variant, version=cls.version, hparams=hparams,
+                        optimizer=optimizer, augment=augment_cfg, batch_size=batch_size, epochs=epochs)
+
+
+def merge_optimizer(base: OptimizerConfig, override: dict | None, where: str) -> OptimizerConfig:
+    """`base` with the keys of `override` replaced, validated (errors name `where`.<key>)."""
+    if override is None:
+        return base
+    return validate(OptimizerConfig, {**base.model_dump(), **_mapping(override, where)}, where)
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    """`extra` merged into a copy of `base` key by key (mappings merge, everything else is replaced)."""
     result = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(result.get(key), dict):
-            result[key] = _merge_free(result[key], value, f"{path}.{key}")
+            result[key] = _deep_merge(result[key], value)
         else:
             result[key] = copy.deepcopy(value)
-    return result
-
-
-def merge_checked(defaults: dict, given: dict | None, path: str = "") -> dict:
-    """Deep-merge `given` over `defaults`, refusing unknown keys and wrong types."""
-    result = copy.deepcopy(defaults)
-    if given is None:
-        return result
-    if not isinstance(given, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(given).__name__}")
-    for key, value in given.items():
-        where = f"{path}.{key}" if path else str(key)
-        if key not in defaults:
-            allowed = ", ".join(sorted(map(str, defaults))) or "(none)"
-            raise ConfigError(f"{where}: unknown key; allowed: {allowed}")
-        default = defaults[key]
-        if where in FREE_FORM:
-            if value is not None and not isinstance(value, dict):
-                raise ConfigError(f"{where}: expected a mapping, got {value!r} ({type(value).__name__})")
-            result[key] = _merge_free(default or {}, value or {}, where)
-            continue
-        if isinstance(default, dict) and default and isinstance(value, dict):
-            result[key] = merge_checked(default, value, where)
-        elif not _kind_ok(default, value):
-            raise ConfigError(f"{where}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})")
-        else:
-            result[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value
     return result
 
 
@@ -148,78 +342,102 @@ def suite_path(suite: str) -> Path:
     return candidate
 
 
-def load_suite(suite: str, overrides: dict | None = None) -> dict:
-    """Load, merge and validate a suite config. `overrides` uses the same nesting."""
-    path = suite_path(suite)
+def read_suite_file(path: Path) -> dict:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
+        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc})") from exc
+    except Exception as exc:  # yaml.YAMLError and its subclasses
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    config = merge_checked(SUITE_DEFAULTS, raw)
-    if overrides:
-        config = merge_checked(config, overrides)
-    if not config["name"]:
-        config["name"] = path.stem
-    config["_source"] = str(path)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a suite file is a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_suite(suite: str, overrides: dict | None = None) -> SuiteConfig:
+    """Read the suite file, merge `overrides` (the same nesting) into it and validate everything once."""
+    path = suite_path(suite)
+    raw = _deep_merge(read_suite_file(path), overrides or {})
+    raw.setdefault("name", raw.get("name") or path.stem)
+    if not raw["name"]:
+        raw["name"] = path.stem
+    config = config_from_dict(raw)
+    config._source = str(path)
+    return config
+
+
+def config_from_dict(raw: dict) -> SuiteConfig:
+    """Validate a suite mapping (a YAML file's, or a record's `config`) into a SuiteConfig."""
+    config = validate(SuiteConfig, raw)
     check_suite(config)
     return config
 
 
-def check_suite(config: dict) -> None:
-    """Range checks the type-based merge cannot express."""
-    train, opt = config["train"], config["optimizer"]
-    if not config["dataset"]["name"]:
-        raise ConfigError("dataset.name: missing; name one of the loaders (see benchmarks.data)")
-    if train["epochs"] < 0:
-        raise ConfigError(f"train.epochs: must be >= 0, got {train['epochs']}")
-    if train["batch_size"] < 2:
-        raise ConfigError(f"train.batch_size: must be >= 2 (self-supervised losses need pairs), got {train['batch_size']}")
-    if not train["seeds"] or not all(isinstance(s, int) and s >= 0 for s in train["seeds"]):
-        raise ConfigError(f"train.seeds: must be a non-empty list of non-negative integers, got {train['seeds']}")
-    if str(train["precision"]) not in PRECISIONS:
-        raise ConfigError(f"train.precision: got {train['precision']!r}; allowed: {', '.join(PRECISIONS)}")
-    check_optimizer(opt, "optimizer")
-    norm = config["augment"]["normalization"]
+def _check_normalization(augment: AugmentConfig, in_channels: int, where: str) -> None:
     for key in ("mean", "std"):
-        if len(norm[key]) != config["in_channels"]:
-            raise ConfigError(f"augment.normalization.{key}: needs {config['in_channels']} values "
-                              f"(in_channels), got {len(norm[key])}")
-    if any(s <= 0 for s in norm["std"]):
-        raise ConfigError("augment.normalization.std: values must be > 0")
-    if not config["augment"]["views"]:
-        raise ConfigError("augment.views: at least one view spec is needed")
-    from benchmarks.augment import ViewSpec
-
-    allowed = set(ViewSpec.__dataclass_fields__)
-    for i, view in enumerate(config["augment"]["views"]):
-        unknown = set(view) - allowed
-        if unknown:
-            raise ConfigError(f"augment.views[{i}].{sorted(unknown)[0]}: unknown key; allowed: {', '.join(sorted(allowed))}")
-        if "size" not in view:
-            raise ConfigError(f"augment.views[{i}].size: missing")
-        scale = view.get("scale", (0.2, 1.0))
-        if not (0 < scale[0] <= scale[1] <= 1):
-            raise ConfigError(f"augment.views[{i}].scale: needs 0 < low <= high <= 1, got {scale}")
+        values = getattr(augment.normalization, key)
+        if len(values) != in_channels:
+            raise ConfigError(f"{where}.normalization.{key}: needs {in_channels} values (in_channels), "
+                              f"got {len(values)}")
 
 
-def check_optimizer(opt: dict, where: str) -> None:
-    if opt["name"] not in OPTIMIZERS:
-        raise ConfigError(f"{where}.name: got {opt['name']!r}; allowed: {', '.join(OPTIMIZERS)}")
-    if not (opt["lr"] > 0 and math.isfinite(opt["lr"])):
-        raise ConfigError(f"{where}.lr: must be a positive number, got {opt['lr']}")
-    if opt["weight_decay"] < 0:
-        raise ConfigError(f"{where}.weight_decay: must be >= 0, got {opt['weight_decay']}")
-    if not 0 <= opt["momentum"] < 1:
-        raise ConfigError(f"{where}.momentum: must be in [0, 1), got {opt['momentum']}")
+def check_suite(config: SuiteConfig) -> None:
+    """What spans sections: the dataset and its options, the backbone, normalisation, every method section."""
+    from benchmarks.backbones import BACKBONES
+    from benchmarks.data import check_loader_options
+
+    if not config.dataset.name:
+        raise ConfigError("dataset.name: missing; name one of the loaders (see `python -m benchmarks list`)")
+    check_loader_options(config.dataset.name, config.dataset.options,
+                         [config.dataset.pretrain_split, config.dataset.train_split, config.dataset.test_split])
+    if config.backbone not in BACKBONES:
+        raise ConfigError(f"backbone: unknown backbone '{config.backbone}'; allowed: {', '.join(sorted(BACKBONES))}")
+    _check_normalization(config.augment, config.in_channels, "augment")
+    from methods import available_methods
+
+    for name in config.methods:
+        registry_name, _ = base_method(name)
+        if registry_name not in available_methods():
+            raise UnknownMethodError(f"methods.{name}: no method is registered under this name (the suite's "
+                                     f"`methods` section configures registered methods; available: "
+                                     f"{', '.join(available_methods())}). Fix the name, or import the module that "
+                                     "registers it with --import MODULE_OR_FILE")
+        if not isinstance(config.methods[name], dict):
+            raise ConfigError(f"methods.{name}: expected a mapping of hyperparameters, got {config.methods[name]!r}")
+        config.method(name)
 
 
-def method_settings(config: dict, method: str) -> tuple[dict, dict]:
-    """(hyperparameters, optimizer) for `method` in this suite; the optimizer merges over the suite's."""
-    section = config["methods"].get(method) or {}
-    if not isinstance(section, dict):
-        raise ConfigError(f"methods.{method}: expected a mapping of hyperparameters, got {section!r}")
-    section = dict(section)
-    opt_override = section.pop("optimizer", None)
-    optimizer = merge_checked(config["optimizer"], opt_override, f"methods.{method}.optimizer")
-    check_optimizer(optimizer, f"methods.{method}.optimizer")
-    return section, optimizer
+# ----------------------------------------------------------------------------- fingerprints
+
+def fingerprint(payload: Any) -> str:
+    """12 hex digits of the SHA-256 of the canonical JSON of `payload` (sorted keys, no whitespace)."""
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def training_payload(config: SuiteConfig, method: MethodConfig, seed: int) -> dict:
+    """Everything that decides the trained weights: data, backbone, views, schedule, method, seed.
+
+    Evaluation settings, other methods' sections, the seed list, the launcher and logging options are
+    left out, so changing them neither retrains nor stops a run from resuming."""
+    dataset = config.dataset.model_dump(mode="json", exclude={"display_name"})
+    train = config.train.model_dump(mode="json", exclude=set(NON_TRAINING_KEYS) | {"epochs", "batch_size"})
+    return {"suite": config.name, "dataset": dataset, "backbone": config.backbone, "in_channels": config.in_channels,
+            "image_size": config.image_size, "num_classes": config.num_classes, "train": train,
+            "method": method.model_dump(mode="json"), "seed": int(seed)}
+
+
+def training_fingerprint(config: SuiteConfig, method: MethodConfig, seed: int) -> str:
+    return fingerprint(training_payload(config, method, seed))
+
+
+def evaluation_fingerprint(config: SuiteConfig) -> str:
+    return fingerprint(config.evaluation.model_dump(mode="json"))
+
+
+def json_schema() -> dict:
+    """The JSON schema of a suite file, for editors (method sections are free-form mappings here: each
+    method's own model is printed by `python -m benchmarks config --method NAME`)."""
+    schema = SuiteConfig.model_json_schema()
+    schema["title"] = "ssl-cluster-bench suite file"
+    return schema

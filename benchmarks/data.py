@@ -105,12 +105,49 @@ LOADERS: dict[str, Callable[..., ImageDataset]] = {}
 SPLITS: dict[str, tuple[str, ...]] = {}
 
 
+# name -> typed model of the loader's options (`dataset.options` in a suite)
+OPTIONS: dict[str, type] = {}
+
+
+def _options_model(name: str, fn: Callable) -> type:
+    """A strict pydantic model of the loader's keyword options, made from its signature (split, root and
+    download are the loader protocol's own arguments, not options)."""
+    import inspect
+    import typing
+
+    from pydantic import create_model
+
+    from ssl_common.typed import StrictModel
+
+    hints = typing.get_type_hints(fn)
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    fields = {p.name: (hints.get(p.name, typing.Any), p.default) for p in inspect.signature(fn).parameters.values()
+              if p.name not in ("split", "root", "download") and p.kind in kinds}
+    return create_model(f"{name}_options", __base__=StrictModel, **fields)
+
+
 def register_loader(name: str, splits: tuple[str, ...]):
     def decorator(fn):
         LOADERS[name] = fn
         SPLITS[name] = splits
+        OPTIONS[name] = _options_model(name, fn)
         return fn
     return decorator
+
+
+def check_loader_options(name: str, options: dict, splits: list[str]) -> None:
+    """Before any loading: the dataset exists, has these splits, and takes these options (names and types)."""
+    from ssl_common.typed import validate
+
+    if name not in LOADERS:
+        raise ConfigError(f"dataset.name: unknown dataset '{name}'; allowed: {', '.join(available_datasets())}")
+    for split in splits:
+        if split not in SPLITS[name]:
+            raise ConfigError(f"dataset: '{name}' has no split '{split}'; allowed: {', '.join(SPLITS[name])}")
+    model = OPTIONS[name]
+    if options and not model.model_fields:
+        raise ConfigError(f"dataset.options: dataset '{name}' takes no options; got: {', '.join(sorted(options))}")
+    validate(model, options, "dataset.options", unknown_word=f"option of dataset '{name}'")
 
 
 def available_datasets() -> list[str]:

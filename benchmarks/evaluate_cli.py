@@ -17,10 +17,9 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
+from benchmarks.cli_common import deep_update, default_data_root, import_modules, parse_set
 from benchmarks.errors import CheckpointError, ConfigError, RecordExistsError
-from benchmarks.evaluation.protocols import PROTOCOLS
+from benchmarks.evaluation.settings import PROTOCOLS
 
 
 def protocol_of(metric_key: str) -> str | None:
@@ -74,11 +73,8 @@ def _merge_into(record: dict, protocols: list[str], metrics: dict, evaluation: d
 
 def cmd_evaluate(args) -> int:
     from benchmarks.runner import load_model_file, run_lock
-    from methods import import_plugins_from_env, import_user_module
 
-    import_plugins_from_env()
-    for spec in args.imports:
-        import_user_module(spec)
+    import_modules(args.imports)
     payload = load_model_file(args.checkpoint)
     # the run folder's lock: no `run` or other `evaluate` of this run may write its record meanwhile
     # (a read-only folder of downloaded models cannot hold a lock, and no run can train there)
@@ -89,10 +85,11 @@ def cmd_evaluate(args) -> int:
 
 
 def _evaluate(args, payload: dict) -> int:
-    from benchmarks.cli import _deep_update, _parse_set
+    import torch
+
     from benchmarks.config import load_suite
     from benchmarks.data import dataset_display_name
-    from benchmarks.evaluation.protocols import evaluate_model, resolve_evaluation
+    from benchmarks.evaluation.protocols import evaluate_model
     from benchmarks.records import read_record, record_path, write_record
     from benchmarks.runner import (
         build_augment,
@@ -107,27 +104,26 @@ def _evaluate(args, payload: dict) -> int:
     seed, epochs = int(payload["seed"]), int(payload["epochs"])
     if args.method and args.method != method_name:
         raise CheckpointError(f"{args.checkpoint}: the model belongs to method '{method_name}', not '{args.method}'")
-    overrides = _parse_set(args.set)
+    overrides = parse_set(args.set)
     if args.accelerator:
-        _deep_update(overrides, {"train": {"accelerator": args.accelerator}})
+        deep_update(overrides, {"train": {"accelerator": args.accelerator}})
     config = load_suite(args.suite or suite, overrides)
-    if config["name"] != suite:
+    if config.name != suite:
         raise CheckpointError(f"{args.checkpoint}: the model was trained on suite '{suite}', not "
-                              f"'{config['name']}'; pass --suite {suite} (or its YAML file)")
+                              f"'{config.name}'; pass --suite {suite} (or its YAML file)")
     for key in ("backbone", "in_channels"):
-        if payload.get(key) != config[key]:
+        if payload.get(key) != getattr(config, key):
             raise CheckpointError(f"{args.checkpoint}: the model's {key} is {payload.get(key)!r} but the suite "
-                                  f"says {config[key]!r}")
+                                  f"says {getattr(config, key)!r}")
     out_path = record_path(args.out, suite, method_name, epochs, seed)
     existing = read_record(out_path) if out_path.exists() else None
     if existing is not None and existing["method"] != method_name:
         raise CheckpointError(f"{out_path} belongs to method {existing['method']}, the model to {method_name}")
-    if existing is not None:
-        # rebuild the method with the hyperparameters the run trained with
-        config["methods"][method_name] = dict(existing["config"].get("method_hparams", {}))
-    eval_cfg = resolve_evaluation(config["evaluation"])
-    protocols = list(args.protocols or eval_cfg["protocols"])
-    if args.protocols and "transfer" in protocols and not eval_cfg["transfer"]["targets"]:
+    # rebuild the method with the hyperparameters the run trained with
+    recorded = (existing or {}).get("config", {}).get("method", {}).get("hparams")
+    eval_cfg = config.evaluation
+    protocols = list(args.protocols or eval_cfg.protocols)
+    if args.protocols and "transfer" in protocols and not eval_cfg.transfer.targets:
         raise ConfigError("evaluation.transfer.targets: empty, so there is nothing to transfer to; set it in the "
                           "suite or with --set 'evaluation.transfer.targets=[cifar100]'")
     if existing is not None and not args.force:
@@ -135,20 +131,20 @@ def _evaluate(args, payload: dict) -> int:
         if held:
             raise RecordExistsError(f"{out_path} already holds {', '.join(held)}; pass --force to replace them")
 
-    data_root = args.data_root or os.environ.get("SSL_BENCH_DATA") or "data"
+    data_root = default_data_root(args.data_root)
     data = load_suite_data(config, data_root)
-    method, _ = build_method(config, method_name, data)
+    method, settings = build_method(config, method_name, data, hparams=recorded)
     try:
         method.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"{args.checkpoint}: its weights do not fit method '{method_name}' as configured "
                               f"in suite '{suite}' ({str(exc).splitlines()[0]})") from exc
-    device = resolve_device(config["train"])
+    device = resolve_device(config.train)
     method.to(device)
-    augment = build_augment(config).to(device)
+    augment = build_augment(config.augment).to(device)
     started = time.perf_counter()
     print(f"[{suite}] {method_name} seed {seed}: evaluating {', '.join(protocols)} ...", flush=True)
-    result = evaluate_model(method, data, augment.clean, config["evaluation"], device=device, seed=seed,
+    result = evaluate_model(method, data, augment.clean, config.evaluation, device=device, seed=seed,
                             protocols=protocols, config=config, data_root=data_root, results_dir=args.out,
                             progress=not args.no_progress)
     seconds = round(time.perf_counter() - started, 3)
@@ -156,14 +152,15 @@ def _evaluate(args, payload: dict) -> int:
         record = _merge_into(existing, protocols, result.metrics, result.evaluation, result.clusters)
     else:
         cls = type(method)
-        resolved = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
+        resolved = config.canonical()
         resolved["train"]["epochs"] = epochs
-        resolved["method_hparams"] = method.hparams
+        resolved["method"] = settings.model_copy(update={"hparams": method.hparams, "epochs": epochs}).model_dump(
+            mode="json")
         record = {
             "schema_version": 1, "status": "completed", "suite": suite, "dataset": data.display_name,
             "method": method_name, "method_display": cls.display_name, "is_reference": bool(cls.is_reference),
-            "seed": seed, "epochs": epochs, "backbone": config["backbone"],
-            "batch_size": config["train"]["batch_size"], "config": resolved, "metrics": result.metrics,
+            "seed": seed, "epochs": epochs, "backbone": config.backbone,
+            "batch_size": settings.batch_size, "config": resolved, "metrics": result.metrics,
             "evaluation": result.evaluation, "clusters": result.clusters, "history": [],
             "paper_reference": cls.paper, "versions": package_versions(), "git_commit": git_commit(),
             "device": str(device) if not torch.cuda.is_available() else torch.cuda.get_device_name(),
@@ -177,5 +174,5 @@ def _evaluate(args, payload: dict) -> int:
         shown = ", ".join(f"{m} {v:.2f}" for m, v in values.items())
         print(f"  {key}: {shown}")
     print(f"[{suite}] {method_name} seed {seed}: {len(result.metrics)} metrics in {seconds:.1f} s -> {out_path} "
-          f"({dataset_display_name(config['dataset']['name'])})")
+          f"({dataset_display_name(config.dataset.name)})")
     return 0

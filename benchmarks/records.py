@@ -79,8 +79,13 @@ _REQUIRED: dict[str, tuple[type, ...]] = {
 }
 
 
+def method_slug(method: str) -> str:
+    """A method or named variant as a file name part: `self_classifier/reimpl` -> `self_classifier+reimpl`."""
+    return method.replace("/", "+")
+
+
 def record_filename(suite: str, method: str, epochs: int, seed: int) -> str:
-    return f"{suite}/{method}_e{epochs}_s{seed}.json"
+    return f"{suite}/{method_slug(method)}_e{epochs}_s{seed}.json"
 
 
 def record_path(results_dir: str | Path, suite: str, method: str, epochs: int, seed: int) -> Path:

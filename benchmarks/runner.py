@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime as dt
 import importlib.metadata
 import logging
@@ -17,18 +16,26 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from benchmarks.augment import BatchAugment, Normalization, ViewSpec
+from benchmarks.augment import BatchAugment, Normalization
 from benchmarks.backbones import build_backbone
-from benchmarks.config import method_settings
+from benchmarks.config import (
+    AugmentConfig,
+    MethodConfig,
+    SuiteConfig,
+    TrainConfig,
+    fingerprint,
+    training_fingerprint,
+)
 from benchmarks.data import ImageDataset
-from benchmarks.errors import CheckpointError, ConfigError, DivergedError, RunLockedError, UnknownMethodError
+from benchmarks.errors import CheckpointError, ConfigError, DivergedError, RunLockedError
 from benchmarks.evaluation import semi as semi_protocol
-from benchmarks.evaluation.protocols import PER_LAYER_KNN_K, evaluate_model, resolve_evaluation
-from benchmarks.records import atomic_write, read_record, record_path, write_record
+from benchmarks.evaluation.protocols import PER_LAYER_KNN_K, evaluate_model
+from benchmarks.evaluation.settings import EvaluationConfig
+from benchmarks.records import atomic_write, method_slug, read_record, record_path, write_record
 from benchmarks.suite_data import SuiteData, check_data_matches, load_suite_data  # noqa: F401  (re-exported)
-from benchmarks.training import MonitorData, PretrainModule, config_fingerprint, fit, training_fingerprint
-from methods import available_methods, get_method
-from methods.base import DataInfo, SSLMethod, validate_hparams
+from benchmarks.training import MonitorData, PretrainModule, fit
+from methods import get_method
+from methods.base import DataInfo, SSLMethod
 
 log = logging.getLogger("benchmarks")
 
@@ -36,94 +43,89 @@ MODEL_FORMAT = "ssl-bench-model/1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_augment(config: dict) -> BatchAugment:
-    norm = config["augment"]["normalization"]
-    views = [ViewSpec.from_dict(v) for v in config["augment"]["views"]]
-    return BatchAugment(views, Normalization(tuple(norm["mean"]), tuple(norm["std"])))
+def build_augment(augment: AugmentConfig | SuiteConfig) -> BatchAugment:
+    """The views of a method (its `MethodConfig.augment`) or of the suite (its `augment` section)."""
+    augment = augment.augment if isinstance(augment, SuiteConfig) else augment
+    norm = augment.normalization
+    return BatchAugment(list(augment.views), Normalization(tuple(norm.mean), tuple(norm.std)))
 
 
-def check_method_settings(config: dict, method_names: list[str]) -> None:
-    """Before any data is loaded: every name is registered, the suite's `methods` section names only
-    registered methods, and each method's hyperparameters and optimizer are known keys of the right type."""
-    for name in config["methods"]:
-        if name not in available_methods():
-            raise UnknownMethodError(f"methods.{name}: no method is registered under this name (the suite's "
-                                     f"`methods` section configures registered methods; available: "
-                                     f"{', '.join(available_methods())}). Fix the name, or import the module that "
-                                     "registers it with --import MODULE_OR_FILE")
+def check_method_settings(config: SuiteConfig, method_names: list[str]) -> None:
+    """Before any data is loaded: every name is a registered method (or a variant the suite configures),
+    with hyperparameters and optimizer of known keys and the right types."""
     for name in method_names:
-        cls = get_method(name)
-        hparams, _ = method_settings(config, name)
-        validate_hparams(name, cls.default_hparams, hparams)
+        config.method(name)
 
 
-def check_backbone_input(backbone: torch.nn.Module, config: dict) -> None:
+def check_backbone_input(backbone: torch.nn.Module, config: SuiteConfig, augment: AugmentConfig) -> None:
     """A forward pass on blank images of every view size, so a backbone that cannot take them fails now."""
-    sizes = sorted({v["size"] for v in config["augment"]["views"]})
+    sizes = sorted({v.size for v in augment.views})
     was_training = backbone.training
     backbone.eval()
     try:
         with torch.no_grad():
             for size in sizes:
                 try:
-                    out = backbone(torch.zeros(2, config["in_channels"], size, size))
+                    out = backbone(torch.zeros(2, config.in_channels, size, size))
                 except RuntimeError as exc:
                     raise ConfigError(
-                        f"backbone: {config['backbone']} cannot take {config['in_channels']}x{size}x{size} views "
+                        f"backbone: {config.backbone} cannot take {config.in_channels}x{size}x{size} views "
                         f"({(str(exc).splitlines() or [''])[0]}); use larger views (augment.views[].size) or a "
                         "backbone made for small images (small_cnn for 8x8/28x28, resnet18_cifar for 32x32)") from exc
                 if out.dim() != 2 or out.shape[0] != 2:
-                    raise ConfigError(f"backbone: {config['backbone']} returned {tuple(out.shape)} for a batch of 2 "
+                    raise ConfigError(f"backbone: {config.backbone} returned {tuple(out.shape)} for a batch of 2 "
                                       f"{size}x{size} views; a backbone must return [batch, feature_dim]")
     finally:
         backbone.train(was_training)
 
 
-def check_evaluation_fits(eval_cfg: dict, data: SuiteData) -> None:
+def check_evaluation_fits(eval_cfg: EvaluationConfig, data: SuiteData) -> None:
     """Evaluation settings that depend on the data's size, checked before training (not after it)."""
     bank = len(data.train)
-    protocols = eval_cfg["protocols"]
-    ks = list(eval_cfg["knn"]["ks"]) if "knn" in protocols else []
-    if eval_cfg.get("per_layer") and "knn" in protocols:
+    protocols = eval_cfg.protocols
+    ks = list(eval_cfg.knn.ks) if "knn" in protocols else []
+    if eval_cfg.per_layer and "knn" in protocols:
         ks.append(PER_LAYER_KNN_K)
     for k in ks:
         if k > bank:
             raise ConfigError(f"evaluation.knn.ks: k = {k} is larger than the kNN bank (the {bank} images of the "
                               f"{data.train.split} split); use k <= {bank}")
     if "semi" in protocols:
-        for fraction in eval_cfg["semi"]["fractions"]:
+        for fraction in eval_cfg.semi.fractions:
             semi_protocol.images_per_class(bank, data.num_classes, fraction)
 
 
-def check_pretrain_size(method: SSLMethod, data: SuiteData, config: dict) -> None:
-    if method.skips_training or config["train"]["epochs"] == 0:
+def check_pretrain_size(method: SSLMethod, data: SuiteData, settings: MethodConfig) -> None:
+    if method.skips_training or settings.epochs == 0:
         return
     images = len(data.train if method.uses_labels else data.pretrain)
-    if images < config["train"]["batch_size"]:
-        raise ConfigError(f"train.batch_size: {config['train']['batch_size']} is more than the {images} pretraining "
+    if images < settings.batch_size:
+        raise ConfigError(f"train.batch_size: {settings.batch_size} is more than the {images} pretraining "
                           f"images, so an epoch would have no full batch; use --batch-size {images} or less")
 
 
-def preflight(config: dict, method_names: list[str], data: SuiteData) -> None:
+def preflight(config: SuiteConfig, method_names: list[str], data: SuiteData) -> None:
     """Every check that needs the data, for every method, before the first run starts."""
-    check_evaluation_fits(resolve_evaluation(config["evaluation"]), data)
+    check_evaluation_fits(config.evaluation, data)
     for name in method_names:
-        method, _ = build_method(config, name, data)
-        check_backbone_input(method.backbone, config)
-        check_pretrain_size(method, data, config)
+        method, settings = build_method(config, name, data)
+        check_backbone_input(method.backbone, config, settings.augment)
+        check_pretrain_size(method, data, settings)
 
 
-def build_method(config: dict, method_name: str, data: SuiteData) -> tuple[SSLMethod, dict]:
-    cls = get_method(method_name)
-    hparams, optimizer = method_settings(config, method_name)
-    backbone = build_backbone(config["backbone"], config["in_channels"])
-    info = DataInfo(num_classes=config["num_classes"], num_train=len(data.pretrain if not cls.uses_labels else data.train),
-                    in_channels=config["in_channels"], image_size=config["image_size"])
-    return cls(backbone, info, hparams), optimizer
+def build_method(config: SuiteConfig, method_name: str, data: SuiteData, hparams=None
+                 ) -> tuple[SSLMethod, MethodConfig]:
+    """The method with fresh weights and its resolved settings (`hparams`: recorded ones, to rebuild a run)."""
+    settings = config.method(method_name)
+    cls = get_method(settings.method)
+    backbone = build_backbone(config.backbone, config.in_channels)
+    info = DataInfo(num_classes=config.num_classes, num_train=len(data.pretrain if not cls.uses_labels else data.train),
+                    in_channels=config.in_channels, image_size=config.image_size)
+    return cls(backbone, info, settings.hparams if hparams is None else hparams), settings
 
 
-def resolve_device(train_cfg: dict) -> torch.device:
-    if train_cfg["accelerator"] == "cpu":
+def resolve_device(train_cfg: TrainConfig) -> torch.device:
+    if train_cfg.accelerator == "cpu":
         return torch.device("cpu")
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -150,7 +152,7 @@ def git_commit() -> str | None:
 
 
 def run_dir_for(work_dir: str | Path, suite: str, method: str, epochs: int, seed: int) -> Path:
-    return Path(work_dir) / suite / f"{method}_e{epochs}_s{seed}"
+    return Path(work_dir) / suite / f"{method_slug(method)}_e{epochs}_s{seed}"
 
 
 def save_model(path: Path, method: SSLMethod, meta: dict) -> None:
@@ -212,7 +214,7 @@ def load_model_file(path: str | Path) -> dict:
     return payload
 
 
-def run_one(config: dict, method_name: str, seed: int, results_dir="results", work_dir="runs",
+def run_one(config: SuiteConfig, method_name: str, seed: int, results_dir="results", work_dir="runs",
             data: SuiteData | None = None, data_root=None, download=False, force=False, restart=False,
             progress=True) -> dict:
     """Pretrain, evaluate and record one (suite, method, seed). Returns the record.
@@ -222,51 +224,50 @@ def run_one(config: dict, method_name: str, seed: int, results_dir="results", wo
     `restart`), and ends with one atomically written record; an existing record is returned
     unchanged unless `force`.
     """
-    suite, epochs = config["name"], config["train"]["epochs"]
+    settings = config.method(method_name)
+    suite, epochs = config.name, settings.epochs
     out_path = record_path(results_dir, suite, method_name, epochs, seed)
     if out_path.exists() and not force:
         log.info("%s exists; skipping (use --force to redo)", out_path)
         return read_record(out_path)
-    check_method_settings(config, [method_name])
-    eval_cfg = resolve_evaluation(config["evaluation"])
     data = data or load_suite_data(config, data_root, download)
-    check_evaluation_fits(eval_cfg, data)
+    check_evaluation_fits(config.evaluation, data)
     pl.seed_everything(seed, workers=True, verbose=False)
-    method, optimizer = build_method(config, method_name, data)
-    check_backbone_input(method.backbone, config)
-    check_pretrain_size(method, data, config)
+    method, settings = build_method(config, method_name, data)
+    check_backbone_input(method.backbone, config, settings.augment)
+    check_pretrain_size(method, data, settings)
     run_dir = run_dir_for(work_dir, suite, method_name, epochs, seed)
     with run_lock(run_dir, f"{suite}/{method_name} ({epochs} epochs, seed {seed})"):
         if out_path.exists() and not force:  # finished by another process while this one was checking
             return read_record(out_path)
-        return _train_evaluate_record(config, method_name, seed, method, optimizer, data, eval_cfg, run_dir,
-                                      out_path, results_dir, data_root, force, restart, progress)
+        return _train_evaluate_record(config, settings, seed, method, data, run_dir, out_path, results_dir,
+                                      data_root, force, restart, progress)
 
 
-def _train_evaluate_record(config, method_name, seed, method, optimizer, data, eval_cfg, run_dir, out_path,
+def _train_evaluate_record(config: SuiteConfig, settings: MethodConfig, seed, method, data, run_dir, out_path,
                            results_dir, data_root, force, restart, progress) -> dict:
-    suite, epochs = config["name"], config["train"]["epochs"]
-    augment = build_augment(config)
-    train_cfg = config["train"]
+    suite, epochs, method_name = config.name, settings.epochs, settings.name
+    train_cfg = config.train
     device = resolve_device(train_cfg)
-    resolved = copy.deepcopy({k: v for k, v in config.items() if not k.startswith("_")})
-    resolved["method_hparams"], resolved["method_optimizer"] = method.hparams, optimizer
+    resolved = config.canonical()
+    resolved["method"] = settings.model_dump(mode="json")
     status, message, started = "completed", None, time.perf_counter()
     history, images_seen, train_seconds, peak = [], 0, 0.0, None
     trained = not method.skips_training and epochs > 0
     if trained:
         pretrain_set = data.train if method.uses_labels else data.pretrain
         on_gpu = device.type == "cuda"
-        channels_last = on_gpu if train_cfg["channels_last"] == "auto" else bool(train_cfg["channels_last"])
-        module = PretrainModule(method, augment, optimizer, pretrain_set, train_cfg["batch_size"], epochs, seed,
-                                MonitorData(_cap(data.train, train_cfg["online_knn_max_bank"]), data.test,
-                                            data.num_classes, train_cfg["online_knn_every"]),
+        channels_last = on_gpu if train_cfg.channels_last == "auto" else bool(train_cfg.channels_last)
+        module = PretrainModule(method, build_augment(settings.augment), settings.optimizer, pretrain_set,
+                                settings.batch_size, epochs, seed,
+                                MonitorData(_cap(data.train, train_cfg.online_knn_max_bank), data.test,
+                                            data.num_classes, train_cfg.online_knn_every),
                                 channels_last=channels_last, divergence_check_every=20 if on_gpu else 1)
-        if train_cfg["compile"]:
+        if train_cfg.compile:
             method.backbone = torch.compile(method.backbone)
-        fingerprint = training_fingerprint(config, method_name, method.hparams, optimizer, seed)
         try:
-            result = fit(module, train_cfg, run_dir, fingerprint, restart=restart, progress=progress)
+            result = fit(module, train_cfg, run_dir, training_fingerprint(config, settings, seed), restart=restart,
+                         progress=progress)
             history, images_seen, train_seconds, peak = (result.history, result.images_seen, result.train_seconds,
                                                          result.peak_memory_mb)
         except DivergedError as exc:
@@ -279,11 +280,12 @@ def _train_evaluate_record(config, method_name, seed, method, optimizer, data, e
     if status == "completed":
         model_path = run_dir / "model.pt"
         save_model(model_path, method, {"suite": suite, "method": method_name, "seed": seed, "epochs": epochs,
-                                        "backbone": config["backbone"], "in_channels": config["in_channels"],
-                                        "fingerprint": config_fingerprint({"config": resolved})})
-        eval_result = evaluate_model(method, data, augment.clean, eval_cfg, device=device, seed=seed,
-                                     config=config, data_root=data_root, results_dir=results_dir,
-                                     progress=progress)
+                                        "backbone": config.backbone, "in_channels": config.in_channels,
+                                        "fingerprint": fingerprint(resolved)})
+        # evaluation views are the suite's (the shared protocol), whatever views the method trained on
+        eval_result = evaluate_model(method, data, build_augment(config.augment).clean, config.evaluation,
+                                     device=device, seed=seed, config=config, data_root=data_root,
+                                     results_dir=results_dir, progress=progress)
     cls = type(method)
     record = {
         "schema_version": 1,
@@ -295,8 +297,8 @@ def _train_evaluate_record(config, method_name, seed, method, optimizer, data, e
         "is_reference": bool(cls.is_reference),
         "seed": seed,
         "epochs": epochs,
-        "backbone": config["backbone"],
-        "batch_size": train_cfg["batch_size"],
+        "backbone": config.backbone,
+        "batch_size": settings.batch_size,
         "config": resolved,
         "metrics": eval_result.metrics if eval_result else {},
         "evaluation": eval_result.evaluation if eval_result else {},

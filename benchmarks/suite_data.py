@@ -24,46 +24,48 @@ class SuiteData:
 
 
 def load_suite_data(config: dict, data_root: str | Path | None = None, download: bool = False) -> SuiteData:
-    ds = config["dataset"]
+    ds = config.dataset
     root = data_root if data_root is not None else None
-    opts = dict(ds["options"])
+    opts = dict(ds.options)
 
     def load(split):
-        return load_split(ds["name"], split, root, download=download, **opts)
+        return load_split(ds.name, split, root, download=download, **opts)
 
-    train = load(ds["train_split"])
-    test = load(ds["test_split"])
-    pretrain = train if ds["pretrain_split"] == ds["train_split"] else load(ds["pretrain_split"])
-    data = SuiteData(pretrain, train, test, config["num_classes"],
-                     ds["display_name"] or dataset_display_name(ds["name"]))
+    train = load(ds.train_split)
+    test = load(ds.test_split)
+    pretrain = train if ds.pretrain_split == ds.train_split else load(ds.pretrain_split)
+    data = SuiteData(pretrain, train, test, config.num_classes, ds.display_name or dataset_display_name(ds.name))
     check_data_matches(config, data)
     return data
 
 
 def check_data_matches(config: dict, data: SuiteData) -> None:
     channels, height, width = data.train.image_shape
-    if channels != config["in_channels"]:
-        raise ConfigError(f"in_channels: the suite says {config['in_channels']} but {data.train.name} images have "
+    if channels != config.in_channels:
+        raise ConfigError(f"in_channels: the suite says {config.in_channels} but {data.train.name} images have "
                           f"{channels} channel(s); set in_channels: {channels} (and a matching normalization)")
     for split in (data.pretrain, data.test):
         if split is not data.train and split.image_shape != data.train.image_shape:
             raise ConfigError(f"dataset: the {split.split} split of {split.name} has {split.image_shape} images but "
                               f"the {data.train.split} split has {data.train.image_shape}; all splits must match")
-    if (height, width) != (config["image_size"], config["image_size"]):
-        raise ConfigError(f"image_size: the suite says {config['image_size']} but {data.train.name} images are "
+    if (height, width) != (config.image_size, config.image_size):
+        raise ConfigError(f"image_size: the suite says {config.image_size} but {data.train.name} images are "
                           f"{height}x{width}; set image_size: {height}"
                           + (" (or dataset.options.image_size for imagefolder data)" if height == width else ""))
-    for i, view in enumerate(config["augment"]["views"]):
-        if view["size"] > min(height, width):
-            raise ConfigError(f"augment.views[{i}].size: {view['size']} is larger than the {height}x{width} images of "
+    views = [(f"augment.views[{i}]", v) for i, v in enumerate(config.augment.views)]
+    views += [(f"methods.{name}.augment.views[{i}]", v) for name in config.methods
+              for i, v in enumerate(config.method(name).augment.views) if config.methods[name].get("augment")]
+    for where, view in views:
+        if view.size > min(height, width):
+            raise ConfigError(f"{where}.size: {view.size} is larger than the {height}x{width} images of "
                               f"{data.train.name}; views are crops of an image, so use size <= {min(height, width)}")
-    if data.train.num_classes != config["num_classes"]:
-        raise ConfigError(f"num_classes: the suite says {config['num_classes']} but {data.train.name} has "
+    if data.train.num_classes != config.num_classes:
+        raise ConfigError(f"num_classes: the suite says {config.num_classes} but {data.train.name} has "
                           f"{data.train.num_classes} classes")
     for split in (data.train, data.test):
         labels = split.labels
         if len(labels) == 0:
             raise ConfigError(f"dataset: the {split.split} split of {split.name} is empty")
-        if (labels < 0).any() or (labels >= config["num_classes"]).any():
+        if (labels < 0).any() or (labels >= config.num_classes).any():
             raise ConfigError(f"dataset: the {split.split} split of {split.name} must be fully labelled with "
-                              f"labels in [0, {config['num_classes']})")
+                              f"labels in [0, {config.num_classes})")

@@ -16,8 +16,6 @@ The loop itself is Lightning's. What this module adds:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import random
@@ -35,12 +33,14 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from benchmarks.augment import BatchAugment, step_generator
+from benchmarks.config import TrainConfig
 from benchmarks.data import ImageDataset
 from benchmarks.errors import CheckpointError, ConfigError, DivergedError
 from benchmarks.evaluation.features import backbone_features
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
 from benchmarks.records import atomic_write
 from methods.base import EpochContext, SSLMethod, TrainBatch
+from ssl_common.typed import OptimizerConfig, validate
 
 CHECKPOINT_FORMAT = "ssl-bench-trainer/1"
 log = logging.getLogger("benchmarks")
@@ -94,15 +94,20 @@ class EpochBatchSampler(Sampler):
             yield order[start:start + self.batch_size].tolist()
 
 
-def build_optimizer(params, cfg: dict, batch_size: int):
-    lr = cfg["lr"] * (batch_size / cfg["lr_scale_batch"] if cfg.get("lr_scale_batch") else 1.0)
-    if cfg["name"] == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    if cfg["name"] == "lars":
+def build_optimizer(params, cfg: OptimizerConfig, batch_size: int):
+    lr = cfg.lr * (batch_size / cfg.lr_scale_batch if cfg.lr_scale_batch else 1.0)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.name == "lars":
         from lightly.utils.lars import LARS
 
-        return LARS(params, lr=lr, momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg["weight_decay"])
+        return LARS(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def with_overrides(cfg: OptimizerConfig, overrides: dict) -> OptimizerConfig:
+    """`cfg` with some keys replaced (a method's own optimizer for part of its parameters), validated."""
+    return validate(OptimizerConfig, {**cfg.model_dump(), **overrides}, "optimizer")
 
 
 class CombinedOptimizer(torch.optim.Optimizer):
@@ -140,20 +145,36 @@ class CombinedOptimizer(torch.optim.Optimizer):
         self._link_groups()
 
 
-def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction: float) -> float:
-    """LR multiplier: linear warm-up, then cosine decay to `final_fraction`."""
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction: float,
+                  start_fraction: float = 0.0) -> float:
+    """LR multiplier: linear warm-up from `start_fraction`, then cosine decay to `final_fraction`."""
     if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
+        return start_fraction + (1 - start_fraction) * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def restarted_warmup_cosine(step: int, bounds: list[int], warmup_steps: int, final_fraction: float) -> float:
-    """warmup_cosine started over at each boundary; bounds = [0, restart steps..., total_steps]."""
+def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: OptimizerConfig) -> float:
+    """The schedule of `cfg` at `step` of a segment of `total_steps`: linear warm-up, then cosine, linear
+    decay (to lr * final_lr_fraction), steps (x gamma at each milestone epoch) or constant."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "cosine" or (warmup > 0 and step < warmup):
+        return warmup_cosine(step, total_steps, warmup, cfg.final_lr_fraction, cfg.warmup_start_fraction)
+    if cfg.schedule == "linear":
+        progress = min(max((step - warmup) / max(1, total_steps - warmup), 0.0), 1.0)
+        return 1.0 - (1.0 - cfg.final_lr_fraction) * progress
+    if cfg.schedule == "step":
+        epoch = step // max(1, steps_per_epoch)
+        return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    return 1.0
+
+
+def restarted_schedule(step: int, bounds: list[int], steps_per_epoch: int, cfg: OptimizerConfig) -> float:
+    """lr_multiplier started over at each boundary; bounds = [0, restart steps..., total_steps]."""
     start = max(b for b in bounds[:-1] if b <= step)
     end = min((b for b in bounds[1:] if b > start), default=bounds[-1])
-    return warmup_cosine(step - start, max(1, end - start), warmup_steps, final_fraction)
+    return lr_multiplier(step - start, max(1, end - start), steps_per_epoch, cfg)
 
 
 @dataclass
@@ -233,7 +254,7 @@ class PretrainModule(pl.LightningModule):
         if self._step_logs_written():
             self.log("train_loss", detached, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(images))
             for key, value in logs.items():
-                self.log(f"train/{key}", value, on_step=True, on_epoch=False, batch_size=len(images))
+                self.log(f"train_{key}", value, on_step=True, on_epoch=False, batch_size=len(images))
         return loss
 
     def _step_logs_written(self) -> bool:
@@ -262,8 +283,9 @@ class PretrainModule(pl.LightningModule):
             entry["online_knn_top1"] = self.online_knn()
             self.log("online_knn_top1", entry["online_knn_top1"], prog_bar=True, rank_zero_only=True)
         for key, value in self._epoch_logs.items():
-            self.log(f"epoch/{key}", value, rank_zero_only=True)
-        self.log("epoch/loss", mean_loss, rank_zero_only=True)
+            self.log(f"epoch_{key}", value, rank_zero_only=True)
+        # flat names ("epoch_loss", not "epoch/loss"): MLflow's file store makes a folder of every "/"
+        self.log("epoch_loss", mean_loss, rank_zero_only=True)
         self.history.append(entry)
 
     @torch.no_grad()
@@ -279,7 +301,7 @@ class PretrainModule(pl.LightningModule):
     def configure_optimizers(self):
         batch = self.batch_size * self.trainer.world_size
         # parameter sets a method trains with settings of their own (SSL++: Adam for its IIC stage)
-        own = [([p for p in ps if p.requires_grad], {**self.optim_cfg, **overrides})
+        own = [([p for p in ps if p.requires_grad], with_overrides(self.optim_cfg, overrides))
                for ps, overrides in self.method.optimizer_groups()]
         claimed = {id(p) for ps, _ in own for p in ps}
         params = [p for p in self.method.parameters() if p.requires_grad and id(p) not in claimed]
@@ -288,13 +310,12 @@ class PretrainModule(pl.LightningModule):
             optimizer = CombinedOptimizer([optimizer] + [build_optimizer(ps, cfg, batch) for ps, cfg in own])
         total = max(1, self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.max_epochs))
-        warmup = int(self.optim_cfg["warmup_epochs"] * steps_per_epoch)
-        final = self.optim_cfg["final_lr_fraction"]
         # a method may restart the schedule (SSL++: each of its two stages gets warm-up + cosine)
         restarts = sorted({e for e in self.method.schedule_restarts(self.max_epochs) if 0 < e < self.max_epochs})
         bounds = [0, *(e * steps_per_epoch for e in restarts), total]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: restarted_warmup_cosine(s, bounds, warmup,
-                                                                                                   final))
+        cfg = self.optim_cfg
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: restarted_schedule(s, bounds, steps_per_epoch, cfg))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint extras ---------------------------------------------------------------
@@ -314,27 +335,6 @@ class PretrainModule(pl.LightningModule):
         set_global_rng_state(extra["rng"])
 
     fingerprint: str = ""
-
-
-def config_fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-# train.* keys that do not change what is trained (so they may differ between a run and its resume)
-NON_TRAINING_KEYS = ("seeds", "num_workers", "log_every_n_steps", "tensorboard")
-
-
-def training_fingerprint(config: dict, method_name: str, hparams: dict, optimizer: dict, seed: int) -> str:
-    """Identifies what a training run computes: data, backbone, views, schedule, method, seed.
-
-    Evaluation settings, other methods' sections and logging options are left out, so changing
-    them does not stop a run from resuming; anything else refuses the old checkpoint.
-    """
-    keys = ("name", "dataset", "backbone", "in_channels", "image_size", "num_classes", "augment")
-    payload = {key: config[key] for key in keys}
-    payload["train"] = {k: v for k, v in config["train"].items() if k not in NON_TRAINING_KEYS}
-    payload.update(method=method_name, hparams=hparams, optimizer=optimizer, seed=seed)
-    return config_fingerprint(payload)
 
 
 # -- RNG state as plain data --------------------------------------------------------------
@@ -426,20 +426,20 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "32-true"
 
 
-def ddp_strategy_for(method: SSLMethod, train_cfg: dict) -> str:
+def ddp_strategy_for(method: SSLMethod, train_cfg: TrainConfig) -> str:
     """train.strategy, switched to DDP with find_unused_parameters for methods that train only part of
     their model in a step (SSL++'s stages); DDP otherwise fails on parameters without gradients."""
-    strategy = train_cfg["strategy"]
+    strategy = train_cfg.strategy
     if not method.has_unused_parameters:
         return strategy
     if strategy == "auto":  # Lightning picks DDP when it uses more than one device
-        devices = train_cfg["devices"]
-        gpus = torch.cuda.device_count() if train_cfg["accelerator"] != "cpu" else 0
+        devices = train_cfg.devices
+        gpus = torch.cuda.device_count() if train_cfg.accelerator != "cpu" else 0
         try:
             count = max(1, gpus) if str(devices) in ("auto", "-1") else int(devices)
         except (TypeError, ValueError):
             return strategy
-        if count * train_cfg["num_nodes"] <= 1:
+        if count * train_cfg.num_nodes <= 1:
             return strategy
         strategy = "ddp"
     if strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
@@ -447,9 +447,41 @@ def ddp_strategy_for(method: SSLMethod, train_cfg: dict) -> str:
     return strategy
 
 
-def fit(module: PretrainModule, train_cfg: dict, run_dir: Path, fingerprint: str, restart: bool = False,
+def build_loggers(kind: str, run_dir: Path) -> list:
+    """The step CSV log (always) plus the tracker the user chose, through Lightning's loggers. Every
+    tracker writes locally by default (nothing needs a network): TensorBoard event files, Weights &
+    Biases in offline mode (`wandb sync` uploads later) and MLflow into a file store under the run
+    folder, unless MLFLOW_TRACKING_URI names a server."""
+    import os
+
+    loggers = [CSVLogger(str(run_dir), name="logs", version=0)]
+    if kind == "tensorboard":
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=0))
+    elif kind == "wandb":
+        try:
+            from pytorch_lightning.loggers import WandbLogger
+
+            loggers.append(WandbLogger(save_dir=str(run_dir), name=run_dir.name, offline=True,
+                                       project=os.environ.get("WANDB_PROJECT", "ssl-cluster-bench")))
+        except ModuleNotFoundError as exc:
+            raise ConfigError(f"train.logger: wandb is not installed ({exc}); pip install wandb, or choose "
+                              "csv, tensorboard or mlflow") from exc
+    elif kind == "mlflow":
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(run_dir).resolve() / "mlruns").as_uri()
+        if uri.startswith("file:"):  # a local folder: MLflow's file store (deprecated but server-free) must be allowed
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        loggers.append(MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "ssl-cluster-bench"),
+                                    run_name=run_dir.name, tracking_uri=uri))
+    return loggers
+
+
+def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerprint: str, restart: bool = False,
         progress: bool = True) -> FitResult:
-    """Train `module` for train_cfg['epochs'] epochs; resumes from run_dir/checkpoints/last.ckpt."""
+    """Train `module` for module.max_epochs epochs; resumes from run_dir/checkpoints/last.ckpt."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -463,32 +495,28 @@ def fit(module: PretrainModule, train_cfg: dict, run_dir: Path, fingerprint: str
         payload = load_checkpoint_file(last, mmap=True)
         epochs_done = len(check_resume_payload(payload, fingerprint, last)["history"])
         log.warning("resuming from %s after epoch %d of %d (pass --restart to train from scratch)", last,
-                    epochs_done, train_cfg["epochs"])
+                    epochs_done, module.max_epochs)
         del payload
     module.fingerprint = fingerprint
-    module.num_workers = train_cfg["num_workers"]
-    accelerator = train_cfg["accelerator"]
-    precision = resolve_precision(train_cfg["precision"], accelerator)
+    module.num_workers = train_cfg.num_workers
+    accelerator = train_cfg.accelerator
+    precision = resolve_precision(train_cfg.precision, accelerator)
     # CPU runs are bitwise reproducible (and resume bitwise); on GPU deterministic kernels cost too much speed
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    loggers = [CSVLogger(str(run_dir), name="logs", version=0)]
-    if train_cfg.get("tensorboard"):
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=0))
+    loggers = build_loggers(train_cfg.logger, run_dir)
     # one file, last.ckpt, rewritten after every epoch (save_last=True with save_top_k=0 would only write it
     # when training ends: nothing to resume from after a crash)
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename=last.stem, save_top_k=1, save_last=False,
                                  every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
     callbacks = [checkpoint]
     if progress:
-        callbacks.append(TQDMProgressBar(refresh_rate=max(1, train_cfg["log_every_n_steps"])))
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, train_cfg.log_every_n_steps)))
     trainer = pl.Trainer(
-        max_epochs=train_cfg["epochs"], accelerator=accelerator, devices=train_cfg["devices"],
-        strategy=ddp_strategy_for(module.method, train_cfg), num_nodes=train_cfg["num_nodes"], precision=precision,
-        deterministic=bool(train_cfg["deterministic"]) and on_cpu,
+        max_epochs=module.max_epochs, accelerator=accelerator, devices=train_cfg.devices,
+        strategy=ddp_strategy_for(module.method, train_cfg), num_nodes=train_cfg.num_nodes, precision=precision,
+        deterministic=train_cfg.deterministic and on_cpu,
         callbacks=callbacks, logger=loggers, use_distributed_sampler=False, enable_model_summary=False,
-        enable_progress_bar=progress, log_every_n_steps=train_cfg["log_every_n_steps"], limit_val_batches=0,
+        enable_progress_bar=progress, log_every_n_steps=train_cfg.log_every_n_steps, limit_val_batches=0,
         num_sanity_val_steps=0, default_root_dir=str(run_dir), plugins=[SafeCheckpointIO()],
     )
     if torch.cuda.is_available():

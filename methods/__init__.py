@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from benchmarks.errors import ConfigError, UnknownMethodError
+from ssl_common.errors import ConfigError, UnknownMethodError
 
 _REGISTRY: dict[str, type] = {}
 
@@ -79,6 +79,6 @@ def import_plugins_from_env() -> None:
 # Built-in methods register themselves on import.
 from methods import byol, references, simclr, swav  # noqa: E402,F401
 
-for _optional in ("self_classifier", "carl", "carp", "uic", "sslpp"):
+for _optional in ("self_classifier", "carl", "carp", "uic", "sslpp", "rotation"):
     if importlib.util.find_spec(f"methods.{_optional}") is not None:
         importlib.import_module(f"methods.{_optional}")

@@ -1,20 +1,27 @@
 """What every method shares: hyperparameter handling, batch/epoch context, EMA.
 
 A method subclass holds only what differs between methods: its heads, its loss,
-its cluster assignment and its defaults.
+its cluster assignment and its hyperparameters, declared as a typed model:
+
+    class Hparams(MethodHparams):
+        temperature: float = Field(0.2, gt=0)
+
+`methods/` imports nothing from `benchmarks/`: the error types, the DDP gather and the
+typed-model base live below both, in `ssl_common`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from benchmarks.distributed import gather_cat
-from benchmarks.errors import ConfigError
+from ssl_common.distributed import gather_cat
+from ssl_common.errors import ConfigError
+from ssl_common.typed import MethodHparams, validate
 
 
 @dataclass
@@ -50,60 +57,50 @@ class EpochContext:
     labels: torch.Tensor | None = None
 
 
-def validate_hparams(method_name: str, defaults: dict, given: dict) -> dict:
-    """Merge `given` over `defaults`; unknown keys and wrong types name the key."""
-    resolved = dict(defaults)
-    for key, value in (given or {}).items():
-        if key not in defaults:
-            raise ConfigError(
-                f"methods.{method_name}.{key}: unknown hyperparameter; allowed: {', '.join(sorted(defaults))}"
-            )
-        default = defaults[key]
-        if default is not None and value is not None and not _same_kind(default, value):
-            raise ConfigError(
-                f"methods.{method_name}.{key}: expected {type(default).__name__}, got {value!r} ({type(value).__name__})"
-            )
-        resolved[key] = float(value) if isinstance(default, float) and isinstance(value, int) else value
-    return resolved
-
-
-def _same_kind(default: Any, value: Any) -> bool:
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float):
-        return isinstance(value, (int, float))
-    if isinstance(default, (list, tuple)):
-        return isinstance(value, (list, tuple))
-    return isinstance(value, type(default))
-
-
 class SSLMethod(nn.Module):
     """Base class of every method.
 
     Subclasses set `display_name`, `paper` (seed paper id in paper_results.csv, if
-    any) and `default_hparams`, build their heads in `__init__` from
-    `self.backbone.feature_dim`, and implement `training_loss`.
+    any) and their `Hparams` model, build their heads in `__init__` from
+    `self.backbone.feature_dim`, and implement `training_loss`. `self.hparams` is the
+    validated `Hparams` instance (attributes, not string keys).
     """
 
     name: ClassVar[str] = "?"  # set by @register_method
     display_name: ClassVar[str] = "?"
     paper: ClassVar[str | None] = None
-    default_hparams: ClassVar[dict] = {}
+    Hparams: ClassVar[type[MethodHparams]] = MethodHparams
+    # bump when a change to the method's code changes what it computes: the version is part of the
+    # run fingerprint, so records of the older code are never taken for the new one's
+    version: ClassVar[int] = 1
     uses_labels: ClassVar[bool] = False
     is_reference: ClassVar[bool] = False
     skips_training: ClassVar[bool] = False  # random_init: evaluated as initialised
     has_unused_parameters: ClassVar[bool] = False  # some parameters get no gradient in a step (DDP must allow it)
 
-    def __init__(self, backbone: nn.Module, data: DataInfo, hparams: dict | None = None):
+    def __init__(self, backbone: nn.Module, data: DataInfo, hparams: MethodHparams | dict | None = None):
         super().__init__()
         self.backbone = backbone
         self.data = data
-        self.hparams = validate_hparams(self.name, self.default_hparams, hparams or {})
+        self.hparams = self.resolve_hparams(hparams)
         self.check_hparams()
+
+    @classmethod
+    def resolve_hparams(cls, hparams: MethodHparams | dict | None = None, where: str | None = None) -> MethodHparams:
+        """`hparams` (a mapping or an instance) validated as this method's `Hparams`; errors name
+        `methods.<name>.<key>`."""
+        if isinstance(hparams, cls.Hparams):
+            return hparams
+        if isinstance(hparams, MethodHparams):
+            hparams = hparams.model_dump()
+        if hparams is not None and not isinstance(hparams, dict):
+            raise ConfigError(f"{where or 'methods.' + cls.name}: expected a mapping of hyperparameters, got "
+                              f"{hparams!r}")
+        return validate(cls.Hparams, hparams or {}, where or f"methods.{cls.name}", unknown_word="hyperparameter")
 
     # -- to override ---------------------------------------------------------------
     def check_hparams(self) -> None:
-        """Range checks; raise ConfigError('methods.<name>.<key>: ...')."""
+        """Checks that need more than one field or the data; raise ConfigError('methods.<name>.<key>: ...')."""
 
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError

@@ -15,30 +15,32 @@ from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
+from pydantic import Field
 
 from methods import register_method
-from methods.base import SSLMethod, TrainBatch
+from methods.base import MethodHparams, SSLMethod, TrainBatch
 
 
 @register_method("byol")
 class BYOL(SSLMethod):
     display_name = "BYOL"
     paper = "carl-carp-dissertation"
-    default_hparams = {"hidden_dim": 512, "output_dim": 128, "momentum_base": 0.99}
+
+    class Hparams(MethodHparams):
+        hidden_dim: int = Field(512, ge=1)
+        output_dim: int = Field(128, ge=1)
+        momentum_base: float = Field(0.99, ge=0, le=1)
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.projection_head = BYOLProjectionHead(backbone.feature_dim, hp["hidden_dim"], hp["output_dim"])
-        self.prediction_head = BYOLPredictionHead(hp["output_dim"], hp["hidden_dim"], hp["output_dim"])
+        self.projection_head = BYOLProjectionHead(backbone.feature_dim, hp.hidden_dim, hp.output_dim)
+        self.prediction_head = BYOLPredictionHead(hp.output_dim, hp.hidden_dim, hp.output_dim)
         self.target_backbone = copy.deepcopy(backbone)
         self.target_projection_head = copy.deepcopy(self.projection_head)
         deactivate_requires_grad(self.target_backbone)
         deactivate_requires_grad(self.target_projection_head)
         self.criterion = NegativeCosineSimilarity()
-
-    def check_hparams(self):
-        self.require(0 <= self.hparams["momentum_base"] <= 1, "momentum_base", "must be in [0, 1]")
 
     def _online(self, x):
         return self.prediction_head(self.projection_head(self.backbone(x)))
@@ -55,6 +57,6 @@ class BYOL(SSLMethod):
         return loss, {}
 
     def after_optimizer_step(self, progress: float) -> None:
-        momentum = cosine_schedule(int(progress * 10_000), 10_000, self.hparams["momentum_base"], 1.0)
+        momentum = cosine_schedule(int(progress * 10_000), 10_000, self.hparams.momentum_base, 1.0)
         update_momentum(self.backbone, self.target_backbone, m=momentum)
         update_momentum(self.projection_head, self.target_projection_head, m=momentum)

@@ -22,11 +22,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from benchmarks.distributed import gather_cat
 from methods import register_method
-from methods.base import SSLMethod, TrainBatch, projection_mlp
+from methods.base import MethodHparams, SSLMethod, TrainBatch, projection_mlp
+from ssl_common.distributed import gather_cat
 
 DOT_EPS = 1e-7
 
@@ -80,26 +81,30 @@ def kl_weight_schedule(epoch: int, start: float, end: float, decay_epochs: int) 
     return end
 
 
+class AssignmentHparams(MethodHparams):
+    """What CARL and CARP share: the prototype count, projection head and lambda_e schedule (Eq. 5.8)."""
+
+    num_prototypes: int = Field(100, ge=2)  # K
+    hidden_dim: int = Field(512, ge=1)  # projection head 512 -> 128 with BN (sec. 5.8.2)
+    output_dim: int = Field(128, ge=1)
+    kl_weight_start: float = Field(4.0, ge=0)  # b of Eq. 5.8
+    kl_weight_end: float = Field(1.5, ge=0)  # a
+    kl_decay_epochs: int = Field(100, ge=0)  # E
+
+
 class AssignmentMethod(SSLMethod):
-    """What CARL and CARP share: projection head, scheduled KL weight, hparam checks."""
+    """What CARL and CARP share: projection head, scheduled KL weight."""
+
+    Hparams = AssignmentHparams
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.projection_head = projection_mlp(backbone.feature_dim, hp["hidden_dim"], hp["output_dim"])
-
-    def check_hparams(self):
-        hp = self.hparams
-        self.require(hp["num_prototypes"] >= 2, "num_prototypes", f"must be >= 2, got {hp['num_prototypes']}")
-        for key in ("kl_weight_start", "kl_weight_end"):
-            self.require(hp[key] >= 0, key, f"must be >= 0, got {hp[key]}")
-        self.require(hp["kl_decay_epochs"] >= 0, "kl_decay_epochs", f"must be >= 0, got {hp['kl_decay_epochs']}")
-        for key in ("hidden_dim", "output_dim"):
-            self.require(hp[key] >= 1, key, f"must be >= 1, got {hp[key]}")
+        self.projection_head = projection_mlp(backbone.feature_dim, hp.hidden_dim, hp.output_dim)
 
     def kl_weight(self, epoch: int) -> float:
         hp = self.hparams
-        return kl_weight_schedule(epoch, hp["kl_weight_start"], hp["kl_weight_end"], hp["kl_decay_epochs"])
+        return kl_weight_schedule(epoch, hp.kl_weight_start, hp.kl_weight_end, hp.kl_decay_epochs)
 
     def on_train_epoch_start(self, ctx):
         return {"kl_weight": self.kl_weight(ctx.epoch)}
@@ -109,19 +114,15 @@ class AssignmentMethod(SSLMethod):
 class CARL(AssignmentMethod):
     display_name = "CARL"
     paper = "carl-carp-dissertation"
-    default_hparams = {
-        "num_prototypes": 100,  # K: 100 on CIFAR-10, 300 on CIFAR-100/STL-10 (sec. 5.8.4)
-        "hidden_dim": 512,  # projection head 512 -> 128 with BN (sec. 5.8.2)
-        "output_dim": 128,
-        "kl_weight_start": 4.0,  # b, a, E of Eq. 5.8: 4 -> 1.5 over 100 epochs on CIFAR (sec. 5.6.2)
-        "kl_weight_end": 1.5,
-        "kl_decay_epochs": 100,
-    }
+
+    class Hparams(AssignmentHparams):
+        num_prototypes: int = Field(100, ge=2)  # K: 100 on CIFAR-10, 300 on CIFAR-100/STL-10 (sec. 5.8.4)
+        # b, a, E of Eq. 5.8: 4 -> 1.5 over 100 epochs on CIFAR (sec. 5.6.2)
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.assigner = nn.Linear(hp["output_dim"], hp["num_prototypes"], bias=False)  # prototypes c_j (Eq. 5.2)
+        self.assigner = nn.Linear(hp.output_dim, hp.num_prototypes, bias=False)  # prototypes c_j (Eq. 5.2)
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
         return self.assigner(self.projection_head(self.backbone(x)))

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
+from pydantic import Field
 from torch import nn
 
-from benchmarks.distributed import gather_cat
 from methods import register_method
 from methods.base import TrainBatch
-from methods.carl import AssignmentMethod, assignment_terms
+from methods.carl import AssignmentHparams, AssignmentMethod, assignment_terms
+from ssl_common.distributed import gather_cat
 
 
 def random_partition(num_prototypes: int, block_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -76,41 +77,36 @@ def carp_loss(scores_a: torch.Tensor, scores_b: torch.Tensor, partition: torch.T
 class CARP(AssignmentMethod):
     display_name = "CARP"
     paper = "carl-carp-dissertation"
-    default_hparams = {
-        "num_prototypes": 300,  # K (ImageNet: 3000)
-        "block_size": 30,  # N_B (ImageNet: 250, N_P = 12)
-        "hidden_dim": 512,  # projection head 512 -> 128 (as CARL on CIFAR)
-        "output_dim": 128,
-        "assigner_hidden_dim": 512,  # two-layer assigner with BN, as wide as the projection head (sec. 6.5.2)
-        "kl_weight_start": 2.0,  # lambda_e: 2.0 -> 0.15 over the first 30 epochs (sec. 6.5.4)
-        "kl_weight_end": 0.15,
-        "kl_decay_epochs": 30,
-        "ema_teacher": False,  # later official code: targets from an EMA teacher
-        "ema_momentum_base": 0.99,  # teacher momentum, cosine schedule to 1 (as BYOL)
-    }
+
+    class Hparams(AssignmentHparams):
+        num_prototypes: int = Field(300, ge=2)  # K (ImageNet: 3000)
+        block_size: int = Field(30, ge=2)  # N_B (ImageNet: 250, N_P = 12)
+        # projection head 512 -> 128 (as CARL on CIFAR)
+        assigner_hidden_dim: int = Field(512, ge=1)  # two-layer assigner with BN, as wide as the projection head (sec. 6.5.2)
+        kl_weight_start: float = Field(2.0, ge=0)  # lambda_e: 2.0 -> 0.15 over the first 30 epochs (sec. 6.5.4)
+        kl_weight_end: float = Field(0.15, ge=0)
+        kl_decay_epochs: int = Field(30, ge=0)
+        ema_teacher: bool = False  # later official code: targets from an EMA teacher
+        ema_momentum_base: float = Field(0.99, ge=0, le=1)  # teacher momentum, cosine schedule to 1 (as BYOL)
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
         self.assigner = nn.Sequential(
-            nn.Linear(hp["output_dim"], hp["assigner_hidden_dim"], bias=False),
-            nn.BatchNorm1d(hp["assigner_hidden_dim"]), nn.ReLU(inplace=True),
-            nn.Linear(hp["assigner_hidden_dim"], hp["num_prototypes"], bias=False),  # prototypes (Eq. 6.3)
+            nn.Linear(hp.output_dim, hp.assigner_hidden_dim, bias=False),
+            nn.BatchNorm1d(hp.assigner_hidden_dim), nn.ReLU(inplace=True),
+            nn.Linear(hp.assigner_hidden_dim, hp.num_prototypes, bias=False),  # prototypes (Eq. 6.3)
         )
-        if hp["ema_teacher"]:
+        if hp.ema_teacher:
             self.teacher = nn.ModuleDict({"backbone": copy.deepcopy(backbone),
                                           "projection_head": copy.deepcopy(self.projection_head),
                                           "assigner": copy.deepcopy(self.assigner)})
             deactivate_requires_grad(self.teacher)
 
     def check_hparams(self):
-        super().check_hparams()
         hp = self.hparams
-        self.require(hp["block_size"] >= 2, "block_size", f"must be >= 2, got {hp['block_size']}")
-        self.require(hp["num_prototypes"] % hp["block_size"] == 0, "block_size",
-                     f"must divide num_prototypes ({hp['num_prototypes']}), got {hp['block_size']}")
-        self.require(hp["assigner_hidden_dim"] >= 1, "assigner_hidden_dim", "must be >= 1")
-        self.require(0 <= hp["ema_momentum_base"] <= 1, "ema_momentum_base", "must be in [0, 1]")
+        self.require(hp.num_prototypes % hp.block_size == 0, "block_size",
+                     f"must divide num_prototypes ({hp.num_prototypes}), got {hp.block_size}")
 
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
         return self.assigner(self.projection_head(self.backbone(x)))
@@ -123,16 +119,16 @@ class CARP(AssignmentMethod):
     def training_loss(self, batch: TrainBatch):
         hp = self.hparams
         views = batch.views[:2]
-        partition = random_partition(hp["num_prototypes"], hp["block_size"], batch.generator)
+        partition = random_partition(hp.num_prototypes, hp.block_size, batch.generator)
         scores = [self._scores(v) for v in views]
-        targets = [self._teacher_scores(v) for v in views] if hp["ema_teacher"] else [None, None]
+        targets = [self._teacher_scores(v) for v in views] if hp.ema_teacher else [None, None]
         consistency, kl = carp_terms(*scores, partition, *targets)
         loss = consistency + self.kl_weight(batch.epoch) * kl
         return loss, {"consistency": consistency.detach(), "kl": kl.detach()}
 
     def after_optimizer_step(self, progress: float) -> None:
-        if self.hparams["ema_teacher"]:
-            momentum = cosine_schedule(int(progress * 10_000), 10_000, self.hparams["ema_momentum_base"], 1.0)
+        if self.hparams.ema_teacher:
+            momentum = cosine_schedule(int(progress * 10_000), 10_000, self.hparams.ema_momentum_base, 1.0)
             update_momentum(self.backbone, self.teacher["backbone"], m=momentum)
             update_momentum(self.projection_head, self.teacher["projection_head"], m=momentum)
             update_momentum(self.assigner, self.teacher["assigner"], m=momentum)

@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
-from benchmarks.distributed import gather_cat
 from methods import register_method
-from methods.base import SSLMethod, TrainBatch
+from methods.base import MethodHparams, SSLMethod, TrainBatch
+from ssl_common.distributed import gather_cat
 
 
 def _as_heads(logits) -> list[torch.Tensor]:
@@ -100,38 +101,36 @@ class CosineClassifier(nn.Module):
 class SelfClassifier(SSLMethod):
     display_name = "Self-Classifier"
     paper = "self-classifier"
-    default_hparams = {
-        "heads": [],  # class counts, one head each; [] = one head of 3x the true classes (over-clustering)
-        "hidden_dim": 256,
-        "output_dim": 64,
-        "row_tau": 0.1,
-        "col_tau": 0.05,
-        "row_l1_norm": True,
-        "learnable_classifier": False,
-        "official_prediction_norm": False,
-    }
+
+    class Hparams(MethodHparams):
+        heads: list[int] = []  # class counts, one head each; [] = one head of 3x the true classes (over-clustering)
+        hidden_dim: int = Field(256, ge=1)
+        output_dim: int = Field(64, ge=1)
+        row_tau: float = Field(0.1, gt=0)
+        col_tau: float = Field(0.05, gt=0)
+        row_l1_norm: bool = True
+        learnable_classifier: bool = False
+        official_prediction_norm: bool = False
+
+        @field_validator("heads")
+        @classmethod
+        def _heads(cls, value: list[int]) -> list[int]:
+            if not all(c >= 2 for c in value):
+                raise ValueError(f"must be a list of class counts >= 2, got {value}")
+            return value
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.head_sizes = [int(c) for c in hp["heads"]] or [3 * data.num_classes]
-        hidden, out = hp["hidden_dim"], hp["output_dim"]
+        self.head_sizes = list(hp.heads) or [3 * data.num_classes]
+        hidden, out = hp.hidden_dim, hp.output_dim
         self.mlp = nn.Sequential(
             nn.Linear(backbone.feature_dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(inplace=True),
             nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(inplace=True),
             nn.Linear(hidden, out),
         )
-        self.classifiers = nn.ModuleList(CosineClassifier(out, c, hp["learnable_classifier"])
+        self.classifiers = nn.ModuleList(CosineClassifier(out, c, hp.learnable_classifier)
                                          for c in self.head_sizes)
-
-    def check_hparams(self):
-        hp = self.hparams
-        for key in ("row_tau", "col_tau"):
-            self.require(hp[key] > 0, key, f"must be > 0, got {hp[key]}")
-        self.require(all(isinstance(c, int) and c >= 2 for c in hp["heads"]), "heads",
-                     f"must be a list of class counts >= 2, got {hp['heads']}")
-        for key in ("hidden_dim", "output_dim"):
-            self.require(hp[key] >= 1, key, f"must be >= 1, got {hp[key]}")
 
     def _logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         z = F.normalize(self.mlp(self.backbone(x)), dim=1)  # l2-norm layer after the last hidden layer
@@ -140,8 +139,8 @@ class SelfClassifier(SSLMethod):
     def training_loss(self, batch: TrainBatch):
         hp = self.hparams
         logits_a, logits_b = (self._logits(v) for v in batch.views[:2])
-        loss = _symmetric_multi_head_loss(logits_a, logits_b, hp["row_tau"], hp["col_tau"], hp["row_l1_norm"],
-                                          hp["official_prediction_norm"])
+        loss = _symmetric_multi_head_loss(logits_a, logits_b, hp.row_tau, hp.col_tau, hp.row_l1_norm,
+                                          hp.official_prediction_norm)
         return loss, {}
 
     @torch.no_grad()

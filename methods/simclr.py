@@ -9,25 +9,27 @@ from __future__ import annotations
 
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
+from pydantic import Field
 
 from methods import register_method
-from methods.base import SSLMethod, TrainBatch
+from methods.base import MethodHparams, SSLMethod, TrainBatch
 
 
 @register_method("simclr")
 class SimCLR(SSLMethod):
     display_name = "SimCLR"
     paper = "carl-carp-dissertation"
-    default_hparams = {"temperature": 0.2, "hidden_dim": 512, "output_dim": 128}
+
+    class Hparams(MethodHparams):
+        temperature: float = Field(0.2, gt=0)
+        hidden_dim: int = Field(512, ge=1)
+        output_dim: int = Field(128, ge=1)
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.projection_head = SimCLRProjectionHead(backbone.feature_dim, hp["hidden_dim"], hp["output_dim"])
-        self.criterion = NTXentLoss(temperature=hp["temperature"], gather_distributed=True)
-
-    def check_hparams(self):
-        self.require(self.hparams["temperature"] > 0, "temperature", "must be > 0")
+        self.projection_head = SimCLRProjectionHead(backbone.feature_dim, hp.hidden_dim, hp.output_dim)
+        self.criterion = NTXentLoss(temperature=hp.temperature, gather_distributed=True)
 
     def training_loss(self, batch: TrainBatch):
         z_a, z_b = (self.projection_head(self.backbone(v)) for v in batch.views[:2])

@@ -34,17 +34,20 @@ from __future__ import annotations
 
 import copy
 import sys
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator
 from torch import nn
 
-from benchmarks.config import check_optimizer
-from benchmarks.distributed import gather_cat
 from methods import register_method
-from methods.base import EpochContext, SSLMethod, TrainBatch
+from methods.base import EpochContext, MethodHparams, SSLMethod, TrainBatch
+from ssl_common.distributed import gather_cat
+from ssl_common.typed import OptimizerConfig, validate_nested
 
 EPS = sys.float_info.epsilon  # the clamp value of IIC's public code
+CLUSTERING_OPTIMIZER = {"name": "adamw", "lr": 1.0e-4, "weight_decay": 0.0}  # IIC's Adam (SSL++ Table II)
 
 
 def iic_loss(probs_a: torch.Tensor, probs_b: torch.Tensor, lamb: float = 1.0) -> torch.Tensor:
@@ -136,11 +139,10 @@ class ClusteringModel(nn.Module):
         return self.heads.best_logits(self.backbone(images))
 
 
-def _check_iic_hparams(method: SSLMethod) -> None:
-    hp = method.hparams
-    method.require(hp["num_clusters"] >= 2, "num_clusters", f"must be >= 2, got {hp['num_clusters']}")
-    method.require(hp["num_heads"] >= 1, "num_heads", f"must be >= 1, got {hp['num_heads']}")
-    method.require(hp["iic_lamb"] > 0, "iic_lamb", f"must be > 0, got {hp['iic_lamb']}")
+class IICHparams(MethodHparams):
+    num_clusters: int = Field(70, ge=2)  # over-clustering: SSL++ uses 70 on CIFAR-10 (Table XIII)
+    num_heads: int = Field(5, ge=1)  # IIC's sub-heads
+    iic_lamb: float = Field(1.0, gt=0)  # 1 = the paper's mutual information (Eq. 2)
 
 
 @register_method("iic")
@@ -149,22 +151,15 @@ class IIC(SSLMethod):
 
     display_name = "IIC"
     paper = "sslpp"
-    default_hparams = {
-        "num_clusters": 70,  # over-clustering: SSL++ uses 70 on CIFAR-10 (Table XIII)
-        "num_heads": 5,  # IIC's sub-heads
-        "iic_lamb": 1.0,  # 1 = the paper's mutual information (Eq. 2)
-    }
+    Hparams = IICHparams
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.heads = ClusterHeads(backbone.feature_dim, hp["num_clusters"], hp["num_heads"])
-
-    def check_hparams(self):
-        _check_iic_hparams(self)
+        self.heads = ClusterHeads(backbone.feature_dim, hp.num_clusters, hp.num_heads)
 
     def training_loss(self, batch: TrainBatch):
-        return clustering_loss(self.backbone, self.heads, batch.views, self.hparams["iic_lamb"])
+        return clustering_loss(self.backbone, self.heads, batch.views, self.hparams.iic_lamb)
 
     @torch.no_grad()
     def cluster_logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -214,59 +209,58 @@ class SSLPlusPlus(SSLMethod):
     paper = "sslpp"
     # each stage trains only its own model: DDP must allow parameters without gradients
     has_unused_parameters = True
-    default_hparams = {
-        "num_clusters": 70,  # C of the clustering model (Table XIII: 70 on CIFAR-10)
-        "num_heads": 5,  # IIC's sub-heads in stage 1
-        "iic_lamb": 1.0,
-        "stage1_fraction": 0.5,  # share of the run's epochs spent on the clustering stage
-        "pseudo_label_weight": 0.05,  # lambda of Eq. 5 (0.05 for Rotation/AET, 1 for Colorization/Context)
-        "pseudo_labels_upright_only": False,  # L_c on the 0-degree copies only (default: all copies)
+
+    class Hparams(IICHparams):
+        # num_clusters: C of the clustering model (Table XIII: 70 on CIFAR-10); num_heads: IIC's sub-heads
+        stage1_fraction: float = 0.5  # share of the run's epochs spent on the clustering stage
+        pseudo_label_weight: float = Field(0.05, ge=0)  # lambda of Eq. 5 (0.05 Rotation/AET, 1 Colorization/Context)
+        pseudo_labels_upright_only: bool = False  # L_c on the 0-degree copies only (default: all copies)
         # 4: the four rotations of the first view (RotNet, the paper); 1: one random rotation of each
         # view (half the cost with two views)
-        "rotation_copies": 4,
+        rotation_copies: Literal[1, 4] = 4
         # the stage-1 model's optimizer (overrides of the method's optimizer, which trains stage 2):
-        # IIC's Adam, lr 1e-4 (SGD leaves IIC at the uniform solution, where its gradient vanishes)
-        "clustering_optimizer": {"name": "adamw", "lr": 1.0e-4, "weight_decay": 0.0},
-    }
+        # IIC's Adam, lr 1e-4 (SGD leaves IIC at the uniform solution, where its gradient vanishes);
+        # a partial mapping overrides single keys of this default
+        clustering_optimizer: dict[str, Any] = Field(default_factory=lambda: dict(CLUSTERING_OPTIMIZER))
+
+        @field_validator("stage1_fraction")
+        @classmethod
+        def _fraction(cls, value: float) -> float:
+            if not 0 < value < 1:
+                raise ValueError(f"must be in (0, 1), got {value}")
+            return value
+
+        @field_validator("clustering_optimizer")
+        @classmethod
+        def _optimizer(cls, value: dict[str, Any]) -> dict[str, Any]:
+            merged = {**CLUSTERING_OPTIMIZER, **value}
+            validate_nested(OptimizerConfig, merged)  # the error names clustering_optimizer.<key>
+            return merged
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
         # stage 1: its own copy of the backbone (starts from the same random weights)
-        self.clustering = ClusteringModel(copy.deepcopy(backbone), hp["num_clusters"], hp["num_heads"],
-                                          hp["iic_lamb"])
+        self.clustering = ClusteringModel(copy.deepcopy(backbone), hp.num_clusters, hp.num_heads, hp.iic_lamb)
         # stage 2: V1 (rotation) and V2 (pseudo-labels) on the representation model f_theta
         self.rotation_head = nn.Linear(backbone.feature_dim, 4)
-        self.pseudo_label_head = nn.Linear(backbone.feature_dim, hp["num_clusters"])
+        self.pseudo_label_head = nn.Linear(backbone.feature_dim, hp.num_clusters)
         self.register_buffer("pseudo_labels", torch.full((data.num_train,), -1, dtype=torch.long))
 
     def check_hparams(self):
-        _check_iic_hparams(self)
         hp = self.hparams
-        # a partial clustering_optimizer overrides single keys of the default one
-        given = hp["clustering_optimizer"]
-        merged = {**self.default_hparams["clustering_optimizer"], **given}
-        unknown = set(given) - {"name", "lr", "momentum", "weight_decay"}
-        self.require(not unknown, "clustering_optimizer", f"unknown key(s) {sorted(unknown)}; allowed: lr, "
-                     "momentum, name, weight_decay")
-        check_optimizer({"momentum": 0.9, **merged}, f"methods.{self.name}.clustering_optimizer")
-        hp["clustering_optimizer"] = merged
-        self.require(0 < hp["stage1_fraction"] < 1, "stage1_fraction", f"must be in (0, 1), got {hp['stage1_fraction']}")
-        self.require(hp["pseudo_label_weight"] >= 0, "pseudo_label_weight",
-                     f"must be >= 0, got {hp['pseudo_label_weight']}")
-        self.require(hp["rotation_copies"] in (1, 4), "rotation_copies", f"must be 4 or 1, got {hp['rotation_copies']}")
-        self.require(not (hp["pseudo_labels_upright_only"] and hp["rotation_copies"] == 1), "pseudo_labels_upright_only",
+        self.require(not (hp.pseudo_labels_upright_only and hp.rotation_copies == 1), "pseudo_labels_upright_only",
                      "needs rotation_copies: 4 (with one random rotation a batch may have no upright copy)")
 
     def stage1_epochs(self, max_epochs: int) -> int:
         """Epochs of the clustering stage: the fraction rounded, leaving each stage >= 1 epoch."""
-        return min(max(1, round(self.hparams["stage1_fraction"] * max_epochs)), max(0, max_epochs - 1))
+        return min(max(1, round(self.hparams.stage1_fraction * max_epochs)), max(0, max_epochs - 1))
 
     def schedule_restarts(self, max_epochs: int) -> list[int]:
         return [self.stage1_epochs(max_epochs)]
 
     def optimizer_groups(self):
-        return [(list(self.clustering.parameters()), self.hparams["clustering_optimizer"])]
+        return [(list(self.clustering.parameters()), self.hparams.clustering_optimizer)]
 
     def _stage2_modules(self) -> list[nn.Module]:
         return [self.backbone, self.rotation_head, self.pseudo_label_head]
@@ -293,19 +287,19 @@ class SSLPlusPlus(SSLMethod):
         if bool((self.pseudo_labels < 0).any()):
             raise RuntimeError("SSL++ stage 2 needs the stage-1 pseudo-labels (computed at the epoch start)")
         targets = self.pseudo_labels[batch.indices.to(self.pseudo_labels.device)]
-        if self.hparams["rotation_copies"] == 4:  # RotNet's input: the four rotated copies of one view
+        if self.hparams.rotation_copies == 4:  # RotNet's input: the four rotated copies of one view
             rotated, rotation_labels = rotation_batch(batch.views[0])
         else:
             pairs = [random_rotation_batch(view, batch.generator) for view in batch.views]
             rotated, rotation_labels = torch.cat([r for r, _ in pairs]), torch.cat([k for _, k in pairs])
         features = self.backbone(rotated)
         upright = rotation_labels == 0
-        pseudo_features = features[upright] if self.hparams["pseudo_labels_upright_only"] else features
+        pseudo_features = features[upright] if self.hparams.pseudo_labels_upright_only else features
         pseudo_targets = targets.repeat(len(features) // len(targets))  # copies are stacked image-minor
-        pseudo_targets = pseudo_targets[upright] if self.hparams["pseudo_labels_upright_only"] else pseudo_targets
+        pseudo_targets = pseudo_targets[upright] if self.hparams.pseudo_labels_upright_only else pseudo_targets
         loss, loss_s, loss_c = sslpp_loss(self.rotation_head(features), rotation_labels,
                                           self.pseudo_label_head(pseudo_features), pseudo_targets,
-                                          self.hparams["pseudo_label_weight"])
+                                          self.hparams.pseudo_label_weight)
         return loss, {"rotation_loss": loss_s.detach(), "pseudo_label_loss": loss_c.detach()}
 
     @torch.no_grad()

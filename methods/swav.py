@@ -12,35 +12,33 @@ import torch
 import torch.nn.functional as F
 from lightly.loss import SwaVLoss
 from lightly.models.modules import SwaVProjectionHead, SwaVPrototypes
+from pydantic import Field
 
 from methods import register_method
-from methods.base import SSLMethod, TrainBatch
+from methods.base import MethodHparams, SSLMethod, TrainBatch
 
 
 @register_method("swav")
 class SwAV(SSLMethod):
     display_name = "SwAV"
     paper = "carl-carp-dissertation"
-    default_hparams = {
-        "num_prototypes": 100,
-        "hidden_dim": 512,
-        "output_dim": 128,
-        "temperature": 0.1,
-        "sinkhorn_iterations": 3,
-        "sinkhorn_epsilon": 0.05,
-        "freeze_prototypes_steps": 0,
-    }
+
+    class Hparams(MethodHparams):
+        num_prototypes: int = Field(100, ge=2)
+        hidden_dim: int = Field(512, ge=1)
+        output_dim: int = Field(128, ge=1)
+        temperature: float = Field(0.1, gt=0)
+        sinkhorn_iterations: int = Field(3, ge=1)
+        sinkhorn_epsilon: float = Field(0.05, gt=0)
+        freeze_prototypes_steps: int = Field(0, ge=0)
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.projection_head = SwaVProjectionHead(backbone.feature_dim, hp["hidden_dim"], hp["output_dim"])
-        self.prototypes = SwaVPrototypes(hp["output_dim"], hp["num_prototypes"], hp["freeze_prototypes_steps"])
-        self.criterion = SwaVLoss(hp["temperature"], hp["sinkhorn_iterations"], hp["sinkhorn_epsilon"],
+        self.projection_head = SwaVProjectionHead(backbone.feature_dim, hp.hidden_dim, hp.output_dim)
+        self.prototypes = SwaVPrototypes(hp.output_dim, hp.num_prototypes, hp.freeze_prototypes_steps)
+        self.criterion = SwaVLoss(hp.temperature, hp.sinkhorn_iterations, hp.sinkhorn_epsilon,
                                   sinkhorn_gather_distributed=True)
-
-    def check_hparams(self):
-        self.require(self.hparams["num_prototypes"] >= 2, "num_prototypes", "must be >= 2")
 
     def _scores(self, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
         z = F.normalize(self.projection_head(self.backbone(x)), dim=1)

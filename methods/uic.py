@@ -31,13 +31,16 @@ Choices where the paper is silent:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from benchmarks.distributed import gather_cat_nograd
 from methods import register_method
-from methods.base import EpochContext, SSLMethod, TrainBatch, projection_mlp
+from methods.base import EpochContext, MethodHparams, SSLMethod, TrainBatch, projection_mlp
+from ssl_common.distributed import gather_cat_nograd
 
 
 def fill_empty_classes(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None
@@ -99,24 +102,24 @@ def last_write_wins(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.
 class UIC(SSLMethod):
     display_name = "UIC"
     paper = "uic"
-    default_hparams = {
-        "num_classes": None,  # K; None = 3 x the true classes (the paper's 3k for ImageNet-1k)
-        "head": "mlp",  # mlp (Table 7 "Res50 + MLP-head") | linear (plain classifier on the features)
-        "mlp_hidden_dim": None,  # None = the backbone's feature size (SimCLR's MLP)
-        "mlp_out_dim": 128,
-        "init_labels": "predict",  # predict (forward pass of the initial network) | random
-        "class_balanced": True,  # sec. 4.2 class-balanced sampling (False: plain random order)
-    }
+
+    class Hparams(MethodHparams):
+        num_classes: int | None = Field(None, ge=2)  # K; None = 3 x the true classes (the paper's 3k for ImageNet-1k)
+        head: Literal["mlp", "linear"] = "mlp"  # mlp (Table 7 "Res50 + MLP-head") | linear (classifier on features)
+        mlp_hidden_dim: int | None = Field(None, ge=1)  # None = the backbone's feature size (SimCLR's MLP)
+        mlp_out_dim: int = Field(128, ge=1)
+        init_labels: Literal["predict", "random"] = "predict"  # forward pass of the initial network | random
+        class_balanced: bool = True  # sec. 4.2 class-balanced sampling (False: plain random order)
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
-        self.num_classes = hp["num_classes"] or 3 * data.num_classes
+        self.num_classes = hp.num_classes or 3 * data.num_classes
         dim = backbone.feature_dim
-        if hp["head"] == "mlp":
-            hidden = hp["mlp_hidden_dim"] or dim
-            self.head = nn.Sequential(projection_mlp(dim, hidden, hp["mlp_out_dim"]),
-                                      nn.Linear(hp["mlp_out_dim"], self.num_classes))
+        if hp.head == "mlp":
+            hidden = hp.mlp_hidden_dim or dim
+            self.head = nn.Sequential(projection_mlp(dim, hidden, hp.mlp_out_dim),
+                                      nn.Linear(hp.mlp_out_dim, self.num_classes))
         else:
             self.head = nn.Linear(dim, self.num_classes)
         # the label store, indexed by pretraining sample: `pseudo_labels` are this epoch's targets,
@@ -125,18 +128,7 @@ class UIC(SSLMethod):
         self.register_buffer("next_pseudo_labels", torch.full((data.num_train,), -1, dtype=torch.long))
 
     def check_hparams(self):
-        hp = self.hparams
-        k = hp["num_classes"]
-        self.require(k is None or (isinstance(k, int) and not isinstance(k, bool) and k >= 2), "num_classes",
-                     f"must be an integer >= 2 (or null for 3 x the true classes), got {k!r}")
-        self.require(hp["head"] in ("mlp", "linear"), "head", f"must be 'mlp' or 'linear', got {hp['head']!r}")
-        hidden = hp["mlp_hidden_dim"]
-        self.require(hidden is None or (isinstance(hidden, int) and hidden >= 1), "mlp_hidden_dim",
-                     f"must be a positive integer or null, got {hidden!r}")
-        self.require(hp["mlp_out_dim"] >= 1, "mlp_out_dim", f"must be >= 1, got {hp['mlp_out_dim']}")
-        self.require(hp["init_labels"] in ("predict", "random"), "init_labels",
-                     f"must be 'predict' or 'random', got {hp['init_labels']!r}")
-        num_classes = k or 3 * self.data.num_classes
+        num_classes = self.hparams.num_classes or 3 * self.data.num_classes
         self.require(self.data.num_train >= num_classes, "num_classes",
                      f"{num_classes} classes need at least as many pretraining images (got {self.data.num_train})")
 
@@ -146,7 +138,7 @@ class UIC(SSLMethod):
     def on_train_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
         generator = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.epoch * 7_919 + 17)
         if bool((self.pseudo_labels < 0).any()):  # first epoch: no forward results yet
-            if self.hparams["init_labels"] == "predict":
+            if self.hparams.init_labels == "predict":
                 start = ctx.predict(self.scores).argmax(dim=1).cpu()
             else:
                 start = torch.randint(self.num_classes, (len(self.pseudo_labels),), generator=generator)
@@ -170,7 +162,7 @@ class UIC(SSLMethod):
         return logs
 
     def epoch_order(self, epoch: int, generator: torch.Generator) -> torch.Tensor | None:
-        if not self.hparams["class_balanced"]:
+        if not self.hparams.class_balanced:
             return None
         return class_balanced_order(self.pseudo_labels.cpu(), generator)
 

@@ -79,7 +79,7 @@ def random_images(num_images: int, channels: int, image_size: int, seed: int = S
     return ImageDataset("random", "train", labels, [str(c) for c in range(10)], images=images.to(device))
 
 
-def simclr_config(suite: str = "cifar10", batch_size: int | None = None, backbone: str | None = None) -> dict:
+def simclr_config(suite: str = "cifar10", batch_size: int | None = None, backbone: str | None = None):
     """The suite's config (optimizer, views, SimCLR hyperparameters), optionally at another batch size."""
     overrides: dict = {}
     if batch_size is not None:
@@ -89,10 +89,11 @@ def simclr_config(suite: str = "cifar10", batch_size: int | None = None, backbon
     return load_suite(suite, overrides)
 
 
-def build_simclr(config: dict, data: ImageDataset, seed: int = SEED):
-    """SimCLR on the suite's backbone; the same seed gives every path the same initial weights."""
+def build_simclr(config, data: ImageDataset, seed: int = SEED):
+    """(SimCLR on the suite's backbone, its resolved settings); the same seed gives every path the same
+    initial weights."""
     torch.manual_seed(seed)
-    suite_data = SuiteData(data, data, data, config["num_classes"], "random")
+    suite_data = SuiteData(data, data, data, config.num_classes, "random")
     return build_method(config, "simclr", suite_data)
 
 
@@ -144,20 +145,20 @@ class StepTimer(pl.Callback):
 
 # ----------------------------------------------------------------------------- the suite's path
 
-def suite_trainer(train_cfg: dict, run_dir: str | Path, steps: int, progress: bool = True,
+def suite_trainer(train_cfg, run_dir: str | Path, steps: int, progress: bool = True,
                   callbacks: list | None = None) -> pl.Trainer:
     """A Trainer set up as benchmarks.training.fit sets it up, for one epoch of `steps` batches.
 
     Differences, on purpose: no ModelCheckpoint (its per-epoch save is not a per-step cost) and one
     device (the comparison is single-device).
     """
-    accelerator = train_cfg["accelerator"]
-    precision = resolve_precision(train_cfg["precision"], accelerator)
-    log_every = train_cfg["log_every_n_steps"]
+    accelerator = train_cfg.accelerator
+    precision = resolve_precision(train_cfg.precision, accelerator)
+    log_every = train_cfg.log_every_n_steps
     bar = [TQDMProgressBar(refresh_rate=max(1, log_every))] if progress else []
     return pl.Trainer(
         max_epochs=1, limit_train_batches=steps, accelerator=accelerator, devices=1, precision=precision,
-        deterministic=bool(train_cfg["deterministic"]) and accelerator == "cpu",
+        deterministic=train_cfg.deterministic and accelerator == "cpu",
         callbacks=bar + list(callbacks or []), logger=[CSVLogger(str(run_dir), name="logs", version=0)],
         use_distributed_sampler=False, enable_model_summary=False, enable_progress_bar=progress,
         enable_checkpointing=False, log_every_n_steps=log_every, limit_val_batches=0, num_sanity_val_steps=0,
@@ -165,25 +166,25 @@ def suite_trainer(train_cfg: dict, run_dir: str | Path, steps: int, progress: bo
     )
 
 
-def suite_module(config: dict, data: ImageDataset, device: torch.device, seed: int = SEED) -> PretrainModule:
+def suite_module(config, data: ImageDataset, device: torch.device, seed: int = SEED) -> PretrainModule:
     """PretrainModule with the settings benchmarks.runner.run_one gives it on `device`."""
-    method, optimizer = build_simclr(config, data, seed)
-    train_cfg = config["train"]
+    method, settings = build_simclr(config, data, seed)
+    train_cfg = config.train
     on_gpu = device.type == "cuda"
-    channels_last = on_gpu if train_cfg["channels_last"] == "auto" else bool(train_cfg["channels_last"])
-    module = PretrainModule(method, build_augment(config), optimizer, data, train_cfg["batch_size"], 1, seed,
-                            monitor=None, channels_last=channels_last, divergence_check_every=20 if on_gpu else 1)
-    if train_cfg["compile"]:
+    channels_last = on_gpu if train_cfg.channels_last == "auto" else bool(train_cfg.channels_last)
+    module = PretrainModule(method, build_augment(settings.augment), settings.optimizer, data, settings.batch_size, 1,
+                            seed, monitor=None, channels_last=channels_last, divergence_check_every=20 if on_gpu else 1)
+    if train_cfg.compile:
         method.backbone = torch.compile(method.backbone)
-    module.num_workers = train_cfg["num_workers"]
+    module.num_workers = train_cfg.num_workers
     module.fingerprint = "speed-benchmark"
     return module
 
 
-def prepare_suite_run(config: dict, data: ImageDataset, steps: int, device: torch.device, run_dir: str | Path,
+def prepare_suite_run(config, data: ImageDataset, steps: int, device: torch.device, run_dir: str | Path,
                       progress: bool = True, callbacks: list | None = None, seed: int = SEED):
     """(trainer, module) ready for `trainer.fit(module)`: `steps` optimizer steps of the suite."""
-    train_cfg = dict(config["train"], accelerator=device_kind(device))
+    train_cfg = config.train.model_copy(update={"accelerator": device_kind(device)})
     module = suite_module(config, data, device, seed)
     return suite_trainer(train_cfg, run_dir, steps, progress, callbacks), module
 
@@ -249,18 +250,18 @@ class CpuAugmentModule(PretrainModule):
                           persistent_workers=self.workers > 0)
 
 
-def prepare_cpu_augment_run(config: dict, data: ImageDataset, steps: int, device: torch.device,
+def prepare_cpu_augment_run(config, data: ImageDataset, steps: int, device: torch.device,
                             run_dir: str | Path, workers: int, progress: bool = True, callbacks: list | None = None,
                             seed: int = SEED):
     template = suite_module(config, data, device, seed)
-    norm = config["augment"]["normalization"]
-    views = PerImageViews(data, ViewSpec.from_dict(config["augment"]["views"][0]), norm["mean"], norm["std"])
+    norm = config.augment.normalization
+    views = PerImageViews(data, config.augment.views[0], norm.mean, norm.std)
     module = CpuAugmentModule(template.method, PrecomputedViews(), template.optim_cfg, data, template.batch_size,
                               1, seed, monitor=None, channels_last=template.channels_last,
                               divergence_check_every=template.divergence_check_every, workers=workers,
                               view_dataset=views)
     module.fingerprint = template.fingerprint
-    train_cfg = dict(config["train"], accelerator=device_kind(device))
+    train_cfg = config.train.model_copy(update={"accelerator": device_kind(device)})
     return suite_trainer(train_cfg, run_dir, steps, progress, callbacks), module
 
 
@@ -272,7 +273,7 @@ class BareLoop:
 
     method: nn.Module
     augment: BatchAugment
-    optim_cfg: dict
+    optim_cfg: object  # OptimizerConfig
     images: torch.Tensor  # uint8 [N, C, H, W] on the device
     batches: torch.Tensor  # [steps, batch_size] indices on the device (the suite's epoch order)
     device: torch.device
@@ -296,8 +297,8 @@ class BareLoop:
         method, augment, steps = self.method, self.augment, len(self.batches)
         params = [p for p in method.parameters() if p.requires_grad]
         optimizer = build_optimizer(params, self.optim_cfg, self.batches.shape[1])
-        warmup_steps = int(self.optim_cfg["warmup_epochs"] * steps)
-        final = self.optim_cfg["final_lr_fraction"]
+        warmup_steps = int(self.optim_cfg.warmup_epochs * steps)
+        final = self.optim_cfg.final_lr_fraction
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: warmup_cosine(s, steps, warmup_steps, final))
         method.train()
@@ -324,31 +325,32 @@ class BareLoop:
         return (total / steps).item()
 
 
-def prepare_bare_run(config: dict, data: ImageDataset, steps: int, device: torch.device, warmup: int = 0,
+def prepare_bare_run(config, data: ImageDataset, steps: int, device: torch.device, warmup: int = 0,
                      seed: int = SEED) -> BareLoop:
-    method, optimizer = build_simclr(config, data, seed)
-    train_cfg = config["train"]
+    method, settings = build_simclr(config, data, seed)
+    optimizer = settings.optimizer
+    train_cfg = config.train
     on_gpu = device.type == "cuda"
-    precision = resolve_precision(train_cfg["precision"], device_kind(device))
+    precision = resolve_precision(train_cfg.precision, device_kind(device))
     autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    channels_last = on_gpu if train_cfg["channels_last"] == "auto" else bool(train_cfg["channels_last"])
+    channels_last = on_gpu if train_cfg.channels_last == "auto" else bool(train_cfg.channels_last)
     method.to(device)  # channels_last: the views only, as PretrainModule does
-    if train_cfg["compile"]:
+    if train_cfg.compile:
         method.backbone = torch.compile(method.backbone)
-    batch_size = train_cfg["batch_size"]
+    batch_size = settings.batch_size
     # the suite's epoch order (EpochBatchSampler, epoch 0), so both paths see the same batches
     order = list(EpochBatchSampler(len(data), batch_size, seed, method.epoch_order))[:steps]
     if len(order) < steps:
         raise ValueError(f"{len(data)} images give {len(order)} batches of {batch_size}; asked for {steps}")
-    deterministic = bool(train_cfg["deterministic"]) and not on_gpu
-    return BareLoop(method, build_augment(config).to(device), optimizer, data.images.to(device),
+    deterministic = train_cfg.deterministic and not on_gpu
+    return BareLoop(method, build_augment(settings.augment).to(device), optimizer, data.images.to(device),
                     torch.tensor(order, device=device), device, seed, autocast, channels_last, deterministic,
                     warmup)
 
 
 # ----------------------------------------------------------------------------- the script
 
-def measure(path: str, config: dict, data: ImageDataset, steps: int, warmup: int, device: torch.device,
+def measure(path: str, config, data: ImageDataset, steps: int, warmup: int, device: torch.device,
             workers: int, run_dir: Path) -> dict:
     total = steps + warmup
     reset_peak_memory(device)
@@ -364,7 +366,7 @@ def measure(path: str, config: dict, data: ImageDataset, steps: int, warmup: int
                                                       callbacks=[timer])
         mean_loss, seconds = run_suite(trainer, module), timer.seconds_per_step
     peak, memory_kind = peak_memory_mb(device)
-    batch_size, num_images = config["train"]["batch_size"], len(data)
+    batch_size, num_images = config.train.batch_size, len(data)
     return {"seconds_per_step": seconds,
             "seconds_per_epoch_equivalent": seconds * num_images / batch_size,
             "view_images_per_s": 2 * batch_size / seconds,
@@ -402,13 +404,13 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU here; use --device cpu for the smoke test")
-    overrides = {"compile": args.compile} if args.compile else {}
     config = simclr_config("cifar10", args.batch_size, args.backbone)
-    config["train"].update(overrides)
+    if args.compile:
+        config.train.compile = True
     needed = (args.steps + args.warmup_steps) * args.batch_size
     if args.num_images < needed:
         raise SystemExit(f"--num-images {args.num_images}: need at least (steps + warmup) x batch = {needed}")
-    data = random_images(args.num_images, config["in_channels"], args.image_size)
+    data = random_images(args.num_images, config.in_channels, args.image_size)
     results = {}
     # Lightning's progress bar writes to stdout: keep stdout for the JSON summary
     with tempfile.TemporaryDirectory(prefix="simclr-speed-") as tmp, contextlib.redirect_stdout(sys.stderr):
@@ -427,8 +429,8 @@ def main(argv=None) -> dict:
         "settings": {"method": "simclr", "backbone": args.backbone, "batch_size": args.batch_size,
                      "image_size": args.image_size, "num_images": args.num_images, "views": 2,
                      "timed_steps": args.steps, "warmup_steps": args.warmup_steps, "cpu_workers": args.cpu_workers,
-                     "precision": resolve_precision(config["train"]["precision"], device_kind(device)),
-                     "compile": bool(config["train"]["compile"]),
+                     "precision": resolve_precision(config.train.precision, device_kind(device)),
+                     "compile": bool(config.train.compile),
                      "cpu_threads": torch.get_num_threads()},
         "paths": results,
         "ratios": ratios,

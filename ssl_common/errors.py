@@ -4,6 +4,9 @@ Every error carries a message that names the cause and the fix; the CLI prints t
 message alone (no traceback) and exits with status 2.
 """
 
+__all__ = ["BenchmarkError", "CheckpointError", "ConfigError", "DatasetCorruptError", "DatasetNotFoundError",
+           "DivergedError", "RecordError", "RecordExistsError", "RunLockedError", "StorageError", "UnknownMethodError"]
+
 
 class BenchmarkError(Exception):
     """Base class: a problem the user can fix (bad config, missing data, ...)."""

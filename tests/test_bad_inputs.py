@@ -20,7 +20,7 @@ from benchmarks import records
 from benchmarks.cli import main
 from benchmarks.records import read_record
 from methods import register_method
-from methods.base import SSLMethod, TrainBatch
+from methods.base import MethodHparams, SSLMethod, TrainBatch
 
 try:
     from tests import fixtures
@@ -166,7 +166,9 @@ class NanAfterSomeSteps(SSLMethod):
     """A test method whose loss turns NaN from optimizer step `nan_from_step` on."""
 
     display_name = "NaN test"
-    default_hparams = {"nan_from_step": 4}
+
+    class Hparams(MethodHparams):
+        nan_from_step: int = 4
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
@@ -175,7 +177,7 @@ class NanAfterSomeSteps(SSLMethod):
     def training_loss(self, batch: TrainBatch):
         z_a, z_b = (self.head(self.backbone(v)) for v in batch.views[:2])
         loss = F.mse_loss(z_a, z_b)
-        if batch.step >= self.hparams["nan_from_step"]:
+        if batch.step >= self.hparams.nan_from_step:
             loss = loss * float("nan")
         return loss, {}
 

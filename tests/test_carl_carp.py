@@ -270,14 +270,14 @@ def test_hparam_errors_name_the_key(name, hparams, key):
 
 @pytest.mark.parametrize("suite", ["digits", "mnist", "cifar10", "cifar100", "cifar100-20", "stl10"])
 def test_suite_sections_of_the_seed_methods_are_valid(suite):
-    from benchmarks.config import load_suite, method_settings
+    from benchmarks.config import load_suite
 
     config = load_suite(suite)
-    data = DataInfo(num_classes=config["num_classes"], num_train=100, in_channels=1, image_size=8)
+    data = DataInfo(num_classes=config.num_classes, num_train=100, in_channels=1, image_size=8)
     built = {}
     for name in ("self_classifier", "carl", "carp"):
-        hparams, optimizer = method_settings(config, name)
-        built[name] = get_method(name)(small_cnn(1, width=8), data, hparams)  # runs check_hparams
-        assert optimizer["lr"] > 0
+        settings = config.method(name)
+        built[name] = get_method(name)(small_cnn(1, width=8), data, settings.hparams)  # runs check_hparams
+        assert settings.optimizer.lr > 0
     if suite in ("cifar10", "cifar100", "stl10"):  # the dissertation's K (sec. 5.8.4)
-        assert built["carl"].hparams["num_prototypes"] == (100 if suite == "cifar10" else 300)
+        assert built["carl"].hparams.num_prototypes == (100 if suite == "cifar10" else 300)

@@ -50,8 +50,8 @@ def test_cifar10_to_cifar100_transfer_end_to_end(tmp_path):
     # the recorded numbers are a linear probe on CIFAR-100 features of the pretrained backbone
     data = load_suite_data(config, root)
     method = rebuild(config, record["checkpoint"], data)
-    norm = config["augment"]["normalization"]
-    prep = transfer_preprocess(32, 3, norm["mean"], norm["std"])
+    norm = config.augment.normalization
+    prep = transfer_preprocess(32, 3, norm.mean, norm.std)
     train, test = load_split("cifar100", "train", root), load_split("cifar100", "test", root)
     feats = [backbone_features(method.backbone, split, prep) for split in (train, test)]
     expected, _ = linear_probe(feats[0], train.labels, feats[1], test.labels, 100,
@@ -83,8 +83,8 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
     data = load_suite_data(config)
     method = rebuild(config, model, data)
     feats = backbone_features(method.backbone, data.test, build_augment(config).clean)
-    c = config["evaluation"]["clustering"]
-    assignment, _ = kmeans_assign(feats, 10, 0, c["niter"], c["nredo"], c["spherical"])
+    c = config.evaluation.clustering
+    assignment, _ = kmeans_assign(feats, 10, 0, c.niter, c.nredo, c.spherical)
     assert after["metrics"]["clustering"]["NMI"] == pytest.approx(100 * clustering_metrics(data.test.labels,
                                                                                             assignment)["nmi"])
 

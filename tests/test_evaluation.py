@@ -24,7 +24,8 @@ from benchmarks.evaluation.clustering import (
 )
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
 from benchmarks.evaluation.linear import fit_linear_classifier, linear_probe, predict
-from benchmarks.evaluation.protocols import EVALUATION_DEFAULTS, evaluate_model, resolve_evaluation
+from benchmarks.evaluation.protocols import evaluate_model, resolve_evaluation
+from benchmarks.evaluation.settings import EvaluationConfig
 from benchmarks.evaluation.transfer import adapt_channels, transfer_preprocess
 
 # ----------------------------------------------------------------------------- kNN
@@ -123,9 +124,9 @@ def test_hungarian_accuracy_matches_brute_force(num_clusters):
         assert hungarian_accuracy(y, pred) == pytest.approx(brute_force_acc(y, pred))
 
 
-def test_percent_metrics_clip_to_record_range():
+def test_percent_metrics_keep_negative_values_and_clip_float_noise():
     out = as_percent_metrics({"nmi": 1.0000000001, "ami": -0.01, "ari": 0.25, "acc": 0.5})
-    assert out == {"NMI": 100.0, "AMI": 0.0, "ARI": 25.0, "ACC": 50.0}
+    assert out == {"NMI": 100.0, "AMI": -1.0, "ARI": 25.0, "ACC": 50.0}
 
 
 def blobs(n_per_class: int, num_classes: int, dim: int, seed: int, noise: float = 0.05):
@@ -242,7 +243,7 @@ def test_resolve_evaluation_refuses_unknown_keys_and_bad_values():
     with pytest.raises(ConfigError, match="evaluation.protocols"):
         resolve_evaluation({"protocols": ["knn", "probe"]})
     cfg = resolve_evaluation({"linear": {"lr": 1}})
-    assert cfg["linear"]["lr"] == 1.0 and cfg["semi"] == EVALUATION_DEFAULTS["semi"]
+    assert cfg.linear.lr == 1.0 and cfg.semi == EvaluationConfig().semi
 
 
 # ----------------------------------------------------------------------------- transfer preprocessing
@@ -304,7 +305,7 @@ EVAL = {"knn": {"ks": [5, 20]}, "linear": {"epochs": 20, "batch_size": 32},
 def test_evaluate_model_all_protocols(tmp_path):
     data = FakeData()
     result = evaluate_model(TinyMethod(with_head=False), data, preprocess, EVAL, seed=0, results_dir=tmp_path,
-                            progress=False, config={"name": "synthetic"})
+                            progress=False, suite="synthetic")
     m = result.metrics
     expected = {"knn_k5", "knn_k20", "linear", "semi_10pct", "semi_50pct", "clustering"}
     expected |= {f"knn_k20_B{i}" for i in (1, 2, 3)} | {f"linear_B{i}" for i in (1, 2, 3)}
@@ -325,12 +326,12 @@ def test_evaluate_model_uses_the_head_and_reuses_stored_subsets(tmp_path):
     data = FakeData()
     cfg = {**EVAL, "per_layer": False, "protocols": ["clustering", "semi"]}
     a = evaluate_model(TinyMethod(with_head=False), data, preprocess, cfg, seed=1, results_dir=tmp_path,
-                       progress=False, config={"name": "synthetic"})
+                       progress=False, suite="synthetic")
     split_file = tmp_path / "splits" / "synthetic" / "semi_50_seed1.json"
     written = split_file.read_text()
     method = TinyMethod(with_head=True)
     b = evaluate_model(method, data, preprocess, cfg, seed=1, results_dir=tmp_path, progress=False,
-                       config={"name": "synthetic"})
+                       suite="synthetic")
     assert split_file.read_text() == written
     assert a.evaluation["semi_50pct"]["split_file"] == b.evaluation["semi_50pct"]["split_file"] == str(split_file)
     assert b.clusters["source"] == "head" and b.clusters["num_clusters"] == 12

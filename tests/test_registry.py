@@ -21,31 +21,32 @@ USER_MODULE = '''
 """A user's own method, in a file of its own: registered by importing it."""
 
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from methods import register_method
-from methods.base import SSLMethod
+from methods.base import MethodHparams, SSLMethod
 
 
 @register_method("user_cosine")
 class UserCosine(SSLMethod):
     display_name = "User cosine"
-    default_hparams = {"dim": 16, "scale": 1.0}
+
+    class Hparams(MethodHparams):
+        dim: int = Field(16, gt=0)
+        scale: float = 1.0
 
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
-        self.head = nn.Linear(backbone.feature_dim, self.hparams["dim"])
-
-    def check_hparams(self):
-        self.require(self.hparams["dim"] > 0, "dim", "must be > 0")
+        self.head = nn.Linear(backbone.feature_dim, self.hparams.dim)
 
     def training_loss(self, batch):
         z_a, z_b = (F.normalize(self.head(self.backbone(v)), dim=1) for v in batch.views[:2])
-        loss = self.hparams["scale"] * (2 - 2 * (z_a * z_b).sum(dim=1).mean())
+        loss = self.hparams.scale * (2 - 2 * (z_a * z_b).sum(dim=1).mean())
         return loss, {}
 
     def on_train_epoch_start(self, ctx):
-        return {"user_hook_epoch": ctx.epoch + 1, "user_scale": self.hparams["scale"]}
+        return {"user_hook_epoch": ctx.epoch + 1, "user_scale": self.hparams.scale}
 '''
 
 
@@ -123,7 +124,7 @@ def test_user_method_runs_from_the_cli_by_name(tmp_path):
     record = read_record(out / "digits" / "user_cosine_e1_s0.json")
     assert record["method"] == "user_cosine" and record["method_display"] == "User cosine"
     assert record["status"] == "completed" and not record["is_reference"]
-    assert record["config"]["method_hparams"] == {"dim": 8, "scale": 0.25}  # the --set overrides
+    assert record["config"]["method"]["hparams"] == {"dim": 8, "scale": 0.25}  # the --set overrides
     (entry,) = record["history"]
     # the user's epoch hook ran, and the loss is the user's: scale * (2 - 2 cos) lies in [0, 4 * 0.25]
     assert entry["user_hook_epoch"] == 1 and entry["user_scale"] == 0.25

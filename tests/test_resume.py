@@ -168,7 +168,7 @@ def test_other_config_is_refused_and_restart_and_eval_changes_behave(runs, tmp_p
         assert _main(out, work, "--force", "--restart", sets=("methods.simclr.temperature=0.5",)) == 0
     assert "resuming" not in caplog.text
     restarted = read_record(out / RECORD)
-    assert restarted["config"]["method_hparams"]["temperature"] == 0.5
+    assert restarted["config"]["method"]["hparams"]["temperature"] == 0.5
     assert len(restarted["history"]) == EPOCHS
     assert restarted["history"][0]["loss"] != read_record(runs["a_out"] / RECORD)["history"][0]["loss"]
 

@@ -195,11 +195,11 @@ def test_sslpp_stage2_loss_is_rotation_ce_plus_weighted_pseudo_label_ce_on_every
                                            int(method.pseudo_labels[indices[i]])))
     assert loss.item() == pytest.approx(np.mean(terms_s) + 0.05 * np.mean(terms_c), abs=1e-5)
     # upright-only variant: L_c on the 0-degree copies (the first 3 terms)
-    method.hparams["pseudo_labels_upright_only"] = True
+    method.hparams.pseudo_labels_upright_only = True
     loss_upright, _ = method.training_loss(batch)
     assert loss_upright.item() == pytest.approx(np.mean(terms_s) + 0.05 * np.mean(terms_c[:3]), abs=1e-5)
     # one random rotation of each view: k drawn from the batch's generator, view by view
-    method.hparams.update(pseudo_labels_upright_only=False, rotation_copies=1)
+    method.hparams = method.hparams.model_copy(update=dict(pseudo_labels_upright_only=False, rotation_copies=1))
     loss_random, _ = method.training_loss(_batch(images[indices], indices, epoch=2, step=7))
     batch = _batch(images[indices], indices, epoch=2, step=7)
     terms_s, terms_c = [], []
@@ -216,13 +216,14 @@ def test_sslpp_stage2_loss_is_rotation_ce_plus_weighted_pseudo_label_ce_on_every
 
 def test_sslpp_stages_train_only_their_own_model_and_pseudo_labels_come_from_stage_1():
     from benchmarks.training import build_optimizer  # Lightning: imported here, not in the DDP workers
+    from ssl_common.typed import OptimizerConfig
 
     method = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2, stage1_fraction=0.5)
     gen = torch.Generator().manual_seed(2)
     images = torch.randn(20, 1, 8, 8, generator=gen)
     true_labels = torch.arange(20) % 3
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad],
-                                {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.1}, 8)
+                                OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.1), 8)
     stage1 = dict(method.clustering.named_parameters())
     stage2 = {n: p for n, p in method.named_parameters() if not n.startswith("clustering.")}
 
@@ -282,24 +283,27 @@ def test_iic_method_picks_the_sub_head_with_the_lowest_running_loss():
 
 
 def test_restarted_schedule_starts_the_cosine_again_at_each_stage():
-    from benchmarks.training import restarted_warmup_cosine
+    from benchmarks.training import restarted_schedule
+    from ssl_common.typed import OptimizerConfig
 
-    bounds = [0, 10, 30]
-    assert restarted_warmup_cosine(0, bounds, 0, 0.0) == pytest.approx(1.0)
-    assert restarted_warmup_cosine(5, bounds, 0, 0.0) == pytest.approx(0.5)  # half-way through stage 1
-    assert restarted_warmup_cosine(10, bounds, 0, 0.0) == pytest.approx(1.0)
-    assert restarted_warmup_cosine(20, bounds, 0, 0.0) == pytest.approx(0.5)
-    assert restarted_warmup_cosine(10, bounds, 4, 0.0) == pytest.approx(0.25)  # warm-up again: step 1 of 4
+    bounds, cosine = [0, 10, 30], OptimizerConfig(final_lr_fraction=0.0)
+    assert restarted_schedule(0, bounds, 1, cosine) == pytest.approx(1.0)
+    assert restarted_schedule(5, bounds, 1, cosine) == pytest.approx(0.5)  # half-way through stage 1
+    assert restarted_schedule(10, bounds, 1, cosine) == pytest.approx(1.0)
+    assert restarted_schedule(20, bounds, 1, cosine) == pytest.approx(0.5)
+    warm = cosine.model_copy(update={"warmup_epochs": 4.0})
+    assert restarted_schedule(10, bounds, 1, warm) == pytest.approx(0.25)  # warm-up again: step 1 of 4
 
 
 def test_sslpp_asks_ddp_to_allow_unused_parameters():
+    from benchmarks.config import TrainConfig
     from benchmarks.training import ddp_strategy_for
 
     method = _tiny_method("sslpp")
-    cfg = {"strategy": "ddp", "accelerator": "cpu", "devices": 2, "num_nodes": 1}
+    cfg = TrainConfig(strategy="ddp", accelerator="cpu", devices=2, num_nodes=1)
     assert ddp_strategy_for(method, cfg) == "ddp_find_unused_parameters_true"
-    assert ddp_strategy_for(method, {**cfg, "strategy": "auto"}) == "ddp_find_unused_parameters_true"
-    assert ddp_strategy_for(method, {**cfg, "strategy": "auto", "devices": 1}) == "auto"
+    assert ddp_strategy_for(method, cfg.model_copy(update={"strategy": "auto"})) == "ddp_find_unused_parameters_true"
+    assert ddp_strategy_for(method, cfg.model_copy(update={"strategy": "auto", "devices": 1})) == "auto"
     assert ddp_strategy_for(_tiny_method("iic"), cfg) == "ddp"
 
 
@@ -345,9 +349,10 @@ def test_combined_optimizer_steps_each_part_with_its_own_settings_and_one_schedu
 
 def test_sslpp_trains_both_stages_under_lightning(tmp_path):
     from benchmarks.augment import BatchAugment, Normalization, ViewSpec
-    from benchmarks.config import SUITE_DEFAULTS
+    from benchmarks.config import TrainConfig
     from benchmarks.data import ImageDataset
     from benchmarks.training import CombinedOptimizer, PretrainModule, fit
+    from ssl_common.typed import OptimizerConfig
 
     n = 32
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -368,8 +373,8 @@ def test_sslpp_trains_both_stages_under_lightning(tmp_path):
         return original_loss(batch)
     method.training_loss = loss
     augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
-    module = PretrainModule(method, augment, SUITE_DEFAULTS["optimizer"], dataset, batch_size=8, max_epochs=4, seed=0)
-    train_cfg = {**SUITE_DEFAULTS["train"], "epochs": 4, "accelerator": "cpu", "devices": 1, "precision": "32"}
+    module = PretrainModule(method, augment, OptimizerConfig(), dataset, batch_size=8, max_epochs=4, seed=0)
+    train_cfg = TrainConfig(epochs=4, accelerator="cpu", devices=1, precision="32")
     result = fit(module, train_cfg, tmp_path, "fp", progress=False)
 
     assert isinstance(module.trainer.optimizers[0], CombinedOptimizer)
@@ -392,14 +397,15 @@ class _Crash(RuntimeError):
 def test_sslpp_resumed_mid_stage_2_ends_bitwise_like_an_uninterrupted_run(tmp_path):
     """The checkpoint carries the pseudo-labels, both optimizers' states and the restarted schedule."""
     from benchmarks.augment import BatchAugment, Normalization, ViewSpec
-    from benchmarks.config import SUITE_DEFAULTS
+    from benchmarks.config import TrainConfig
     from benchmarks.data import ImageDataset
     from benchmarks.training import PretrainModule, fit
+    from ssl_common.typed import OptimizerConfig
 
     n = 32
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
-    train_cfg = {**SUITE_DEFAULTS["train"], "epochs": 4, "accelerator": "cpu", "devices": 1, "precision": "32"}
+    train_cfg = TrainConfig(epochs=4, accelerator="cpu", devices=1, precision="32")
 
     def run(run_dir, crash_at_epoch=None):
         method = _tiny_method("sslpp", num_train=n, num_clusters=4, num_heads=2, clustering_optimizer={"lr": 0.01})
@@ -412,7 +418,7 @@ def test_sslpp_resumed_mid_stage_2_ends_bitwise_like_an_uninterrupted_run(tmp_pa
                 return original(batch)
             method.training_loss = crashing
         augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
-        module = PretrainModule(method, augment, SUITE_DEFAULTS["optimizer"], dataset, batch_size=8, max_epochs=4,
+        module = PretrainModule(method, augment, OptimizerConfig(), dataset, batch_size=8, max_epochs=4,
                                 seed=0)
         return method, fit(module, train_cfg, run_dir, "fp", progress=False)
 

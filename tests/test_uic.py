@@ -12,12 +12,13 @@ except ImportError:  # pytest's rootdir-less import mode
 
 from benchmarks.augment import BatchAugment, Normalization, ViewSpec
 from benchmarks.backbones import small_cnn
-from benchmarks.config import SUITE_DEFAULTS
+from benchmarks.config import TrainConfig
 from benchmarks.data import ImageDataset
 from benchmarks.errors import ConfigError
 from methods import get_method
 from methods.base import DataInfo, EpochContext, TrainBatch
 from methods.uic import class_balanced_order, fill_empty_classes
+from ssl_common.typed import OptimizerConfig
 
 # -- fill_empty_classes -------------------------------------------------------------------------
 
@@ -123,8 +124,8 @@ def test_two_epochs_train_against_the_previous_epochs_predictions(tmp_path):
     method = _tiny_uic(n, num_classes=3, head="linear")
     spy = Spy(method)
     augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
-    module = PretrainModule(method, augment, SUITE_DEFAULTS["optimizer"], dataset, batch_size=8, max_epochs=2, seed=0)
-    train_cfg = {**SUITE_DEFAULTS["train"], "epochs": 2, "accelerator": "cpu", "devices": 1, "precision": "32"}
+    module = PretrainModule(method, augment, OptimizerConfig(), dataset, batch_size=8, max_epochs=2, seed=0)
+    train_cfg = TrainConfig(epochs=2, accelerator="cpu", devices=1, precision="32")
     result = fit(module, train_cfg, tmp_path, "fp", progress=False)
 
     # Lightning calls on_train_epoch_start before the sampler asks for the epoch's order

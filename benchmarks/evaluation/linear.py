@@ -92,7 +92,7 @@ def predict(model: nn.Module, features: torch.Tensor, device="cpu", chunk: int =
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, budget: dict,
                  seed: int = 0, device="cpu", desc: str | None = None) -> tuple[dict, dict]:
     """Top-1/top-5 (percent) of a linear probe, and the parameters used."""
-    params = {key: budget[key] for key in LINEAR_BUDGET_KEYS}
+    params = {key: budget[key] if isinstance(budget, dict) else getattr(budget, key) for key in LINEAR_BUDGET_KEYS}
     model = fit_linear_classifier(train_features, train_labels, num_classes, seed=seed, device=device, desc=desc,
                                   **params)
     scores = predict(model, test_features, device)

@@ -17,15 +17,12 @@ Protocols (metric keys as in benchmarks.records):
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from benchmarks.config import merge_checked
-from benchmarks.data import LOADERS
 from benchmarks.errors import ConfigError
 from benchmarks.evaluation import clustering as clustering_mod
 from benchmarks.evaluation import semi as semi_mod
@@ -33,42 +30,13 @@ from benchmarks.evaluation import transfer as transfer_mod
 from benchmarks.evaluation.features import backbone_features, extract
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
 from benchmarks.evaluation.linear import LINEAR_BUDGET_KEYS, linear_probe
+from benchmarks.evaluation.settings import PROTOCOLS, EvaluationConfig, KnnSettings
+from ssl_common.typed import validate
 
 log = logging.getLogger("benchmarks")
 
-PROTOCOLS = ("knn", "linear", "semi", "transfer", "clustering")
 RUN_ORDER = ("knn", "linear", "clustering", "semi", "transfer")  # cheap first
 PER_LAYER_KNN_K = 20
-SEMI_MODES = ("finetune", "linear")
-
-EVALUATION_DEFAULTS: dict = {
-    # transfer runs only for the targets listed under transfer.targets
-    "protocols": ["knn", "linear", "semi", "clustering", "transfer"],
-    "batch_size": 512,  # inference batch for feature extraction and test predictions
-    "per_layer": False,  # also kNN (k=20) and linear probes on every backbone stage
-    "knn": {"ks": [20, 200], "temperature": 0.1},
-    "linear": {"epochs": 100, "batch_size": 256, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
-    "semi": {
-        "fractions": [0.01, 0.1],
-        "mode": "finetune",  # finetune (backbone + head) | linear (probe on the subset's features)
-        "views": "crop_flip",  # finetune views: crop_flip | augment (suite's first view) | clean
-        "epochs": 50,
-        "batch_size": 128,
-        "lr": 0.05,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-    },
-    "transfer": {
-        "targets": [],  # dataset loader names, e.g. [cifar100]
-        "epochs": 50,
-        "batch_size": 256,
-        "lr": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 0.0,
-    },
-    "clustering": {"niter": 100, "nredo": 5, "spherical": False},  # FAISS k-means (methods without a head)
-}
-
 
 @dataclass
 class EvalResult:
@@ -77,65 +45,20 @@ class EvalResult:
     clusters: dict | None = None
 
 
-def _check_budget(section: dict, where: str) -> None:
-    for key in ("epochs", "batch_size"):
-        if not isinstance(section[key], int) or section[key] < 1:
-            raise ConfigError(f"{where}.{key}: must be a positive integer, got {section[key]!r}")
-    if not (section["lr"] > 0 and math.isfinite(section["lr"])):
-        raise ConfigError(f"{where}.lr: must be a positive number, got {section['lr']}")
-    if not 0 <= section["momentum"] < 1:
-        raise ConfigError(f"{where}.momentum: must be in [0, 1), got {section['momentum']}")
-    if section["weight_decay"] < 0:
-        raise ConfigError(f"{where}.weight_decay: must be >= 0, got {section['weight_decay']}")
+def resolve_evaluation(section: EvaluationConfig | dict | None) -> EvaluationConfig:
+    """The `evaluation` section as its typed model (a mapping is validated; errors name evaluation.<key>)."""
+    return validate(EvaluationConfig, section, "evaluation")
 
 
-def resolve_evaluation(section: dict) -> dict:
-    """Merge the suite's `evaluation` section over the defaults and range-check it."""
-    cfg = merge_checked(EVALUATION_DEFAULTS, section, "evaluation")
-    unknown = [p for p in cfg["protocols"] if p not in PROTOCOLS]
-    if unknown:
-        raise ConfigError(f"evaluation.protocols: unknown protocol '{unknown[0]}'; allowed: {', '.join(PROTOCOLS)}")
-    if cfg["batch_size"] < 1:
-        raise ConfigError(f"evaluation.batch_size: must be >= 1, got {cfg['batch_size']}")
-    knn = cfg["knn"]
-    if not knn["ks"] or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in knn["ks"]):
-        raise ConfigError(f"evaluation.knn.ks: must be a non-empty list of positive integers, got {knn['ks']!r}")
-    if not knn["temperature"] > 0:
-        raise ConfigError(f"evaluation.knn.temperature: must be > 0, got {knn['temperature']}")
-    _check_budget(cfg["linear"], "evaluation.linear")
-    semi = cfg["semi"]
-    _check_budget(semi, "evaluation.semi")
-    fractions = semi["fractions"]
-    if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and 0 < f <= 1 for f in fractions):
-        raise ConfigError(f"evaluation.semi.fractions: must be numbers in (0, 1], e.g. [0.01, 0.1]; got {fractions!r}")
-    if len({semi_mod.percent_label(f) for f in fractions}) != len(fractions):
-        raise ConfigError(f"evaluation.semi.fractions: duplicate fractions in {fractions!r}")
-    if semi["mode"] not in SEMI_MODES:
-        raise ConfigError(f"evaluation.semi.mode: got {semi['mode']!r}; allowed: {', '.join(SEMI_MODES)}")
-    if semi["views"] not in semi_mod.SEMI_VIEWS:
-        raise ConfigError(f"evaluation.semi.views: got {semi['views']!r}; allowed: {', '.join(semi_mod.SEMI_VIEWS)}")
-    transfer = cfg["transfer"]
-    _check_budget(transfer, "evaluation.transfer")
-    for target in transfer["targets"]:
-        if target not in LOADERS:
-            raise ConfigError(f"evaluation.transfer.targets: unknown dataset {target!r}; allowed: "
-                              f"{', '.join(sorted(LOADERS))}")
-    clus = cfg["clustering"]
-    for key in ("niter", "nredo"):
-        if not isinstance(clus[key], int) or clus[key] < 1:
-            raise ConfigError(f"evaluation.clustering.{key}: must be a positive integer, got {clus[key]!r}")
-    return cfg
-
-
-def run_knn(train_feats, train_labels, test_feats, test_labels, num_classes, cfg, suffix: str = "",
+def run_knn(train_feats, train_labels, test_feats, test_labels, num_classes, cfg: KnnSettings, suffix: str = "",
             ks=None) -> tuple[dict, dict]:
     metrics, params = {}, {}
-    for k in ks or cfg["ks"]:
+    for k in ks or cfg.ks:
         if k > len(train_feats):
             raise ConfigError(f"evaluation.knn.ks: k = {k} is larger than the kNN bank ({len(train_feats)} images)")
-        scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k, cfg["temperature"])
+        scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k, cfg.temperature)
         metrics[f"knn_k{k}{suffix}"] = topk_accuracy(scores, test_labels)
-        params[f"knn_k{k}{suffix}"] = {"k": k, "temperature": cfg["temperature"], "bank": "train split, clean views",
+        params[f"knn_k{k}{suffix}"] = {"k": k, "temperature": cfg.temperature, "bank": "train split, clean views",
                                        "bank_size": len(train_feats), "similarity": "cosine (l2-normalised)",
                                        "vote": "exp(sim / temperature)"}
     return metrics, params
@@ -149,7 +72,7 @@ class _Evaluation:
         self.device, self.seed, self.config = torch.device(device), seed, config
         self.data_root, self.results_dir, self.progress = data_root, results_dir, progress
         self.backbone = method.backbone
-        self.bs = cfg["batch_size"]
+        self.bs = cfg.batch_size
         self.result = EvalResult()
         self._features: dict[str, torch.Tensor] = {}
         self._stage_features: dict[str, list[torch.Tensor]] = {}
@@ -187,24 +110,24 @@ class _Evaluation:
     def knn(self) -> None:
         d = self.data
         self.add(*run_knn(self.features("train"), d.train.labels, self.features("test"), d.test.labels,
-                          d.num_classes, self.cfg["knn"]))
-        if self.cfg["per_layer"]:
+                          d.num_classes, self.cfg.knn))
+        if self.cfg.per_layer:
             train, test = self.stage_features("train"), self.stage_features("test")
             for i, (tr, te) in enumerate(zip(train, test), start=1):
-                self.add(*run_knn(tr, d.train.labels, te, d.test.labels, d.num_classes, self.cfg["knn"],
+                self.add(*run_knn(tr, d.train.labels, te, d.test.labels, d.num_classes, self.cfg.knn,
                                   suffix=f"_B{i}", ks=[PER_LAYER_KNN_K]))
 
     def linear(self) -> None:
         d = self.data
         metrics, params = linear_probe(self.features("train"), d.train.labels, self.features("test"), d.test.labels,
-                                       d.num_classes, self.cfg["linear"], self.seed, self.device,
+                                       d.num_classes, self.cfg.linear, self.seed, self.device,
                                        desc=self.desc("linear probe"))
         self.add({"linear": metrics}, {"linear": params})
-        if self.cfg["per_layer"]:
+        if self.cfg.per_layer:
             train, test = self.stage_features("train"), self.stage_features("test")
             for i, (tr, te) in enumerate(zip(train, test), start=1):
                 metrics, params = linear_probe(tr, d.train.labels, te, d.test.labels, d.num_classes,
-                                               self.cfg["linear"], self.seed, self.device,
+                                               self.cfg.linear, self.seed, self.device,
                                                desc=self.desc(f"linear probe B{i}"))
                 self.add({f"linear_B{i}": metrics}, {f"linear_B{i}": {**params, "stage": i}})
 
@@ -226,9 +149,9 @@ class _Evaluation:
             num_clusters, source = logits.shape[1], "head"
             params = {"assignment": "argmax of method.cluster_logits (clean views)"}
         else:
-            c = self.cfg["clustering"]
+            c = self.cfg.clustering
             predicted, params = clustering_mod.kmeans_assign(self.features("test"), d.num_classes, self.seed,
-                                                             c["niter"], c["nredo"], c["spherical"])
+                                                             c.niter, c.nredo, c.spherical)
             num_clusters, source = params["k"], "kmeans"
         raw = clustering_mod.clustering_metrics(d.test.labels, predicted)
         num_nonempty = int(len(set(predicted.tolist())))
@@ -239,74 +162,75 @@ class _Evaluation:
         self.result.clusters = {"num_clusters": int(num_clusters), "num_nonempty": num_nonempty, "source": source}
 
     def semi(self) -> None:
-        d, cfg = self.data, self.cfg["semi"]
-        suite = self.config["name"] if self.config else d.train.name
-        for fraction in cfg["fractions"]:
+        d, cfg = self.data, self.cfg.semi
+        suite = self.suite
+        for fraction in cfg.fractions:
             key = semi_mod.metric_key(fraction)
             indices, path = semi_mod.subset_indices(d.train.labels, d.num_classes, fraction, self.seed, suite,
                                                     self.results_dir)
             params = {"fraction": fraction, "num_images": len(indices),
                       "per_class": semi_mod.images_per_class(len(d.train), d.num_classes, fraction),
                       "split_file": str(path) if path is not None else None, "subset_seed": self.seed,
-                      "mode": cfg["mode"]}
-            if cfg["mode"] == "linear":
+                      "mode": cfg.mode}
+            if cfg.mode == "linear":
                 idx = torch.from_numpy(indices)
                 metrics, probe = linear_probe(self.features("train")[idx], d.train.labels[idx], self.features("test"),
-                                              d.test.labels, d.num_classes, self.cfg["linear"], self.seed,
+                                              d.test.labels, d.num_classes, self.cfg.linear, self.seed,
                                               self.device, desc=self.desc(f"{key} linear"))
                 params.update(probe)
             else:
-                views = semi_mod.finetune_views(cfg["views"], self.config, self.preprocess)
-                budget = {k: cfg[k] for k in LINEAR_BUDGET_KEYS}
+                views = semi_mod.finetune_views(cfg.views, self.config, self.preprocess)
+                budget = {k: getattr(cfg, k) for k in LINEAR_BUDGET_KEYS}
                 model = semi_mod.finetune(self.backbone, d.train.subset(torch.from_numpy(indices)), d.num_classes,
                                           views, seed=self.seed, device=self.device,
                                           desc=self.desc(f"{key} fine-tune"), **budget)
                 metrics = semi_mod.evaluate_classifier(model, d.test, self.preprocess, self.device, self.bs)
                 del model
                 params.update(budget)
-                params.update({"views": cfg["views"] if self.config else "clean", "optimizer": "sgd (nesterov)",
+                params.update({"views": cfg.views if self.config else "clean", "optimizer": "sgd (nesterov)",
                                "schedule": "cosine per step", "head": "linear, zero init", "seed": self.seed,
                                "trained": "whole network (copy of the backbone + head)"})
             self.add({key: metrics}, {key: params})
 
     def transfer(self) -> None:
-        if not self.cfg["transfer"]["targets"]:
+        if not self.cfg.transfer.targets:
             return
         if self.config is None:
             raise ValueError("transfer needs the suite config (image_size, in_channels, normalization)")
-        norm = self.config["augment"]["normalization"]
-        preprocess = transfer_mod.transfer_preprocess(self.config["image_size"], self.config["in_channels"],
-                                                      norm["mean"], norm["std"])
-        budget = self.cfg["transfer"]
-        for target in budget["targets"]:
+        norm = self.config.augment.normalization
+        preprocess = transfer_mod.transfer_preprocess(self.config.image_size, self.config.in_channels,
+                                                      norm.mean, norm.std)
+        budget = self.cfg.transfer
+        for target in budget.targets:
             key = transfer_mod.metric_key(target)
             train, test = transfer_mod.load_target(target, self.data_root)
             feats = [backbone_features(self.backbone, split, preprocess, self.device, self.bs,
                                        desc=self.desc(f"features ({target} {split.split})")) for split in (train, test)]
             metrics, params = linear_probe(feats[0], train.labels, feats[1], test.labels, train.num_classes,
                                            budget, self.seed, self.device, desc=self.desc(f"{key} probe"))
-            params.update({"target": target, "num_classes": train.num_classes, "image_size": self.config["image_size"],
-                           "in_channels": self.config["in_channels"], "normalization": "the suite's",
+            params.update({"target": target, "num_classes": train.num_classes, "image_size": self.config.image_size,
+                           "in_channels": self.config.in_channels, "normalization": "the suite's",
                            "target_channels": train.image_shape[0]})
             self.add({key: metrics}, {key: params})
 
 
-def evaluate_model(method, suite_data, preprocess, eval_cfg: dict, device="cpu", seed: int = 0,
-                   protocols=None, *, config: dict | None = None, data_root: str | Path | None = None,
+def evaluate_model(method, suite_data, preprocess, eval_cfg: EvaluationConfig | dict | None, device="cpu",
+                   seed: int = 0, protocols=None, *, config=None, suite: str | None = None, data_root: str | Path | None = None,
                    results_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
     """Evaluate `method` (its backbone frozen, except for semi-supervised fine-tuning of a copy).
 
-    `protocols` overrides `eval_cfg["protocols"]`. `config` (the suite config) supplies the suite
+    `protocols` overrides `eval_cfg.protocols`. `config` (the suite config) supplies the suite
     name, views and normalisation for semi-supervised fine-tuning and transfer; `data_root` is where
     transfer targets are read (default $SSL_BENCH_DATA or ./data); semi-supervised subsets are
     stored under `results_dir`/splits (not stored when None).
     """
     cfg = resolve_evaluation(eval_cfg)
-    chosen = list(protocols or cfg["protocols"])
+    chosen = list(protocols or cfg.protocols)
     unknown = [p for p in chosen if p not in PROTOCOLS]
     if unknown:
         raise ConfigError(f"protocols: unknown protocol '{unknown[0]}'; allowed: {', '.join(PROTOCOLS)}")
     run = _Evaluation(method, suite_data, preprocess, cfg, device, seed, config, data_root, results_dir, progress)
+    run.suite = suite or (config.name if config is not None else suite_data.train.name)
     for name in RUN_ORDER:
         if name in chosen:
             started = time.perf_counter()

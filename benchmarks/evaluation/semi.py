@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from benchmarks.augment import BatchAugment, Normalization, ViewSpec, step_generator
+from benchmarks.augment import BatchAugment, Normalization, step_generator
 from benchmarks.data import ImageDataset
 from benchmarks.errors import ConfigError, RecordExistsError
 from benchmarks.evaluation.features import extract
@@ -117,17 +116,17 @@ def read_subset(path: Path, labels: np.ndarray) -> np.ndarray:
     return indices
 
 
-def finetune_views(view_mode: str, config: dict | None, preprocess):
-    """(batch of uint8 images, generator) -> normalised training view."""
+def finetune_views(view_mode: str, config, preprocess):
+    """(batch of uint8 images, generator) -> normalised training view; `config` is the SuiteConfig (its
+    first view spec and normalisation: the suite's shared pipeline)."""
     if view_mode == "clean" or config is None:
         return lambda images, generator: preprocess(images)
-    first = ViewSpec.from_dict(config["augment"]["views"][0])
-    spec = replace(first, count=1)
+    spec = config.augment.views[0].model_copy(update={"count": 1})
     if view_mode == "crop_flip":
-        spec = replace(spec, jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
-                       grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
-    norm = config["augment"]["normalization"]
-    augment = BatchAugment([spec], Normalization(tuple(norm["mean"]), tuple(norm["std"])))
+        spec = spec.model_copy(update=dict(jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0,
+                                           grayscale_p=0.0, blur_p=0.0, solarize_p=0.0))
+    norm = config.augment.normalization
+    augment = BatchAugment([spec], Normalization(tuple(norm.mean), tuple(norm.std)))
 
     def views(images, generator):
         return augment.to(images.device)(images, generator)[0]

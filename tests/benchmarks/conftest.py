@@ -184,7 +184,7 @@ def torch_threads():
 def workload_setup(script, workload: Workload):
     """(suite config at the workload's batch size, random uint8 images for `steps` batches)."""
     config = script.simclr_config(workload.suite, workload.batch_size)
-    data = script.random_images(workload.batch_size * workload.steps, config["in_channels"], workload.image_size)
+    data = script.random_images(workload.batch_size * workload.steps, config.in_channels, workload.image_size)
     return config, data
 
 

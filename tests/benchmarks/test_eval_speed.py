@@ -15,7 +15,6 @@ import torch
 from benchmarks.cli import main as cli_main
 from benchmarks.config import load_suite
 from benchmarks.evaluate_cli import protocol_of
-from benchmarks.evaluation.protocols import resolve_evaluation
 from benchmarks.records import record_path
 from benchmarks.runner import build_method, load_suite_data, save_model
 
@@ -27,8 +26,8 @@ def test_evaluate_digits_checkpoint(benchmark, speed_record, tmp_path, torch_thr
     method, _ = build_method(config, "simclr", data)
     checkpoint = tmp_path / "model.pt"
     save_model(checkpoint, method, {"suite": "digits", "method": "simclr", "seed": 0, "epochs": 1,
-                                    "backbone": config["backbone"], "in_channels": config["in_channels"]})
-    protocols = resolve_evaluation(config["evaluation"])["protocols"]
+                                    "backbone": config.backbone, "in_channels": config.in_channels})
+    protocols = config.evaluation.protocols
     rounds = iter(range(10**6))
 
     def setup():

@@ -50,4 +50,4 @@ def test_simclr_training_step(benchmark, speed_script, speed_record, workload, r
                                    iterations=1)
     assert math.isfinite(mean_loss)
     speed_record(benchmark, f"train_step[{spec.name}-{path}]", spec.steps, "optimizer step", mean_loss=mean_loss,
-                 batch_size=spec.batch_size, backbone=config["backbone"], suite=spec.suite, threads=torch_threads)
+                 batch_size=spec.batch_size, backbone=config.backbone, suite=spec.suite, threads=torch_threads)

@@ -1,0 +1,36 @@
+"""Experiment trackers through Lightning's loggers: a tiny run logged with MLflow to a local folder."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.cli import main
+from benchmarks.records import iter_record_files, read_record
+
+
+@pytest.mark.slow
+def test_a_tiny_run_logged_with_mlflow_has_its_metrics_in_the_local_store(tmp_path, monkeypatch):
+    mlflow = pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tracker-test")
+    code = main(["run", "--suite", "digits", "--methods", "simclr", "--epochs", "2", "--no-references",
+                 "--no-report", "--no-progress", "--logger", "mlflow", "--out", str(tmp_path / "out"),
+                 "--work-dir", str(tmp_path / "work"), "--set", "dataset.options.test_fraction=0.75",
+                 "evaluation.protocols=[knn]", "train.online_knn_every=1", "train.log_every_n_steps=1"])
+    assert code == 0
+    (record_file,) = iter_record_files(tmp_path / "out")
+    record = read_record(record_file)
+    assert record["config"]["train"]["logger"] == "mlflow"  # the chosen tracker is in the record
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=store.as_uri())
+    experiment = client.get_experiment_by_name("tracker-test")
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    # the per-epoch loss and the online kNN monitor arrived, one value per epoch, equal to the record's history
+    losses = client.get_metric_history(run.info.run_id, "epoch_loss")
+    knn = client.get_metric_history(run.info.run_id, "online_knn_top1")
+    assert [round(m.value, 5) for m in sorted(losses, key=lambda m: m.step)] == \
+        [round(h["loss"], 5) for h in record["history"]]
+    assert len(knn) == 2 and all(0 <= m.value <= 100 for m in knn)
+    assert client.get_metric_history(run.info.run_id, "train_loss")  # per-step loss too
