@@ -79,6 +79,6 @@ def import_plugins_from_env() -> None:
 # Built-in methods register themselves on import.
 from methods import byol, references, simclr, swav  # noqa: E402,F401
 
-for _optional in ("self_classifier", "carl", "carp", "uic", "sslpp", "rotation"):
+for _optional in ("self_classifier", "carl", "carp", "uic", "iic", "sslpp", "rotation"):
     if importlib.util.find_spec(f"methods.{_optional}") is not None:
         importlib.import_module(f"methods.{_optional}")

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ssl_common.distributed import gather_cat
 from ssl_common.errors import ConfigError
-from ssl_common.typed import MethodHparams, validate
+from ssl_common.typed import MethodHparams, OptimizerConfig, validate
 
 
 @dataclass
@@ -41,6 +41,7 @@ class TrainBatch:
     step: int  # global optimizer step
     max_epochs: int
     generator: torch.Generator  # seeded by (seed, step): per-step randomness that survives resume
+    stage: int = 0  # index of the pretraining stage (methods with several, see SSLMethod.stages)
 
 
 @dataclass
@@ -55,6 +56,22 @@ class EpochContext:
     # true labels of the pretraining set in index order (-1 = unlabelled), or None; only
     # for logging the quality of pseudo-labels (NMI), never for training
     labels: torch.Tensor | None = None
+    stage: int = 0
+
+
+@dataclass
+class Stage:
+    """One pretraining stage with a budget of its own (SSL++: the IIC clustering stage, then Rotation).
+
+    The trainer runs the stages one after another, each a fit of its own (own batch size, epochs,
+    optimizer and LR schedule, own epoch checkpoint, so a resume continues in the right stage).
+    """
+
+    name: str
+    epochs: int
+    batch_size: int
+    optimizer: OptimizerConfig
+    augment: Any = None  # the stage's views (an AugmentConfig); None = the method's
 
 
 class SSLMethod(nn.Module):
@@ -105,9 +122,21 @@ class SSLMethod(nn.Module):
     def training_loss(self, batch: TrainBatch) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor | None:
-        """[B, K] scores of the method's own clustering/classification head, or None."""
+    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor] | None:
+        """Scores of the method's own clustering/classification head(s), or None (no head: the suite's
+        k-means on the backbone features scores the clustering).
+
+        One head: a [B, K] tensor. Several heads (IIC's main + over-clustering head, Self-Classifier's
+        heads): a list of [B, K_i] tensors, one per head, the main head (K = the true classes) first
+        where there is one; the evaluation scores every head, a K = classes head with one-to-one ACC,
+        an over-clustering head (K > classes) with many-to-one ACC. Cluster = argmax of a head.
+        """
         return None
+
+    def probe_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The features the linear probe is trained on, [B, D]: the backbone's by default. A method whose
+        paper probes elsewhere overrides it (UIC sec. 5.2 keeps its MLP head and probes its output)."""
+        return self.backbone(images)
 
     def on_train_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
         """Called before each epoch; returns values to log (e.g. a scheduled weight)."""
@@ -120,14 +149,18 @@ class SSLMethod(nn.Module):
         """The order in which to visit the pretraining set this epoch; None = a random permutation."""
         return None
 
-    def optimizer_groups(self) -> list[tuple[list[nn.Parameter], dict]]:
-        """[(parameters, overrides of the method's optimizer config)]: parameter sets that get an optimizer
-        of their own (e.g. Adam for SSL++'s IIC stage); every other parameter uses the method's optimizer."""
-        return []
+    def stages(self, settings) -> list[Stage] | None:
+        """The pretraining stages, each with its own budget; None = one stage with the method's resolved
+        epochs, batch size, optimizer and views (`settings`: its MethodConfig). The record's `epochs` is the
+        last stage's."""
+        return None
 
-    def schedule_restarts(self, max_epochs: int) -> list[int]:
-        """Epochs at which the LR schedule (warm-up + cosine) starts over, e.g. SSL++'s second stage."""
-        return []
+    def set_stage(self, index: int) -> None:
+        """Called before stage `index` trains (and before its optimizer is built): e.g. freeze the other
+        stages' parameters so that the optimizer holds only this stage's."""
+        self.stage = index
+
+    stage: int = 0
 
     # -- helpers -------------------------------------------------------------------
     def config_error(self, key: str, message: str) -> ConfigError:

@@ -14,6 +14,18 @@ Choices: the KL is Eq. 5.5 (Listing 2's `kl_div` returns the entropy, whose sign
 wrong for a term added to the loss: minimising it would collapse the assignments).
 The dot product is clamped at 1e-7 before the log. Under DDP the scores are gathered
 first, so pbar (and the whole loss) is the one of the global batch.
+
+Settings (dissertation sec. 5.6, 5.8; the suites' carl sections):
+
+| setting          | paper                                                          | suite                        |
+|------------------|----------------------------------------------------------------|------------------------------|
+| K                | 100 CIFAR-10, 300 CIFAR-100 / STL-10 (sec. 5.8.4)              | the same                     |
+| lambda_e         | 4 -> 1.5 over 100 epochs CIFAR (sec. 5.6.2); 2 -> 1 STL-10     | the same (digits/mnist:      |
+|                  | (sec. 5.6.1), per epoch (Eq. 5.8; Listing 2 per iteration)     | shorter, see the suite files)|
+| projection head  | 512 -> 512 -> 128 with BN (sec. 5.8.2)                         | the same                     |
+| optimizer        | SGD 0.6 -> 0.0006 cosine, wd 5e-4 ("LARS ... but pure SGD      | SGD 0.6 -> 0.0006, wd 5e-4   |
+|                  | produces similar results"), momentum not stated (sec. 5.8.4)   | momentum 0.9                 |
+| batch / epochs   | 256 / 200, ResNet-18 (sec. 5.8)                                | the suite's                  |
 """
 
 from __future__ import annotations

@@ -2,29 +2,56 @@
 
 Paper: ../shared/seeds/carl-carp-dissertation.txt, Eq. 6.1-6.9, sec. 6.5.4.
 
-CARL (methods/carl.py) done block-wise: every iteration the K prototypes are split by
-a fresh random partition into N_P = K / N_B blocks of N_B prototypes (Eq. 6.2), and
-for view i and block j
+CARL (methods/carl.py) done block-wise: every iteration the K prototypes are split by a fresh random
+partition into N_P = K / N_B blocks of N_B prototypes (Eq. 6.2), and for view i and block j
 
     p_{i,j} = softmax(scores_i[block_j])              softmax over the block only (Eq. 6.3-6.4)
     L_c  = -1/(B N_P) sum_i sum_j log <p^a_{i,j}, sg(p^b_{i,j})>, symmetrised as CARL      (Eq. 6.5)
-    L_KL = 1/N_P sum_j (log N_B + sum_c pbar_{j,c} log pbar_{j,c}), pbar_j = mean_i p_{i,j}
-                                                                           (Eq. 6.6-6.7)
-    L    = L_c + lambda_e * (L_KL^a + L_KL^b)           (Eq. 6.9, lambda_e of Eq. 5.8)
+    L    = L_c + lambda_e * L_KL                       (Eq. 6.9, lambda_e of Eq. 5.8)
 
-Choices: Eq. 6.6 writes a single log K and a sum over blocks; we use the uniform
-distribution of each block (log N_B) and the mean over blocks, as the official code
-does (a constant and a scale of lambda). The partition is drawn from the step's seeded
-generator (TrainBatch.generator, seeded by (seed, step)), so it survives resume and is
-the same on every DDP rank. The assigner is a two-layer MLP with BN (sec. 6.2, 6.5.2),
-its last layer holding the prototypes without bias (Eq. 6.3). The later official code's
-EMA teacher (targets from an EMA copy of backbone + heads) is the flag `ema_teacher`,
-off by default; multi-crop is not implemented.
+The uniformity term L_KL: the text disagrees with itself and with the official code. Every reading is
+implemented (`uniformity`); with pbar_j^v = mean_i p^v_{i,j} (Eq. 6.7) and
+R := sum_{v in a,b} 1/N_P sum_j KL(pbar_j^v || U_{N_B}) (the default), each reading's weight on the
+gradient relative to R (it multiplies lambda_e):
+
+| `uniformity`       | what it computes (summed over the views a, b unless said)     | weight vs R           |
+|--------------------|---------------------------------------------------------------|-----------------------|
+| `block_mean`       | 1/N_P sum_j (log N_B + sum_c pbar_j log pbar_j)   (default)    | x 1                   |
+| `eq6.6_sum`        | Eq. 6.6 as printed: log K + sum_j sum_c pbar_j log pbar_j      | x N_P (constant aside)|
+| `eq6.8_one_block`  | Eq. 6.8 as printed: log K + sum_c pbar_j log pbar_j, one block | x 1 in expectation,   |
+|                    | j (the free index; block 0 of the random partition = a random | one block per step    |
+|                    | block)                                                        | (more variance)       |
+| `official_pooled`  | official code (sthalles/carp carp_loss.py): the views pooled   | x 1/2 (exact when     |
+|                    | into one pbar_j = mean over a, b (and the EMA teacher's views  | pbar^a = pbar^b; less |
+|                    | when on), 1/N_P sum_j (log N_B + sum pbar_j log pbar_j), once | otherwise, convexity);|
+|                    | (not per view); the code uses lambda = 1, no schedule          | x 1/4 with the teacher|
+
+Default `block_mean`, the reading the text supports best: the chapter defines CARP as "CARL's
+[task] but done block-wise" (sec. 6.3, Fig. 6.1), Eq. 6.5 averages the consistency over blocks
+(1/(B N_P)), and Eq. 6.6's left side is one block's KL(P_j || U) -- averaging that block-wise CARL
+term over blocks like Eq. 6.5 keeps L_c and L_KL on CARL's scale (so lambda_e 2 -> 0.15 of sec. 6.5.4
+means what it means for CARL), and with one block CARP is CARL exactly (Eq. 6.1). The sum in Eq. 6.6
+(x N_P, 12 on ImageNet) and the single block of Eq. 6.8 are kept as variants, as is the official
+code's pooled KL with lambda fixed at 1 (suite variant `carp/official-kl`). The constants (log K vs
+N_P log N_B) do not change gradients; as printed, Eq. 6.6 can be negative.
+
+Settings (sec. 6.5.4, ImageNet only -- the dissertation gives no CIFAR/STL values for CARP):
+K 3000, N_B 250 (N_P 12), lambda_e 2.0 -> 0.15 over the first 30 epochs, LARS 5.4 -> 0.00054 cosine,
+wd 1e-6, batch 256; assigner a two-layer MLP with BN (sec. 6.2, 6.5.2) whose last layer holds the
+prototypes without bias (Eq. 6.3). The suites choose K, N_B and the optimizer for CIFAR/STL and say so.
+
+Choices: the partition is drawn from the step's seeded generator (TrainBatch.generator, seeded by
+(seed, step)), so it survives resume and is the same on every DDP rank. The later official code's EMA
+teacher (targets from an EMA copy of backbone + heads) is the flag `ema_teacher`, off by default;
+multi-crop is not implemented.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +62,7 @@ from torch import nn
 
 from methods import register_method
 from methods.base import TrainBatch
-from methods.carl import AssignmentHparams, AssignmentMethod, assignment_terms
+from methods.carl import AssignmentHparams, AssignmentMethod, consistency_term, kl_to_uniform
 from ssl_common.distributed import gather_cat
 
 
@@ -54,22 +81,74 @@ def block_probs(scores: torch.Tensor, partition: torch.Tensor) -> torch.Tensor:
     return F.softmax(scores[:, partition.to(scores.device)], dim=-1)
 
 
+def _neg_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """sum_c pbar_{j,c} log pbar_{j,c} per block: [N, n_blocks, N_B] -> [n_blocks] (Eq. 6.6-6.7)."""
+    mean = probs.mean(dim=0)
+    return torch.xlogy(mean, mean).sum(dim=-1)
+
+
+def uniformity_block_mean(*probs: torch.Tensor) -> torch.Tensor:
+    """Default reading: per view, the mean over blocks of KL(pbar_j || U_{N_B}); the views' terms added
+    (as CARL's Listing 2 adds its views' terms)."""
+    return sum(kl_to_uniform(p) for p in probs)
+
+
+def uniformity_eq6_6_sum(*probs: torch.Tensor) -> torch.Tensor:
+    """Eq. 6.6 as printed, per view: log K + sum_j sum_c pbar_{j,c} log pbar_{j,c}; views added."""
+    return sum(math.log(p.shape[1] * p.shape[2]) + _neg_entropy(p).sum() for p in probs)
+
+
+def uniformity_eq6_8_one_block(*probs: torch.Tensor) -> torch.Tensor:
+    """Eq. 6.8 as printed, per view: log K + sum_c pbar_{j,c} log pbar_{j,c} for one block j (block 0 of the
+    random partition, so a uniformly random block); views added."""
+    return sum(math.log(p.shape[1] * p.shape[2]) + _neg_entropy(p[:, :1]).sum() for p in probs)
+
+
+def uniformity_official_pooled(*probs: torch.Tensor) -> torch.Tensor:
+    """The official code (sthalles/carp carp_loss.py): every view's probabilities pooled along the batch into
+    one pbar_j, then the mean over blocks of log N_B + sum_c pbar_j log pbar_j -- one term, not one per view."""
+    return kl_to_uniform(torch.cat(probs, dim=0))
+
+
+UNIFORMITY: dict[str, Callable[..., torch.Tensor]] = {
+    "block_mean": uniformity_block_mean,
+    "eq6.6_sum": uniformity_eq6_6_sum,
+    "eq6.8_one_block": uniformity_eq6_8_one_block,
+    "official_pooled": uniformity_official_pooled,
+}
+
+
 def carp_terms(scores_a: torch.Tensor, scores_b: torch.Tensor, partition: torch.Tensor,
-               target_scores_a: torch.Tensor | None = None,
-               target_scores_b: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_c, L_KL^a + L_KL^b) over the global batch; targets from a teacher if given, else the other view."""
+               target_scores_a: torch.Tensor | None = None, target_scores_b: torch.Tensor | None = None,
+               uniformity: str = "block_mean") -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_c, L_KL) over the global batch; targets from a teacher if given, else the other view.
+
+    L_KL is the `uniformity` reading (see the module docstring); the official code's pooled reading also
+    pools the teacher's views when there is a teacher."""
     probs_a, probs_b = (block_probs(gather_cat(s), partition) for s in (scores_a, scores_b))
-    targets_a = targets_b = None
-    if target_scores_a is not None:
+    teacher = target_scores_a is not None
+    targets_a, targets_b = probs_a, probs_b  # CARL's targets: the other view's own assignments
+    if teacher:
         targets_a, targets_b = (block_probs(gather_cat(s.detach()), partition)
                                 for s in (target_scores_a, target_scores_b))
-    return assignment_terms(probs_a, probs_b, targets_a, targets_b)
+    consistency = 0.5 * consistency_term(probs_a, targets_b) + 0.5 * consistency_term(probs_b, targets_a)  # Eq. 6.5
+    pooled = (probs_a, probs_b, targets_a, targets_b) if teacher and uniformity == "official_pooled" else (
+        probs_a, probs_b)
+    return consistency, UNIFORMITY[uniformity](*pooled)
 
 
 def carp_loss(scores_a: torch.Tensor, scores_b: torch.Tensor, partition: torch.Tensor,
               kl_weight: float) -> torch.Tensor:
-    """Eq. 6.9 on the prototype scores [N, K] of two views for one partition [n_blocks, N_B]."""
+    """Eq. 6.9 on the prototype scores [N, K] of two views for one partition [n_blocks, N_B] (default
+    uniformity reading, `block_mean`)."""
     consistency, kl = carp_terms(scores_a, scores_b, partition)
+    return consistency + kl_weight * kl
+
+
+def carp_loss_reading(scores_a: torch.Tensor, scores_b: torch.Tensor, partition: torch.Tensor, kl_weight: float,
+                      uniformity: str) -> torch.Tensor:
+    """`carp_loss` with another reading of the uniformity term (`UNIFORMITY`)."""
+    consistency, kl = carp_terms(scores_a, scores_b, partition, uniformity=uniformity)
     return consistency + kl_weight * kl
 
 
@@ -86,6 +165,8 @@ class CARP(AssignmentMethod):
         kl_weight_start: float = Field(2.0, ge=0)  # lambda_e: 2.0 -> 0.15 over the first 30 epochs (sec. 6.5.4)
         kl_weight_end: float = Field(0.15, ge=0)
         kl_decay_epochs: int = Field(30, ge=0)
+        # the reading of L_KL (module docstring); the official code's `official_pooled` runs with lambda 1
+        uniformity: Literal["block_mean", "eq6.6_sum", "eq6.8_one_block", "official_pooled"] = "block_mean"
         ema_teacher: bool = False  # later official code: targets from an EMA teacher
         ema_momentum_base: float = Field(0.99, ge=0, le=1)  # teacher momentum, cosine schedule to 1 (as BYOL)
 
@@ -122,7 +203,7 @@ class CARP(AssignmentMethod):
         partition = random_partition(hp.num_prototypes, hp.block_size, batch.generator)
         scores = [self._scores(v) for v in views]
         targets = [self._teacher_scores(v) for v in views] if hp.ema_teacher else [None, None]
-        consistency, kl = carp_terms(*scores, partition, *targets)
+        consistency, kl = carp_terms(*scores, partition, *targets, uniformity=hp.uniformity)
         loss = consistency + self.kl_weight(batch.epoch) * kl
         return loss, {"consistency": consistency.detach(), "kl": kl.detach()}
 

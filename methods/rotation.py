@@ -4,9 +4,20 @@ The SSL++ paper's Rotation baseline (its proxy task V1, Eq. 3 with a 4-way cross
 image of a batch goes in as its four quarter turns, and a head on the backbone's features
 classifies the turn. Head: one linear layer on the globally average-pooled features, as in RotNet's
 CIFAR NIN (architectures/NetworkInNetwork.py: the 'classifier' block is GlobalAveragePooling +
-nn.Linear(192, 4); no MLP). Training budget in the paper (Table II; RotNet's
-config/CIFAR10_RotNet_NIN4blocks.py): SGD, batch 128, lr 0.1, 200 epochs, lr steps at [60, 120,
-160]; momentum 0.9, weight decay 5e-4 -- the suite config's optimizer section sets these.
+nn.Linear(192, 4); no MLP).
+
+Settings (sslpp.txt Table II and sec. V-A.4; RotNet's config/CIFAR10_RotNet_NIN4blocks.py):
+
+| setting        | paper                                                   | suite (cifar10-nin / stl10-nin)     |
+|----------------|---------------------------------------------------------|-------------------------------------|
+| backbone       | NIN, 4 blocks                                           | `nin`                               |
+| optimizer      | SGD lr 0.1, momentum 0.9, wd 5e-4                       | the suite's optimizer section       |
+| schedule       | steps at [60, 120, 160], factor 10 (SSL++ sec. V-A.4);  | `schedule: step`, gamma 0.1         |
+|                | RotNet's code: x0.2 and Nesterov                        |                                     |
+| batch / epochs | 128 images (x 4 rotations) / 200                        | 128 / 200                           |
+| views          | RotNet: RandomCrop(32, padding 4) + h-flip              | the suite's views (an approximation:|
+|                |                                                         | the view pipeline has no padding)   |
+
 The method has no hyperparameters of its own: RotNet feeds the four rotations of each image once,
 here those of the first augmented view.
 """

@@ -1,6 +1,7 @@
 """Self-Classifier (Amrani & Bronstein): a classifier trained with a uniform label prior.
 
-Paper: ../shared/seeds/self-classifier.txt (Algorithm 1, Eq. 3-4, sec. 7.2).
+Papers: ../shared/seeds/self-classifier.txt (Algorithm 1, Eq. 3-4, sec. 7.2-7.4) and the KTH
+reimplementation ../shared/seeds/self-classifier-reimplementation.txt (sec. 3.2-3.3, 5.4).
 
     l(a, b) = -(1/N) sum_n sum_y p(b_n|y) log p(y|a_n)                       (Eq. 3)
     p(y|a)  = softmax(logits_a / row_tau, dim=1)    ("row" softmax over classes)
@@ -8,23 +9,51 @@ Paper: ../shared/seeds/self-classifier.txt (Algorithm 1, Eq. 3-4, sec. 7.2).
     L       = (l(a, b) + l(b, a)) / 2                                        (Eq. 4)
 
 No stop-gradient (Algorithm 1 has none): both views get gradient through both factors.
-With several heads the loss is the mean over heads. CIFAR variant (sec. 7.2): after
-the column softmax, l1-normalise each row of p(b|y) over the classes (`row_l1_norm`).
-The paper writes one temperature tau; separate row/column temperatures come from the
-official code and the reimplementation (0.1 / 0.05); set both to tau for the paper's.
+CIFAR (sec. 7.2): after the column softmax, l1-normalise each row of p(b|y) over the classes
+(`row_l1_norm`). The paper writes one temperature tau; set row_tau = col_tau = tau for it.
 
-Paper vs official code: the official code (and the reimplementation's formula) also
-normalises the prediction over the batch, log(N/C * p(y|a_n) / sum_m p(y|a_m)).
-We follow the paper's Eq. 3; the official variant is the flag
-`official_prediction_norm` (see `self_classifier_view_loss`).
+The reimplementation's loss (its sec. 3.2) is not Eq. 3: the prediction is renormalised over the
+batch per class, log p(y|a_n) -> log(N/C * p(y|a_n) / sum_m p(y|a_m) + 1e-8), with the target
+l1-normalised over the classes (= `row_l1_norm`). The eps inside the log is the official code's
+(SC-v2 src/loss.py; the reimplementation's formula has none, its code only F.normalize's floor).
+Flag `official_prediction_norm`. We follow the paper's Eq. 3 by default; the suites' variant
+`self_classifier/reimpl` uses the reimplementation's loss and settings.
 
-Network (sec. 7.2): backbone -> MLP 256-256-64 (BN + LeakyReLU after the first two
-layers, l2-normalised output) -> a FIXED bias-free linear classifier per head,
-initialised with orthonormal rows, its rows normalised so logits are cosine
-similarities. When a head has more classes than the embedding has dimensions,
-orthonormal rows are impossible: torch's orthogonal_ then gives orthonormal columns
-and we normalise the rows. The classifier is learnable behind `learnable_classifier`
-(the paper reports that this is much worse).
+Several heads (logits as a list): the loss is the mean over heads, as the original code (SC-v1
+loss.py `loss /= len(all_out1)`, SC-v2 the mean over heads and view pairs). The reimplementation's
+code *sums* over heads (KTH train.py `L += ...`; its report does not say): with its 4 heads its
+gradient is 4x ours at the same lr. We keep the mean (the contract), so `self_classifier/reimpl`
+at the report's lr 0.4 takes a quarter of the KTH code's step on the loss.
+
+Network (sec. 7.2): backbone -> MLP 256-256-64 (BN + LeakyReLU after the first two layers,
+l2-normalised output; `mlp_layers: 2` for the reimplementation's "2-layer MLP", sec. 3.3) -> a FIXED
+bias-free linear classifier per head with orthonormal init, rows normalised so logits are cosine
+similarities. When a head has more classes than the embedding has dimensions, orthonormal rows are
+impossible: torch's orthogonal_ gives orthonormal columns and we normalise the rows. Learnable
+behind `learnable_classifier` (the paper reports it is much worse; the KTH and SC-v2 code learn it).
+
+Settings (paper = self-classifier.txt; reimpl = the reimplementation; suite = cifar10.yaml etc.):
+
+| setting        | paper (`self_classifier`)                    | reimpl (`self_classifier/reimpl`)             |
+|----------------|----------------------------------------------|-----------------------------------------------|
+| loss           | Eq. 3-4                                      | sec. 3.2 (official_prediction_norm)           |
+| heads          | one head, 3x classes (30 / 60), sec. 7.2     | [1, 2, 4, 8] x classes (sec. 3.3, Table 2)    |
+|                | (SC-v1 scripts: 30 heads: `/official`)       |                                               |
+| tau row / col  | 0.3 / 0.3 (sec. 7.2)                         | 0.1 / 0.05; STL-10 0.07 / 0.05 (Table 2)      |
+| MLP            | 256-256-64 (sec. 7.2)                        | 2 layers (sec. 3.3), 4096 -> 128 (KTH code)   |
+| optimizer      | SGD m 0.9 lr 3.2 -> 0.032 cosine, wd 1e-6    | SGD m 0.9, 0.01 -> 0.4 warm-up 10 ep, cosine  |
+|                | (sec. 7.4 cites LARS [31]; SC-v1 code: plain |   to 0.0004, wd 1e-4 (sec. 3.3)               |
+|                | SGD, no warm-up) -- suite: plain SGD         |                                               |
+| batch / epochs | 256 / 800 -- suite: 256 / the suite's 200    | 512 / 800; STL-10 300 (sec. 3.3, 5.4)         |
+| augmentation   | MoCo-v2, crop [0.2, 1] (sec. 7.3)            | BYOL's (sec. 3.3): asymmetric blur/solarize   |
+| backbone       | ResNet-18 (suite: its backbone)              | ResNet-18, ImageNet stem (suite: its backbone)|
+
+Differences kept on purpose: the suite's backbone and pretraining split (the reimplementation's
+code pretrains STL-10 on the 5k labelled images only); the default variant trains for the suite's
+epochs (one budget for every method of a suite); digits keeps its 8x8 view pipeline and batch.
+
+Cluster prediction: argmax of a head; `cluster_logits` returns every head (the head with K = the
+true classes first) when there are several.
 """
 
 from __future__ import annotations
@@ -43,16 +72,19 @@ def _as_heads(logits) -> list[torch.Tensor]:
     return list(logits) if isinstance(logits, (list, tuple)) else [logits]
 
 
+PREDICTION_NORM_EPS = 1e-8  # the official code's eps inside the log (SC-v2 src/loss.py Loss default)
+
+
 def self_classifier_view_loss(pred_logits: torch.Tensor, target_logits: torch.Tensor, row_tau: float,
                               col_tau: float, row_l1_norm: bool, official_prediction_norm: bool = False,
-                              eps: float = 1e-8) -> torch.Tensor:
+                              eps: float = PREDICTION_NORM_EPS) -> torch.Tensor:
     """l(a, b) of Eq. 3 for one head on one (already global) batch: a predicts, b is the target."""
     n, num_classes = pred_logits.shape
     x_given_y = F.softmax(target_logits / col_tau, dim=0)  # p(b_n|y): column softmax over the batch
     if row_l1_norm:
-        x_given_y = x_given_y / x_given_y.sum(dim=1, keepdim=True)  # sec. 7.2 (CIFAR)
+        x_given_y = x_given_y / x_given_y.sum(dim=1, keepdim=True)  # sec. 7.2 (CIFAR); reimpl. sec. 3.2
     if official_prediction_norm:
-        # official code: log(N/C * p(y|a_n) / sum_m p(y|a_m) + eps)
+        # reimplementation sec. 3.2 (+ the official code's eps): log(N/C * p(y|a_n) / sum_m p(y|a_m) + eps)
         y_given_x = F.softmax(pred_logits / row_tau, dim=1)
         y_given_x = y_given_x / y_given_x.sum(dim=0, keepdim=True).clamp_min(eps)
         log_y_given_x = torch.log(n / num_classes * y_given_x + eps)
@@ -76,12 +108,15 @@ def _symmetric_multi_head_loss(logits_a, logits_b, row_tau, col_tau, row_l1_norm
     return total / len(heads_a)
 
 
-def self_classifier_loss(logits_a, logits_b, row_tau: float, col_tau: float, row_l1_norm: bool) -> torch.Tensor:
+def self_classifier_loss(logits_a, logits_b, row_tau: float, col_tau: float, row_l1_norm: bool,
+                         official_prediction_norm: bool = False) -> torch.Tensor:
     """Eq. 4 averaged over heads; logits_*: raw (pre-temperature) [N, C] logits or a list (one per head).
 
-    Under DDP the logits are gathered first, so the loss is the one of the global batch on every rank.
+    `official_prediction_norm=True`: the reimplementation's loss (its sec. 3.2), log p(y|a_n) replaced by
+    log(N/C * p(y|a_n) / sum_m p(y|a_m) + 1e-8). Under DDP the logits are gathered first, so the loss is
+    the one of the global batch on every rank (N = the global batch).
     """
-    return _symmetric_multi_head_loss(logits_a, logits_b, row_tau, col_tau, row_l1_norm, False)
+    return _symmetric_multi_head_loss(logits_a, logits_b, row_tau, col_tau, row_l1_norm, official_prediction_norm)
 
 
 class CosineClassifier(nn.Module):
@@ -103,14 +138,16 @@ class SelfClassifier(SSLMethod):
     paper = "self-classifier"
 
     class Hparams(MethodHparams):
-        heads: list[int] = []  # class counts, one head each; [] = one head of 3x the true classes (over-clustering)
+        # class counts, one head each; [] = one head of 3x the true classes (sec. 7.2 over-clustering)
+        heads: list[int] = []
+        mlp_layers: int = Field(3, ge=2)  # 3: 256-256-64 (sec. 7.2); 2: the reimplementation's (sec. 3.3)
         hidden_dim: int = Field(256, ge=1)
         output_dim: int = Field(64, ge=1)
-        row_tau: float = Field(0.1, gt=0)
-        col_tau: float = Field(0.05, gt=0)
-        row_l1_norm: bool = True
+        row_tau: float = Field(0.3, gt=0)  # the paper's one tau 0.3 (sec. 7.2); reimpl. 0.1 (sec. 3.3)
+        col_tau: float = Field(0.3, gt=0)  # reimpl. 0.05
+        row_l1_norm: bool = True  # sec. 7.2 (CIFAR); also the reimplementation's target (sec. 3.2)
         learnable_classifier: bool = False
-        official_prediction_norm: bool = False
+        official_prediction_norm: bool = False  # True: the reimplementation's loss (sec. 3.2)
 
         @field_validator("heads")
         @classmethod
@@ -123,12 +160,13 @@ class SelfClassifier(SSLMethod):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
         self.head_sizes = list(hp.heads) or [3 * data.num_classes]
-        hidden, out = hp.hidden_dim, hp.output_dim
-        self.mlp = nn.Sequential(
-            nn.Linear(backbone.feature_dim, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(inplace=True),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.LeakyReLU(inplace=True),
-            nn.Linear(hidden, out),
-        )
+        layers: list[nn.Module] = []
+        dim = backbone.feature_dim
+        for _ in range(hp.mlp_layers - 1):  # BN + LeakyReLU after every hidden layer (sec. 7.2)
+            layers += [nn.Linear(dim, hp.hidden_dim), nn.BatchNorm1d(hp.hidden_dim), nn.LeakyReLU(inplace=True)]
+            dim = hp.hidden_dim
+        self.mlp = nn.Sequential(*layers, nn.Linear(dim, hp.output_dim))
+        out = hp.output_dim
         self.classifiers = nn.ModuleList(CosineClassifier(out, c, hp.learnable_classifier)
                                          for c in self.head_sizes)
 
@@ -144,5 +182,10 @@ class SelfClassifier(SSLMethod):
         return loss, {}
 
     @torch.no_grad()
-    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self._logits(images)[0]
+    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """One head: its logits; several: all of them, the head with K = the true classes first."""
+        logits = self._logits(images)
+        if len(logits) == 1:
+            return logits[0]
+        main = [i for i, c in enumerate(self.head_sizes) if c == self.data.num_classes][:1]
+        return [logits[i] for i in main] + [h for i, h in enumerate(logits) if i not in main]

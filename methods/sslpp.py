@@ -1,39 +1,50 @@
-"""IIC clustering and SSL++ (Chen et al., IEEE TIP): IIC pseudo-labels decoupled from a proxy task.
+"""SSL++ (Chen et al., IEEE TIP): IIC pseudo-labels decoupled from a proxy task (sslpp.txt).
 
-IIC (Ji et al., 2019; SSL++ sec. IV-B, Eq. 1-2): a clustering network Phi ends in a
-softmax over C clusters and maximises the mutual information between the cluster
-assignments of two transformed copies of each image. Written by hand (no library
-has it).
+Two decoupled stages (Fig. 2), each a `Stage` of its own (its own fit, budget, optimizer, schedule and
+views; `stages()` / `set_stage()`):
 
-SSL++ (Fig. 2, Eq. 3-5) runs two decoupled stages in one run here:
-  stage 1 (the first `stage1_fraction` of the epochs): train an IIC clustering model
-    (its own copy of the backbone + cluster heads, C = 70 on CIFAR-10, Table XIII);
-  stage 2: compute the pseudo-labels z_n = argmax Phi(x_n) of the whole pretraining
-    set once (clean images), then train the representation model `self.backbone` with
-    L = L_s + lambda * L_c (Eq. 5): L_s the Rotation proxy task (4-way CE over
-    0/90/180/270 degrees, Gidaris et al.), L_c the CE of a separate linear head on the
-    pseudo-labels; lambda = 0.05 for Rotation (sec. V-A.4, Fig. 6).
-The evaluated backbone is the stage-2 representation model; the clustering metrics
-use the stage-1 head. The LR schedule (warm-up + cosine) restarts at stage 2, as the
-two models are trained separately in the paper.
+  stage 1, "clustering": train IIC's clustering model Phi (methods/iic.py: its own copy of the
+    backbone, Sobel input, main + 70-way over-clustering heads) with IIC's own budget and Adam;
+  stage 2, "rotation": pseudo-labels z_n = argmax of Phi's over-clustering head on the clean
+    pretraining images, computed once at the stage's start; then the representation model
+    `self.backbone` trains with L = L_s + lambda * L_c (Eq. 5): L_s the Rotation proxy task (Eq. 3:
+    4-way CE over 0/90/180/270 degrees, `methods.rotation.rotation_batch`), L_c the CE of a linear
+    head V2 on the pseudo-labels (Eq. 4).
+`set_stage` freezes the other stage's model, so each stage's optimizer holds only its own parameters.
+The evaluated backbone is the stage-2 representation model; `cluster_logits` gives stage 1's heads.
 
-Choices where the paper is silent (each documented at its hparam):
-- IIC's sub-heads (IIC uses 5; `num_heads`): the loss is their mean; predictions use
-  the sub-head with the lowest (running) IIC loss, IIC's unsupervised head selection.
-- Eq. 3 and 4 share the input x_n, so L_c is applied to every rotated copy (the same
-  batch feeds both heads); `pseudo_labels_upright_only` applies it to the 0-degree copies.
-- The two IIC views are the suite's first two augmented views (the paper's "pairs of
-  transformed samples"); IIC's Sobel input and sample repeats are not used. Stage 2 feeds
-  the four rotations of the first view (RotNet's 4 copies per image).
-- The clustering stage has its own optimizer (`clustering_optimizer`, default IIC's Adam
-  lr 1e-4): IIC's gradient vanishes near the uniform start, where SGD stays stuck; the
-  method's optimizer (SGD lr 0.1 for Rotation, Table II) trains stage 2.
+Settings (sslpp.txt; Table II is its "Implementation details"):
+
+| setting             | paper                                                        | suite (cifar10-nin / stl10-nin)  |
+|---------------------|--------------------------------------------------------------|----------------------------------|
+| backbone            | NIN, 4 blocks (sec. V-A.1, Table I)                          | `nin`                            |
+| lambda              | 0.05 for Rotation (sec. V-A.4, Fig. 6)                       | `pseudo_label_weight` 0.05       |
+| clusters            | 70, "in all experiments" (Table XIII)                        | `num_clusters` 70                |
+| clustering views    | weak Cr+G+S, strong Cr+F+Co+G+S (Table XIV)                  | `clustering_views`, `sobel`      |
+| clustering budget   | not given in SSL++; IIC's code: Adam lr 1e-4, no schedule,   | `clustering_optimizer` (IIC's    |
+|                     | 2000 epochs, 220 images x 3 pairs (IIC commands.txt)         | Adam), `clustering_epochs`,      |
+|                     |                                                              | `clustering_batch_size`          |
+| Rotation stage      | SGD lr 0.1, batch 128, 200 epochs, steps [60, 120, 160] by a | the method's optimizer / train:  |
+|                     | factor 10 (Table II + sec. V-A.4), momentum 0.9, wd 5e-4     | `schedule: step`, gamma 0.1      |
+| Rotation input      | 4 rotated copies per image (RotNet)                          | `rotation_copies` 4              |
+
+Which IIC head gives the 70-way labels: the paper only says "we use 70 clusters with IIC (i.e., a
+70-way classification task)" (sec. V-E). Its Table XIII reports a one-to-one (Hungarian) cluster
+accuracy of 54.4% at 70 clusters, which a 70-way head cannot reach with one-to-one matching on 10
+classes; it reads as IIC's 10-way main head trained beside a 70-way over-clustering head, as IIC
+itself does on CIFAR-10. So stage 1 is IIC with both heads and the pseudo-labels come from the
+over-clustering head (`main_head: false` trains the 70-way head alone).
+
+Choices where the paper is silent (each at its hparam):
+- L_c on every rotated copy (Eq. 3 and 4 share the input x_n); `pseudo_labels_upright_only` applies it
+  to the 0-degree copies only.
+- The clustering stage's trunk is a copy of the suite's backbone (SSL++ does not name IIC's trunk; IIC
+  uses a ResNet-34-like net5g), with a 2-channel input conv when `sobel`.
 """
 
 from __future__ import annotations
 
 import copy
-import sys
 from typing import Any, Literal
 
 import torch
@@ -42,140 +53,15 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from methods import register_method
-from methods.base import EpochContext, MethodHparams, SSLMethod, TrainBatch
-from ssl_common.distributed import gather_cat
-from ssl_common.typed import OptimizerConfig, validate_nested
+from methods.base import EpochContext, SSLMethod, Stage, TrainBatch
+from methods.iic import EPS, ClusteringModel, IICHparams, iic_loss  # noqa: F401  (iic_loss: a contract here)
+from methods.rotation import rotation_batch
+from ssl_common.errors import ConfigError
+from ssl_common.typed import OptimizerConfig, validate, validate_nested
 
-EPS = sys.float_info.epsilon  # the clamp value of IIC's public code
-CLUSTERING_OPTIMIZER = {"name": "adamw", "lr": 1.0e-4, "weight_decay": 0.0}  # IIC's Adam (SSL++ Table II)
-
-
-def iic_loss(probs_a: torch.Tensor, probs_b: torch.Tensor, lamb: float = 1.0) -> torch.Tensor:
-    """IIC's loss, minus the mutual information of the paired cluster assignments (SSL++ Eq. 2).
-
-    P = (1/n) sum_i Phi(x_a^i) Phi(x_b^i)^T over the global batch (gathered under DDP,
-    differentiably), symmetrised (P + P^T) / 2 and normalised to sum 1; Pi, Pj its row and
-    column marginals;  loss = -sum_cc' P_cc' (log P_cc' - lamb log Pi_c - lamb log Pj_c').
-    At lamb = 1 this is -I(z, z') (Eq. 2); lamb > 1 (IIC's public code) favours balanced
-    clusters more strongly. P and the marginals are clamped at EPS before the log, out of
-    place (IIC's public code clamps P in place, which also changes the multiplier P).
-    Computed in float32 at least, also under mixed precision.
-    """
-    if probs_a.shape != probs_b.shape or probs_a.dim() != 2:
-        raise ValueError(f"iic_loss expects two [N, C] probability matrices, got {tuple(probs_a.shape)} "
-                         f"and {tuple(probs_b.shape)}")
-    with torch.autocast(probs_a.device.type, enabled=False):
-        dtype = torch.promote_types(probs_a.dtype, torch.float32)  # float32 at least (bf16/fp16 inputs)
-        probs_a, probs_b = gather_cat(probs_a.to(dtype)), gather_cat(probs_b.to(dtype))
-        joint = probs_a.t() @ probs_b / probs_a.shape[0]  # [C, C]
-        joint = (joint + joint.t()) / 2
-        joint = joint / joint.sum()
-        p_i = joint.sum(dim=1, keepdim=True)  # [C, 1] marginal of z
-        p_j = joint.sum(dim=0, keepdim=True)  # [1, C] marginal of z'
-        log_ratio = (torch.log(joint.clamp(min=EPS)) - lamb * torch.log(p_i.clamp(min=EPS))
-                     - lamb * torch.log(p_j.clamp(min=EPS)))
-        return -(joint * log_ratio).sum()
-
-
-class ClusterHeads(nn.Module):
-    """IIC's sub-heads: each a linear layer to C clusters (softmax applied by the loss user).
-
-    `head_loss` keeps a running mean of each sub-head's IIC loss (a buffer: saved in
-    checkpoints); `best` is the sub-head with the lowest one, used for predictions.
-    """
-
-    def __init__(self, in_dim: int, num_clusters: int, num_heads: int, loss_momentum: float = 0.9):
-        super().__init__()
-        self.heads = nn.ModuleList(nn.Linear(in_dim, num_clusters) for _ in range(num_heads))
-        self.loss_momentum = loss_momentum
-        self.register_buffer("head_loss", torch.full((num_heads,), float("nan")))
-
-    def forward(self, features: torch.Tensor) -> list[torch.Tensor]:
-        return [head(features) for head in self.heads]
-
-    @torch.no_grad()
-    def record_losses(self, losses: torch.Tensor) -> None:
-        losses = losses.detach().to(self.head_loss)
-        fresh = torch.isnan(self.head_loss)
-        blended = self.loss_momentum * self.head_loss + (1 - self.loss_momentum) * losses
-        self.head_loss.copy_(torch.where(fresh, losses, blended))
-
-    @property
-    def best(self) -> int:
-        if torch.isnan(self.head_loss).all():
-            return 0
-        return int(torch.nan_to_num(self.head_loss, nan=float("inf")).argmin())
-
-    def best_logits(self, features: torch.Tensor) -> torch.Tensor:
-        return self.heads[self.best](features)
-
-
-def clustering_loss(backbone: nn.Module, heads: ClusterHeads, views: list[torch.Tensor], lamb: float
-                    ) -> tuple[torch.Tensor, dict]:
-    """The mean IIC loss of the sub-heads between the first two views (records each head's loss)."""
-    if len(views) < 2:
-        raise ValueError("IIC needs two augmented views per image; give augment.views count >= 2")
-    logits_a, logits_b = heads(backbone(views[0])), heads(backbone(views[1]))
-    losses = torch.stack([iic_loss(F.softmax(a, dim=1), F.softmax(b, dim=1), lamb)
-                          for a, b in zip(logits_a, logits_b)])
-    heads.record_losses(losses)
-    return losses.mean(), {"iic_best_head_loss": losses.detach().min()}
-
-
-class ClusteringModel(nn.Module):
-    """SSL++'s stage-1 model Phi: its own backbone and IIC sub-heads."""
-
-    def __init__(self, backbone: nn.Module, num_clusters: int, num_heads: int, lamb: float):
-        super().__init__()
-        self.backbone = backbone
-        self.heads = ClusterHeads(backbone.feature_dim, num_clusters, num_heads)
-        self.lamb = lamb
-
-    def loss(self, views: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        return clustering_loss(self.backbone, self.heads, views, self.lamb)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Scores of the best sub-head [B, C]."""
-        return self.heads.best_logits(self.backbone(images))
-
-
-class IICHparams(MethodHparams):
-    num_clusters: int = Field(70, ge=2)  # over-clustering: SSL++ uses 70 on CIFAR-10 (Table XIII)
-    num_heads: int = Field(5, ge=1)  # IIC's sub-heads
-    iic_lamb: float = Field(1.0, gt=0)  # 1 = the paper's mutual information (Eq. 2)
-
-
-@register_method("iic")
-class IIC(SSLMethod):
-    """The IIC clustering model alone (SSL++'s stage 1 as a method of its own)."""
-
-    display_name = "IIC"
-    paper = "sslpp"
-    Hparams = IICHparams
-
-    def __init__(self, backbone, data, hparams=None):
-        super().__init__(backbone, data, hparams)
-        hp = self.hparams
-        self.heads = ClusterHeads(backbone.feature_dim, hp.num_clusters, hp.num_heads)
-
-    def training_loss(self, batch: TrainBatch):
-        return clustering_loss(self.backbone, self.heads, batch.views, self.hparams.iic_lamb)
-
-    @torch.no_grad()
-    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.heads.best_logits(self.backbone(images))
-
-
-# -- SSL++ stage 2: the Rotation proxy task -----------------------------------------------------
-
-def rotation_batch(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """RotNet's input: the four copies rot90(x, k), k = 0..3 (0/90/180/270 degrees), stacked
-    k-major ([4B, C, H, W]), and their rotation labels k ([4B])."""
-    if images.shape[-1] != images.shape[-2]:
-        raise ValueError(f"the Rotation task needs square images, got {tuple(images.shape[-2:])}")
-    rotated = torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
-    labels = torch.arange(4, device=images.device).repeat_interleave(images.shape[0])
-    return rotated, labels
+# IIC's optimizer (its code: Adam, lr 1e-4, no schedule); AdamW with weight decay 0 is Adam
+CLUSTERING_OPTIMIZER = {"name": "adamw", "lr": 1.0e-4, "weight_decay": 0.0, "schedule": "constant",
+                        "warmup_epochs": 0.0}
 
 
 def random_rotation_batch(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,32 +89,33 @@ def normalized_mutual_info(labels_true: torch.Tensor, labels_pred: torch.Tensor)
     return float(normalized_mutual_info_score(labels_true[keep].cpu().numpy(), labels_pred[keep].cpu().numpy()))
 
 
+CLUSTERING, ROTATION = 0, 1  # stage indices
+
+
 @register_method("sslpp")
 class SSLPlusPlus(SSLMethod):
     display_name = "SSL++ (Rotation)"
     paper = "sslpp"
-    # each stage trains only its own model: DDP must allow parameters without gradients
+    version = 2  # v2: two stages with budgets of their own; IIC with two heads, Sobel, weak/strong views
+    # IIC trains one head per epoch: DDP must allow parameters without gradients
     has_unused_parameters = True
 
     class Hparams(IICHparams):
-        # num_clusters: C of the clustering model (Table XIII: 70 on CIFAR-10); num_heads: IIC's sub-heads
-        stage1_fraction: float = 0.5  # share of the run's epochs spent on the clustering stage
+        # IIC's settings (num_clusters 70: Table XIII; num_heads, main_head, sobel, ...: methods/iic.py)
         pseudo_label_weight: float = Field(0.05, ge=0)  # lambda of Eq. 5 (0.05 Rotation/AET, 1 Colorization/Context)
         pseudo_labels_upright_only: bool = False  # L_c on the 0-degree copies only (default: all copies)
-        # 4: the four rotations of the first view (RotNet, the paper); 1: one random rotation of each
-        # view (half the cost with two views)
+        # 4: the four rotations of the first view (RotNet, the paper); 1: one random rotation of each view
         rotation_copies: Literal[1, 4] = 4
-        # the stage-1 model's optimizer (overrides of the method's optimizer, which trains stage 2):
-        # IIC's Adam, lr 1e-4 (SGD leaves IIC at the uniform solution, where its gradient vanishes);
-        # a partial mapping overrides single keys of this default
+        # the clustering stage's budget (SSL++ gives none; IIC's code: 2000 epochs, 220 images x 3 pairs);
+        # None = the method's epochs / batch size
+        clustering_epochs: int | None = Field(None, ge=1)
+        clustering_batch_size: int | None = Field(None, ge=2)
+        # the clustering stage's optimizer: keys over IIC's Adam lr 1e-4, constant (not over the method's
+        # optimizer, which is the Rotation stage's)
         clustering_optimizer: dict[str, Any] = Field(default_factory=lambda: dict(CLUSTERING_OPTIMIZER))
-
-        @field_validator("stage1_fraction")
-        @classmethod
-        def _fraction(cls, value: float) -> float:
-            if not 0 < value < 1:
-                raise ValueError(f"must be in (0, 1), got {value}")
-            return value
+        # the clustering stage's view specs (augment.views entries: weak view first, then the strong ones);
+        # None = the method's views
+        clustering_views: list[dict[str, Any]] | None = None
 
         @field_validator("clustering_optimizer")
         @classmethod
@@ -237,11 +124,18 @@ class SSLPlusPlus(SSLMethod):
             validate_nested(OptimizerConfig, merged)  # the error names clustering_optimizer.<key>
             return merged
 
+        @field_validator("clustering_views")
+        @classmethod
+        def _views(cls, value):
+            if value is not None and not value:
+                raise ValueError("needs at least one view spec (or leave it out: the method's views)")
+            return value
+
     def __init__(self, backbone, data, hparams=None):
         super().__init__(backbone, data, hparams)
         hp = self.hparams
         # stage 1: its own copy of the backbone (starts from the same random weights)
-        self.clustering = ClusteringModel(copy.deepcopy(backbone), hp.num_clusters, hp.num_heads, hp.iic_lamb)
+        self.clustering = ClusteringModel(copy.deepcopy(backbone), data.num_classes, hp)
         # stage 2: V1 (rotation) and V2 (pseudo-labels) on the representation model f_theta
         self.rotation_head = nn.Linear(backbone.feature_dim, 4)
         self.pseudo_label_head = nn.Linear(backbone.feature_dim, hp.num_clusters)
@@ -252,38 +146,52 @@ class SSLPlusPlus(SSLMethod):
         self.require(not (hp.pseudo_labels_upright_only and hp.rotation_copies == 1), "pseudo_labels_upright_only",
                      "needs rotation_copies: 4 (with one random rotation a batch may have no upright copy)")
 
-    def stage1_epochs(self, max_epochs: int) -> int:
-        """Epochs of the clustering stage: the fraction rounded, leaving each stage >= 1 epoch."""
-        return min(max(1, round(self.hparams.stage1_fraction * max_epochs)), max(0, max_epochs - 1))
+    # -- the two stages --------------------------------------------------------------------------
+    def stages(self, settings) -> list[Stage]:
+        """[clustering (IIC's budget from the hparams), rotation (the method's epochs, batch, optimizer)]."""
+        hp = self.hparams
+        where = f"methods.{getattr(settings, 'name', self.name)}"
+        augment = settings.augment
+        if hp.clustering_views is not None:
+            # validated with the suite's own view model (methods/ imports nothing from benchmarks/)
+            view_model = type(augment.views[0])
+            views = [validate(view_model, v, f"{where}.clustering_views[{i}]") for i, v in
+                     enumerate(hp.clustering_views)]
+            augment = augment.model_copy(update={"views": views})
+        optimizer = validate(OptimizerConfig, hp.clustering_optimizer, f"{where}.clustering_optimizer")
+        return [Stage("clustering", hp.clustering_epochs or settings.epochs,
+                      hp.clustering_batch_size or settings.batch_size, optimizer, augment),
+                Stage("rotation", settings.epochs, settings.batch_size, settings.optimizer, settings.augment)]
 
-    def schedule_restarts(self, max_epochs: int) -> list[int]:
-        return [self.stage1_epochs(max_epochs)]
-
-    def optimizer_groups(self):
-        return [(list(self.clustering.parameters()), self.hparams.clustering_optimizer)]
-
-    def _stage2_modules(self) -> list[nn.Module]:
+    def _stage_modules(self, index: int) -> list[nn.Module]:
+        if index == CLUSTERING:
+            return [self.clustering]
         return [self.backbone, self.rotation_head, self.pseudo_label_head]
 
+    def set_stage(self, index: int) -> None:
+        """Only stage `index`'s model trains: the other's parameters are frozen (requires_grad False), so
+        the optimizer built for the stage holds only its own (no update, decay or momentum elsewhere)."""
+        if index not in (CLUSTERING, ROTATION):
+            raise ConfigError(f"methods.{self.name}: no stage {index}; SSL++ has stages 0 (clustering), 1 (rotation)")
+        super().set_stage(index)
+        for stage in (CLUSTERING, ROTATION):
+            for module in self._stage_modules(stage):
+                module.requires_grad_(stage == index)
+
     def on_train_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
-        stage2 = ctx.epoch >= self.stage1_epochs(ctx.max_epochs)
-        # only the current stage's model trains; the other one gets no gradients (so no update,
-        # weight decay or momentum either: optimizers skip parameters whose grad is None)
-        self.clustering.requires_grad_(not stage2)
-        for module in self._stage2_modules():
-            module.requires_grad_(stage2)
-        logs = {"stage": 2.0 if stage2 else 1.0}
-        if stage2 and bool((self.pseudo_labels < 0).any()):  # first stage-2 epoch (also after a resume)
-            labels = ctx.predict(self.clustering).argmax(dim=1)
-            self.pseudo_labels.copy_(labels.to(self.pseudo_labels.device))
-            logs["pseudo_label_clusters"] = float(torch.unique(labels).numel())
-            if ctx.labels is not None and bool((ctx.labels >= 0).any()):
-                logs["pseudo_label_nmi"] = normalized_mutual_info(ctx.labels, labels)
+        if ctx.stage != ROTATION or not bool((self.pseudo_labels < 0).any()):
+            return {}
+        # first epoch of stage 2 (a resumed stage 2 has them in its checkpoint): z_n from stage 1's model
+        labels = ctx.predict(self.clustering.overcluster_logits).argmax(dim=1)
+        self.pseudo_labels.copy_(labels.to(self.pseudo_labels.device))
+        logs = {"pseudo_label_clusters": float(torch.unique(labels).numel())}
+        if ctx.labels is not None and bool((ctx.labels >= 0).any()):
+            logs["pseudo_label_nmi"] = normalized_mutual_info(ctx.labels, labels)
         return logs
 
     def training_loss(self, batch: TrainBatch):
-        if batch.epoch < self.stage1_epochs(batch.max_epochs):
-            return self.clustering.loss(batch.views)
+        if batch.stage == CLUSTERING:
+            return self.clustering.loss(batch.views, batch.epoch)
         if bool((self.pseudo_labels < 0).any()):
             raise RuntimeError("SSL++ stage 2 needs the stage-1 pseudo-labels (computed at the epoch start)")
         targets = self.pseudo_labels[batch.indices.to(self.pseudo_labels.device)]
@@ -303,5 +211,6 @@ class SSLPlusPlus(SSLMethod):
         return loss, {"rotation_loss": loss_s.detach(), "pseudo_label_loss": loss_c.detach()}
 
     @torch.no_grad()
-    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def cluster_logits(self, images: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """Stage 1's heads: [main (K = classes), over-clustering (the pseudo-labels' 70)]."""
         return self.clustering(images)

@@ -15,7 +15,7 @@ from benchmarks.errors import ConfigError
 from methods import get_method
 from methods.base import DataInfo, EpochContext, TrainBatch
 from methods.carl import carl_loss, consistency_term, kl_weight_schedule
-from methods.carp import carp_loss, random_partition
+from methods.carp import carp_loss, carp_loss_reading, random_partition
 
 SCORES_A = [[1.2, -0.3, 0.4, 0.0], [0.1, 0.9, -1.1, 0.5], [-0.6, 0.2, 0.3, 1.4]]
 SCORES_B = [[0.8, 0.1, -0.2, 0.3], [-0.5, 1.3, 0.2, 0.1], [0.0, -0.4, 0.7, 0.9]]
@@ -159,6 +159,86 @@ def test_carp_loss_matches_the_equations_by_hand(kl_weight):
     assert got.item() == pytest.approx(want, rel=1e-10)
 
 
+def hand_carp_reading(scores_a, scores_b, partition, kl_weight, reading):
+    """Eq. 6.5 + lambda * L_KL with L_KL as each reading writes it (module docstring of methods/carp.py)."""
+    n = len(scores_a)
+    blocks = [list(b) for b in partition]
+    n_blocks, block_size = len(blocks), len(blocks[0])
+    k = n_blocks * block_size
+    probs = [[[softmax_row([s[i][c] for c in b]) for b in blocks] for i in range(n)] for s in (scores_a, scores_b)]
+    consistency = hand_carp(scores_a, scores_b, partition, 0.0)
+
+    def neg_entropy(p, j):  # sum_c pbar_{j,c} log pbar_{j,c}, pbar = mean over the images of p
+        mean = [sum(p[i][j][c] for i in range(len(p))) / len(p) for c in range(block_size)]
+        return sum(m * math.log(m) for m in mean)
+
+    if reading == "block_mean":  # per view: mean over blocks of log N_B - H_j; views added
+        kl = sum(sum(math.log(block_size) + neg_entropy(p, j) for j in range(n_blocks)) / n_blocks for p in probs)
+    elif reading == "eq6.6_sum":  # per view: log K + sum over blocks (Eq. 6.6 as printed); views added
+        kl = sum(math.log(k) + sum(neg_entropy(p, j) for j in range(n_blocks)) for p in probs)
+    elif reading == "eq6.8_one_block":  # per view: log K + block 0's term (Eq. 6.8 as printed); views added
+        kl = sum(math.log(k) + neg_entropy(p, 0) for p in probs)
+    else:  # official code: both views' images pooled into one pbar_j, then the mean over blocks, once
+        pooled = probs[0] + probs[1]
+        kl = sum(math.log(block_size) + neg_entropy(pooled, j) for j in range(n_blocks)) / n_blocks
+    return consistency + kl_weight * kl
+
+
+READINGS = ["block_mean", "eq6.6_sum", "eq6.8_one_block", "official_pooled"]
+
+
+@pytest.mark.parametrize("reading", READINGS)
+def test_carp_uniformity_readings_match_their_formulas_by_hand(reading):
+    scores_a = [row + [0.2 * i - 0.3, 0.5 - 0.1 * i] for i, row in enumerate(SCORES_A)]  # K = 6, N_B = 2, N_P = 3
+    scores_b = [row + [0.1 * i, -0.2 * i + 0.4] for i, row in enumerate(SCORES_B)]
+    partition = random_partition(6, 2, torch.Generator().manual_seed(5))
+    got = carp_loss_reading(torch.tensor(scores_a, dtype=torch.float64), torch.tensor(scores_b, dtype=torch.float64),
+                            partition, 0.7, reading)
+    assert got.item() == pytest.approx(hand_carp_reading(scores_a, scores_b, partition.tolist(), 0.7, reading),
+                                       rel=1e-10)
+    if reading == "block_mean":  # the default is carp_loss itself
+        assert got.item() == pytest.approx(carp_loss(torch.tensor(scores_a, dtype=torch.float64),
+                                                     torch.tensor(scores_b, dtype=torch.float64), partition,
+                                                     0.7).item(), rel=1e-12)
+
+
+def test_carp_readings_effective_weights_relative_to_the_default():
+    """Gradients of L_KL: Eq. 6.6 = N_P x the default; the official pooled KL = 1/2 x it when both views
+    have the same mean assignment; Eq. 6.8 = one block's share (N_P x the default's term of that block)."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 12, generator=gen, dtype=torch.float64)
+    partition = random_partition(12, 3, torch.Generator().manual_seed(1))  # N_P = 4
+
+    def kl_grad(reading, a, b):
+        a, b = a.clone().requires_grad_(), b.clone().requires_grad_()
+        (carp_loss_reading(a, b, partition, 1.0, reading) - carp_loss_reading(a, b, partition, 0.0, reading)
+         ).backward()
+        return a.grad
+
+    default = kl_grad("block_mean", scores, scores)
+    torch.testing.assert_close(kl_grad("eq6.6_sum", scores, scores), 4 * default)
+    torch.testing.assert_close(kl_grad("official_pooled", scores, scores), 0.5 * default)
+    one_block = kl_grad("eq6.8_one_block", scores, scores)
+    block0 = partition[0]
+    others = torch.tensor([c for c in range(12) if c not in block0.tolist()])
+    assert torch.count_nonzero(one_block[:, others]) == 0  # only block 0's prototypes get the gradient
+    full = kl_grad("eq6.6_sum", scores, scores)
+    torch.testing.assert_close(one_block[:, block0], full[:, block0])
+
+
+def test_carp_method_uses_its_uniformity_reading():
+    torch.manual_seed(0)
+    method = _method("carp", {"num_prototypes": 24, "block_size": 6, "uniformity": "eq6.6_sum"})
+    method.eval()
+    batch = _batch(seed=3)
+    scores = [method._scores(v) for v in batch.views]
+    partition = random_partition(24, 6, torch.Generator().manual_seed(3))
+    want = carp_loss_reading(*scores, partition, method.kl_weight(0), "eq6.6_sum")
+    assert method.training_loss(_batch(seed=3))[0].item() == pytest.approx(want.item(), rel=1e-6)
+    with pytest.raises(ConfigError, match="methods.carp.uniformity"):
+        _method("carp", {"uniformity": "eq6.7"})
+
+
 def test_carp_with_one_block_is_carl():
     """Eq. 6.1: with N_B = K the partition is {C} and CARP reduces to CARL (in any prototype order)."""
     a, b = torch.tensor(SCORES_A), torch.tensor(SCORES_B)
@@ -281,3 +361,9 @@ def test_suite_sections_of_the_seed_methods_are_valid(suite):
         assert settings.optimizer.lr > 0
     if suite in ("cifar10", "cifar100", "stl10"):  # the dissertation's K (sec. 5.8.4)
         assert built["carl"].hparams.num_prototypes == (100 if suite == "cifar10" else 300)
+    if suite in ("cifar10", "stl10", "cifar100", "cifar100-20"):  # every reading of L_KL as a named variant
+        readings = {config.method(name).hparams.uniformity for name in config.method_names()
+                    if name.startswith("carp")}
+        assert readings == set(READINGS)
+        official = config.method("carp/official-kl").hparams
+        assert (official.kl_weight_start, official.kl_weight_end) == (1.0, 1.0)  # lambda 1, no schedule

@@ -53,7 +53,8 @@ LOGITS_B = [[0.5, 0.1, -0.3], [0.2, 0.6, 0.0], [-0.4, -0.1, 0.9], [0.3, -0.2, -0
 
 def test_the_contract_signature():
     params = list(inspect.signature(self_classifier_loss).parameters)
-    assert params == ["logits_a", "logits_b", "row_tau", "col_tau", "row_l1_norm"]
+    assert params == ["logits_a", "logits_b", "row_tau", "col_tau", "row_l1_norm", "official_prediction_norm"]
+    assert inspect.signature(self_classifier_loss).parameters["official_prediction_norm"].default is False
 
 
 @pytest.mark.parametrize("row_l1_norm", [False, True])
@@ -101,6 +102,44 @@ def test_official_prediction_norm_variant_by_hand():
     assert got.item() == pytest.approx(want, rel=1e-8)
 
 
+def hand_reimpl_view_loss(pred, target, row_tau, col_tau):
+    """The reimplementation's sec. 3.2 with loops: -(1/N) sum_n sum_y [p(x2|y) / sum_y' p(x2|y')]
+    * log(N/C * p(y|x1) / sum_x p(y|x) + 1e-8) (the official code's eps inside the log)."""
+    n, c = len(pred), len(pred[0])
+    row = [[math.exp(pred[i][y] / row_tau) / sum(math.exp(pred[i][k] / row_tau) for k in range(c)) for y in range(c)]
+           for i in range(n)]
+    row_sums = [sum(row[i][y] for i in range(n)) for y in range(c)]  # sum over the batch per class
+    col = [[math.exp(target[i][y] / col_tau) / sum(math.exp(target[m][y] / col_tau) for m in range(n))
+            for y in range(c)] for i in range(n)]
+    total = 0.0
+    for i in range(n):
+        l1 = sum(col[i])
+        for y in range(c):
+            total -= col[i][y] / l1 * math.log(n / c * row[i][y] / row_sums[y] + 1e-8)
+    return total / n
+
+
+@pytest.mark.parametrize("row_tau,col_tau", [(0.1, 0.05), (0.07, 0.05)])
+def test_reimplementation_loss_matches_its_formula_by_hand(row_tau, col_tau):
+    """self_classifier_loss(official_prediction_norm=True): (l(a, b) + l(b, a)) / 2, mean over heads."""
+    rng = np.random.default_rng(1)
+    heads_a = [LOGITS_A, rng.normal(size=(4, 5)).tolist()]
+    heads_b = [LOGITS_B, rng.normal(size=(4, 5)).tolist()]
+    want = sum(0.5 * (hand_reimpl_view_loss(a, b, row_tau, col_tau) + hand_reimpl_view_loss(b, a, row_tau, col_tau))
+               for a, b in zip(heads_a, heads_b)) / 2
+    got = self_classifier_loss([torch.tensor(h, dtype=torch.float64) for h in heads_a],
+                               [torch.tensor(h, dtype=torch.float64) for h in heads_b], row_tau, col_tau,
+                               row_l1_norm=True, official_prediction_norm=True)
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    # a different loss from Eq. 3 on the same logits
+    eq3 = self_classifier_loss([torch.tensor(h, dtype=torch.float64) for h in heads_a],
+                               [torch.tensor(h, dtype=torch.float64) for h in heads_b], row_tau, col_tau, True)
+    assert abs(eq3.item() - got.item()) > 1e-3
+    # balanced one-hot predictions: N/C * p / sum_x p = 1 where p = 1, so the log is ~0 there
+    eye = torch.eye(3, dtype=torch.float64).repeat(2, 1) * 50
+    assert self_classifier_loss(eye, eye, 0.1, 0.05, True, True).item() == pytest.approx(0.0, abs=1e-6)
+
+
 def test_no_stop_gradient_both_views_get_the_full_gradient():
     """Finite differences of the hand-written Eq. 4 (no stop-gradient) equal autograd for both views."""
     a = torch.tensor(LOGITS_A, dtype=torch.float64, requires_grad=True)
@@ -134,6 +173,9 @@ def test_network_fixed_orthonormal_cosine_classifier_and_default_over_clustering
     torch.manual_seed(0)
     method = _method()
     assert method.head_sizes == [30]  # 3x the 10 true classes
+    hp = method.hparams  # the paper's CIFAR settings by default (sec. 7.2)
+    assert (hp.row_tau, hp.col_tau, hp.row_l1_norm, hp.official_prediction_norm) == (0.3, 0.3, True, False)
+    assert [type(m).__name__ for m in method.mlp] == ["Linear", "BatchNorm1d", "LeakyReLU"] * 2 + ["Linear"]
     assert method.paper == "self-classifier" and method.display_name == "Self-Classifier"
     weight = method.classifiers[0].weight
     assert not weight.requires_grad
@@ -149,7 +191,21 @@ def test_network_fixed_orthonormal_cosine_classifier_and_default_over_clustering
     z = wide.mlp(wide.backbone(images)).detach().numpy()
     w = wide.classifiers[0].weight.detach().numpy()
     cosine = (z @ w.T) / np.linalg.norm(z, axis=1, keepdims=True) / np.linalg.norm(w, axis=1)[None, :]
-    np.testing.assert_allclose(wide.cluster_logits(images).numpy(), cosine, atol=1e-5)  # the first head
+    heads = wide.cluster_logits(images)  # several heads: every head's logits
+    assert [h.shape[1] for h in heads] == [100, 20]
+    np.testing.assert_allclose(heads[0].numpy(), cosine, atol=1e-5)
+
+
+def test_cluster_logits_put_the_head_with_k_classes_first_and_mlp_layers():
+    torch.manual_seed(0)
+    method = _method({"heads": [20, 10, 40], "mlp_layers": 2, "hidden_dim": 32, "output_dim": 16})
+    assert [type(m).__name__ for m in method.mlp] == ["Linear", "BatchNorm1d", "LeakyReLU", "Linear"]
+    method.eval()
+    images = torch.randn(6, 1, 8, 8)
+    heads, raw = method.cluster_logits(images), method._logits(images)
+    assert [h.shape[1] for h in heads] == [10, 20, 40]  # K = the 10 true classes first
+    for got, want in zip(heads, [raw[1], raw[0], raw[2]]):
+        torch.testing.assert_close(got, want)
 
 
 def test_training_step_leaves_the_fixed_classifier_unchanged_and_trains_the_rest():

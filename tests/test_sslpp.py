@@ -1,4 +1,5 @@
-"""IIC's loss and SSL++ (methods/sslpp.py) against hand-computed values from the paper's equations."""
+"""IIC's loss (the `methods.sslpp.iic_loss` contract) and SSL++ (methods/sslpp.py): hand-computed values from the
+paper's equations, its two stages through the stage API, resume."""
 
 from __future__ import annotations
 
@@ -164,16 +165,16 @@ def _tiny_method(name: str, num_train: int = 12, **hparams):
     return get_method(name)(small_cnn(1, width=4), data, hparams)
 
 
-def _batch(images, indices, epoch, max_epochs=4, step=0):
+def _batch(images, indices, epoch, max_epochs=4, step=0, stage=1):
     gen = torch.Generator().manual_seed(step)
     views = [images + 0.1 * torch.randn(images.shape, generator=gen) for _ in range(2)]
-    return TrainBatch(views, indices, None, epoch, step, max_epochs, torch.Generator().manual_seed(step))
+    return TrainBatch(views, indices, None, epoch, step, max_epochs, torch.Generator().manual_seed(step), stage)
 
 
-def _context(epoch, images, labels=None, max_epochs=4):
+def _context(epoch, images, labels=None, max_epochs=4, stage=1):
     def predict(fn):
         return torch.cat([fn(images[i:i + 5]) for i in range(0, len(images), 5)]).float()
-    return EpochContext(epoch, max_epochs, 0, predict, torch.device("cpu"), labels=labels)
+    return EpochContext(epoch, max_epochs, 0, predict, torch.device("cpu"), labels=labels, stage=stage)
 
 
 def test_sslpp_stage2_loss_is_rotation_ce_plus_weighted_pseudo_label_ce_on_every_rotated_copy():
@@ -214,85 +215,101 @@ def test_sslpp_stage2_loss_is_rotation_ce_plus_weighted_pseudo_label_ce_on_every
     assert loss_random.item() == pytest.approx(np.mean(terms_s) + 0.05 * np.mean(terms_c), abs=1e-5)
 
 
+def _settings(**sslpp):
+    """The resolved settings of SSL++ in a tiny digits-nin (the stage budgets come from them)."""
+    from benchmarks.config import load_suite
+
+    section = {"num_clusters": 4, "num_heads": 2, "clustering_epochs": 2, "clustering_batch_size": 8,
+               "clustering_optimizer": {"lr": 0.01}, "train": {"epochs": 2, "batch_size": 8}, **sslpp}
+    config = load_suite("digits-nin", {"methods": {"sslpp": section}})
+    return config.method("sslpp")
+
+
+def test_sslpp_stages_come_from_iics_budget_and_the_methods_settings():
+    settings = _settings(clustering_epochs=3, clustering_batch_size=6,
+                         clustering_views=[{"size": 8, "count": 1, "grayscale_p": 1.0},
+                                           {"size": 8, "count": 3, "hflip_p": 0.5}])
+    method = _tiny_method("sslpp", **settings.hparams.model_dump())
+    clustering, rotation = method.stages(settings)
+    assert (clustering.name, clustering.epochs, clustering.batch_size) == ("clustering", 3, 6)
+    # IIC's Adam, lr 1e-4 by default (here 0.01), no schedule; not the Rotation stage's SGD
+    assert (clustering.optimizer.name, clustering.optimizer.lr, clustering.optimizer.weight_decay,
+            clustering.optimizer.schedule) == ("adamw", 0.01, 0.0, "constant")
+    assert [(v.count, v.grayscale_p) for v in clustering.augment.views] == [(1, 1.0), (3, 0.2)]
+    assert clustering.augment.normalization == settings.augment.normalization
+    assert (rotation.name, rotation.epochs, rotation.batch_size) == ("rotation", 2, 8)
+    assert rotation.optimizer == settings.optimizer and rotation.augment == settings.augment
+    method.hparams = method.hparams.model_copy(update={"clustering_views": [{"size": 8}, {"size": 8, "cnt": 2}]})
+    with pytest.raises(ConfigError, match=r"methods\.sslpp\.clustering_views\[1\]\.cnt"):
+        method.stages(settings)
+    defaults = _tiny_method("sslpp").hparams
+    assert (defaults.num_clusters, defaults.pseudo_label_weight) == (70, 0.05)  # Table XIII, sec. V-A.4
+
+
 def test_sslpp_stages_train_only_their_own_model_and_pseudo_labels_come_from_stage_1():
     from benchmarks.training import build_optimizer  # Lightning: imported here, not in the DDP workers
     from ssl_common.typed import OptimizerConfig
 
-    method = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2, stage1_fraction=0.5)
+    method = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2)
     gen = torch.Generator().manual_seed(2)
     images = torch.randn(20, 1, 8, 8, generator=gen)
     true_labels = torch.arange(20) % 3
-    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad],
-                                OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.1), 8)
     stage1 = dict(method.clustering.named_parameters())
     stage2 = {n: p for n, p in method.named_parameters() if not n.startswith("clustering.")}
 
     def snapshot(params):
         return {n: p.detach().clone() for n, p in params.items()}
 
-    def train_step(epoch, step):
+    def optimizer_for_stage(index):
+        method.set_stage(index)  # before the stage's optimizer is built, as the runner does
+        params = [p for p in method.parameters() if p.requires_grad]
+        return params, build_optimizer(params, OptimizerConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.1), 8)
+
+    def train_step(optimizer, epoch, step, stage):
         optimizer.zero_grad(set_to_none=True)
         idx = torch.arange(step % 3, 20, 3)[:6]
-        loss, _ = method.training_loss(_batch(images[idx], idx, epoch, step=step))
+        loss, _ = method.training_loss(_batch(images[idx], idx, epoch, step=step, stage=stage))
         loss.backward()
         optimizer.step()
 
-    assert method.stage1_epochs(4) == 2 and method.schedule_restarts(4) == [2]
-    logs = method.on_train_epoch_start(_context(0, images, true_labels))
-    assert logs["stage"] == 1.0
+    params, optimizer = optimizer_for_stage(0)
+    assert {id(p) for p in params} == {id(p) for p in stage1.values()}  # the clustering model only
+    assert method.on_train_epoch_start(_context(0, images, true_labels, stage=0)) == {}
     before, before_stage1 = snapshot(stage2), snapshot(stage1)
     for step in range(3):
-        train_step(0, step)
+        train_step(optimizer, step, step, stage=0)  # epochs 0-2: both IIC heads take turns
     assert all(torch.equal(before[n], p) for n, p in stage2.items())  # no update, decay or momentum
     assert not all(torch.equal(before_stage1[n], p) for n, p in stage1.items())
+    assert bool((method.pseudo_labels < 0).all())  # none yet
 
+    params, optimizer = optimizer_for_stage(1)
+    assert {id(p) for p in params} == {id(p) for p in stage2.values()}  # the representation model only
     method.eval()  # the trainer's predict pass runs in eval mode
-    logs = method.on_train_epoch_start(_context(2, images, true_labels))
-    expected = method.clustering(images).argmax(dim=1)
+    logs = method.on_train_epoch_start(_context(0, images, true_labels, stage=1))
+    expected = method.clustering.overcluster_logits(images).argmax(dim=1)  # the 4-way over-clustering head
     method.train()
     assert torch.equal(method.pseudo_labels, expected)
-    assert logs["stage"] == 2.0
     assert logs["pseudo_label_nmi"] == pytest.approx(normalized_mutual_info_score(true_labels, expected))
     frozen = snapshot(stage1)
     before = snapshot(stage2)
     for step in range(3, 6):
-        train_step(2, step)
+        train_step(optimizer, 0, step, stage=1)
     assert all(torch.equal(frozen[n], p) for n, p in stage1.items())  # stage-1 model no longer trains
     assert not all(torch.equal(before[n], p) for n, p in stage2.items())
 
     # the pseudo-labels are computed once: later epochs (and resumed runs) keep the stored ones
-    resumed = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2, stage1_fraction=0.5)
+    resumed = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2)
     resumed.load_state_dict(method.state_dict())
 
     def must_not_predict(fn):
         raise AssertionError("pseudo-labels recomputed")
-    logs = resumed.on_train_epoch_start(EpochContext(3, 4, 0, must_not_predict, torch.device("cpu")))
-    assert "pseudo_label_nmi" not in logs and torch.equal(resumed.pseudo_labels, expected)
-    assert torch.equal(resumed.cluster_logits(images).argmax(1), method.cluster_logits(images).argmax(1))
-
-
-def test_iic_method_picks_the_sub_head_with_the_lowest_running_loss():
-    method = _tiny_method("iic", num_clusters=4, num_heads=3)
-    heads = method.heads
-    heads.record_losses(torch.tensor([-0.5, -1.0, -0.2]))
-    heads.record_losses(torch.tensor([-0.5, -1.0, -2.0]))  # head 2: 0.9 * -0.2 + 0.1 * -2.0 = -0.38
-    assert heads.best == 1
-    images = torch.randn(5, 1, 8, 8)
+    logs = resumed.on_train_epoch_start(EpochContext(1, 4, 0, must_not_predict, torch.device("cpu"), stage=1))
+    assert logs == {} and torch.equal(resumed.pseudo_labels, expected)
+    # the clustering metrics read stage 1's heads: [main (K = 3 classes), over-clustering (4)]
     method.eval()
-    torch.testing.assert_close(method.cluster_logits(images), heads.heads[1](method.backbone(images)))
-
-
-def test_restarted_schedule_starts_the_cosine_again_at_each_stage():
-    from benchmarks.training import restarted_schedule
-    from ssl_common.typed import OptimizerConfig
-
-    bounds, cosine = [0, 10, 30], OptimizerConfig(final_lr_fraction=0.0)
-    assert restarted_schedule(0, bounds, 1, cosine) == pytest.approx(1.0)
-    assert restarted_schedule(5, bounds, 1, cosine) == pytest.approx(0.5)  # half-way through stage 1
-    assert restarted_schedule(10, bounds, 1, cosine) == pytest.approx(1.0)
-    assert restarted_schedule(20, bounds, 1, cosine) == pytest.approx(0.5)
-    warm = cosine.model_copy(update={"warmup_epochs": 4.0})
-    assert restarted_schedule(10, bounds, 1, warm) == pytest.approx(0.25)  # warm-up again: step 1 of 4
+    heads = method.cluster_logits(images)
+    assert [h.shape[1] for h in heads] == [3, 4]
+    torch.testing.assert_close(heads[1], method.clustering.overcluster_logits(images))
 
 
 def test_sslpp_asks_ddp_to_allow_unused_parameters():
@@ -304,17 +321,21 @@ def test_sslpp_asks_ddp_to_allow_unused_parameters():
     assert ddp_strategy_for(method, cfg) == "ddp_find_unused_parameters_true"
     assert ddp_strategy_for(method, cfg.model_copy(update={"strategy": "auto"})) == "ddp_find_unused_parameters_true"
     assert ddp_strategy_for(method, cfg.model_copy(update={"strategy": "auto", "devices": 1})) == "auto"
-    assert ddp_strategy_for(_tiny_method("iic"), cfg) == "ddp"
+    assert ddp_strategy_for(_tiny_method("iic"), cfg) == "ddp_find_unused_parameters_true"  # one head per epoch
+    assert ddp_strategy_for(_tiny_method("rotation"), cfg) == "ddp"
 
 
 @pytest.mark.parametrize("name,hparams,key", [
-    ("sslpp", {"stage1_fraction": 1.0}, "stage1_fraction"),
+    ("sslpp", {"clustering_epochs": 0}, "clustering_epochs"),
+    ("sslpp", {"clustering_batch_size": 1}, "clustering_batch_size"),
+    ("sslpp", {"clustering_views": []}, "clustering_views"),
     ("sslpp", {"pseudo_label_weight": -0.1}, "pseudo_label_weight"),
     ("sslpp", {"num_clusters": 1}, "num_clusters"),
     ("sslpp", {"rotation_copies": 2}, "rotation_copies"),
     ("sslpp", {"rotation_copies": 1, "pseudo_labels_upright_only": True}, "pseudo_labels_upright_only"),
     ("sslpp", {"clustering_optimizer": {"name": "rmsprop"}}, r"clustering_optimizer\.name"),
     ("sslpp", {"clustering_optimizer": {"betas": [0.9, 0.99]}}, "clustering_optimizer"),
+    ("sslpp", {"stage1_fraction": 0.5}, "stage1_fraction"),  # the one-fit design is gone
     ("iic", {"num_heads": 0}, "num_heads"),
     ("iic", {"iic_lamb": 0.0}, "iic_lamb"),
 ])
@@ -322,6 +343,78 @@ def test_invalid_hparams_name_the_key(name, hparams, key):
     with pytest.raises(ConfigError, match=rf"methods\.{name}\.{key}"):
         _tiny_method(name, **hparams)
 
+
+class _Crash(RuntimeError):
+    pass
+
+
+def _run_stages(run_dir, n=32, crash=None, snapshots=None):
+    """Both stages as the runner runs them: set_stage, one PretrainModule + fit per stage, each in its own folder
+    with its own checkpoint and fingerprint. `crash` = (stage, epoch): raise in that epoch's first step."""
+    from benchmarks.augment import BatchAugment, Normalization
+    from benchmarks.config import TrainConfig
+    from benchmarks.data import ImageDataset
+    from benchmarks.training import PretrainModule, fit
+
+    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
+    settings = _settings()
+    method = _tiny_method("sslpp", num_train=n, **settings.hparams.model_dump())
+    train_cfg = TrainConfig(accelerator="cpu", devices=1, precision="32")
+    original = method.training_loss
+
+    def training_loss(batch):
+        if crash is not None and (batch.stage, batch.epoch) == crash:
+            raise _Crash
+        if snapshots is not None:
+            snapshots.append((batch.stage, batch.epoch, [g["lr"] for g in module.trainer.optimizers[0].param_groups],
+                              {k: v.clone() for k, v in method.clustering.state_dict().items()}))
+        return original(batch)
+    method.training_loss = training_loss
+    history = []
+    for index, stage in enumerate(method.stages(settings)):
+        method.set_stage(index)
+        norm = stage.augment.normalization
+        augment = BatchAugment(list(stage.augment.views), Normalization(tuple(norm.mean), tuple(norm.std)))
+        module = PretrainModule(method, augment, stage.optimizer, dataset, stage.batch_size, stage.epochs, seed=0,
+                                stage=index)
+        result = fit(module, train_cfg, run_dir / f"stage{index + 1}-{stage.name}", f"fp-{index}", progress=False)
+        history += [{**h, "stage": index + 1} for h in result.history]
+    return method, history, result
+
+
+def test_sslpp_trains_both_stages_under_lightning(tmp_path):
+    snapshots = []
+    method, history, _ = _run_stages(tmp_path, snapshots=snapshots)
+    assert [(h["stage"], h["epoch"]) for h in history] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert "pseudo_label_nmi" in history[2] and "pseudo_label_nmi" not in history[3]
+    stage1 = [s for s in snapshots if s[0] == 0]
+    stage2 = [s for s in snapshots if s[0] == 1]
+    # stage 1: IIC's Adam at its own constant lr (0.01); stage 2: the Rotation stage's step schedule from 0.1
+    assert {lr for _, _, lrs, _ in stage1 for lr in lrs} == {0.01}
+    assert stage2[0][2] == [pytest.approx(0.1)]
+    # stage 1 changed the clustering model, stage 2 left it alone
+    assert not torch.equal(stage1[0][3]["heads.overcluster.heads.0.weight"], stage2[0][3]["heads.overcluster.heads.0.weight"])
+    final = method.clustering.state_dict()
+    assert all(torch.equal(final[k], v) for k, v in stage2[0][3].items() if k.endswith("weight"))
+    assert bool((method.pseudo_labels >= 0).all())
+
+
+def test_sslpp_resumed_mid_stage_2_ends_bitwise_like_an_uninterrupted_run(tmp_path):
+    """The stage-2 checkpoint carries the pseudo-labels, the optimizer state and the schedule; the finished
+    stage 1 is restored from its own checkpoint without training again."""
+    full_method, full_history, _ = _run_stages(tmp_path / "full")
+    with pytest.raises(_Crash):
+        _run_stages(tmp_path / "resumed", crash=(1, 1))  # killed in stage 2, after one stage-2 epoch
+    resumed_method, resumed_history, result = _run_stages(tmp_path / "resumed")
+    assert result.extra["resumed_after_epochs"] == 1
+    assert resumed_history == full_history
+    full_state, resumed_state = full_method.state_dict(), resumed_method.state_dict()
+    assert full_state.keys() == resumed_state.keys()
+    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)
+
+
+# -- the trainer's CombinedOptimizer (the online linear probe steps beside the method's optimizer)
 
 def test_combined_optimizer_steps_each_part_with_its_own_settings_and_one_schedule():
     from benchmarks.training import CombinedOptimizer
@@ -345,88 +438,3 @@ def test_combined_optimizer_steps_each_part_with_its_own_settings_and_one_schedu
     fresh.load_state_dict(state)
     assert fresh.param_groups[1]["lr"] == pytest.approx(0.005)
     torch.testing.assert_close(fresh.optimizers[1].state[b]["exp_avg"], adam.state[b]["exp_avg"])
-
-
-def test_sslpp_trains_both_stages_under_lightning(tmp_path):
-    from benchmarks.augment import BatchAugment, Normalization, ViewSpec
-    from benchmarks.config import TrainConfig
-    from benchmarks.data import ImageDataset
-    from benchmarks.training import CombinedOptimizer, PretrainModule, fit
-    from ssl_common.typed import OptimizerConfig
-
-    n = 32
-    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
-    method = _tiny_method("sslpp", num_train=n, num_clusters=4, num_heads=2,
-                          clustering_optimizer={"lr": 0.01})
-    snapshots, lrs = {}, []
-    original_start = method.on_train_epoch_start
-
-    def start(ctx):
-        snapshots[ctx.epoch] = {k: v.clone() for k, v in method.clustering.state_dict().items()}
-        return original_start(ctx)
-    method.on_train_epoch_start = start
-    original_loss = method.training_loss
-
-    def loss(batch):
-        lrs.append([g["lr"] for g in module.trainer.optimizers[0].param_groups])
-        return original_loss(batch)
-    method.training_loss = loss
-    augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
-    module = PretrainModule(method, augment, OptimizerConfig(), dataset, batch_size=8, max_epochs=4, seed=0)
-    train_cfg = TrainConfig(epochs=4, accelerator="cpu", devices=1, precision="32")
-    result = fit(module, train_cfg, tmp_path, "fp", progress=False)
-
-    assert isinstance(module.trainer.optimizers[0], CombinedOptimizer)
-    assert [h["stage"] for h in result.history] == [1.0, 1.0, 2.0, 2.0]
-    assert "pseudo_label_nmi" in result.history[2] and "pseudo_label_nmi" not in result.history[3]
-    assert 0.0 <= result.history[2]["pseudo_label_nmi"] <= 1.0
-    # stage 1 changed the clustering model, stage 2 left it alone
-    assert not torch.equal(snapshots[0]["heads.heads.0.weight"], snapshots[2]["heads.heads.0.weight"])
-    final = method.clustering.state_dict()
-    assert all(torch.equal(final[k], v) for k, v in snapshots[2].items() if k.endswith("weight"))
-    # the schedule starts over at stage 2 (4 steps per epoch): its first step has the full lr again
-    assert lrs[8] == pytest.approx(lrs[0]) and lrs[7][0] < lrs[0][0]
-    assert lrs[0][-1] == pytest.approx(0.01)  # the clustering model's own (Adam) lr
-
-
-class _Crash(RuntimeError):
-    pass
-
-
-def test_sslpp_resumed_mid_stage_2_ends_bitwise_like_an_uninterrupted_run(tmp_path):
-    """The checkpoint carries the pseudo-labels, both optimizers' states and the restarted schedule."""
-    from benchmarks.augment import BatchAugment, Normalization, ViewSpec
-    from benchmarks.config import TrainConfig
-    from benchmarks.data import ImageDataset
-    from benchmarks.training import PretrainModule, fit
-    from ssl_common.typed import OptimizerConfig
-
-    n = 32
-    images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
-    train_cfg = TrainConfig(epochs=4, accelerator="cpu", devices=1, precision="32")
-
-    def run(run_dir, crash_at_epoch=None):
-        method = _tiny_method("sslpp", num_train=n, num_clusters=4, num_heads=2, clustering_optimizer={"lr": 0.01})
-        if crash_at_epoch is not None:
-            original = method.training_loss
-
-            def crashing(batch):
-                if batch.epoch == crash_at_epoch:
-                    raise _Crash
-                return original(batch)
-            method.training_loss = crashing
-        augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
-        module = PretrainModule(method, augment, OptimizerConfig(), dataset, batch_size=8, max_epochs=4,
-                                seed=0)
-        return method, fit(module, train_cfg, run_dir, "fp", progress=False)
-
-    full_method, full = run(tmp_path / "full")
-    with pytest.raises(_Crash):
-        run(tmp_path / "resumed", crash_at_epoch=3)  # killed in stage 2, after one stage-2 epoch
-    resumed_method, resumed = run(tmp_path / "resumed")
-    assert resumed.extra["resumed_after_epochs"] == 3
-    assert resumed.history == full.history
-    full_state, resumed_state = full_method.state_dict(), resumed_method.state_dict()
-    assert all(torch.equal(full_state[k], resumed_state[k]) for k in full_state)

@@ -211,7 +211,28 @@ def test_label_store_is_identical_on_every_rank_after_an_update_with_different_l
     assert not torch.equal(expected, torch.arange(n) % 3)  # the update is visible
 
 
+def test_the_linear_probe_reads_the_mlp_heads_output_as_sec_5_2():
+    torch.manual_seed(0)
+    method = _tiny_uic(20, num_classes=3)  # head: mlp, probe_with_head by default
+    method.eval()
+    images = torch.randn(4, 1, 8, 8)
+    mlp, classifier = method.head[0], method.head[1]
+    with torch.no_grad():
+        probed = method.probe_features(images)
+        torch.testing.assert_close(probed, mlp(method.backbone(images)))  # the MLP's output ...
+        torch.testing.assert_close(classifier(probed), method.scores(images))  # ... = the classifier's input
+    assert probed.shape == (4, method.hparams.mlp_out_dim)
+    off = _tiny_uic(20, num_classes=3, probe_with_head=False)
+    off.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(off.probe_features(images), off.backbone(images))
+    linear = _tiny_uic(20, num_classes=3, head="linear")  # no MLP: the backbone's features
+    with torch.no_grad():
+        torch.testing.assert_close(linear.eval().probe_features(images), linear.backbone(images))
+
+
 @pytest.mark.parametrize("hparams,key", [
+    ({"head": "linear", "probe_with_head": True}, "probe_with_head"),
     ({"head": "conv"}, "head"),
     ({"num_classes": 1}, "num_classes"),
     ({"num_classes": 100}, "num_classes"),  # more classes than images
