@@ -1,36 +1,24 @@
 """Build the benchmark report from the run records: ``build_report`` (Python) / ``python -m reports build``.
 
-Reads every run record under ``results_dir`` (``benchmarks.records`` schema) and writes, under ``out_dir``:
+Reads every run record under ``results_dir`` (``benchmarks.records`` schema version 2, with per-image
+predictions) and writes, under ``out_dir``:
 
 * ``report.md``   -- Markdown tables
 * ``report.tex``  -- a LaTeX document, booktabs tables (``\\toprule``/``\\midrule``/``\\bottomrule``)
-* ``report.html`` -- one self-contained page: tables + figures as base64 PNG, inline CSS, nothing external
-* ``figures/*.png`` -- seaborn bar charts (``bars_<suite>_<dataset>_e<epochs>_<kind>.png``) and
-  training curves (``curves_<suite>_<dataset>_e<epochs>.png``)
+* ``report.html`` -- one self-contained page: tables (cell tooltips with the full statistics) + figures as
+  base64 PNG, inline CSS, nothing external
+* ``figures/*.png`` -- forest plots (``forest_<suite>_<dataset>_e<epochs>_<kind>.png``: each row's value
+  and 95% interval on an axis zoomed to the data) and training curves (``curves_<...>.png``)
 
-Conventions (stated in the report too):
-
-* Tables: clustering (NMI/AMI/ARI/ACC), linear (top-1/top-5), kNN (k=20/200, top-1/top-5),
-  semi-supervised (1%/10% labels) + transfer (``transfer_linear:<Dataset>``), and other protocols, one
-  table per suite, dataset and pretraining epochs; rows = methods, reference rows (random init,
-  supervised: ``is_reference``) below a separator.
-* A cell is ``mean ± std`` over seeds: the sample std (ddof=1); with a single seed the std is undefined and
-  the cell shows the mean alone. ``n`` = number of seeds of the row; a cell measured on fewer seeds says
-  ``(n=k)``. ``–`` = not measured.
-* Bold = the best mean of a column among the non-reference methods (ties all bold), when at least two
-  non-reference methods have a value in that column.
-* ``paper`` / ``Δ`` (ours − paper) columns appear for a metric where at least one cell of the table has a
-  like-for-like paper number (same method, pretraining dataset, evaluation dataset, protocol, metric and
-  epochs; see ``reports.data.pair_with_papers``). Paper rows without such a run are listed apart, with
-  the reason, and never compared.
-* Only ``completed`` records enter the tables; diverged/failed ones are listed with their message.
-  Malformed records are skipped, reported by file (stderr and the report), and the build goes on.
-* Determinism: everything is sorted, no timestamps or absolute paths, fixed float formatting, PNGs
-  rendered under fixed settings without time-dependent metadata: the same records give the same bytes.
+The rules behind every number are in ``CONVENTIONS`` (printed in the report), ``reports.data`` (which
+records count), ``reports.cells`` (rows, columns, intervals, significance, ranks) and ``reports.papers``
+(pairing with the papers). The same records always give the same bytes: everything is sorted, every
+bootstrap uses a fixed seed, no timestamps or absolute paths, PNGs without time-dependent metadata.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -43,39 +31,73 @@ import pandas as pd
 from benchmarks.errors import BenchmarkError
 from benchmarks.records import atomic_write_text
 from reports import figures as figs
-from reports.data import (
-    LoadedRecords,
-    aggregate,
-    history_frame,
-    load_paper_results,
-    load_records,
-    pair_with_papers,
-    relevant_papers,
-    values_frame,
-)
+from reports import stats
+from reports.cells import ALPHA, HEADLINE, KINDS, SUBSET_LABEL, Model, build_model, leaderboard
+from reports.data import LoadedRecords, history_frame, load_paper_results, load_records
+from reports.papers import LAYOUTS, PROTOCOLS, layout_cells, pair_with_papers, relevant_papers
 from reports.render import to_html, to_latex, to_markdown
 from reports.tables import (
-    KINDS,
+    DASH,
+    TIED,
     Figure,
     Section,
-    columns_for,
+    delta_text,
     fmt,
-    method_table,
+    fmt_p,
+    grid_table,
+    interval,
+    kind_title,
+    paper_text,
     plain_table,
-    row_order,
+    prepare,
+    table_caption,
+    value_text,
 )
 
 FORMATS = ("md", "tex", "html")
 TITLE = "Self-supervised representation learning benchmark"
 OUTPUT_MODE = 0o644
 FILE_NAMES = {"md": "report.md", "tex": "report.tex", "html": "report.html"}
+FIGURE_PATTERN = re.compile(r"(forest|bars|curves)_[a-z0-9_.-]+\.png")
 CONVENTIONS = (
-    "Cells are mean ± sample std (ddof=1) over seeds; with one seed the cell shows the mean alone. "
-    "n = number of seeds of the row; a cell measured on fewer seeds says (n=k). – = not measured. "
-    "Bold = best mean of the column among non-reference methods (when at least two have a value). "
-    "Reference rows (random init, supervised) are below the separator. "
-    "paper / Δ columns (Δ = ours − paper) appear where a like-for-like paper number exists: same method, "
-    "pretraining dataset, evaluation dataset, protocol, metric and epochs. Values are in percent."
+    "Conventions. Values are percent. A table is one suite, dataset and number of pretraining epochs. A row "
+    "is one method or variant with one settings fingerprint (the same experiment over seeds); when one "
+    "method has several, each is its own row, labelled with the settings that differ (from the records' "
+    "method_config, else their config), never pooled. A column is one protocol key and metric under "
+    "identical protocol settings (evaluation[key].settings); values measured under other settings get their "
+    "own column, whose header names the differing settings. Only completed records count, one per run "
+    "identity (suite, method, epochs, seed, training and evaluation fingerprints): the newest by its own "
+    "created timestamp wins (ties: the file at its canonical path, then the first path); the others are "
+    "listed as superseded; files that cannot be read, fail the schema (version 2), their checksum or their "
+    "predictions are skipped by name. Cells: with n >= 2 seeds, mean ± sample std (ddof=1) and the 95% "
+    "Student-t interval over seeds in brackets; with one seed, the value and in brackets the 95% bootstrap "
+    "interval over the run's test images (1000 resamples of the stored per-image predictions, fixed seed "
+    "0): percentile intervals for accuracies, basic (reflected, 2v − q97.5 to 2v − q2.5, clipped to the "
+    "metric's range) intervals for NMI, AMI, ARI and ACC, whose percentile intervals are biased upward "
+    "because resampling duplicates images and inflates agreement (the basic interval corrects that bias, so "
+    "with few test images or many clusters it can lie below the value, which is itself biased upward). For "
+    "n >= 2 the image bootstrap of the mean over seeds is in the HTML tooltip and under Interval details. "
+    "(n=k) = a cell measured on k of the row's seeds; – = not measured. AMI and ARI can be negative (worse "
+    "than chance) and are shown as computed. Bold = the best mean of its column among non-reference rows "
+    "(same protocol, settings and, for clustering, the same K), when at least two such rows have a value. "
+    f"{TIED} = not significantly different from that best: paired bootstrap over test images on the seeds "
+    "both rows have (per-image correctness, or the clustering metric recomputed on each resample), p-values "
+    f"Holm-adjusted over the column's comparisons, α = {ALPHA}; reference rows (random init, supervised) "
+    "are not contenders. Leaderboard: methods ranked by their average rank over the headline metrics "
+    "present (kNN k=20 top-1, offline linear probe top-1, k-means clustering NMI and ACC; per seed, then "
+    "mean, std, min and max over the seeds all ranked methods share). Clustering: the headline is FAISS "
+    "k-means on backbone features with K = classes (ACC = one-to-one, Hungarian); a method's own head is "
+    "scored in its own table, one row per head K, with ACC (one-to-one) only for K = classes and ACC "
+    f"(many-to-one) for other K. Semi-supervised columns: the random-init row becomes {SUBSET_LABEL} "
+    "(trained from random weights on the labelled images only) and the supervised reference (trained on all "
+    "labels) is left out; with several labelled subsets per run, per-image correctness is the mean over "
+    "subsets. Papers: a cell is paired with a paper number only when method (the record's method_base, and "
+    "its paper_reference equal to the paper), pretraining dataset, evaluation dataset, backbone, "
+    "pretraining epochs, protocol key with its required settings (Protocol mapping below) and metric all "
+    "agree; paper / Δ columns (Δ = ours − paper, 95% interval from stats.delta_interval: "
+    "Welch–Satterthwaite with the paper's std over its runs, else our t-interval shifted) then follow the "
+    "column, and Welch's p is given where the paper reports mean ± std over n runs. Paper rows without a "
+    "like-for-like run are listed with the first criterion that fails."
 )
 
 
@@ -93,10 +115,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "x"
 
 
+def _cannot_write(path: Path, exc: OSError) -> BenchmarkError:
+    reason = exc.strerror or str(exc)
+    return BenchmarkError(f"cannot write the report to {path} ({reason}); choose another --out folder or fix "
+                          "its permissions, then rerun")
+
+
+def check_out_dir(out_dir: Path, figures: bool) -> None:
+    """Before any work: the output folder exists or can be created, is a folder, and takes files."""
+    for folder in (out_dir, out_dir / "figures") if figures else (out_dir,):
+        if folder.exists() and not folder.is_dir():
+            raise BenchmarkError(f"--out {out_dir}: {folder} is an existing file, not a folder; pass --out a "
+                                 "folder (it is created if missing) or move the file away")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise _cannot_write(folder, exc) from exc
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> Path:
     """Temp file in the same folder + fsync + os.replace: a reader never sees a half-written PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -104,25 +149,54 @@ def atomic_write_bytes(path: Path, data: bytes) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp_name, OUTPUT_MODE)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _cannot_write(path, exc) from exc
         raise
     return path
-
-
-def _labels(cells: pd.DataFrame) -> dict[tuple[str, str, bool], str]:
-    """Row label per (method, display, reference): the display name, plus the registry name if ambiguous."""
-    rows = row_order(cells)
-    counts: dict[str, int] = {}
-    for _, display, _ in rows:
-        counts[display] = counts.get(display, 0) + 1
-    return {r: r[1] if counts[r[1]] == 1 else f"{r[1]} ({r[0]})" for r in rows}
 
 
 def _filters_text(suites, methods, epochs) -> str:
     parts = [f"{name} = {', '.join(str(v) for v in values)}"
              for name, values in (("suite", suites), ("methods", methods), ("epochs", epochs)) if values is not None]
     return "Filters: " + ("; ".join(parts) if parts else "none") + "."
+
+
+def heading_of(table: tuple) -> str:
+    suite, dataset, epochs = table
+    return f"{dataset} — suite {suite}, {epochs} epochs"
+
+
+KIND_NOTES = {
+    "clustering": "FAISS k-means on l2-normalised backbone features with K = number of classes, for every "
+                  "method and the reference rows; ACC = best one-to-one (Hungarian) matching; non-empty "
+                  "clusters from the records' clusters[key] (a range over seeds where they differ).",
+    "heads": "Each method's own clustering head, one row per head K (clustering_head_k<K>); ACC (one-to-one) "
+             "only for K = classes, ACC (many-to-one: each cluster labelled with its majority class) for "
+             "other K (over-clustering), whose one-to-one ACC is not shown; bold and † compare rows of the "
+             "same K only.",
+    "linear": "Offline probe: a linear classifier on frozen backbone features extracted once (views: the "
+              "training views of the probe; none = clean images); online linear: the classifier trained "
+              "beside pretraining. Different protocols, different columns.",
+    "knn": "Weighted kNN on l2-normalised backbone features (bank: train split); a header says when k "
+           "exceeds the fewest bank images of a class (evaluation[key].bank_images_per_class_min).",
+    "semi": f"{SUBSET_LABEL}: the network trained from random weights on the labelled images only (the "
+            "random-init row of these columns); the supervised reference, trained on all labels, is not "
+            "shown. Several labelled subsets per run: per-image correctness is the mean over subsets.",
+    "transfer": "Linear probe on the target dataset of the backbone pretrained on this table's dataset.",
+    "blocks": "Probes on the feature maps of each backbone block (B<i>); avg = mean over blocks as recorded.",
+    "other": "Protocol keys this report has no layout for, as recorded.",
+}
+
+
+def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
+    rows = []
+    for _, c in prepared.iterrows():
+        low, high = (c["t_low"], c["t_high"]) if c["n"] >= 2 else (c["img_low"], c["img_high"])
+        label = f"{c['_row']} (K={c['K']})" if kind == "heads" else c["_row"]
+        rows.append((c["_col"], label, c["mean"], low, high, bool(c["is_reference"])))
+    return pd.DataFrame(rows, columns=["column", "row", "value", "low", "high", "reference"])
 
 
 class _Names:
@@ -139,91 +213,231 @@ class _Names:
         return name
 
 
-def _result_sections(agg: pd.DataFrame, values: pd.DataFrame, history: pd.DataFrame, want_figures: bool,
-                     images: dict[str, bytes]) -> list[Section]:
+def _leaderboard_section(model: Model, table: tuple) -> Section:
+    ranks, columns, unranked = leaderboard(model, table)
+    section = Section("Leaderboard", 3)
+    if ranks.empty:
+        section.blocks.append("Not ranked: fewer than two methods have every headline metric present in this "
+                              f"table ({', '.join(columns) or 'none measured'}).")
+    else:
+        rows, place, previous = [], 0, None
+        for i, r in enumerate(ranks.itertuples(index=False), start=1):
+            if previous is None or round(r.mean_rank, 9) != previous:  # ties share the better place
+                place, previous = i, round(r.mean_rank, 9)
+            spread = DASH if math.isnan(r.std_rank) else fmt(r.std_rank)
+            rows.append([str(place), r.method, fmt(r.mean_rank), spread,
+                         f"{fmt(r.min_rank)}–{fmt(r.max_rank)}", str(r.n_seeds)])
+        t = plain_table(["Rank", "Method", "mean rank", "std over seeds", "min–max", "seeds"], rows,
+                        numeric_from=2)
+        t.caption = (f"Average rank over {', '.join(columns)} (rank 1 = best, ties share their average "
+                     "rank), per seed, then summarised over the seeds every ranked method has; reference "
+                     "rows are not ranked.")
+        section.blocks.append(t)
+    if unranked:
+        section.blocks.append("Not ranked (a headline metric missing on every seed): " + "; ".join(unranked)
+                              + ".")
+    return section
+
+
+def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, want_figures: bool,
+                    images: dict[str, bytes]) -> list[Section]:
     sections: list[Section] = []
     names = _Names()
-    used_labels = {label for frame in (agg, history) for _, group in frame.groupby(["suite", "dataset", "epochs"])
-                   for label in _labels(group).values()}
-    palette = figs.palette_for(sorted(used_labels))
-    groups = sorted({(s, d, int(e)) for s, d, e in zip(agg["suite"], agg["dataset"], agg["epochs"])})
-    for kind in KINDS:
-        kind_sections = []
-        for suite, dataset, epochs in groups:
-            in_group = (agg["suite"] == suite) & (agg["dataset"] == dataset) & (agg["epochs"] == epochs)
-            cells = agg[in_group]
-            labels = _labels(cells)
-            cells = cells.assign(method_display=[labels[(m, d, bool(r))] for m, d, r in
-                                                 zip(cells["method"], cells["method_display"],
-                                                     cells["is_reference"])])
-            table = method_table(kind, cells)
-            if table is None:
+    cells = model.cells
+    palette = figs.palette_for(sorted(set(cells["row"])))
+    for table in sorted(set(cells["table"])):
+        suite, dataset, epochs = table
+        mine = cells[cells["table"] == table]
+        heading = heading_of(table)
+        top = Section(heading, 2)
+        if model.row_notes.get(table):
+            top.blocks.append("Rows of one method with different settings:")
+            top.blocks.append(model.row_notes[table])
+        sections += [top, _leaderboard_section(model, table)]
+        for kind in KINDS:
+            of_kind = mine[mine["kind"] == kind]
+            if of_kind.empty:
                 continue
-            heading = f"{dataset} — suite {suite}, {epochs} epochs"
-            blocks: list = [table]
+            prepared = prepare(of_kind, kind)
+            info = ("K", "source", "nonempty") if kind in ("clustering", "heads") else ()
+            my_pairs = pairs[pairs["cell"].isin(of_kind.index)]
+            t = grid_table(prepared, my_pairs, info)
+            t.caption = table_caption(of_kind, my_pairs, [KIND_NOTES[kind]])
+            blocks: list = [t]
             if want_figures:
-                name = names(f"bars_{_slug(suite)}_{_slug(dataset)}_e{epochs}_{kind.key}")
-                columns = columns_for(kind, cells)
-                label_of = {(c.protocol_key, c.metric): c.label for c in columns}
-                mine = values[(values["suite"] == suite) & (values["dataset"] == dataset)
-                              & (values["epochs"] == epochs)]
-                mine = mine[[(p, m) in label_of for p, m in zip(mine["protocol_key"], mine["metric"])]]
-                data = pd.DataFrame({
-                    "column": [label_of[(p, m)] for p, m in zip(mine["protocol_key"], mine["metric"])],
-                    "method": [labels[(m, d, bool(r))] for m, d, r in
-                               zip(mine["method"], mine["method_display"], mine["is_reference"])],
-                    "value": mine["value"].to_numpy(),
-                })
-                present = set(data["column"])
-                order = [c.label for c in columns if c.label in present]
-                images[name] = figs.bar_chart(data, order, [labels[r] for r in row_order(cells)],
-                                              f"{kind.title}: {heading}", palette)
-                blocks.append(Figure(name, f"{kind.title}, {heading}: mean over seeds, error bars = std "
-                                           "over seeds."))
-            kind_sections.append(Section(heading, 3, blocks))
-        if kind_sections:
-            sections.append(Section(kind.title, 2))
-            sections += kind_sections
-    if want_figures and not history.empty:
-        curves = []
-        for suite, dataset, epochs in sorted({(s, d, int(e)) for s, d, e in
-                                              zip(history["suite"], history["dataset"], history["epochs"])}):
-            mine = history[(history["suite"] == suite) & (history["dataset"] == dataset)
+                name = names(f"forest_{_slug(suite)}_{_slug(dataset)}_e{epochs}_{kind}")
+                points = _points(prepared, kind)
+                col_sort = dict(zip(prepared["_col"], prepared["_col_sort"]))
+                columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
+                row_sort = {}
+                for p, s in zip(points["row"], prepared["_row_sort"]):
+                    row_sort.setdefault(p, s)
+                rows = sorted(row_sort, key=lambda r: (row_sort[r], r))
+                images[name] = figs.forest_plot(points, columns, rows, f"{kind_title(kind)}: {heading}",
+                                                {r: palette.get(r.split(" (K=")[0]) for r in rows})
+                caption = (f"{kind_title(kind)}, {heading}: dot = mean (one seed: the value), line = "
+                           "95% interval (t over seeds for n >= 2, bootstrap over test images for n = 1); "
+                           "square = reference row; axis zoomed to the non-reference rows (a reference row "
+                           "outside it: edge arrow with its value).")
+                blocks.append(Figure(name, caption))
+            sections.append(Section(kind_title(kind), 3, blocks))
+        if want_figures:
+            hist = history[(history["suite"] == suite) & (history["dataset"] == dataset)
                            & (history["epochs"] == epochs)]
-            labels = _labels(mine)
-            order = [labels[r] for r in row_order(mine)]
-            mine = mine.assign(method=[labels[(m, d, bool(r))] for m, d, r in
-                                       zip(mine["method"], mine["method_display"], mine["is_reference"])])
-            heading = f"{dataset} — suite {suite}, {epochs} epochs"
-            name = names(f"curves_{_slug(suite)}_{_slug(dataset)}_e{epochs}")
-            images[name] = figs.curves_chart(mine, order, f"Training curves: {heading}", palette)
-            curves.append(Section(heading, 3, [Figure(name, f"Training curves, {heading}: mean over seeds per "
-                                                            "epoch, band = std over seeds.")]))
-        sections.append(Section("Training curves", 2))
-        sections += curves
+            if not hist.empty:
+                labels = {(m, fp): r for m, fp, r, role in
+                          zip(mine["method"], mine["settings_fp"], mine["row"], mine["role"]) if not role}
+                hist = hist.assign(method=[labels.get((m, fp), m) for m, fp in zip(hist["method"],
+                                                                                   hist["settings_fp"])])
+                order = sorted(set(hist["method"]), key=lambda r: (r.casefold(), r))
+                name = names(f"curves_{_slug(suite)}_{_slug(dataset)}_e{epochs}")
+                images[name] = figs.curves_chart(hist, order, f"Training curves: {heading}", palette)
+                sections.append(Section("Training curves", 3, [Figure(
+                    name, f"Training curves, {heading}: mean over seeds per epoch, band = std over seeds.")]))
     return sections
+
+
+def _layout_sections(papers: pd.DataFrame, model: Model, pairs: pd.DataFrame) -> list[Section]:
+    section = Section("Paper tables side by side", 2, [
+        "The papers' tables in their own layout, ours beside the paper's number (ours = the cell paired with "
+        "that paper row under the pairing rules; – = no like-for-like run)."])
+    empty, out = [], [section]
+    cells = model.cells
+    for layout in LAYOUTS:
+        grid = layout_cells(layout, papers, pairs)
+        # shown when a run fills a cell, or (per-block layouts) when runs measured its protocols at all: then
+        # the paper's numbers stand beside ours' "–" and the unmatched list says why they are not compared
+        measured = layout.col_fields == ("protocol",) and not cells.empty and bool(
+            (cells["key"].isin([c[0] for c in layout.cols])
+             & cells["dataset"].isin({r[0] for r in layout.rows})).any())
+        if not measured and not any(c for row in grid for _, c in row):
+            empty.append(f"{layout.paper} {layout.table}")
+            continue
+        header = [f.replace("eval_dataset", "Dataset").replace("method", "Method") for f in layout.row_fields]
+        for label in layout.col_labels:
+            header += [f"{label} ours", f"{label} paper"]
+        rows = []
+        for values, cols in zip(layout.rows, grid):
+            row = [str(v) for v in values]
+            for hit, idx in cols:
+                if not idx:
+                    row.append(DASH)
+                elif len(idx) == 1:
+                    row.append(value_text(cells.loc[idx[0]]))
+                else:
+                    row.append("; ".join(f"{cells.at[i, 'row']}: {value_text(cells.loc[i])}" for i in idx))
+                if hit.empty:
+                    row.append(DASH)
+                else:
+                    p = hit.iloc[0]
+                    row.append(fmt(p["value"]) + ("" if math.isnan(p["std"]) else f" ± {fmt(p['std'])}"))
+            rows.append(row)
+        t = plain_table(header, rows, numeric_from=len(layout.row_fields))
+        t.caption = layout.note
+        out.append(Section(layout.title, 3, [t]))
+    section.blocks.append("No runs yet: " + ("; ".join(empty) if empty else "none") + ".")
+    return out
+
+
+def _pairs_section(model: Model, pairs: pd.DataFrame) -> Section:
+    section = Section("Comparison with the papers", 2)
+    if pairs.empty:
+        section.blocks.append("No cell has a like-for-like paper number.")
+        return section
+    cells = model.cells
+    rows = []
+    for p in pairs.sort_values(["cell", "line"]).itertuples(index=False):
+        c = cells.loc[p.cell]
+        rows.append([heading_of(c["table"]), c["row"], c["column"], value_text(c), paper_text(p),
+                     f"{p.source}, CSV line {p.line}" + (f", {p.paper_n} runs" if p.paper_n else ""),
+                     delta_text(p), fmt_p(p.welch_p)])
+    section.blocks.append(plain_table(["Table", "Row", "Column", "Ours", "Paper", "Source", "Δ [95%]",
+                                       "Welch p"], rows, numeric_from=3))
+    return section
 
 
 def _unmatched_section(unmatched: pd.DataFrame) -> Section:
     section = Section("Paper numbers without a matching run", 2)
     if unmatched.empty:
-        section.blocks.append("Every paper number that concerns the selected runs is paired with one of them.")
+        section.blocks.append("Every paper number that concerns the selected runs is paired with a run.")
         return section
-    section.blocks.append("Listed for reference only: these are not compared with any run.")
+    section.blocks.append("Listed for reference only, never compared; one line per paper row group, with the "
+                          "first pairing criterion that fails.")
+    keys = ["paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol",
+            "reason"]
+    frame = unmatched.assign(epochs=[DASH if pd.isna(e) else str(int(e)) for e in unmatched["epochs"]])
     rows = []
-    for r in unmatched.itertuples(index=False):
-        value = fmt(r.value) + ("" if pd.isna(r.std) else f" ± {fmt(r.std)}")
-        rows.append([r.paper, r.table, r.method, r.pretrain_dataset, r.eval_dataset, r.backbone,
-                     "–" if pd.isna(r.epochs) else str(int(r.epochs)), r.protocol, r.metric, value, r.reason])
+    for group_key, group in frame.groupby(keys, sort=False):
+        values = ", ".join(f"{m} {fmt(v)}" + ("" if math.isnan(s) else f" ± {fmt(s)}")
+                           for m, v, s in zip(group["metric"], group["value"], group["std"]))
+        *fields, reason = group_key
+        rows.append([*fields, values, reason])
     section.blocks.append(plain_table(["Paper", "Table", "Method", "Pretrain", "Eval", "Backbone", "Epochs",
-                                       "Protocol", "Metric", "Value", "Why not compared"], rows))
+                                       "Protocol", "Values", "Why not compared"], rows))
     return section
 
 
-def _excluded_frame(loaded: LoadedRecords) -> pd.DataFrame:
-    rows = [(shown, r["suite"], r["method"], r["epochs"], r["seed"], r["status"], r.get("message") or "")
-            for shown, r in loaded.excluded]
-    return pd.DataFrame(rows, columns=["file", "suite", "method", "epochs", "seed", "status", "message"])
+def _mapping_section() -> Section:
+    rows = [[p.paper, p.table, p.protocol, p.key or "none",
+             ", ".join(f"{k}={v}" for k, v in p.settings) or "–", p.source] for p in PROTOCOLS]
+    t = plain_table(["Paper", "Table", "CSV protocol", "Our key", "Required settings", "Where the paper says "
+                                                                                       "so"],
+                    rows)
+    t.caption = ("{eval} = the evaluation dataset, {C} = its number of classes, {3C} = three times that. "
+                 "Backbones: resnet18_cifar/resnet18 = ResNet-18, resnet50 = ResNet-50, nin = NIN; small_cnn "
+                 "has no paper counterpart.")
+    return Section("Protocol mapping", 2, [t])
+
+
+def _details_section(model: Model) -> Section:
+    cells = model.cells
+    multi = cells[cells["n"] >= 2]
+    section = Section("Interval details (n ≥ 2)", 2)
+    if multi.empty:
+        section.blocks.append("No cell has two seeds or more.")
+        return section
+    rows = []
+    for _, c in multi.sort_values(["table", "row", "key", "metric", "settings"]).iterrows():
+        boot = DASH if math.isnan(c["img_low"]) else \
+            f"{interval(c['img_low'], c['img_high'])} ({c['img_method']})"
+        seeds = ",".join(map(str, c["seeds"]))
+        rows.append([heading_of(c["table"]), c["row"], c["column"], f"{c['n']} ({seeds})",
+                     f"{fmt(c['mean'])} ± {fmt(c['std'])}", interval(c["t_low"], c["t_high"]),
+                     boot if boot != DASH else c["img_note"] or DASH, c["test_note"] or DASH])
+    section.blocks.append(plain_table(["Table", "Row", "Column", "n (seeds)", "mean ± std",
+                                       "95% t over seeds", "95% bootstrap over images (mean over seeds)",
+                                       "vs best"], rows))
+    return section
+
+
+def _record_sections(loaded: LoadedRecords, model: Model) -> list[Section]:
+    runs = Section("Runs not in the tables", 2)
+    if not loaded.excluded:
+        runs.blocks.append("None: every selected run completed.")
+    else:
+        rows = [[r.path, r.record["suite"], r.record["method"], str(r.record["epochs"]),
+                 str(r.record["seed"]), r.record["status"], r.record.get("message") or DASH]
+                for r in loaded.excluded]
+        runs.blocks.append(plain_table(["File", "Suite", "Method", "Epochs", "Seed", "Status", "Message"],
+                                       rows))
+    superseded = Section("Superseded records", 2)
+    items = sorted(loaded.superseded + model.superseded, key=lambda s: (s.path, s.what))
+    if not items:
+        superseded.blocks.append("None: one record per run identity.")
+    else:
+        superseded.blocks.append("A newer valid record of the same run identity (suite, method, epochs, "
+                                 "seed, training and evaluation fingerprints; or, for one protocol's values, "
+                                 "the same row, seed and protocol settings) replaced these; they are not in "
+                                 "the tables.")
+        superseded.blocks.append(plain_table(["File", "Created", "Replaced by", "Its created", "What"],
+                                             [[s.path, s.created, s.winner, s.winner_created, s.what]
+                                              for s in items]))
+    skipped = Section("Skipped records", 2, [[str(s) for s in loaded.skipped]] if loaded.skipped
+                      else ["None: every record file could be read."])
+    sections = [runs, superseded, skipped]
+    if model.dropped:
+        sections.append(Section("Values not shown", 2, [sorted(model.dropped)]))
+    return sections
 
 
 def build_report(
@@ -237,21 +451,24 @@ def build_report(
     paper_csv: str | Path | None = None,
     figures: bool = True,
     stderr=None,
+    n_boot: int = stats.N_BOOT,
 ) -> dict:
     """Build the report; return written paths and the data behind the tables.
 
-    Returns a dict with ``paths`` ({format: Path}), ``figures`` (list of PNG Paths), ``aggregated``
-    (one row per cell: suite, dataset, epochs, method, method_display, is_reference, protocol_key,
-    protocol, eval_dataset, metric, mean, std, n, seeds, best, paper_value, paper_std, paper_source,
-    delta), ``values`` (one row per seed), ``history``, ``unmatched_paper`` (paper rows not compared, with
-    ``reason``), ``excluded`` (records not completed) and ``skipped`` (list of ``Skipped``: path, reason).
+    Returns a dict with ``paths`` ({format: Path}), ``figures`` (PNG Paths), ``cells`` (one row per cell,
+    see ``reports.cells.CELL_COLUMNS``; also under ``aggregated``), ``values`` (one row per seed), ``pairs``
+    (paired cells with Δ and Welch p), ``unmatched_paper`` (paper rows not compared, with ``reason``),
+    ``excluded`` (runs not completed), ``skipped`` (``Skipped``), ``superseded`` (``Superseded``),
+    ``history`` and ``leaderboards`` ({table: ranks}).
     """
     stderr = sys.stderr if stderr is None else stderr
     formats = _normalize_formats(formats)
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     if not results_dir.is_dir():
-        raise BenchmarkError(f"results folder {results_dir} does not exist; pass --results DIR (the folder of "
-                             "run records written by `python -m benchmarks run`)")
+        raise BenchmarkError(f"results folder {results_dir} does not exist or is not a folder; pass "
+                             "--results DIR (the folder of run records that `python -m benchmarks run` "
+                             "writes)")
+    check_out_dir(out_dir, figures)
     suites = None if suites is None else sorted({str(s) for s in suites})
     methods = None if methods is None else sorted({str(m) for m in methods})
     epochs = None if epochs is None else sorted({int(e) for e in epochs})
@@ -259,45 +476,38 @@ def build_report(
     loaded = load_records(results_dir, suites, methods, epochs)
     if loaded.skipped:
         count = len(loaded.skipped)
-        print(f"skipped {count} record{'s' if count != 1 else ''} (the build goes on without "
+        print(f"skipped {count} record file{'s' if count != 1 else ''} (the build goes on without "
               f"{'them' if count != 1 else 'it'}):", file=stderr)
         for skipped in loaded.skipped:
             print(f"  {skipped}", file=stderr)
-    values = values_frame(loaded.completed)
+    model = build_model(loaded.completed, n_boot)
     history = history_frame(loaded.completed)
-    papers = relevant_papers(load_paper_results(paper_csv), loaded, suites, methods, epochs)
-    agg, unmatched = pair_with_papers(aggregate(values), papers)
-    excluded = _excluded_frame(loaded)
+    papers = relevant_papers(load_paper_results(paper_csv), loaded.completed + loaded.excluded, suites,
+                             methods, epochs)
+    pairs, unmatched = pair_with_papers(model.cells, papers)
 
     images: dict[str, bytes] = {}
     summary = Section("Summary", 2, [
-        f"{len(loaded.completed)} completed run(s) in the tables; {len(loaded.excluded)} run(s) not completed "
-        f"(listed below, not in the tables); {len(loaded.skipped)} record file(s) skipped as malformed. "
+        f"{len(loaded.completed)} completed run(s) in the tables; {len(loaded.excluded)} run(s) not "
+        f"completed (listed below, not in the tables); {len(loaded.superseded)} record(s) superseded by a "
+        f"newer record of the same run; {len(loaded.skipped)} record file(s) skipped. "
         + _filters_text(suites, methods, epochs),
-        CONVENTIONS,
+        CONVENTIONS.replace(f"({stats.N_BOOT} resamples", f"({n_boot} resamples"),
     ])
     if loaded.skipped:
         summary.blocks.append([str(s) for s in loaded.skipped])
     if not loaded.completed:
         summary.blocks.append("No completed run matches: there is no result table.")
-    sections = [summary, *_result_sections(agg, values, history, figures, images), _unmatched_section(unmatched)]
+    sections = [summary, *_table_sections(model, pairs, history, figures, images),
+                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs),
+                _unmatched_section(unmatched), _mapping_section(), _details_section(model),
+                *_record_sections(loaded, model)]
 
-    runs = Section("Runs not in the tables", 2)
-    if excluded.empty:
-        runs.blocks.append("None: every selected run completed.")
-    else:
-        rows = [[r.file, r.suite, r.method, str(r.epochs), str(r.seed), r.status, r.message or "–"]
-                for r in excluded.itertuples(index=False)]
-        runs.blocks.append(plain_table(["File", "Suite", "Method", "Epochs", "Seed", "Status", "Message"], rows))
-    skipped = Section("Skipped records", 2, [[str(s) for s in loaded.skipped]] if loaded.skipped
-                      else ["None: every record file could be read."])
-    sections += [runs, skipped]
-
-    out_dir.mkdir(parents=True, exist_ok=True)
     figure_paths = [atomic_write_bytes(out_dir / "figures" / name, images[name]) for name in sorted(images)]
-    for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
-        if stale.name not in images and re.fullmatch(r"(bars|curves)_[a-z0-9_.-]+\.png", stale.name):
-            stale.unlink()
+    if (out_dir / "figures").is_dir():
+        for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
+            if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
+                stale.unlink()
     paths: dict[str, Path] = {}
     for fmt_ in formats:
         if fmt_ == "md":
@@ -308,13 +518,19 @@ def build_report(
             text = to_html(TITLE, sections, images)
         paths[fmt_] = atomic_write_text(out_dir / FILE_NAMES[fmt_], text)
         os.chmod(paths[fmt_], OUTPUT_MODE)  # mkstemp creates 0600; a report is meant to be read by others
+    tables = sorted(set(model.cells["table"])) if not model.cells.empty else []
     return {
         "paths": paths,
         "figures": figure_paths,
-        "aggregated": agg,
-        "values": values,
-        "history": history,
+        "cells": model.cells,
+        "aggregated": model.cells,
+        "values": model.values,
+        "pairs": pairs,
         "unmatched_paper": unmatched,
-        "excluded": excluded,
+        "excluded": loaded.excluded,
         "skipped": list(loaded.skipped),
+        "superseded": list(loaded.superseded) + list(model.superseded),
+        "history": history,
+        "leaderboards": {t: leaderboard(model, t)[0] for t in tables},
+        "headline": HEADLINE,
     }

@@ -55,7 +55,9 @@ def to_markdown(title: str, sections: Sequence[Section]) -> str:
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-_TEX_SYMBOLS = {"±": r"$\pm$", "–": "--", "Δ": r"$\Delta$", "→": r"$\rightarrow$", "−": "-"}
+_TEX_SYMBOLS = {"±": r"$\pm$", "–": "--", "Δ": r"$\Delta$", "→": r"$\rightarrow$", "−": "-",
+                "†": r"$^{\dagger}$", "…": r"\ldots{}", "α": r"$\alpha$", "≥": r"$\geq$", "≤": r"$\leq$",
+                "≠": r"$\neq$", "×": r"$\times$", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
 def tex_escape(text: str) -> str:
@@ -149,6 +151,7 @@ tbody.reference tr:first-child td { border-top: 1.5px solid #000; }
 tbody.reference td { color: #444; font-style: italic; }
 td.num, th.num { text-align: right; white-space: nowrap; }
 td.missing { color: #999; }
+td[title] { cursor: help; }
 p.caption { font-size: 12px; color: #555; margin-top: 0; }
 figure { margin: .8em 0 1.5em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -161,6 +164,8 @@ def _html_row(row: Sequence[Cell], numeric_from: int) -> str:
     for i, cell in enumerate(row):
         classes = (["num"] if i >= numeric_from else []) + (["missing"] if cell.text == "–" else [])
         attr = f' class="{" ".join(classes)}"' if classes else ""
+        if cell.title:
+            attr += f' title="{html.escape(cell.title)}"'
         text = html.escape(cell.text)
         cells.append(f"<td{attr}>{f'<strong>{text}</strong>' if cell.bold and text else text}</td>")
     return "<tr>" + "".join(cells) + "</tr>"

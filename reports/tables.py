@@ -1,9 +1,5 @@
-"""The report as plain data (sections of tables, text and figures), independent of the output format.
-
-Table layout follows the papers' tables: one table per (suite, dataset, pretraining epochs) and kind
-(clustering, linear, kNN, semi-supervised + transfer, other protocols); rows are methods, reference rows
-(random init / supervised) below a separator; a cell is ``mean ± std`` over seeds.
-"""
+"""The report as plain data (sections of tables, text and figures), independent of the output format,
+and the tables built from the cells (``reports.cells``) and their pairing with the papers."""
 
 from __future__ import annotations
 
@@ -12,15 +8,18 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from reports.data import DECIMALS
+from reports.cells import DECIMALS, KIND_TITLES, METRIC_ORDER, key_order, metric_label
+from reports.data import head_index
 
 DASH = "–"  # nothing measured
+TIED = "†"  # not significantly different from the best of its column
 
 
 @dataclass(frozen=True)
 class Cell:
     text: str
     bold: bool = False
+    title: str = ""  # HTML tooltip: the cell's full statistics
 
 
 @dataclass
@@ -45,49 +44,9 @@ class Section:
     blocks: list = field(default_factory=list)  # str (paragraph) | list[str] (bullets) | Table | Figure
 
 
-@dataclass(frozen=True)
-class Column:
-    protocol_key: str
-    metric: str
-    label: str
-
-
-@dataclass(frozen=True)
-class Kind:
-    key: str
-    title: str
-    columns: tuple[Column, ...]  # fixed columns, always shown when the kind has a table
-
-
-_SEMI = tuple(Column(p, m, f"{pct} {label}") for p, pct in (("semi_1pct", "1%"), ("semi_10pct", "10%"))
-              for m, label in (("top1", "top-1"), ("top5", "top-5")))
-KINDS = (
-    Kind("clustering", "Clustering", tuple(Column("clustering", m, m) for m in ("NMI", "AMI", "ARI", "ACC"))),
-    Kind("linear", "Linear evaluation", (Column("linear", "top1", "top-1"), Column("linear", "top5", "top-5"))),
-    Kind("knn", "kNN", tuple(Column(f"knn_k{k}", m, f"k={k} {label}") for k in (20, 200)
-                             for m, label in (("top1", "top-1"), ("top5", "top-5")))),
-    Kind("semi_transfer", "Semi-supervised and transfer", _SEMI),
-    Kind("other", "Other protocols", ()),
-)
-_FIXED = {(c.protocol_key, c.metric): kind.key for kind in KINDS for c in kind.columns}
-_TOP = {"top1": "top-1", "top5": "top-5"}
-
-
-def kind_of(protocol_key: str, metric: str) -> str:
-    if (protocol_key, metric) in _FIXED:
-        return _FIXED[(protocol_key, metric)]
-    if protocol_key.startswith("transfer_linear:") and metric in _TOP:
-        return "semi_transfer"
-    return "other"
-
-
-def dynamic_column(protocol_key: str, metric: str) -> Column:
-    if protocol_key.startswith("transfer_linear:") and metric in _TOP:
-        return Column(protocol_key, metric, f"→ {protocol_key.partition(':')[2]} {_TOP[metric]}")
-    return Column(protocol_key, metric, f"{protocol_key} {metric}")
-
-
 def fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
     text = f"{value:.{DECIMALS}f}"
     return text[1:] if text.startswith("-") and float(text) == 0 else text
 
@@ -97,72 +56,158 @@ def fmt_delta(value: float) -> str:
     return "+" + text[1:] if float(text) == 0 else text
 
 
-def fmt_mean_std(mean: float, std: float, n: int) -> str:
-    """`72.00 ± 2.00` for two seeds or more; the mean alone for a single seed (its std is undefined)."""
-    if n >= 2 and not math.isnan(std):
-        return f"{fmt(mean)} ± {fmt(std)}"
-    return fmt(mean)
+def fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return DASH
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def columns_for(kind: Kind, cells: pd.DataFrame) -> list[Column]:
-    present = sorted({(p, m) for p, m in zip(cells["protocol_key"], cells["metric"])})
-    extra = [dynamic_column(p, m) for p, m in present if kind_of(p, m) == kind.key and (p, m) not in _FIXED]
-    return list(kind.columns) + extra
+def interval(low: float, high: float) -> str:
+    return f"[{fmt(low)}, {fmt(high)}]"
 
 
-def row_order(cells: pd.DataFrame) -> list[tuple[str, str, bool]]:
-    rows = {(m, d, bool(r)) for m, d, r in zip(cells["method"], cells["method_display"], cells["is_reference"])}
-    return sorted(rows, key=lambda r: (r[2], r[1].casefold(), r[1], r[0]))
+def value_text(cell) -> str:
+    """n >= 2: mean ± std [t-interval over seeds]; n = 1: value [bootstrap interval over test images]."""
+    if cell['n'] >= 2:
+        return f"{fmt(cell['mean'])} ± {fmt(cell['std'])} {interval(cell['t_low'], cell['t_high'])}"
+    if not math.isnan(cell['img_low']):
+        return f"{fmt(cell['mean'])} {interval(cell['img_low'], cell['img_high'])}"
+    return fmt(cell['mean'])
 
 
-def method_table(kind: Kind, cells: pd.DataFrame) -> Table | None:
-    """Rows = methods, columns = `kind`'s metrics (+ paper and Δ where a paper number is paired)."""
-    columns = columns_for(kind, cells)
-    wanted = {(c.protocol_key, c.metric) for c in columns}
-    cells = cells[[(p, m) in wanted for p, m in zip(cells["protocol_key"], cells["metric"])]]
-    if cells.empty:
-        return None
-    by_key = {(r.method, r.method_display, bool(r.is_reference), r.protocol_key, r.metric): r
-              for r in cells.itertuples(index=False)}
-    with_paper = {(c.protocol_key, c.metric) for c in columns
-                  if cells[(cells["protocol_key"] == c.protocol_key) & (cells["metric"] == c.metric)]
-                  ["paper_value"].notna().any()}
-    header = ["Method", "n"]
-    for c in columns:
-        header.append(c.label)
-        if (c.protocol_key, c.metric) in with_paper:
-            header += [f"{c.label} paper", f"{c.label} Δ"]
-    rows, reference_from = [], None
-    for method, display, is_reference in row_order(cells):
-        mine = cells[(cells["method"] == method) & (cells["method_display"] == display)
-                     & (cells["is_reference"].astype(bool) == is_reference)]
-        seeds = sorted({int(s) for joined in mine["seeds"] for s in joined.split(",")})
-        row = [Cell(display), Cell(str(len(seeds)))]
-        for c in columns:
-            cell = by_key.get((method, display, is_reference, c.protocol_key, c.metric))
-            if cell is None:
-                row.append(Cell(DASH))
-            else:
-                text = fmt_mean_std(cell.mean, cell.std, int(cell.n))
-                if int(cell.n) != len(seeds):
-                    text += f" (n={int(cell.n)})"
-                row.append(Cell(text, bold=bool(cell.best)))
-            if (c.protocol_key, c.metric) in with_paper:
-                if cell is None or pd.isna(cell.paper_value):
-                    row += [Cell(DASH), Cell(DASH)]
-                else:
-                    paper = fmt(cell.paper_value)
-                    if not pd.isna(cell.paper_std):
-                        paper += f" ± {fmt(cell.paper_std)}"
-                    row += [Cell(paper), Cell(fmt_delta(cell.delta))]
-        if is_reference and reference_from is None:
-            reference_from = len(rows)
-        rows.append(row)
-    sources = sorted({s for s in cells["paper_source"] if s})
-    caption = f"Paper numbers: {'; '.join(sources)}." if sources else ""
-    return Table(header, rows, reference_from=reference_from, numeric_from=1, caption=caption)
+def cell_title(cell) -> str:
+    seeds = ",".join(str(s) for s in cell['seeds'])
+    parts = [f"{cell['row']}, {cell['column']}: n = {cell['n']} seed(s) ({seeds})"]
+    if cell['n'] >= 2:
+        parts.append(f"mean {fmt(cell['mean'])}, std {fmt(cell['std'])} (ddof=1), 95% t-interval over seeds "
+                     f"{interval(cell['t_low'], cell['t_high'])}")
+    else:
+        parts.append(f"value {fmt(cell['mean'])}")
+    if not math.isnan(cell['img_low']):
+        what = "the mean over seeds" if cell['n'] >= 2 else "the run"
+        parts.append(f"95% {cell['img_method']} bootstrap over {cell['n_images']} test images of {what} "
+                     f"{interval(cell['img_low'], cell['img_high'])}")
+    elif cell['img_note']:
+        parts.append(f"no image bootstrap: {cell['img_note']}")
+    if cell['test_note']:
+        parts.append(cell['test_note'])
+    elif cell['best']:
+        parts.append("best of the column")
+    return "; ".join(parts)
+
+
+def render_cell(cell, row_n: int) -> Cell:
+    text = value_text(cell)
+    if cell['n'] != row_n:
+        text += f" (n={cell['n']})"
+    if cell['tied']:
+        text += TIED
+    return Cell(text, bold=bool(cell['best']), title=cell_title(cell))
 
 
 def plain_table(columns: list[str], rows: list[list[str]], numeric_from: int | None = None) -> Table:
     return Table(columns, [[Cell(v) for v in row] for row in rows],
                  numeric_from=len(columns) if numeric_from is None else numeric_from)
+
+
+def delta_text(pair) -> str:
+    text = fmt_delta(pair.delta)
+    if not math.isnan(pair.delta_low):
+        text += f" {interval(pair.delta_low, pair.delta_high)}"
+    return text
+
+
+def paper_text(pair) -> str:
+    return fmt(pair.paper_value) + ("" if math.isnan(pair.paper_std) else f" ± {fmt(pair.paper_std)}")
+
+
+def pair_title(pair) -> str:
+    runs = f" over {pair.paper_n} runs" if pair.paper_n else ""
+    text = f"{pair.source} (CSV line {pair.line}){runs}; Δ = ours − paper {delta_text(pair)}"
+    if not math.isnan(pair.welch_p):
+        text += f"; Welch p = {fmt_p(pair.welch_p)}"
+    return text
+
+
+def row_sort_key(label: str, is_reference: bool) -> tuple:
+    return (is_reference, label.casefold(), label)
+
+
+def column_sort_key(key: str, metric: str, settings: str) -> tuple:
+    return (key_order(key), METRIC_ORDER.get(metric, 9), metric, settings)
+
+
+INFO_HEADERS = {"K": "K", "source": "source", "nonempty": "non-empty clusters"}
+
+
+def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] = ()) -> Table:
+    """Rows x columns of cells prepared with `_rid` (row identity), `_row`, `_row_sort`, `_col`, `_col_sort`,
+    reference rows below a separator; a paper and a Δ column follow every column with a paired cell."""
+    paired = {int(p.cell): p for p in pairs.itertuples(index=False)}
+    col_sort = dict(zip(cells["_col"], cells["_col_sort"]))
+    columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
+    with_paper = {c for c in columns if any(int(j) in paired for j in cells.index[cells["_col"] == c])}
+    header = ["Method", "n", *[INFO_HEADERS[i] for i in info]]
+    for c in columns:
+        header += [c, f"{c} paper", f"{c} Δ"] if c in with_paper else [c]
+    row_sort = dict(zip(cells["_rid"], cells["_row_sort"]))
+    rows, reference_from = [], None
+    for rid in sorted(row_sort, key=lambda r: (row_sort[r], r)):
+        mine = cells[cells["_rid"] == rid]
+        n = len({s for seeds in mine["seeds"] for s in seeds})
+        first = mine.iloc[0]
+        row = [Cell(first["_row"]), Cell(str(n)), *[Cell(str(first[i]) or DASH) for i in info]]
+        for c in columns:
+            hit = mine[mine["_col"] == c]
+            row.append(render_cell(hit.iloc[0], n) if len(hit) else Cell(DASH))
+            if c in with_paper:
+                pair = paired.get(int(hit.index[0])) if len(hit) else None
+                row += [Cell(DASH), Cell(DASH)] if pair is None else \
+                    [Cell(paper_text(pair), title=pair_title(pair)),
+                     Cell(delta_text(pair), title=pair_title(pair))]
+        if bool(first["is_reference"]) and reference_from is None:
+            reference_from = len(rows)
+        rows.append(row)
+    return Table(header, rows, reference_from=reference_from, numeric_from=1)
+
+
+def table_caption(cells: pd.DataFrame, pairs: pd.DataFrame, extra: list[str] | None = None) -> str:
+    notes = list(extra or [])
+    if cells["tied"].any():
+        notes.append(f"{TIED} = not significantly different from the bold best of its column (paired "
+                     f"bootstrap "
+                     "over test images, Holm, α = 0.05).")
+    untested = sorted({f"{r} ({c}: {n.removeprefix('not tested: ')})" for r, c, n in
+                       zip(cells["row"], cells["column"], cells["test_note"]) if n.startswith("not tested")})
+    if untested:
+        notes.append("Not tested against the best: " + "; ".join(untested) + ".")
+    sources = sorted(set(pairs["source"])) if not pairs.empty else []
+    if sources:
+        notes.append(f"Paper numbers: {'; '.join(sources)} (Δ = ours − paper, 95% interval).")
+    return " ".join(notes)
+
+
+def prepare(cells: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Row and column labels and sort keys of one kind's cells (heads: one row per method and K, grouped by K:
+    only rows of one K are compared)."""
+    if kind == "heads":
+        suffix = [c["column"][len(metric_label(c["key"], c["metric"])):]
+                  + (f" [head {head_index(c['key'])}]" if head_index(c["key"]) else "")
+                  for _, c in cells.iterrows()]
+        return cells.assign(
+            _rid=[f"{r}|{k}|{s}" for r, k, s in zip(cells["row"], cells["key"], suffix)],
+            _row=[f"{r}{s}" if s else r for r, s in zip(cells["row"], suffix)],
+            _row_sort=[(bool(ref), int(k) if str(k).isdigit() else 0, row_sort_key(r, bool(ref)), s)
+                       for r, ref, k, s in zip(cells["row"], cells["is_reference"], cells["K"], suffix)],
+            _col=[metric_label(k, m) for k, m in zip(cells["key"], cells["metric"])],
+            _col_sort=[(METRIC_ORDER.get(m, 9), m) for m in cells["metric"]])
+    return cells.assign(
+        _rid=cells["row"], _row=cells["row"],
+        _row_sort=[row_sort_key(r, bool(ref)) for r, ref in zip(cells["row"], cells["is_reference"])],
+        _col=cells["column"],
+        _col_sort=[column_sort_key(k, m, s) for k, m, s in
+                   zip(cells["key"], cells["metric"], cells["settings"])])
+
+
+def kind_title(kind: str) -> str:
+    return KIND_TITLES[kind]

@@ -1,8 +1,10 @@
-"""Report generator: aggregation over seeds, paper pairing, layout, robustness, determinism, HTML render."""
+"""Report generator: which records count, rows and columns that compare like with like, output (md/tex/html,
+figures), errors, determinism and the HTML render. Records come from tests/record_factory.py (schema v2)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -11,71 +13,79 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.errors import BenchmarkError
+from benchmarks.records import predictions_path
+from reports.__main__ import main
 from reports.build import build_report
+from tests.record_factory import make_labels, write_run
 
 ROOT = Path(__file__).resolve().parents[1]
+N_BOOT = 200  # enough for the tests; every interval is compared with reports.stats at the same n_boot
+DISS = "carl-carp-dissertation"
+SIMCLR = "SimCLR [optimizer.lr=0.03]"  # two settings of SimCLR in the fixture: both rows are labelled
+CIFAR = "CIFAR-10 — suite cifar10, 200 epochs"
+LINEAR = "linear probe (offline, views crop_flip) top-1"
 
 
-def record(suite="cifar10", dataset="CIFAR-10", method="simclr", display="SimCLR", seed=0, epochs=200,
-           metrics=None, status="completed", reference=False, history=None, message=None, paper=None) -> dict:
-    """A schema-valid run record (benchmarks.records, schema version 1)."""
-    return {
-        "schema_version": 1, "status": status, "suite": suite, "dataset": dataset, "method": method,
-        "method_display": display, "is_reference": reference, "seed": seed, "epochs": epochs,
-        "backbone": "resnet18_cifar", "batch_size": 256, "config": {"lr": 0.1}, "metrics": metrics or {},
-        "evaluation": {}, "clusters": None, "history": history or [], "paper_reference": paper,
-        "versions": {"torch": "2.5"}, "git_commit": None, "device": "cpu", "wall_time_s": 1.0,
-        "throughput_images_per_s": None, "peak_memory_mb": None, "checkpoint": None,
-        "created": f"2024-01-0{seed + 1}T00:00:00Z", "message": message,
-    }
-
-
-def curve(seed: int, knn: bool = True) -> list[dict]:
-    return [{"epoch": e, "loss": 5.0 - e - 0.1 * seed, **({"online_knn_top1": 30.0 + 10 * e + seed} if knn else {})}
+def curve(seed: int) -> list[dict]:
+    return [{"epoch": e, "loss": 5.0 - e - 0.1 * seed, "online_knn_top1": 30.0 + 10 * e + seed}
             for e in range(3)]
 
 
-def write(results: Path, name: str, rec: dict | str) -> Path:
-    path = results / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(rec if isinstance(rec, str) else json.dumps(rec, indent=2), encoding="utf-8")
-    return path
-
-
 def make_results(root: Path) -> Path:
-    """Known values: SimCLR linear top-1 70/72/74 (mean 72.00 ± 2.00, n=3), BYOL 76/78 (77.00 ± 1.41, best)..."""
+    """SimCLR linear top-1 70/72/74 (72.00 ± 2.00, n = 3), BYOL 76/77/78, CARL one seed; stale, edited and
+    unreadable files beside them."""
     results = root / "results"
-    for seed, (top1, top5, nmi) in enumerate([(70.0, 90.0, 40.0), (72.0, 91.0, 42.0), (74.0, 92.0, 44.0)]):
-        metrics = {"linear": {"top1": top1, "top5": top5}, "knn_k20": {"top1": top1 - 10},
-                   "clustering": {"NMI": nmi, "AMI": nmi - 1, "ARI": nmi - 10, "ACC": nmi + 10},
-                   "knn_k20_B2": {"top1": 33.0}}  # a per-layer probe: "other protocols"
-        metrics["semi_10pct"] = {"top1": 80.0 + seed}
-        if seed < 2:  # transfer measured on two of the three seeds -> "(n=2)"
-            metrics["transfer_linear:CIFAR-100"] = {"top1": 40.0 + seed}
-        write(results, f"cifar10/simclr_e200_s{seed}.json", record(seed=seed, metrics=metrics, history=curve(seed)))
-    for seed, top1 in enumerate([76.0, 78.0]):
-        write(results, f"cifar10/byol_e200_s{seed}.json",
-              record(method="byol", display="BYOL", seed=seed, metrics={"linear": {"top1": top1, "top5": 89.0}},
-                     history=curve(seed, knn=False)))
-    write(results, "cifar10/carl_e200_s0.json",
-          record(method="carl", display="CARL", metrics={"linear": {"top1": 75.0}}))  # one seed, no top-5
-    write(results, "cifar10/supervised_e200_s0.json",
-          record(method="supervised", display="Supervised", reference=True,
-                 metrics={"linear": {"top1": 90.0, "top5": 99.0}}))
-    write(results, "cifar10/random_init_e200_s0.json",
-          record(method="random_init", display="Random init", reference=True, metrics={"linear": {"top1": 30.0}}))
-    write(results, "cifar10/swav_e200_s0.json",
-          record(method="swav", display="SwAV", status="diverged", message="loss became NaN at epoch 3",
-                 metrics={"linear": {"top1": 10.0}}))
-    # STL-10 at 100 epochs: the paper has SimCLR STL-10 linear top-1 at 200 epochs only -> not compared
-    write(results, "stl10/simclr_e100_s0.json",
-          record(suite="stl10", dataset="STL-10", epochs=100, metrics={"linear": {"top1": 66.0}}))
-    write(results, "digits/simclr_e5_s0.json",
-          record(suite="digits", dataset="digits", epochs=5, metrics={"semi_1pct": {"top1": 55.5}}))
-    write(results, "digits/bad.json", "{not json")
-    partial = record(suite="digits", dataset="digits", method="byol", display="BYOL", epochs=5)
-    del partial["metrics"]
-    write(results, "digits/partial.json", partial)
+    for seed, top1 in enumerate((70.0, 72.0, 74.0)):
+        write_run(results, method="simclr", seed=seed, paper_reference=DISS, history=curve(seed),
+                  accuracy={"linear": top1, "knn_k20": 60.0 + seed, "knn_k200": 55.0},
+                  params={"knn_k200": {"bank_images_per_class_min": 18}}, clusters={"clustering": (10, 0.3)})
+    for seed, top1 in enumerate((76.0, 77.0, 78.0)):
+        write_run(results, method="byol", seed=seed, paper_reference=DISS,
+                  accuracy={"linear": top1, "knn_k20": 62.0})
+    # one seed; its kNN measured with another temperature (a column of its own), its probe on clean views
+    write_run(results, method="carl", seed=0, paper_reference=DISS,
+              accuracy={"linear": 75.0, "knn_k20": 64.0},
+              settings={"linear": {"views": "none", "epochs": 100, "lr": 0.1},
+                        "knn_k20": {"k": 20, "temperature": 0.07}})
+    # SimCLR with another learning rate: a row of its own, never pooled with the first
+    write_run(results, method="simclr", seed=0, paper_reference=DISS, accuracy={"linear": 50.0},
+              method_config={"optimizer": {"lr": 0.001, "name": "sgd"}, "hparams": {"temperature": 0.2}})
+    write_run(results, method="supervised", seed=0, accuracy={"linear": 90.0, "knn_k20": 88.0})
+    write_run(results, method="random_init", seed=0, accuracy={"linear": 30.0, "knn_k20": 20.0})
+    write_run(results, method="swav", seed=0, status="diverged", message="loss became NaN at epoch 3")
+    # a stale copy in another folder (older `created`, other numbers): never wins
+    write_run(results, "backup/cifar10/simclr_s0_old.json", method="simclr", seed=0, paper_reference=DISS,
+              accuracy={"linear": 10.0, "knn_k20": 60.0, "knn_k200": 55.0},
+              created="2024-06-01T00:00:00+00:00",
+              params={"knn_k200": {"bank_images_per_class_min": 18}}, clusters={"clustering": (10, 0.3)})
+    # an exact copy (same `created`): the file at its canonical path wins the tie
+    canonical = next((results / "cifar10").glob("byol_e200_s1_*.json"))
+    (results / "backup" / "cifar10" / "byol_copy.json").write_bytes(canonical.read_bytes())
+    beside = results / "backup" / "cifar10" / predictions_path(canonical).name
+    shutil.copy(predictions_path(canonical), beside)
+    # an edited copy: its checksum no longer matches
+    edited = json.loads(canonical.read_text())
+    edited["metrics"]["linear"]["top1"] = 99.0
+    (results / "backup" / "cifar10" / "byol_edited.json").write_text(json.dumps(edited))
+    # unreadable files of every kind
+    (results / "digits").mkdir()
+    (results / "digits" / "x.json").write_bytes(b"\xff")
+    (results / "digits" / "bad.json").write_text("{not json")
+    (results / "digits" / "v1.json").write_text(json.dumps({"schema_version": 1, "suite": "digits"}))
+    gone = write_run(results, "digits/no_predictions.json", suite="digits", dataset="digits", method="byol",
+                     accuracy={"linear": 80.0})
+    predictions_path(gone).unlink()
+    # a record whose metric disagrees with its (hash-valid) predictions
+    from benchmarks.records import write_record
+    from tests.record_factory import make_run
+
+    record, predictions = make_run(suite="digits", dataset="digits", method="simclr",
+                                   accuracy={"linear": 80.0})
+    record["metrics"]["linear"]["top1"] = 85.0
+    write_record(record, results / "digits" / "mismatch.json", predictions=predictions)
+    write_run(results, suite="digits", dataset="digits", method="simclr", backbone="small_cnn", epochs=5,
+              accuracy={"linear": 55.5})
     return results
 
 
@@ -83,149 +93,164 @@ def make_results(root: Path) -> Path:
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     results = make_results(root)
-    out = build_report(results, root / "out")
+    out = build_report(results, root / "out", n_boot=N_BOOT, stderr=open(os.devnull, "w"))
     return {"root": root, "results": results, "out": root / "out", **out}
 
 
-def cell(agg, method, protocol_key, metric, suite="cifar10"):
-    rows = agg[(agg["method"] == method) & (agg["protocol_key"] == protocol_key) & (agg["metric"] == metric)
-               & (agg["suite"] == suite)]
-    assert len(rows) == 1, rows
+def cell(cells, row, key, metric="top1", table=("cifar10", "CIFAR-10", 200)):
+    rows = cells[(cells["row"] == row) & (cells["key"] == key) & (cells["metric"] == metric)
+                 & (cells["table"] == table)]
+    assert len(rows) == 1, rows[["row", "key", "metric", "column"]]
     return rows.iloc[0]
 
 
-def md_section(text: str, kind: str, heading: str) -> str:
-    """The Markdown under `## kind` / `### heading`, up to the next heading."""
-    after_kind = text.split(f"\n## {kind}\n", 1)[1]
-    return after_kind.split(f"\n### {heading}\n", 1)[1].split("\n#", 1)[0]
+def md_section(text: str, heading: str, kind: str) -> str:
+    """The Markdown under `## heading` / `### kind`, up to the next heading."""
+    after = text.split(f"\n## {heading}\n", 1)[1]
+    return after.split(f"\n### {kind}\n", 1)[1].split("\n#", 1)[0]
 
 
-def md_row(section: str, method: str) -> list[str]:
+def md_rows(section: str) -> dict[str, list[str]]:
+    rows = {}
     for line in section.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if cells and cells[0] == method:
-            return cells
-    raise AssertionError(f"no row {method!r} in\n{section}")
+        if line.startswith("| ") and not line.startswith("|:"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows
 
 
-LINEAR = "CIFAR-10 — suite cifar10, 200 epochs"
+def md_escape(text: str) -> str:
+    return re.sub(r"([\\|*_`])", r"\\\1", text)
 
 
-def test_mean_std_and_seed_counts(built):
-    agg = built["aggregated"]
-    simclr = cell(agg, "simclr", "linear", "top1")
-    assert simclr["mean"] == pytest.approx(72.0) and simclr["std"] == pytest.approx(2.0) and simclr["n"] == 3
-    byol = cell(agg, "byol", "linear", "top1")
-    assert byol["mean"] == pytest.approx(77.0) and byol["std"] == pytest.approx(1.41421356) and byol["n"] == 2
-    carl = cell(agg, "carl", "linear", "top1")
-    assert carl["n"] == 1 and carl["std"] != carl["std"]  # NaN: one seed has no sample std
-    section = md_section(built["paths"]["md"].read_text(), "Linear evaluation", LINEAR)
-    row = md_row(section, "SimCLR")
-    assert row[1] == "3" and row[2] == "72.00 ± 2.00" and row[5] == "**91.00 ± 1.00**"
-    assert md_row(section, "CARL")[1:3] == ["1", "75.00"]  # one seed: the mean alone, n = 1
-    transfer = md_row(md_section(built["paths"]["md"].read_text(), "Semi-supervised and transfer", LINEAR),
-                      "SimCLR")
-    assert "40.50 ± 0.71 (n=2)" in transfer  # measured on 2 of the row's 3 seeds
+# ----------------------------------------------------------------------------------- which records count
 
 
-def test_best_per_column_bold_among_non_reference(built):
-    agg = built["aggregated"]
-    assert bool(cell(agg, "byol", "linear", "top1")["best"])
-    assert not bool(cell(agg, "simclr", "linear", "top1")["best"])
-    assert not bool(cell(agg, "supervised", "linear", "top1")["best"])  # 90 is higher, but a reference row
-    md = built["paths"]["md"].read_text()
-    section = md_section(md, "Linear evaluation", LINEAR)
-    assert md_row(section, "BYOL")[2] == "**77.00 ± 1.41**"
-    assert md_row(section, "Supervised")[2] == "90.00"
-    assert md_row(section, "SimCLR")[5] == "**91.00 ± 1.00**"  # top-5: SimCLR 91 beats BYOL 89
-    assert r"\textbf{77.00 $\pm$ 1.41}" in built["paths"]["tex"].read_text()
-    assert "<strong>77.00 ± 1.41</strong>" in built["paths"]["html"].read_text()
+def test_stale_copy_never_wins_and_is_listed_with_the_winner(built):
+    simclr = cell(built["cells"], SIMCLR, "linear")
+    assert simclr["values"] == (70.0, 72.0, 74.0) and simclr["n"] == 3  # 10.0 of the stale copy is not there
+    superseded = {s.path: s for s in built["superseded"]}
+    stale = superseded["results/backup/cifar10/simclr_s0_old.json"]
+    assert stale.winner.startswith("results/cifar10/simclr_e200_s0_")
+    assert stale.created.startswith("2024-06-01")
+    tie = superseded["results/backup/cifar10/byol_copy.json"]  # same created: the canonical path wins
+    assert tie.winner.startswith("results/cifar10/byol_e200_s1_")
+    listed = built["paths"]["md"].read_text().split("## Superseded records", 1)[1].split("\n## ", 1)[0]
+    assert md_escape("results/backup/cifar10/simclr_s0_old.json") in listed
+    assert md_escape(stale.winner) in listed
 
 
-def test_paper_delta_for_like_for_like_cell(built):
-    simclr = cell(built["aggregated"], "simclr", "linear", "top1")
-    assert simclr["paper_value"] == pytest.approx(75.41) and simclr["delta"] == pytest.approx(72.0 - 75.41)
-    assert simclr["paper_source"] == "carl-carp-dissertation Table 5.2"
-    section = md_section(built["paths"]["md"].read_text(), "Linear evaluation", LINEAR)
-    header = md_row(section, "Method")
-    row = md_row(section, "SimCLR")
-    assert row[header.index("top-1 paper")] == "75.41 ± 0.47" and row[header.index("top-1 Δ")] == "-3.41"
-    assert md_row(section, "BYOL")[header.index("top-1 Δ")] == "+0.54"  # 77.00 - 76.46
-    transfer = cell(built["aggregated"], "simclr", "transfer_linear:CIFAR-100", "top1")
-    assert transfer["paper_value"] == pytest.approx(40.39) and transfer["delta"] == pytest.approx(0.11)
-
-
-def test_unlike_cells_are_not_paired(built):
-    stl = cell(built["aggregated"], "simclr", "linear", "top1", suite="stl10")
-    assert stl["paper_value"] != stl["paper_value"] and stl["delta"] != stl["delta"]  # 100 vs 200 epochs
-    md = built["paths"]["md"].read_text()
-    section = md_section(md, "Linear evaluation", "STL-10 — suite stl10, 100 epochs")
-    assert "paper" not in section and "Δ" not in section
-    unmatched = built["unmatched_paper"]
-    row = unmatched[(unmatched["method"] == "SimCLR") & (unmatched["pretrain_dataset"] == "STL-10")
-                    & (unmatched["protocol"] == "linear")]
-    assert len(row) == 1 and "our runs have 100 epochs, the paper 200" in row.iloc[0]["reason"]
-    listed = md.split("## Paper numbers without a matching run", 1)[1].split("\n## ", 1)[0]
-    assert "| carl-carp-dissertation | Table 5.2 | SimCLR | STL-10 | STL-10 |" in listed
-    # a paired paper row is not listed as unmatched
-    assert not ((unmatched["method"] == "SimCLR") & (unmatched["pretrain_dataset"] == "CIFAR-10")
-                & (unmatched["protocol"] == "linear") & (unmatched["epochs"] == 200)).any()
-
-
-def test_reference_rows_below_separator_and_dash_for_unmeasured(built):
-    md = built["paths"]["md"].read_text()
-    section = md_section(md, "Linear evaluation", LINEAR)
-    lines = [ln.split("|")[1].strip() for ln in section.splitlines() if ln.startswith("| ")]
-    assert lines == ["Method", "BYOL", "CARL", "SimCLR", "*reference*", "Random init", "Supervised"]
-    assert md_row(section, "CARL")[5] == "–" and md_row(section, "Random init")[5] == "–"
-    tex = built["paths"]["tex"].read_text()
-    block = tex[tex.index(r"\subsection*{Linear evaluation}"):]
-    block = block[:block.index(r"\end{tabular}")]
-    assert block.index(r"\toprule") < block.index("SimCLR") < block.rindex(r"\midrule") < block.index("Supervised")
-    assert r"\bottomrule" in tex and "BYOL & 2 &" in block
-    assert r"CARL & 1 & 75.00 & 78.94 $\pm$ 0.52 & -3.94 & -- \\" in block
-    html = built["paths"]["html"].read_text()
-    assert '<tbody class="reference">' in html and '<td class="num missing">–</td>' in html
-
-
-def test_diverged_excluded_but_listed(built):
-    assert "swav" not in set(built["aggregated"]["method"])
-    excluded = built["excluded"]
-    assert list(excluded["method"]) == ["swav"] and excluded.iloc[0]["status"] == "diverged"
-    md = built["paths"]["md"].read_text()
-    listed = md.split("## Runs not in the tables", 1)[1].split("\n## ", 1)[0]
-    assert "results/cifar10/swav\\_e200\\_s0.json" in listed and "diverged" in listed
-    assert "loss became NaN at epoch 3" in listed
-    assert "SwAV" not in md.split("## Paper numbers without", 1)[0].split("## Linear evaluation", 1)[1]
-
-
-def test_malformed_records_reported_by_file_and_build_goes_on(built, tmp_path, capsys):
+def test_edited_copy_is_skipped_for_its_checksum(built):
     skipped = {s.path: s.reason for s in built["skipped"]}
-    assert set(skipped) == {"results/digits/bad.json", "results/digits/partial.json"}
+    assert "checksum does not match" in skipped["results/backup/cifar10/byol_edited.json"]
+    assert cell(built["cells"], "BYOL", "linear")["values"] == (76.0, 77.0, 78.0)
+
+
+def test_unreadable_files_are_skipped_by_name_and_the_build_goes_on(built):
+    skipped = {s.path: s.reason for s in built["skipped"]}
+    assert "not a UTF-8 text file" in skipped["results/digits/x.json"]
     assert "not valid JSON" in skipped["results/digits/bad.json"]
-    assert skipped["results/digits/partial.json"] == "missing key 'metrics'"
+    assert "schema_version is 1" in skipped["results/digits/v1.json"]
+    assert "predictions file" in skipped["results/digits/no_predictions.json"]
+    assert "mismatched predictions file: linear top1" in skipped["results/digits/mismatch.json"]
     md = built["paths"]["md"].read_text()
     listed = md.split("## Skipped records", 1)[1]
-    assert "results/digits/partial.json: missing key 'metrics'" in listed and "results/digits/bad.json" in listed
-    assert "digits — suite digits, 5 epochs" in md  # the good digits record still made it
-    result = build_report(built["results"], tmp_path / "o", suites=["digits"], formats=["md"], figures=False)
+    assert md_escape("results/digits/x.json: not a UTF-8 text file") in listed
+    assert "## digits — suite digits, 5 epochs" in md  # the good digits record still made it
+
+
+def test_non_utf8_file_via_cli_is_named_on_stderr(tmp_path, capsys):
+    results = tmp_path / "results"
+    write_run(results, suite="digits", dataset="digits", method="simclr", backbone="small_cnn", epochs=5,
+              accuracy={"linear": 90.0})
+    (results / "digits" / "x.json").write_bytes(b"\xff")  # printf '\xff' > results/digits/x.json
+    code = main(["build", "--results", str(results), "--out", str(tmp_path / "out"), "--no-figures",
+                 "--format", "md", "--n-boot", "100"])
+    assert code == 0
+    assert "results/digits/x.json: not a UTF-8 text file" in capsys.readouterr().err
+    assert "90.00 [" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_diverged_run_is_listed_not_tabled(built):
+    assert "swav" not in set(built["cells"]["method"])
+    assert [r.record["method"] for r in built["excluded"]] == ["swav"]
+    listed = built["paths"]["md"].read_text().split("## Runs not in the tables", 1)[1].split("\n## ", 1)[0]
+    assert "diverged" in listed and "loss became NaN at epoch 3" in listed
+
+
+# ------------------------------------------------------------------------------- rows and columns
+
+
+def test_two_settings_fingerprints_give_two_labelled_rows(built):
+    other = cell(built["cells"], "SimCLR [optimizer.lr=0.001]", "linear")
+    assert other["values"] == (50.0,)
+    assert cell(built["cells"], SIMCLR, "linear")["values"] == (70.0, 72.0, 74.0)
+    rows = md_rows(md_section(built["paths"]["md"].read_text(), CIFAR, "Linear evaluation"))
+    assert "SimCLR [optimizer.lr=0.001]" in rows and rows[SIMCLR][1] == "3" and "SimCLR" not in rows
+    assert rows["SimCLR [optimizer.lr=0.001]"][1] == "1"
+
+
+def test_a_column_with_two_protocol_settings_splits_and_names_the_key(built):
+    cells = built["cells"]
+    knn = cells[(cells["key"] == "knn_k20") & (cells["metric"] == "top1")]
+    assert set(knn["column"]) == {"kNN k=20 top-1 [temperature=0.07]", "kNN k=20 top-1 [temperature=0.1]"}
+    assert set(knn.loc[knn["column"].str.contains("0.07"), "row"]) == {"CARL"}
+    linear = set(cells.loc[(cells["key"] == "linear") & (cells["metric"] == "top1"), "column"])
+    assert linear == {LINEAR, "linear probe (offline, views none) top-1"}
+    header = md_rows(md_section(built["paths"]["md"].read_text(), CIFAR, "kNN"))["Method"]
+    assert "kNN k=20 top-1 [temperature=0.07]" in header and "kNN k=20 top-1 [temperature=0.1]" in header
+
+
+def test_knn_header_says_when_k_exceeds_the_images_per_class(built):
+    columns = set(built["cells"]["column"])
+    assert "kNN k=200 (k > 18 bank images per class) top-1" in columns
+    assert not any("k > " in c for c in columns if c.startswith("kNN k=20 "))
+
+
+def test_reference_rows_below_the_separator_and_not_bold(built):
+    section = md_section(built["paths"]["md"].read_text(), CIFAR, "Linear evaluation")
+    names = [ln.split("|")[1].strip() for ln in section.splitlines() if ln.startswith("| ")]
+    assert names[-3:] == ["*reference*", "Random init", "Supervised"]
+    assert not cell(built["cells"], "Supervised", "linear")["best"]  # 90 is higher, but a reference row
+    assert cell(built["cells"], "BYOL", "linear")["best"]
+    assert md_rows(section)["BYOL"][2].startswith("**77.00 ± 1.00")
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def test_output_folder_that_is_a_file_is_a_clean_error(built, tmp_path, capsys):
+    target = tmp_path / "report.md"
+    target.write_text("not a folder")
+    with pytest.raises(BenchmarkError) as info:
+        build_report(built["results"], target, figures=False, n_boot=100, stderr=open(os.devnull, "w"))
+    message = str(info.value)
+    assert "\n" not in message and str(target) in message and "is an existing file" in message
+    code = main(["build", "--results", str(built["results"]), "--out", str(target), "--no-figures"])
     err = capsys.readouterr().err
-    assert "skipped 2 records" in err and "results/digits/partial.json: missing key 'metrics'" in err
-    assert result["paths"]["md"].exists() and not (tmp_path / "o" / "report.html").exists()
+    assert code == 2 and err.startswith("error: ") and str(target) in err and err.count("\n") == 1
+    assert target.read_text() == "not a folder"
 
 
-def test_other_protocols_do_not_crash(built):
-    md = built["paths"]["md"].read_text()
-    other = md_section(md, "Other protocols", LINEAR)
-    assert "knn\\_k20\\_B2 top1" in other and md_row(other, "SimCLR")[2] == "33.00 ± 0.00"
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_a_clean_error(built, tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o500)
+    try:
+        with pytest.raises(BenchmarkError, match="cannot write the report to"):
+            build_report(built["results"], folder, figures=False, n_boot=100, stderr=open(os.devnull, "w"))
+    finally:
+        folder.chmod(0o700)
 
 
 def test_build_twice_is_byte_identical(built, tmp_path):
-    again = build_report(built["results"], tmp_path / "again")
+    again = build_report(built["results"], tmp_path / "again", n_boot=N_BOOT, stderr=open(os.devnull, "w"))
     for fmt in ("md", "tex", "html"):
         assert again["paths"][fmt].read_bytes() == built["paths"][fmt].read_bytes(), fmt
     first = sorted(p.name for p in built["figures"])
-    assert first == sorted(p.name for p in again["figures"]) and any(n.startswith("curves_") for n in first)
+    assert first == sorted(p.name for p in again["figures"])
+    assert any(n.startswith("forest_") for n in first) and any(n.startswith("curves_") for n in first)
     for a, b in zip(sorted(built["figures"]), sorted(again["figures"])):
         assert a.read_bytes() == b.read_bytes(), a.name
         assert a.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -235,34 +260,57 @@ def test_build_twice_is_byte_identical(built, tmp_path):
     assert not list(built["out"].rglob("*.tmp"))
 
 
+def test_formats_tex_booktabs_and_html_tooltips(built):
+    tex = built["paths"]["tex"].read_text()
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"\textbf{77.00 $\pm$ 1.00 [74.52, 79.48]}" in tex
+    html = built["paths"]["html"].read_text()
+    assert '<tbody class="reference">' in html and "<strong>77.00 ± 1.00 [74.52, 79.48]</strong>" in html
+    assert "95% percentile bootstrap over 200 test images of the mean over seeds" in html  # n >= 2 tooltip
+
+
+def test_conventions_paragraph_and_help_state_the_rules(built, capsys):
+    md = built["paths"]["md"].read_text()
+    for phrase in ("95% Student-t interval over seeds", "bootstrap interval over the run's test images",
+                   "basic", "Holm", "newest by its own created timestamp", "paper\\_reference",
+                   "Supervised (labelled subset only)", "ACC (many-to-one)"):
+        assert phrase in md, phrase
+    with pytest.raises(SystemExit) as exited:
+        main(["build", "--help"])
+    helped = capsys.readouterr().out
+    assert exited.value.code == 0
+    for phrase in ("--results", "--format", "--n-boot", "t-interval", "Holm", "basic/reflected",
+                   "superseded"):
+        assert phrase in helped, phrase
+
+
 def test_filters(built, tmp_path):
-    kw = {"formats": ["md"], "figures": False}
+    kw = {"formats": ["md"], "figures": False, "n_boot": 100, "stderr": open(os.devnull, "w")}
     only = build_report(built["results"], tmp_path / "m", methods=["byol", "Supervised"], **kw)
-    assert set(only["aggregated"]["method"]) == {"byol", "supervised"}
-    assert set(only["unmatched_paper"]["method"].str.casefold()) <= {"byol", "supervised"}
-    epochs = build_report(built["results"], tmp_path / "e", epochs=[100], **kw)
-    assert set(epochs["aggregated"]["suite"]) == {"stl10"} and epochs["excluded"].empty
+    assert set(only["cells"]["method"]) == {"byol", "supervised"}
+    epochs = build_report(built["results"], tmp_path / "e", epochs=[5], **kw)
+    assert set(epochs["cells"]["suite"]) == {"digits"} and not epochs["excluded"]
     suite = build_report(built["results"], tmp_path / "s", suites=["cifar10"], **kw)
-    assert set(suite["aggregated"]["suite"]) == {"cifar10"} and list(suite["excluded"]["method"]) == ["swav"]
-    assert set(suite["unmatched_paper"]["pretrain_dataset"]) == {"CIFAR-10"}
-    md = suite["paths"]["md"].read_text()
-    assert "Filters: suite = cifar10." in md and "STL-10 — suite" not in md
+    assert set(suite["cells"]["suite"]) == {"cifar10"}
+    assert "Filters: suite = cifar10." in suite["paths"]["md"].read_text()
 
 
-def test_cli(built, tmp_path):
+def test_cli_formats_and_missing_results(built, tmp_path, capsys):
     out = tmp_path / "cli"
-    run = subprocess.run([sys.executable, "-m", "reports", "build", "--results", str(built["results"]), "--out",
-                          str(out), "--format", "md,tex", "--epochs", "200", "--no-figures"],
+    run = subprocess.run([sys.executable, "-m", "reports", "build", "--results", str(built["results"]),
+                          "--out", str(out), "--format", "md,tex", "--epochs", "5", "--no-figures",
+                          "--n-boot", "100"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr
-    assert (out / "report.md").exists() and (out / "report.tex").exists() and not (out / "report.html").exists()
-    assert "results/digits/bad.json: not valid JSON" in run.stderr
-    helped = subprocess.run([sys.executable, "-m", "reports", "build", "--help"], capture_output=True, text=True,
-                            cwd=ROOT, timeout=60)
-    assert helped.returncode == 0 and "--results" in helped.stdout and "--format" in helped.stdout
-    missing = subprocess.run([sys.executable, "-m", "reports", "build", "--results", str(tmp_path / "nope"),
-                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    assert (out / "report.md").exists() and (out / "report.tex").exists()
+    assert not (out / "report.html").exists()
+    assert main(["build", "--results", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_record_factory_labels_are_balanced():
+    labels = make_labels()
+    assert len(labels) == 200 and set(labels.tolist()) == set(range(10))
 
 
 def _chromium() -> str | None:

@@ -1,0 +1,198 @@
+"""The report's uncertainty and significance: every interval and marker is the one reports.stats gives on the
+records' own predictions (records from tests/record_factory.py)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats as scipy_stats
+
+from benchmarks.records import read_predictions, read_record
+from reports import stats
+from reports.build import build_report
+from reports.cells import reflect
+from tests.record_factory import correct_mask, make_labels, write_run
+
+N_BOOT = 200
+TABLE = ("cifar10", "CIFAR-10", 200)
+
+
+def quiet():
+    return open(os.devnull, "w")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stats")
+    results = root / "results"
+    labels = make_labels(1000)
+    best = correct_mask(1000, 80.0, seed=3)
+    worse = best.copy()
+    worse[np.flatnonzero(best)[:30]] = False  # 3 points fewer, all of them images the best gets right
+    files = {
+        "simclr": write_run(results, method="simclr", labels=labels, correct={"knn_k20": best},
+                            clusters={"clustering": (10, 0.3)}),
+        "byol": write_run(results, method="byol", labels=labels, correct={"knn_k20": worse},
+                          accuracy={"linear": 75.0}),
+        "swav": write_run(results, method="swav", labels=labels, correct={"knn_k20": best.copy()}),
+    }
+    write_run(results, method="supervised", labels=labels, accuracy={"knn_k20": 95.0})
+    write_run(results, method="random_init", labels=labels, clusters={"clustering": (10, 1.0, 1)},
+              accuracy={"knn_k20": 10.0})
+    for seed, top1 in enumerate((70.0, 72.0, 74.0)):
+        write_run(results, method="carl", seed=seed, labels=labels, accuracy={"linear": top1})
+    files["semi"] = write_run(results, method="carp", labels=labels,
+                              accuracy={"semi_5perclass": [40.0, 50.0, 60.0]})
+    heads = {"self_classifier": ((10, 0.05, 5), (30, 0.5, 6)), "uic": ((10, 0.5, 7), (30, 0.3, 8))}
+    for method, specs in heads.items():
+        write_run(results, method=method, labels=labels,
+                  clusters={f"clustering_head_k{k}": (k, noise, s) for k, noise, s in specs})
+    out = build_report(results, root / "out", n_boot=N_BOOT, figures=False, formats=["md"], stderr=quiet())
+    return {"files": files, "labels": labels, **out}
+
+
+def cell(cells, row, key, metric="top1"):
+    rows = cells[(cells["row"] == row) & (cells["key"] == key) & (cells["metric"] == metric)
+                 & cells["table"].map(lambda t: t == TABLE)]
+    assert len(rows) == 1, rows
+    return rows.iloc[0]
+
+
+def arrays(path):
+    return read_predictions(path, read_record(path))
+
+
+def test_one_seed_interval_is_the_bootstrap_over_its_test_images(built):
+    byol = cell(built["cells"], "BYOL", "linear")
+    pred = arrays(built["files"]["byol"])
+    correct = pred["linear"][:, 0] == pred["labels"]
+    expected = stats.accuracy_interval(correct, n_boot=N_BOOT)
+    assert (byol["img_low"], byol["img_high"]) == (expected.ci_low, expected.ci_high)
+    assert byol["n"] == 1 and byol["img_method"] == "percentile"
+    md = built["paths"]["md"].read_text()
+    assert f"| BYOL | 1 | **75.00 [{expected.ci_low:.2f}, {expected.ci_high:.2f}]** |" in md  # best linear
+
+
+def test_three_seed_interval_is_the_closed_form_t_interval(built):
+    carl = cell(built["cells"], "CARL", "linear")
+    half = scipy_stats.t.ppf(0.975, 2) * 2.0 / np.sqrt(3)
+    assert carl["mean"] == pytest.approx(72.0) and carl["std"] == pytest.approx(2.0)
+    assert carl["t_low"] == pytest.approx(72.0 - half) and carl["t_high"] == pytest.approx(72.0 + half)
+    assert f"72.00 ± 2.00 [{72 - half:.2f}, {72 + half:.2f}]" in built["paths"]["md"].read_text()
+
+
+def test_clustering_interval_is_the_reflected_bootstrap(built):
+    nmi = cell(built["cells"], "SimCLR", "clustering", "NMI")
+    pred = arrays(built["files"]["simclr"])
+    percentile = stats.clustering_interval(pred["labels"], pred["clustering"], "nmi", n_boot=N_BOOT)
+    assert nmi["img_method"] == "basic"
+    assert (nmi["img_low"], nmi["img_high"]) == reflect(percentile, 0.0, 100.0)
+    assert nmi["img_low"] == pytest.approx(2 * percentile.value - percentile.ci_high)
+
+
+def test_negative_ami_and_ari_are_shown_as_computed(built):
+    ami = cell(built["cells"], "Random init", "clustering", "AMI")
+    ari = cell(built["cells"], "Random init", "clustering", "ARI")
+    assert ami["mean"] < 0 and ari["mean"] < 0
+    assert f"| {ami['mean']:.2f} [" in built["paths"]["md"].read_text()
+
+
+def test_planted_better_method_is_significant_and_identical_predictions_are_not(built):
+    cells = built["cells"]
+    simclr, byol, swav = (cell(cells, name, "knn_k20") for name in ("SimCLR", "BYOL", "SwAV"))
+    assert simclr["best"] and swav["best"] and not byol["best"]  # SimCLR and SwAV tie on the mean
+    assert swav["tied"] and swav["p_holm"] == 1.0  # identical predictions: no difference
+    assert not byol["tied"] and byol["p_holm"] < 0.05  # 3 points worse on the same images
+    p = stats.paired_bootstrap_test(simclr_correct(built), byol_correct(built), n_boot=N_BOOT).p_value
+    assert byol["p_holm"] == pytest.approx(min(1.0, 2 * p))  # Holm over the column's two comparisons
+    supervised = cell(cells, "Supervised", "knn_k20")
+    assert not supervised["best"] and not supervised["tied"]  # a reference row is no contender
+    md = built["paths"]["md"].read_text()
+    swav_row = md.split("| SwAV | 1 |", 1)[1].split("\n", 1)[0]
+    assert swav_row.startswith(" **80.00 [") and "]†** |" in swav_row
+
+
+def simclr_correct(built):
+    pred = arrays(built["files"]["simclr"])
+    return pred["knn_k20"][:, 0] == pred["labels"]
+
+
+def byol_correct(built):
+    pred = arrays(built["files"]["byol"])
+    return pred["knn_k20"][:, 0] == pred["labels"]
+
+
+def test_semi_predictions_with_several_subsets_use_the_mean_over_subsets(built):
+    semi = cell(built["cells"], "CARP", "semi_5perclass")
+    pred = arrays(built["files"]["semi"])
+    assert pred["semi_5perclass"].shape == (3, 1000, 5)
+    per_image = (pred["semi_5perclass"][..., 0] == pred["labels"]).mean(axis=0)
+    expected = stats.accuracy_interval(per_image, n_boot=N_BOOT)
+    assert semi["mean"] == pytest.approx(50.0) and (semi["img_low"], semi["img_high"]) == expected[1:]
+    assert semi["column"] == "5 per class top-1"
+
+
+def test_over_clustering_heads_get_many_to_one_acc_only(built):
+    cells = built["cells"]
+    heads = cells[cells["kind"] == "heads"]
+    k30 = heads[heads["key"] == "clustering_head_k30"]
+    k10 = heads[heads["key"] == "clustering_head_k10"]
+    assert set(k30["metric"]) == {"NMI", "AMI", "ARI", "ACC_M2O"}
+    assert set(k10["metric"]) == {"NMI", "AMI", "ARI", "ACC"}
+    assert set(k30["column"]) >= {"ACC (many-to-one)"} and "ACC (one-to-one)" not in set(k30["column"])
+    md = built["paths"]["md"].read_text()
+    section = md.split("### Clustering with the methods' own heads\n", 1)[1].split("\n#", 1)[0]
+    header = next(line for line in section.splitlines() if line.startswith("| Method"))
+    assert "ACC (one-to-one)" in header and "ACC (many-to-one)" in header
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| Self-Classifier") or line.startswith("| UIC")]
+    names = [c.strip() for c in header.strip("|").split("|")]
+    by_k = {(r[0], r[names.index("K")]): r for r in rows}
+    assert by_k[("Self-Classifier", "30")][names.index("ACC (one-to-one)")] == "–"
+    assert by_k[("Self-Classifier", "30")][names.index("ACC (many-to-one)")] != "–"
+    assert by_k[("Self-Classifier", "10")][names.index("ACC (many-to-one)")] == "–"
+
+
+def test_bold_only_among_cells_of_the_same_k(built):
+    heads = built["cells"][built["cells"]["kind"] == "heads"]
+    nmi = heads[heads["metric"] == "NMI"].set_index(["row", "key"])
+    sc10 = nmi.loc[("Self-Classifier", "clustering_head_k10")]
+    sc30 = nmi.loc[("Self-Classifier", "clustering_head_k30")]
+    uic10, uic30 = nmi.loc[("UIC", "clustering_head_k10")], nmi.loc[("UIC", "clustering_head_k30")]
+    assert sc10["best"] and not uic10["best"]  # best of K = 10
+    assert uic30["best"] and not sc30["best"]  # best of K = 30 ...
+    assert uic30["mean"] < sc10["mean"]  # ... although the K = 10 head scores higher: no bold across K
+
+
+@pytest.fixture(scope="module")
+def ranked(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ranks")
+    results = root / "results"
+    scores = {"simclr": (70, 60, 0.2), "byol": (75, 62, 0.3), "swav": (65, 58, 0.1)}
+    for method, (linear, knn, noise) in scores.items():
+        for seed in (0, 1):
+            write_run(results, method=method, seed=seed,
+                      accuracy={"linear": linear + seed, "knn_k20": knn + seed},
+                      clusters={"clustering": (10, noise, 10 * seed + len(method))})
+    write_run(results, method="carl", seed=0, accuracy={"linear": 99.0})  # no kNN, no clustering: not ranked
+    return build_report(results, root / "out", n_boot=100, figures=False, formats=["md"], stderr=quiet())
+
+
+def test_leaderboard_is_the_average_rank_over_the_headline_metrics(ranked):
+    ranks = ranked["leaderboards"][TABLE]
+    cells = ranked["cells"]
+    used = cells[((cells["key"] == "knn_k20") & (cells["metric"] == "top1"))
+                 | ((cells["key"] == "linear") & (cells["metric"] == "top1"))
+                 | ((cells["key"] == "clustering") & cells["metric"].isin(["NMI", "ACC"]))]
+    used = used[~used["is_reference"] & (used["row"] != "CARL")]
+    scores = pd.DataFrame([(r.row, s, r.column, v) for r in used.itertuples()
+                           for s, v in zip(r.seeds, r.values)], columns=["method", "seed", "metric", "value"])
+    pd.testing.assert_frame_equal(ranks.reset_index(drop=True), stats.average_ranks(scores))
+    md = ranked["paths"]["md"].read_text()
+    board = md.split("### Leaderboard\n", 1)[1].split("\n#", 1)[0]
+    assert "CARL (missing: kNN k=20 top-1, NMI, ACC)" in board and "| Rank | Method | mean rank |" in board
+    first = next(line for line in board.splitlines() if line.startswith("| 1 |"))
+    assert ranks.iloc[0]["method"] in first
