@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import signal
 import sys
 import time
+from pathlib import Path
 
 from benchmarks.cli_common import deep_update, default_data_root, import_modules, parse_set, quiet_libraries
 from benchmarks.errors import BenchmarkError, ConfigError
@@ -46,10 +47,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--out", default="results", help="folder for run records (default: results)")
     run.add_argument("--work-dir", default="runs", help="folder for checkpoints and logs (default: runs)")
     run.add_argument("--no-references", action="store_true", help="skip the random-init and supervised rows")
-    run.add_argument("--force", action="store_true", help="redo runs whose record exists and overwrite it (a "
-                     "finished checkpoint is reused, so only the evaluation reruns; add --restart to retrain)")
+    run.add_argument("--force", action="store_true", help="redo runs whose record (of the same settings) exists "
+                     "and overwrite it; a finished checkpoint is reused, so only the evaluation reruns")
     run.add_argument("--restart", action="store_true", help="delete the run's epoch checkpoint and train from "
-                     "scratch instead of resuming")
+                     "scratch instead of resuming (replaces the record of the same settings)")
     run.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], help="device (default: auto)")
     run.add_argument("--devices", help="number of devices, or 'auto'")
     run.add_argument("--precision", help="32, bf16-mixed, 16-mixed or auto (bf16 on GPU)")
@@ -61,8 +62,20 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                      help="override any suite key, e.g. --set train.batch_size=128 methods.simclr.temperature=0.5")
     run.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
                      help="import a module (dotted name or .py path) that registers your own methods")
+    run.add_argument("--launcher", choices=["none", "local", "slurm"], help="how the runs go: one after another "
+                     "in this process (none, the default), --jobs N at a time in local worker processes (local: "
+                     "threads split between them, one GPU each where there are GPUs), or as a SLURM job array "
+                     "through submitit (slurm: pre-empted jobs are requeued and resume)")
+    run.add_argument("--jobs", type=int, help="runs at a time (local launcher; SLURM: array parallelism)")
+    run.add_argument("--slurm-partition", help="SLURM partition (launcher.slurm.partition)")
+    run.add_argument("--slurm-time-min", type=int, help="SLURM time limit per job, minutes")
+    run.add_argument("--slurm-gpus", type=int, help="GPUs per job (launcher.slurm.gpus_per_node)")
+    run.add_argument("--slurm-cpus", type=int, help="CPUs per job (launcher.slurm.cpus_per_task)")
+    run.add_argument("--slurm-mem-gb", type=int, help="memory per job, GB")
+    run.add_argument("--slurm-account", help="SLURM account to charge")
     run.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
-    run.add_argument("--report-dir", default=None, help="where the report goes (default: reports/generated)")
+    run.add_argument("--report-dir", default=None, help="where the report goes (default: <out>/report, or the "
+                     "repository's reports/generated when --out is the repository's results/)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     lst = sub.add_parser("list", help="list registered methods, suites (with their methods) and datasets")
@@ -103,9 +116,13 @@ def cmd_run(args) -> int:
     if not args.no_references:
         methods = list(methods) + [r for r in config.references if r not in methods]
     data_root = default_data_root(args.data_root)
-    from benchmarks.runner import check_method_settings
+    from benchmarks.runner import check_devices, check_method_settings, check_no_pretraining
 
     check_method_settings(config, methods)
+    check_no_pretraining(config, methods)
+    check_devices(config.train)
+    report_dir = None if args.no_report else report_dir_for(args.out, args.report_dir)
+    check_output_folders(args.out, args.work_dir, report_dir)
     data = load_suite_data(config, data_root, args.download)
 
     quiet_libraries(args.verbose)
@@ -118,36 +135,104 @@ def cmd_run(args) -> int:
     say = print if rank_zero else (lambda *args, **kwargs: None)
 
     preflight(config, methods, data)
-    seeds = config.train.seeds
     started = time.perf_counter()
-    rows = []
-    for seed in seeds:
-        for name in methods:
+    launcher = config.launcher
+    runs = [(seed, name) for seed in config.train.seeds for name in methods]
+    if launcher.name == "none":
+        if launcher.jobs > 1:
+            raise ConfigError(f"--jobs {launcher.jobs}: needs --launcher local (or slurm); runs go one after "
+                              "another without a launcher")
+        for seed, name in runs:
             t0 = time.perf_counter()
             say(f"[{config.name}] {name} seed {seed}: pretraining {config.method(name).epochs} epochs ...",
                 flush=True)
             record = run_one(config, name, seed, args.out, args.work_dir, data=data, data_root=data_root,
-                             force=args.force, restart=args.restart, progress=not args.no_progress)
-            rows.append(record)
-            knn = record["metrics"].get("knn_k20", {}).get("top1")
-            nmi = record["metrics"].get("clustering", {}).get("NMI")
-            summary = f"status {record['status']}"
-            if knn is not None:
-                summary += f", kNN(k=20) top-1 {knn:.1f}%"
-            if nmi is not None:
-                summary += f", NMI {nmi:.1f}"
-            say(f"[{config.name}] {name} seed {seed}: {summary} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    say(f"{len(rows)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config.name}/")
-    if not args.no_report and rank_zero:
-        try:
-            from reports.build import build_report
-        except ImportError:
-            print("(report generator not available; skipping the report)")
-        else:
-            out_dir = args.report_dir or os.path.join("reports", "generated")
-            build_report(args.out, out_dir)
-            print(f"report written to {out_dir}/")
-    return 0
+                             force=args.force, restart=args.restart, progress=not args.no_progress, say=say)
+            say(f"[{config.name}] {name} seed {seed}: {run_summary(record)} ({time.perf_counter() - t0:.1f} s)",
+                flush=True)
+        failed = 0
+    else:
+        failed = launch_runs(args, config, runs, data_root, say)
+    say(f"{len(runs)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config.name}/")
+    if report_dir is not None and rank_zero:
+        from reports.build import build_report
+
+        build_report(args.out, report_dir)
+        print(f"report written to {report_dir}/")
+    return 1 if failed else 0
+
+
+def run_summary(record: dict) -> str:
+    knn = record["metrics"].get("knn_k20", {}).get("top1")
+    nmi = record["metrics"].get("clustering", {}).get("NMI")
+    summary = f"status {record['status']}"
+    if knn is not None:
+        summary += f", kNN(k=20) top-1 {knn:.1f}%"
+    if nmi is not None:
+        summary += f", k-means NMI {nmi:.1f}"
+    return summary
+
+
+def launch_runs(args, config, runs: list[tuple[int, str]], data_root: str, say) -> int:
+    """The runs as independent jobs (benchmarks.launcher): N local worker processes, or a SLURM job array
+    through submitit. Each job rebuilds the config from the same suite and overrides and calls run_one, so
+    its record is the one a sequential run writes. Returns the number of failed jobs (each reported with
+    its log)."""
+    from benchmarks.launcher import launch_local, launch_submitit, summarize
+    from benchmarks.runner import run_job
+
+    overrides = deep_update(parse_set(args.set), cli_overrides(args))
+    specs = [{"key": f"{config.name}/{name}/seed{seed}", "suite": args.suite, "overrides": overrides, "method": name,
+              "seed": seed, "out": args.out, "work_dir": args.work_dir, "data_root": data_root,
+              "imports": list(args.imports), "force": args.force, "restart": args.restart}
+             for seed, name in runs]
+    launcher = config.launcher
+    say(f"[{config.name}] {len(specs)} runs as jobs: launcher {launcher.name}, {launcher.jobs} at a time", flush=True)
+    if launcher.name == "local":
+        import torch
+
+        gpus = list(range(torch.cuda.device_count())) if config.train.accelerator != "cpu" else []
+        results = launch_local(run_job, specs, launcher.jobs, Path(args.work_dir) / config.name / "logs",
+                               gpus=gpus or None, progress=lambda line: say(line, flush=True))
+    else:
+        slurm = launcher.slurm
+        results = launch_submitit(run_job, specs, Path(args.work_dir) / "submitit", "slurm",
+                                  progress=lambda line: say(line, flush=True), partition=slurm.partition,
+                                  time_min=slurm.time_min, gpus_per_node=slurm.gpus_per_node,
+                                  cpus_per_task=slurm.cpus_per_task, mem_gb=slurm.mem_gb, account=slurm.account,
+                                  array_parallelism=min(slurm.array_parallelism, launcher.jobs) if launcher.jobs > 1
+                                  else slurm.array_parallelism, extra=slurm.extra)
+    for result in results:
+        if result.ok:
+            say(f"[{result.key}] {run_summary(result.result)} ({result.seconds:.1f} s)", flush=True)
+    failures = [r for r in results if not r.ok]
+    if failures:
+        print(summarize(results), file=sys.stderr)
+    return len(failures)
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def report_dir_for(out: str, given: str | None) -> Path:
+    """Where `run` writes its report: --report-dir, else next to its records (<out>/report) -- the
+    repository's committed report (reports/generated) only when --out is the repository's results/."""
+    if given:
+        return Path(given)
+    if Path(out).resolve() == (REPO_ROOT / "results").resolve():
+        return REPO_ROOT / "reports" / "generated"
+    return Path(out) / "report"
+
+
+def check_output_folders(out: str, work_dir: str, report_dir: Path | None) -> None:
+    """Before any work: every folder the run writes to can be created and written (not a file, not read-only,
+    not a path the file system refuses), so a bad --out is not found only after training."""
+    from benchmarks.records import check_writable_folder
+
+    check_writable_folder(out, "--out")
+    check_writable_folder(work_dir, "--work-dir")
+    if report_dir is not None:
+        check_writable_folder(report_dir, "--report-dir")
 
 
 def cli_overrides(args) -> dict:
@@ -170,6 +255,19 @@ def cli_overrides(args) -> dict:
     if args.logger:
         train["logger"] = args.logger
     overrides: dict = {"train": train} if train else {}
+    launcher: dict = {}
+    if args.launcher:
+        launcher["name"] = args.launcher
+    if args.jobs is not None:
+        launcher["jobs"] = args.jobs
+    slurm = {key: value for key, value in (("partition", args.slurm_partition), ("time_min", args.slurm_time_min),
+                                            ("gpus_per_node", args.slurm_gpus), ("cpus_per_task", args.slurm_cpus),
+                                            ("mem_gb", args.slurm_mem_gb), ("account", args.slurm_account))
+             if value is not None}
+    if slurm:
+        launcher["slurm"] = slurm
+    if launcher:
+        overrides["launcher"] = launcher
     if args.protocols:
         overrides["evaluation"] = {"protocols": args.protocols}
     return overrides
@@ -229,14 +327,39 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.evaluate_cli import cmd_evaluate
 
         handlers["evaluate"] = cmd_evaluate
+    previous = _on_sigterm_raise()
     try:
         return handlers[args.command](args)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("terminated (SIGTERM); rerun the same command to resume from the last epoch checkpoint "
+              "(finished runs are skipped)", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last epoch checkpoint", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the trainer (e.g. during evaluation): stop like Ctrl+C, say so, exit 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _on_sigterm_raise():
+    """SIGTERM raises Terminated (the trainer installs its own handler while it trains, and restores this one);
+    returns the previous handler, or None where signals cannot be set (not the main thread)."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

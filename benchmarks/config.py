@@ -34,7 +34,7 @@ from ssl_common.typed import MethodHparams, OptimizerConfig, StrictModel, load_y
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
-RESERVED_METHOD_KEYS = ("optimizer", "augment", "train")
+RESERVED_METHOD_KEYS = ("optimizer", "augment", "train", "display_name", "paper")
 
 
 class DatasetConfig(StrictModel):
@@ -194,6 +194,8 @@ class MethodConfig(StrictModel):
     name: str  # registry name, or `<registry name>/<variant>`
     method: str  # registry name
     variant: str | None = None
+    display_name: str  # the row label in tables, e.g. "Self-Classifier (reimpl)"
+    paper: str | None = None  # the paper (paper_results.csv's first column) this method or variant follows
     version: int = 1  # the method's code version (SSLMethod.version): part of the run fingerprint
     hparams: SerializeAsAny[MethodHparams]
     optimizer: OptimizerConfig
@@ -232,7 +234,7 @@ class SuiteConfig(StrictModel):
 
     def __eq__(self, other) -> bool:
         """Equal settings (the suite file it came from and the resolved-method cache do not count)."""
-        return isinstance(other, SuiteConfig) and self.canonical() == other.canonical()
+        return isinstance(other, SuiteConfig) and self.model_dump(mode="json") == other.model_dump(mode="json")
 
     __hash__ = None
 
@@ -242,8 +244,9 @@ class SuiteConfig(StrictModel):
         return self._source
 
     def canonical(self) -> dict:
-        """The JSON-ready dump records store (the resolved settings, every default filled in)."""
-        return self.model_dump(mode="json")
+        """The JSON-ready dump records store (the resolved settings, every default filled in). The launcher is
+        left out: how runs are scheduled changes no result, and a run's record is the same whichever ran it."""
+        return self.model_dump(mode="json", exclude={"launcher"})
 
     def method(self, name: str) -> MethodConfig:
         """The resolved settings of method `name` (a registry name or a `method/variant` of `methods:`)."""
@@ -288,6 +291,11 @@ def resolve_method(config: SuiteConfig, name: str) -> MethodConfig:
     optimizer = section.pop("optimizer", None)
     augment = section.pop("augment", None)
     train = validate(TrainOverride, section.pop("train", None), f"{where}.train")
+    display = section.pop("display_name", None) or (f"{cls.display_name} ({variant})" if variant else cls.display_name)
+    paper = section.pop("paper", cls.paper)
+    for key, value in (("display_name", display), ("paper", paper)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{where}.{key}: expected str, got {value!r} ({type(value).__name__})")
     hparams = cls.resolve_hparams(section, where)
     optimizer = merge_optimizer(config.optimizer, optimizer, f"{where}.optimizer")
     augment_cfg = config.augment if augment is None else validate(
@@ -297,8 +305,9 @@ def resolve_method(config: SuiteConfig, name: str) -> MethodConfig:
     epochs = config.train.epochs if train.epochs is None else train.epochs
     batch_size = config.train.batch_size if train.batch_size is None else train.batch_size
     validate(TrainConfig, {"epochs": epochs, "batch_size": batch_size}, f"{where}.train")
-    return MethodConfig(name=name, method=registry_name, variant=variant, version=cls.version, hparams=hparams,
-                        optimizer=optimizer, augment=augment_cfg, batch_size=batch_size, epochs=epochs)
+    return MethodConfig(name=name, method=registry_name, variant=variant, display_name=display, paper=paper,
+                        version=cls.version, hparams=hparams, optimizer=optimizer, augment=augment_cfg,
+                        batch_size=batch_size, epochs=epochs)
 
 
 def merge_optimizer(base: OptimizerConfig, override: dict | None, where: str) -> OptimizerConfig:
@@ -415,24 +424,61 @@ def fingerprint(payload: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
-def training_payload(config: SuiteConfig, method: MethodConfig, seed: int) -> dict:
-    """Everything that decides the trained weights: data, backbone, views, schedule, method, seed.
+def training_payload(config: SuiteConfig, method: MethodConfig, seed: int | None) -> dict:
+    """Everything that decides the trained weights: data, backbone, views, schedule, method, seed (None:
+    the same without the seed, i.e. what all seeds of one experiment share).
 
     Evaluation settings, other methods' sections, the seed list, the launcher and logging options are
-    left out, so changing them neither retrains nor stops a run from resuming."""
+    left out, so changing them neither retrains nor stops a run from resuming -- except the online linear
+    probe's settings where that protocol is on: the probe is trained with the backbone."""
     dataset = config.dataset.model_dump(mode="json", exclude={"display_name"})
     train = config.train.model_dump(mode="json", exclude=set(NON_TRAINING_KEYS) | {"epochs", "batch_size"})
-    return {"suite": config.name, "dataset": dataset, "backbone": config.backbone, "in_channels": config.in_channels,
-            "image_size": config.image_size, "num_classes": config.num_classes, "train": train,
-            "method": method.model_dump(mode="json"), "seed": int(seed)}
+    payload = {"suite": config.name, "dataset": dataset, "backbone": config.backbone,
+               "in_channels": config.in_channels, "image_size": config.image_size, "num_classes": config.num_classes,
+               "train": train, "method": method.model_dump(mode="json", exclude={"display_name", "paper"})}
+    if "online_linear" in config.evaluation.protocols:
+        payload["online_linear"] = config.evaluation.online_linear.model_dump(mode="json")
+    if seed is not None:
+        payload["seed"] = int(seed)
+    return payload
 
 
 def training_fingerprint(config: SuiteConfig, method: MethodConfig, seed: int) -> str:
     return fingerprint(training_payload(config, method, seed))
 
 
+def settings_fingerprint(config: SuiteConfig, method: MethodConfig) -> str:
+    """The training fingerprint without the seed: one experiment (one table row) over its seeds."""
+    return fingerprint(training_payload(config, method, None))
+
+
 def evaluation_fingerprint(config: SuiteConfig) -> str:
-    return fingerprint(config.evaluation.model_dump(mode="json"))
+    """The protocols' settings; not which protocols run, nor the inference batch size: a record of the same
+    settings gains the protocols it lacks (run and evaluate add them) instead of a second record."""
+    return fingerprint(config.evaluation.model_dump(mode="json", exclude={"protocols", "batch_size"}))
+
+
+def run_fingerprints(config: SuiteConfig, method: MethodConfig, seed: int) -> dict[str, str]:
+    """The record's `fingerprints`: training (names the checkpoint folder), settings, evaluation and run (the
+    record file's name: training + evaluation, so any changed setting is another record, never the old one)."""
+    training, evaluation = training_fingerprint(config, method, seed), evaluation_fingerprint(config)
+    return {"training": training, "settings": settings_fingerprint(config, method), "evaluation": evaluation,
+            "run": fingerprint({"training": training, "evaluation": evaluation})}
+
+
+def flatten(payload: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: settings side by side, to name the keys in which two runs differ."""
+    if isinstance(payload, dict):
+        out: dict[str, Any] = {}
+        for key, value in payload.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: payload}
+
+
+def differing_keys(a: dict, b: dict) -> list[str]:
+    fa, fb = flatten(a), flatten(b)
+    return sorted(k for k in set(fa) | set(fb) if fa.get(k, "<unset>") != fb.get(k, "<unset>"))
 
 
 def json_schema() -> dict:

@@ -609,6 +609,19 @@ def _verify_image(path: Path) -> None:
         raise DatasetCorruptError(f"{path}: unreadable or corrupted image ({e}); remove or replace it") from e
 
 
+def _eight_bit(im):
+    """16-bit (and 32-bit integer) images scaled to 8 bits: PIL's convert("L"/"RGB") would clip every value above
+    255, saturating a 16-bit PNG to near-white."""
+    from PIL import Image
+
+    if im.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        return im
+    array = np.asarray(im)
+    top = 65535.0 if im.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+    scaled = np.clip(np.round(array.astype(np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled, mode="L")
+
+
 class ImageFolderReader:
     """Decodes image i: RGB (or L), shorter side resized to `image_size`, centre crop -> uint8 [C,S,S].
 
@@ -627,7 +640,7 @@ class ImageFolderReader:
         size = self.image_size
         try:
             with Image.open(path) as im:
-                im = im.convert(self.mode)
+                im = _eight_bit(im).convert(self.mode)
                 w, h = im.size
                 if min(w, h) != size:
                     scale = size / min(w, h)
@@ -670,13 +683,22 @@ def load_imagefolder(split: str, root: Path | None = None, download: bool = Fals
     index = {name: i for i, name in enumerate(classes)}
     files: list[Path] = []
     labels: list[int] = []
+    empty = []
     for d in class_dirs:
-        for f in sorted(p for p in d.iterdir() if _is_image(p)):
+        images = sorted(p for p in d.iterdir() if _is_image(p))
+        empty += [d] if not images else []
+        for f in images:
             files.append(f)
             labels.append(index[d.name])
     if not files:
         raise DatasetCorruptError(f"{split_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class "
                                   f"folders. Expected layout:\n" + IMAGEFOLDER_LAYOUT.replace("ROOT", str(root)))
+    if empty:
+        raise DatasetCorruptError(f"{empty[0]}: the class folder '{empty[0].name}' holds no image files "
+                                  f"({', '.join(IMAGE_EXTENSIONS)})" + (f", nor do {len(empty) - 1} more" if len(empty) > 1
+                                                                        else "")
+                                  + "; add its images or remove the folder (an empty class is a class that can be "
+                                  "neither learnt nor tested)")
     if verify:
         for f in files:
             _verify_image(f)

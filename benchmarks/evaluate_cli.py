@@ -1,40 +1,29 @@
 """`python -m benchmarks evaluate`: re-evaluate a saved model without retraining it.
 
-The model file (written by run_one as <work-dir>/<suite>/<method>_e<E>_s<seed>/model.pt) is
-loaded with weights_only=True, the method is rebuilt from the suite config (with the
-hyperparameters recorded in the run's record, when one exists) and its weights loaded; the
-chosen protocols run and their metrics replace those in the run's record (created, with
-status completed, if there is none). Metrics a record already holds are only replaced with
---force; protocols it lacks are added.
+The model file (written by `run` as <work-dir>/<suite>/<method>_e<E>_s<seed>_<training fp>/model.pt) is
+loaded with weights_only=True, the method is rebuilt with the hyperparameters the run trained with (from
+its record, when one exists) and its weights loaded; the chosen protocols run with the suite's current
+evaluation settings. The result goes to the record of (this training run, these evaluation settings):
+- the same settings as the run's record: its metrics for the chosen protocols are replaced (only with
+  --force when it holds them already) and the other protocols are kept;
+- other settings: a new record (its file name holds the new evaluation fingerprint), with the chosen
+  protocols only, so the report never mixes two evaluation settings in one column.
+Either way the record keeps the pretraining provenance (commit, versions, device, history) and adds an
+entry for this evaluation (its own commit, versions, device, protocols).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import datetime as dt
 import os
 import time
 from pathlib import Path
 
 from benchmarks.cli_common import deep_update, default_data_root, import_modules, parse_set
-from benchmarks.errors import CheckpointError, ConfigError, RecordExistsError
+from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, RecordExistsError
+from benchmarks.evaluation.protocols import protocol_of  # noqa: F401  (re-exported: tests and tools use it)
 from benchmarks.evaluation.settings import PROTOCOLS
-
-
-def protocol_of(metric_key: str) -> str | None:
-    """Which protocol produced a metrics/evaluation key (knn_k20 -> knn, linear_B2 -> linear, ...)."""
-    if metric_key.startswith("knn_k"):
-        return "knn"
-    if metric_key == "linear" or metric_key.startswith("linear_B"):
-        return "linear"
-    if metric_key.startswith("semi_"):
-        return "semi"
-    if metric_key.startswith("transfer_linear:"):
-        return "transfer"
-    if metric_key == "clustering":
-        return "clustering"
-    return None
 
 
 def add_evaluate_parser(subparsers) -> None:
@@ -60,17 +49,6 @@ def add_evaluate_parser(subparsers) -> None:
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _merge_into(record: dict, protocols: list[str], metrics: dict, evaluation: dict, clusters) -> dict:
-    record = copy.deepcopy(record)
-    record["metrics"] = {k: v for k, v in record["metrics"].items() if protocol_of(k) not in protocols}
-    record["metrics"].update(metrics)
-    record["evaluation"] = {k: v for k, v in record.get("evaluation", {}).items() if protocol_of(k) not in protocols}
-    record["evaluation"].update(evaluation)
-    if "clustering" in protocols:
-        record["clusters"] = clusters
-    return record
-
-
 def cmd_evaluate(args) -> int:
     from benchmarks.runner import load_model_file, run_lock
 
@@ -85,18 +63,23 @@ def cmd_evaluate(args) -> int:
 
 
 def _evaluate(args, payload: dict) -> int:
-    import torch
-
-    from benchmarks.config import load_suite
-    from benchmarks.data import dataset_display_name
+    from benchmarks.config import (
+        evaluation_fingerprint,
+        fingerprint,
+        load_suite,
+        settings_fingerprint,
+        training_fingerprint,
+    )
     from benchmarks.evaluation.protocols import evaluate_model
-    from benchmarks.records import read_record, record_path, write_record
+    from benchmarks.records import read_record, record_path, same_run_records, write_record
     from benchmarks.runner import (
         build_augment,
         build_method,
-        git_commit,
+        build_record,
         load_suite_data,
-        package_versions,
+        merge_evaluation,
+        online_probe_of,
+        provenance_entry,
         resolve_device,
     )
 
@@ -107,6 +90,8 @@ def _evaluate(args, payload: dict) -> int:
     overrides = parse_set(args.set)
     if args.accelerator:
         deep_update(overrides, {"train": {"accelerator": args.accelerator}})
+    if args.protocols:
+        deep_update(overrides, {"evaluation": {"protocols": list(args.protocols)}})
     config = load_suite(args.suite or suite, overrides)
     if config.name != suite:
         raise CheckpointError(f"{args.checkpoint}: the model was trained on suite '{suite}', not "
@@ -115,22 +100,32 @@ def _evaluate(args, payload: dict) -> int:
         if payload.get(key) != getattr(config, key):
             raise CheckpointError(f"{args.checkpoint}: the model's {key} is {payload.get(key)!r} but the suite "
                                   f"says {getattr(config, key)!r}")
-    out_path = record_path(args.out, suite, method_name, epochs, seed)
-    existing = read_record(out_path) if out_path.exists() else None
-    if existing is not None and existing["method"] != method_name:
-        raise CheckpointError(f"{out_path} belongs to method {existing['method']}, the model to {method_name}")
-    # rebuild the method with the hyperparameters the run trained with
-    recorded = (existing or {}).get("config", {}).get("method", {}).get("hparams")
-    eval_cfg = config.evaluation
-    protocols = list(args.protocols or eval_cfg.protocols)
-    if args.protocols and "transfer" in protocols and not eval_cfg.transfer.targets:
+    protocols = list(config.evaluation.protocols)
+    if "transfer" in protocols and args.protocols and not config.evaluation.transfer.targets:
         raise ConfigError("evaluation.transfer.targets: empty, so there is nothing to transfer to; set it in the "
                           "suite or with --set 'evaluation.transfer.targets=[cifar100]'")
+    training_fp = str(payload.get("fingerprint") or "")
+    # the run's records (any evaluation settings): the newest of the same training run is the source of the
+    # training side (history, hyperparameters, pretraining provenance)
+    sources = []
+    for path in same_run_records(args.out, suite, method_name, epochs, seed):
+        try:
+            record = read_record(path)
+        except BenchmarkError:  # an unreadable record is not a source (the report lists it)
+            continue
+        if record["fingerprints"]["training"] == training_fp:
+            sources.append((record["created"], str(path), record))
+    source = max(sources)[2] if sources else None
+    evaluation_fp = evaluation_fingerprint(config)
+    run_fp = fingerprint({"training": training_fp, "evaluation": evaluation_fp}) if training_fp else None
+    out_path = record_path(args.out, suite, method_name, epochs, seed, run_fp)
+    existing = read_record(out_path) if out_path.exists() else None
     if existing is not None and not args.force:
-        held = sorted(k for k in existing["metrics"] if protocol_of(k) in protocols)
+        held = sorted(k for k in existing["metrics"] if protocol_of(k, existing["evaluation"]) in protocols)
         if held:
             raise RecordExistsError(f"{out_path} already holds {', '.join(held)}; pass --force to replace them")
 
+    recorded = (source or {}).get("method_config", {}).get("hparams")
     data_root = default_data_root(args.data_root)
     data = load_suite_data(config, data_root)
     method, settings = build_method(config, method_name, data, hparams=recorded)
@@ -139,40 +134,45 @@ def _evaluate(args, payload: dict) -> int:
     except RuntimeError as exc:
         raise CheckpointError(f"{args.checkpoint}: its weights do not fit method '{method_name}' as configured "
                               f"in suite '{suite}' ({str(exc).splitlines()[0]})") from exc
+    online_probe = online_probe_of(payload)
     device = resolve_device(config.train)
     method.to(device)
     augment = build_augment(config.augment).to(device)
     started = time.perf_counter()
     print(f"[{suite}] {method_name} seed {seed}: evaluating {', '.join(protocols)} ...", flush=True)
     result = evaluate_model(method, data, augment.clean, config.evaluation, device=device, seed=seed,
-                            protocols=protocols, config=config, data_root=data_root, results_dir=args.out,
-                            progress=not args.no_progress)
+                            protocols=protocols, config=config, data_root=data_root,
+                            results_dir=args.out, progress=not args.no_progress, online_probe=online_probe)
     seconds = round(time.perf_counter() - started, 3)
-    if existing is not None:
-        record = _merge_into(existing, protocols, result.metrics, result.evaluation, result.clusters)
+    entry = provenance_entry("evaluate", protocols, device)
+    base = existing or source
+    if base is not None:
+        if existing is None:  # other evaluation settings: a record of its own, with this evaluation only
+            base = {**copy.deepcopy(source), "metrics": {}, "evaluation": {}, "clusters": {}, "predictions": None,
+                    "provenance": {"pretraining": copy.deepcopy(source.get("provenance", {}).get("pretraining", {})),
+                                   "evaluations": []}}
+        record, predictions = merge_evaluation(base, out_path if existing is not None else None, result, protocols,
+                                               entry)
+        record["config"] = {**record["config"], "evaluation": config.evaluation.model_dump(mode="json")}
+        record["fingerprints"] = {**record["fingerprints"], "evaluation": evaluation_fp, "run": run_fp}
     else:
-        cls = type(method)
-        resolved = config.canonical()
-        resolved["train"]["epochs"] = epochs
-        resolved["method"] = settings.model_copy(update={"hparams": method.hparams, "epochs": epochs}).model_dump(
-            mode="json")
-        record = {
-            "schema_version": 1, "status": "completed", "suite": suite, "dataset": data.display_name,
-            "method": method_name, "method_display": cls.display_name, "is_reference": bool(cls.is_reference),
-            "seed": seed, "epochs": epochs, "backbone": config.backbone,
-            "batch_size": settings.batch_size, "config": resolved, "metrics": result.metrics,
-            "evaluation": result.evaluation, "clusters": result.clusters, "history": [],
-            "paper_reference": cls.paper, "versions": package_versions(), "git_commit": git_commit(),
-            "device": str(device) if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-            "wall_time_s": seconds, "throughput_images_per_s": None, "peak_memory_mb": None,
-            "checkpoint": str(Path(args.checkpoint)),
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "message": f"record created by `evaluate` from {args.checkpoint} (training history not available)",
-        }
-    write_record(record, out_path, force=True)
+        settings = settings.model_copy(update={"hparams": method.hparams, "epochs": epochs})
+        training_fp = training_fp or training_fingerprint(config, settings, seed)
+        fingerprints = {"training": training_fp, "settings": settings_fingerprint(config, settings),
+                        "evaluation": evaluation_fp,
+                        "run": fingerprint({"training": training_fp, "evaluation": evaluation_fp})}
+        record = build_record(config, settings, seed, data, method, fingerprints, "completed", result, [], device,
+                              command="evaluate")
+        record["provenance"] = {"pretraining": {"unknown": f"no record of the run was found under {args.out}"},
+                                "evaluations": [entry]}
+        record["message"] = f"record created by `evaluate` from {args.checkpoint} (training history not available)"
+        record["checkpoint"] = str(Path(args.checkpoint))
+        predictions = result.predictions
+        out_path = record_path(args.out, suite, method_name, epochs, seed, record["fingerprints"]["run"])
+    record["wall_time_s"] = float(record.get("wall_time_s") or 0.0)
+    write_record(record, out_path, force=True, predictions=predictions)
     for key, values in sorted(result.metrics.items()):
         shown = ", ".join(f"{m} {v:.2f}" for m, v in values.items())
         print(f"  {key}: {shown}")
-    print(f"[{suite}] {method_name} seed {seed}: {len(result.metrics)} metrics in {seconds:.1f} s -> {out_path} "
-          f"({dataset_display_name(config.dataset.name)})")
+    print(f"[{suite}] {method_name} seed {seed}: {len(result.metrics)} metrics in {seconds:.1f} s -> {out_path}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import importlib.metadata
 import logging
@@ -23,19 +24,27 @@ from benchmarks.config import (
     MethodConfig,
     SuiteConfig,
     TrainConfig,
-    fingerprint,
-    training_fingerprint,
+    differing_keys,
+    run_fingerprints,
 )
 from benchmarks.data import ImageDataset
-from benchmarks.errors import CheckpointError, ConfigError, DivergedError, RunLockedError
+from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, DivergedError, RunLockedError
 from benchmarks.evaluation import semi as semi_protocol
 from benchmarks.evaluation.protocols import PER_LAYER_KNN_K, evaluate_model
 from benchmarks.evaluation.settings import EvaluationConfig
-from benchmarks.records import atomic_write, method_slug, read_record, record_path, write_record
+from benchmarks.records import (
+    SCHEMA_VERSION,
+    atomic_write,
+    method_slug,
+    read_record,
+    record_path,
+    same_run_records,
+    write_record,
+)
 from benchmarks.suite_data import SuiteData, check_data_matches, load_suite_data  # noqa: F401  (re-exported)
-from benchmarks.training import MonitorData, PretrainModule, fit
+from benchmarks.training import MonitorData, OnlineProbe, PretrainModule, fit
 from methods import get_method
-from methods.base import DataInfo, SSLMethod
+from methods.base import DataInfo, SSLMethod, Stage
 
 log = logging.getLogger("benchmarks")
 
@@ -55,6 +64,29 @@ def check_method_settings(config: SuiteConfig, method_names: list[str]) -> None:
     with hyperparameters and optimizer of known keys and the right types."""
     for name in method_names:
         config.method(name)
+
+
+def check_no_pretraining(config: SuiteConfig, method_names: list[str]) -> None:
+    """0 pretraining epochs would record random-init numbers under a method's name: refuse (the random-init
+    reference row is that measurement, labelled as such)."""
+    untrained = [name for name in method_names if config.method(name).epochs == 0
+                 and not get_method(config.method(name).method).is_reference]
+    if untrained:
+        raise ConfigError(f"train.epochs: 0 pretraining epochs for {', '.join(untrained)} would record the numbers of "
+                          "an untrained backbone under the method's name; use --epochs 1 or more (the random_init "
+                          "reference row measures the untrained backbone)")
+
+
+def check_devices(train_cfg: TrainConfig) -> None:
+    """An accelerator that is asked for must exist (before any work, not as a traceback from Lightning)."""
+    if train_cfg.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("--accelerator gpu: no CUDA GPU is visible here (torch.cuda.is_available() is False; "
+                          f"torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}); use --accelerator "
+                          "cpu or auto, or check CUDA_VISIBLE_DEVICES and the driver")
+    if train_cfg.accelerator != "cpu" and isinstance(train_cfg.devices, int) and train_cfg.devices > 1 \
+            and torch.cuda.is_available() and train_cfg.devices > torch.cuda.device_count():
+        raise ConfigError(f"--devices {train_cfg.devices}: only {torch.cuda.device_count()} GPU(s) are visible; use "
+                          f"--devices {torch.cuda.device_count()} or fewer")
 
 
 def check_backbone_input(backbone: torch.nn.Module, config: SuiteConfig, augment: AugmentConfig) -> None:
@@ -111,6 +143,12 @@ def preflight(config: SuiteConfig, method_names: list[str], data: SuiteData) -> 
         method, settings = build_method(config, name, data)
         check_backbone_input(method.backbone, config, settings.augment)
         check_pretrain_size(method, data, settings)
+        # a method with stages of their own (SSL++): each stage's settings and views are checked now too
+        for stage in method.stages(settings) or []:
+            if stage.augment is not None:
+                check_backbone_input(method.backbone, config, stage.augment)
+            check_pretrain_size(method, data, settings.model_copy(update={"batch_size": stage.batch_size,
+                                                                           "epochs": stage.epochs}))
 
 
 def build_method(config: SuiteConfig, method_name: str, data: SuiteData, hparams=None
@@ -151,8 +189,24 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def run_dir_for(work_dir: str | Path, suite: str, method: str, epochs: int, seed: int) -> Path:
-    return Path(work_dir) / suite / f"{method_slug(method)}_e{epochs}_s{seed}"
+def run_dir_for(work_dir: str | Path, suite: str, method: str, epochs: int, seed: int,
+                training_fp: str | None = None) -> Path:
+    """`<work>/<suite>/<method>_e<epochs>_s<seed>_<training fingerprint>`: changed training settings train in a
+    folder of their own (the checkpoint of other settings is never resumed, nor refused)."""
+    stem = f"{method_slug(method)}_e{epochs}_s{seed}"
+    return Path(work_dir) / suite / (f"{stem}_{training_fp}" if training_fp else stem)
+
+
+def cpu_model() -> str | None:
+    """The processor's model name: CPU runs are bitwise reproducible on the same model, not across models
+    (their vector units round differently)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def save_model(path: Path, method: SSLMethod, meta: dict) -> None:
@@ -199,8 +253,13 @@ def run_lock(run_dir: Path, what: str):
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+MODEL_FIELDS = {"suite": str, "method": str, "seed": int, "epochs": int, "backbone": str, "in_channels": int,
+                "state_dict": dict}
+
+
 def load_model_file(path: str | Path) -> dict:
-    """Load a model file safely (weights_only=True); refuses anything that is not one of ours."""
+    """Load a model file safely (weights_only=True); refuses anything that is not one of ours, also a file with
+    our format tag but a missing or mistyped field."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -211,113 +270,279 @@ def load_model_file(path: str | Path) -> dict:
                               "only checkpoints holding tensors and plain metadata are accepted") from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: not an ssl-bench model file (format {MODEL_FORMAT})")
+    for key, kind in MODEL_FIELDS.items():
+        value = payload.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in payload else f"{type(value).__name__}"
+            raise CheckpointError(f"{path}: a damaged ssl-bench model file: '{key}' must be {kind.__name__}, got "
+                                  f"{got}; use the model.pt that `run` wrote, or rerun the run")
     return payload
 
 
 def run_one(config: SuiteConfig, method_name: str, seed: int, results_dir="results", work_dir="runs",
             data: SuiteData | None = None, data_root=None, download=False, force=False, restart=False,
-            progress=True) -> dict:
-    """Pretrain, evaluate and record one (suite, method, seed). Returns the record.
+            progress=True, say=None) -> dict:
+    """Pretrain, evaluate and record one (suite, method, seed) with the config's settings. Returns the record.
 
-    Every check of the input runs before any work (nothing is written when one fails). The run
-    then holds a lock on its folder, resumes from its last epoch checkpoint there (unless
-    `restart`), and ends with one atomically written record; an existing record is returned
-    unchanged unless `force`.
+    The record's name holds the run fingerprint (every setting that can change its result), so a finished
+    run is reused only when its settings are the same -- and that skip is said -- while other settings give
+    a new record and never the old numbers. Every check of the input runs before any work (nothing is
+    written when one fails). The run then holds a lock on its folder (named by the training fingerprint),
+    resumes from its last epoch checkpoint there (unless `restart`: train from scratch and replace the
+    record), and ends with one atomically written record and its predictions.
     """
+    say = say or log.info
     settings = config.method(method_name)
     suite, epochs = config.name, settings.epochs
-    out_path = record_path(results_dir, suite, method_name, epochs, seed)
-    if out_path.exists() and not force:
-        log.info("%s exists; skipping (use --force to redo)", out_path)
-        return read_record(out_path)
+    fingerprints = run_fingerprints(config, settings, seed)
+    out_path = record_path(results_dir, suite, method_name, epochs, seed, fingerprints["run"])
+    redo = force or restart
+    if out_path.exists() and not redo:
+        record = read_record(out_path)
+        missing = [p for p in config.evaluation.protocols if p not in evaluated_protocols(record)]
+        if not missing or record["status"] != "completed":
+            say(f"skipped: finished record {out_path} (same settings; --force re-evaluates, --restart retrains)")
+            return record
+        say(f"{out_path} (same settings) lacks {', '.join(missing)}: evaluating them with the finished model")
+        return add_protocols(config, settings, seed, record, out_path, missing, data, data_root, results_dir, download,
+                             progress)
+    _note_other_settings(results_dir, config, settings, seed, out_path, say)
     data = data or load_suite_data(config, data_root, download)
     check_evaluation_fits(config.evaluation, data)
     pl.seed_everything(seed, workers=True, verbose=False)
     method, settings = build_method(config, method_name, data)
     check_backbone_input(method.backbone, config, settings.augment)
     check_pretrain_size(method, data, settings)
-    run_dir = run_dir_for(work_dir, suite, method_name, epochs, seed)
+    run_dir = run_dir_for(work_dir, suite, method_name, epochs, seed, fingerprints["training"])
     with run_lock(run_dir, f"{suite}/{method_name} ({epochs} epochs, seed {seed})"):
-        if out_path.exists() and not force:  # finished by another process while this one was checking
+        if out_path.exists() and not redo:  # finished by another process while this one was checking
             return read_record(out_path)
         return _train_evaluate_record(config, settings, seed, method, data, run_dir, out_path, results_dir,
-                                      data_root, force, restart, progress)
+                                      data_root, redo, restart, progress, fingerprints)
+
+
+def run_job(spec: dict) -> dict:
+    """One run as a job of benchmarks.launcher (its own process, or a SLURM task): the same suite, overrides,
+    method and seed as the sequential loop, so the record is the one a sequential run writes."""
+    from benchmarks.cli_common import import_modules
+    from benchmarks.config import load_suite
+
+    import_modules(spec.get("imports", []))
+    overrides = dict(spec.get("overrides") or {})
+    overrides["launcher"] = {"name": "none", "jobs": 1}  # inside a job, the run goes in this process
+    config = load_suite(spec["suite"], overrides)
+    record = run_one(config, spec["method"], spec["seed"], spec["out"], spec["work_dir"], data_root=spec["data_root"],
+                     force=spec.get("force", False), restart=spec.get("restart", False), progress=False, say=print)
+    return {"status": record["status"], "metrics": record["metrics"]}
+
+
+def evaluated_protocols(record: dict) -> set[str]:
+    """The protocols a record's evaluations ran (some produce no metric, e.g. transfer without targets)."""
+    return {p for entry in record.get("provenance", {}).get("evaluations", []) for p in entry.get("protocols", [])}
+
+
+def add_protocols(config: SuiteConfig, settings: MethodConfig, seed: int, record: dict, out_path: Path,
+                  protocols: list[str], data, data_root, results_dir, download, progress) -> dict:
+    """Evaluate `protocols` with the run's finished model and merge them into its record (same settings)."""
+    if not record.get("checkpoint") or not Path(record["checkpoint"]).is_file():
+        raise CheckpointError(f"{out_path}: the record lacks {', '.join(protocols)} and its model file "
+                              f"{record.get('checkpoint')} is gone; pass --force --restart to train again")
+    payload = load_model_file(record["checkpoint"])
+    data = data or load_suite_data(config, data_root, download)
+    method, _ = build_method(config, settings.name, data, hparams=record["method_config"]["hparams"])
+    method.load_state_dict(payload["state_dict"])
+    device = resolve_device(config.train)
+    method.to(device)
+    result = evaluate_model(method, data, build_augment(config.augment).clean, config.evaluation, device=device,
+                            seed=seed, protocols=protocols, config=config, data_root=data_root,
+                            results_dir=results_dir, progress=progress, online_probe=online_probe_of(payload))
+    merged, predictions = merge_evaluation(record, out_path, result, protocols,
+                                           provenance_entry("run", protocols, device))
+    write_record(merged, out_path, force=True, predictions=predictions)
+    return merged
+
+
+def online_probe_of(payload: dict):
+    """The online linear probe saved in a model file, or None."""
+    state = payload.get("online_probe")
+    if not isinstance(state, dict) or "weight" not in state:
+        return None
+    probe = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    probe.load_state_dict(state)
+    return probe
+
+
+def merge_evaluation(record: dict, record_file: Path | None, result, protocols: list[str], entry: dict):
+    """(record, predictions) with what `protocols` produce replaced by `result` and an evaluation entry added to
+    its provenance; the other protocols' metrics and predictions are kept."""
+    from benchmarks.evaluation.protocols import protocol_of
+    from benchmarks.records import read_predictions
+
+    merged = copy.deepcopy(record)
+    evaluation = merged.get("evaluation", {})
+    gone = {k for k in set(merged["metrics"]) | set(evaluation) if protocol_of(k, evaluation) in protocols}
+    merged["metrics"] = {k: v for k, v in merged["metrics"].items() if k not in gone}
+    merged["evaluation"] = {k: v for k, v in evaluation.items() if k not in gone}
+    merged["clusters"] = {k: v for k, v in merged.get("clusters", {}).items() if k not in gone}
+    kept = set(merged["metrics"]) | {"labels"}
+    old = read_predictions(record_file, record) if record_file is not None and record.get("predictions") else {}
+    predictions = {k: v for k, v in old.items() if k in kept or k.removesuffix(":labels") in kept}
+    merged["metrics"].update(result.metrics)
+    merged["evaluation"].update(result.evaluation)
+    merged["clusters"].update(result.clusters)
+    predictions.update(result.predictions)
+    merged.setdefault("provenance", {}).setdefault("evaluations", []).append(entry)
+    return merged, predictions
+
+
+def _note_other_settings(results_dir, config: SuiteConfig, settings: MethodConfig, seed: int, out_path: Path,
+                         say) -> None:
+    """Say which records of the same run exist with other settings, and in which keys they differ."""
+    for other in same_run_records(results_dir, config.name, settings.name, settings.epochs, seed):
+        if other == out_path:
+            continue
+        try:
+            old = read_record(other, verify_predictions=False)
+        except BenchmarkError:
+            continue
+        mine = {"config": config.canonical(), "method_config": settings.model_dump(mode="json")}
+        theirs = {"config": old.get("config", {}), "method_config": old.get("method_config", {})}
+        keys = [k for k in differing_keys(mine, theirs) if not k.startswith(("config.methods.", "config.launcher",
+                                                                              "config.description"))]
+        shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+        say(f"note: {other} holds this run with other settings ({shown or 'other settings'}); it is kept, and "
+            f"these settings get their own record {out_path.name}")
 
 
 def _train_evaluate_record(config: SuiteConfig, settings: MethodConfig, seed, method, data, run_dir, out_path,
-                           results_dir, data_root, force, restart, progress) -> dict:
+                           results_dir, data_root, force, restart, progress, fingerprints) -> dict:
     suite, epochs, method_name = config.name, settings.epochs, settings.name
     train_cfg = config.train
     device = resolve_device(train_cfg)
-    resolved = config.canonical()
-    resolved["method"] = settings.model_dump(mode="json")
     status, message, started = "completed", None, time.perf_counter()
     history, images_seen, train_seconds, peak = [], 0, 0.0, None
     trained = not method.skips_training and epochs > 0
+    online_probe = None
     if trained:
         pretrain_set = data.train if method.uses_labels else data.pretrain
         on_gpu = device.type == "cuda"
         channels_last = on_gpu if train_cfg.channels_last == "auto" else bool(train_cfg.channels_last)
-        module = PretrainModule(method, build_augment(settings.augment), settings.optimizer, pretrain_set,
-                                settings.batch_size, epochs, seed,
-                                MonitorData(_cap(data.train, train_cfg.online_knn_max_bank), data.test,
-                                            data.num_classes, train_cfg.online_knn_every),
-                                channels_last=channels_last, divergence_check_every=20 if on_gpu else 1)
         if train_cfg.compile:
             method.backbone = torch.compile(method.backbone)
-        try:
-            result = fit(module, train_cfg, run_dir, training_fingerprint(config, settings, seed), restart=restart,
-                         progress=progress)
-            history, images_seen, train_seconds, peak = (result.history, result.images_seen, result.train_seconds,
-                                                         result.peak_memory_mb)
-        except DivergedError as exc:
-            status, message, history = "diverged", str(exc), module.history
-            log.warning("%s/%s seed %d diverged: %s", suite, method_name, seed, exc)
+        stages = method.stages(settings) or [Stage("pretrain", epochs, settings.batch_size, settings.optimizer,
+                                                   settings.augment)]
+        probe = None
+        # the online probe learns from the labelled images of the pretraining split (STL-10: its train part)
+        if "online_linear" in config.evaluation.protocols and bool((pretrain_set.labels >= 0).any()):
+            probe = OnlineProbe(data.num_classes, config.evaluation.online_linear.lr,
+                                config.evaluation.online_linear.weight_decay)
+        for index, stage in enumerate(stages):
+            last = index == len(stages) - 1
+            method.set_stage(index)
+            module = PretrainModule(method, build_augment(stage.augment or settings.augment), stage.optimizer,
+                                    pretrain_set, stage.batch_size, stage.epochs, seed,
+                                    MonitorData(_cap(data.train, train_cfg.online_knn_max_bank), data.test,
+                                                data.num_classes, train_cfg.online_knn_every),
+                                    channels_last=channels_last, divergence_check_every=20 if on_gpu else 1,
+                                    stage=index, online_probe=probe if last else None)
+            # one stage: the run folder itself; several: a folder (and an epoch checkpoint) per stage
+            stage_dir = run_dir if len(stages) == 1 else run_dir / f"stage{index + 1}-{stage.name}"
+            stage_fp = fingerprints["training"] if len(stages) == 1 else f"{fingerprints['training']}-{index}"
+            try:
+                result = fit(module, train_cfg, stage_dir, stage_fp, restart=restart, progress=progress)
+            except DivergedError as exc:
+                status, message = "diverged", f"{stage.name} stage: {exc}" if len(stages) > 1 else str(exc)
+                history += [{**h, "stage": index + 1} if len(stages) > 1 else h for h in module.history]
+                log.warning("%s/%s seed %d diverged: %s", suite, method_name, seed, exc)
+                break
+            history += [{**h, "stage": index + 1} if len(stages) > 1 else h for h in result.history]
+            images_seen += result.images_seen
+            train_seconds += result.train_seconds
+            peak = max(peak or 0.0, result.peak_memory_mb) if result.peak_memory_mb is not None else peak
+            if last:
+                online_probe = module.online_probe
     if getattr(rank_zero_only, "rank", 0) != 0:  # DDP ranks > 0: rank 0 evaluates and writes
         return {"status": status, "metrics": {}}
     method.to(device)
     eval_result = None
     if status == "completed":
         model_path = run_dir / "model.pt"
-        save_model(model_path, method, {"suite": suite, "method": method_name, "seed": seed, "epochs": epochs,
-                                        "backbone": config.backbone, "in_channels": config.in_channels,
-                                        "fingerprint": fingerprint(resolved)})
+        meta = {"suite": suite, "method": method_name, "seed": seed, "epochs": epochs, "backbone": config.backbone,
+                "in_channels": config.in_channels, "fingerprint": fingerprints["training"]}
+        if online_probe is not None:
+            meta["online_probe"] = {k: v.detach().cpu() for k, v in online_probe.state_dict().items()}
+        save_model(model_path, method, meta)
         # evaluation views are the suite's (the shared protocol), whatever views the method trained on
         eval_result = evaluate_model(method, data, build_augment(config.augment).clean, config.evaluation,
                                      device=device, seed=seed, config=config, data_root=data_root,
-                                     results_dir=results_dir, progress=progress)
-    cls = type(method)
-    record = {
-        "schema_version": 1,
-        "status": status,
-        "suite": suite,
-        "dataset": data.display_name,
-        "method": method_name,
-        "method_display": cls.display_name,
-        "is_reference": bool(cls.is_reference),
-        "seed": seed,
-        "epochs": epochs,
-        "backbone": config.backbone,
-        "batch_size": settings.batch_size,
-        "config": resolved,
-        "metrics": eval_result.metrics if eval_result else {},
-        "evaluation": eval_result.evaluation if eval_result else {},
-        "clusters": eval_result.clusters if eval_result else None,
-        "history": history,
-        "paper_reference": cls.paper,
-        "versions": package_versions(),
-        "git_commit": git_commit(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+                                     results_dir=results_dir, progress=progress, online_probe=online_probe)
+    record = build_record(config, settings, seed, data, method, fingerprints, status, eval_result, history,
+                          device, command="run")
+    record.update({
         "wall_time_s": round(time.perf_counter() - started, 3),
         "throughput_images_per_s": round(images_seen / train_seconds, 1) if train_seconds > 0 else None,
         "peak_memory_mb": round(peak, 1) if peak is not None else None,
         "checkpoint": str(run_dir / "model.pt") if status == "completed" else None,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    })
     if message:
         record["message"] = message
-    write_record(record, out_path, force=force)
+    write_record(record, out_path, force=force, predictions=eval_result.predictions if eval_result else None)
     return record
+
+
+def provenance_entry(command: str, protocols: list[str], device: torch.device) -> dict:
+    return {"command": command, "protocols": list(protocols), "git_commit": git_commit(),
+            "versions": package_versions(), "device": device_name(device), "cpu": cpu_model(),
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+def build_record(config: SuiteConfig, settings: MethodConfig, seed: int, data: SuiteData, method: SSLMethod,
+                 fingerprints: dict, status: str, eval_result, history: list, device: torch.device,
+                 command: str) -> dict:
+    """A schema-2 record (benchmarks.records) of one run; timing fields are filled in by the caller."""
+    cls = type(method)
+    protocols = list(config.evaluation.protocols) if eval_result is not None else []
+    entry = provenance_entry(command, protocols, device)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "status": status,
+        "suite": config.name,
+        "dataset": data.display_name,
+        "method": settings.name,
+        "method_base": settings.method,
+        "variant": settings.variant,
+        "method_display": settings.display_name,
+        "paper_reference": settings.paper,
+        "is_reference": bool(cls.is_reference),
+        "seed": seed,
+        "epochs": settings.epochs,
+        "backbone": config.backbone,
+        "batch_size": settings.batch_size,
+        "fingerprints": fingerprints,
+        "config": config.canonical(),
+        "method_config": settings.model_dump(mode="json"),
+        "metrics": eval_result.metrics if eval_result else {},
+        "evaluation": eval_result.evaluation if eval_result else {},
+        "clusters": eval_result.clusters if eval_result else {},
+        "predictions": None,
+        "history": history,
+        "provenance": {"pretraining": {k: entry[k] for k in ("git_commit", "versions", "device", "cpu", "created")},
+                       "evaluations": [entry] if eval_result is not None else []},
+        "versions": entry["versions"],
+        "git_commit": entry["git_commit"],
+        "device": entry["device"],
+        "cpu": entry["cpu"],
+        "wall_time_s": 0.0,
+        "throughput_images_per_s": None,
+        "peak_memory_mb": None,
+        "checkpoint": None,
+        "created": entry["created"],
+        "checksum": "",
+    }
 
 
 def _cap(dataset: ImageDataset, max_images: int) -> ImageDataset:

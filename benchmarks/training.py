@@ -16,6 +16,7 @@ The loop itself is Lightning's. What this module adds:
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import random
@@ -27,9 +28,13 @@ from pathlib import Path
 import numpy as np
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins import TorchCheckpointIO
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from benchmarks.augment import BatchAugment, step_generator
@@ -40,7 +45,7 @@ from benchmarks.evaluation.features import backbone_features
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
 from benchmarks.records import atomic_write
 from methods.base import EpochContext, SSLMethod, TrainBatch
-from ssl_common.typed import OptimizerConfig, validate
+from ssl_common.typed import OptimizerConfig
 
 CHECKPOINT_FORMAT = "ssl-bench-trainer/1"
 log = logging.getLogger("benchmarks")
@@ -105,11 +110,6 @@ def build_optimizer(params, cfg: OptimizerConfig, batch_size: int):
     return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
-def with_overrides(cfg: OptimizerConfig, overrides: dict) -> OptimizerConfig:
-    """`cfg` with some keys replaced (a method's own optimizer for part of its parameters), validated."""
-    return validate(OptimizerConfig, {**cfg.model_dump(), **overrides}, "optimizer")
-
-
 class CombinedOptimizer(torch.optim.Optimizer):
     """Optimizers over disjoint parameter sets, stepped as one (Lightning's automatic optimization
     and one LR schedule drive them all: the schedule scales every group's own base lr)."""
@@ -170,11 +170,13 @@ def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: Optimi
     return 1.0
 
 
-def restarted_schedule(step: int, bounds: list[int], steps_per_epoch: int, cfg: OptimizerConfig) -> float:
-    """lr_multiplier started over at each boundary; bounds = [0, restart steps..., total_steps]."""
-    start = max(b for b in bounds[:-1] if b <= step)
-    end = min((b for b in bounds[1:] if b > start), default=bounds[-1])
-    return lr_multiplier(step - start, max(1, end - start), steps_per_epoch, cfg)
+@dataclass
+class OnlineProbe:
+    """Settings of the online linear probe (evaluation.online_linear) for a PretrainModule."""
+
+    num_classes: int
+    lr: float = 0.1
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -188,12 +190,28 @@ class MonitorData:
 
 
 class PretrainModule(pl.LightningModule):
-    def __init__(self, method: SSLMethod, augment: BatchAugment, optimizer: dict, pretrain: ImageDataset,
+    def __init__(self, method: SSLMethod, augment: BatchAugment, optimizer: OptimizerConfig, pretrain: ImageDataset,
                  batch_size: int, max_epochs: int, seed: int, monitor: MonitorData | None = None,
-                 channels_last: bool = False, divergence_check_every: int = 1):
+                 channels_last: bool = False, divergence_check_every: int = 1, stage: int = 0,
+                 online_probe: OnlineProbe | None = None):
         super().__init__()
         self.method, self.augment, self.optim_cfg = method, augment, optimizer
         self.pretrain, self.batch_size, self.max_epochs, self.seed = pretrain, batch_size, max_epochs, seed
+        # the seed of the sample orders and views: the run's for the first stage, a stage-specific one after,
+        # so that two stages never draw the same views at the same step
+        self.stage = stage
+        self.stream_seed = seed if stage == 0 else seed * 1_009 + 7_919 * stage
+        # the online linear probe: a zero-initialised linear classifier on the stop-gradient features of the
+        # backbone's first forward pass of each step (no extra forward, no global RNG drawn: the method
+        # trains exactly as without it)
+        self.probe_cfg = online_probe
+        self.online_probe = (nn.Linear(method.backbone.feature_dim, online_probe.num_classes)
+                             if online_probe is not None else None)
+        if self.online_probe is not None:
+            nn.init.zeros_(self.online_probe.weight)
+            nn.init.zeros_(self.online_probe.bias)
+            self._captured = None
+            self._hook = method.backbone.register_forward_hook(self._capture_features)
         self.monitor, self.channels_last = monitor, channels_last
         self.divergence_check_every = divergence_check_every
         self.history: list[dict] = []
@@ -206,7 +224,7 @@ class PretrainModule(pl.LightningModule):
 
     # -- data ----------------------------------------------------------------------
     def train_dataloader(self):
-        sampler = EpochBatchSampler(len(self.pretrain), self.batch_size, self.seed, self.method.epoch_order,
+        sampler = EpochBatchSampler(len(self.pretrain), self.batch_size, self.stream_seed, self.method.epoch_order,
                                     rank=self.global_rank, world_size=self.trainer.world_size)
         workers = getattr(self, "num_workers", 0)
         return DataLoader(IndexedBatches(self.pretrain), sampler=sampler, batch_size=None, num_workers=workers,
@@ -228,22 +246,46 @@ class PretrainModule(pl.LightningModule):
         finally:
             self.method.train(was_training)
 
+    def _capture_features(self, module, inputs, output):
+        if self._captured is None and self.training and isinstance(output, torch.Tensor) and output.dim() == 2:
+            self._captured = output.detach()
+
+    def on_train_end(self):
+        if self.online_probe is not None:  # evaluation forwards must not feed the probe
+            self._hook.remove()
+            self._captured = None
+
+    def _online_probe_loss(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """Cross-entropy of the online probe on the captured features of this step's images (rows beyond the
+        batch, e.g. SSL++'s other rotations, are not its images); None when nothing usable was captured."""
+        captured, self._captured = self._captured, None
+        if captured is None or captured.shape[0] < len(labels) or captured.shape[0] % len(labels) != 0:
+            return None
+        valid = labels >= 0  # STL-10's unlabelled images have label -1
+        if not bool(valid.any()):
+            return None
+        logits = self.online_probe(captured[:len(labels)].float())
+        return F.cross_entropy(logits[valid], labels[valid])
+
     # -- training ------------------------------------------------------------------
     def on_train_epoch_start(self):
         self._epoch_loss, self._epoch_steps, self._epoch_started = None, 0, time.perf_counter()
         ctx = EpochContext(self.current_epoch, self.max_epochs, self.seed, self._predict_pretrain, self.device,
-                           labels=self.pretrain.labels)
+                           labels=self.pretrain.labels, stage=self.stage)
         self._epoch_logs = {k: float(v) for k, v in (self.method.on_train_epoch_start(ctx) or {}).items()}
 
     def training_step(self, batch, batch_idx):
         images, labels, indices = batch
-        generator = step_generator(self.seed, self.global_step, images.device)
+        generator = step_generator(self.stream_seed, self.global_step, images.device)
         views = self.augment(images, generator)
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         train_batch = TrainBatch(views, indices, labels if self.method.uses_labels else None,
-                                 self.current_epoch, self.global_step, self.max_epochs, generator)
+                                 self.current_epoch, self.global_step, self.max_epochs, generator, self.stage)
+        if self.online_probe is not None:
+            self._captured = None
         loss, logs = self.method.training_loss(train_batch)
+        probe_loss = self._online_probe_loss(labels) if self.online_probe is not None else None
         if self.global_step % self.divergence_check_every == 0 and not torch.isfinite(loss):
             raise DivergedError(f"the loss became {loss.item()} in epoch {self.current_epoch + 1} (optimizer step "
                                 f"{self.global_step}); lower the learning rate or check the method's hyperparameters")
@@ -255,7 +297,11 @@ class PretrainModule(pl.LightningModule):
             self.log("train_loss", detached, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(images))
             for key, value in logs.items():
                 self.log(f"train_{key}", value, on_step=True, on_epoch=False, batch_size=len(images))
-        return loss
+            if probe_loss is not None:
+                self.log("train_online_linear_loss", probe_loss.detach(), on_step=True, on_epoch=False,
+                         batch_size=len(images))
+        # the probe's loss reaches only the probe (its input is detached); the method's loss is what is logged
+        return loss if probe_loss is None else loss + probe_loss
 
     def _step_logs_written(self) -> bool:
         """Whether Lightning hands this step's metrics to the loggers (every log_every_n_steps steps).
@@ -300,22 +346,17 @@ class PretrainModule(pl.LightningModule):
 
     def configure_optimizers(self):
         batch = self.batch_size * self.trainer.world_size
-        # parameter sets a method trains with settings of their own (SSL++: Adam for its IIC stage)
-        own = [([p for p in ps if p.requires_grad], with_overrides(self.optim_cfg, overrides))
-               for ps, overrides in self.method.optimizer_groups()]
-        claimed = {id(p) for ps, _ in own for p in ps}
-        params = [p for p in self.method.parameters() if p.requires_grad and id(p) not in claimed]
-        optimizer = build_optimizer(params, self.optim_cfg, batch)
-        if own:
-            optimizer = CombinedOptimizer([optimizer] + [build_optimizer(ps, cfg, batch) for ps, cfg in own])
+        # only this stage's parameters (SSLMethod.set_stage freezes the others)
+        optimizer = build_optimizer([p for p in self.method.parameters() if p.requires_grad], self.optim_cfg, batch)
+        if self.online_probe is not None:  # SGD + momentum 0.9, the pretraining LR schedule (solo-learn's probe)
+            probe = torch.optim.SGD(self.online_probe.parameters(), lr=self.probe_cfg.lr, momentum=0.9,
+                                    weight_decay=self.probe_cfg.weight_decay)
+            optimizer = CombinedOptimizer([optimizer, probe])
         total = max(1, self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.max_epochs))
-        # a method may restart the schedule (SSL++: each of its two stages gets warm-up + cosine)
-        restarts = sorted({e for e in self.method.schedule_restarts(self.max_epochs) if 0 < e < self.max_epochs})
-        bounds = [0, *(e * steps_per_epoch for e in restarts), total]
         cfg = self.optim_cfg
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: restarted_schedule(s, bounds, steps_per_epoch, cfg))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, total, steps_per_epoch,
+                                                                                         cfg))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- checkpoint extras ---------------------------------------------------------------
@@ -447,14 +488,60 @@ def ddp_strategy_for(method: SSLMethod, train_cfg: TrainConfig) -> str:
     return strategy
 
 
-def build_loggers(kind: str, run_dir: Path) -> list:
+class _AppendingCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes metrics.csv when its folder is not empty, so a resumed run would lose the
+    step log of the epochs before the interruption. This one keeps the rows logged before the checkpoint it
+    resumes from (steps below `keep_below`; later rows were logged after that checkpoint and are logged again)
+    and appends. Hand-written: Lightning has no option for it."""
+
+    keep_below: int | None = None
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+            reader = csv.DictReader(handle)
+            fields, rows = list(reader.fieldnames or []), list(reader)
+        if self.keep_below is not None:
+            rows = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) < self.keep_below]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(fields)
+
+
+class StepCSVLogger(CSVLogger):
+    """CSVLogger whose step log survives a resume (see _AppendingCSVWriter); `resume_step`: the global step of
+    the checkpoint the run resumes from (None: a fresh run, which starts a fresh log)."""
+
+    def __init__(self, *args, resume_step: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            metrics = Path(self.log_dir) / _AppendingCSVWriter.NAME_METRICS_FILE
+            if self._resume_step is None and metrics.is_file():
+                metrics.unlink()  # a fresh run (or --restart): a fresh log
+            writer = _AppendingCSVWriter.__new__(_AppendingCSVWriter)
+            writer.keep_below = self._resume_step
+            writer.__init__(log_dir=self.log_dir)
+            self._experiment = writer
+        return self._experiment
+
+
+def build_loggers(kind: str, run_dir: Path, resume_step: int | None = None) -> list:
     """The step CSV log (always) plus the tracker the user chose, through Lightning's loggers. Every
     tracker writes locally by default (nothing needs a network): TensorBoard event files, Weights &
     Biases in offline mode (`wandb sync` uploads later) and MLflow into a file store under the run
     folder, unless MLFLOW_TRACKING_URI names a server."""
     import os
 
-    loggers = [CSVLogger(str(run_dir), name="logs", version=0)]
+    loggers = [StepCSVLogger(str(run_dir), name="logs", version=0, resume_step=resume_step)]
     if kind == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -490,10 +577,11 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
     for stale in ckpt_dir.glob(".*.tmp"):  # left by a process killed while writing (the caller holds the run lock)
         stale.unlink(missing_ok=True)
     resume = last.exists()
-    epochs_done = 0
+    epochs_done, resume_step = 0, None
     if resume:  # refuse a foreign or damaged checkpoint before any work (mmap: reads only what it checks)
         payload = load_checkpoint_file(last, mmap=True)
         epochs_done = len(check_resume_payload(payload, fingerprint, last)["history"])
+        resume_step = int(payload.get("global_step", 0))
         log.warning("resuming from %s after epoch %d of %d (pass --restart to train from scratch)", last,
                     epochs_done, module.max_epochs)
         del payload
@@ -503,7 +591,7 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
     precision = resolve_precision(train_cfg.precision, accelerator)
     # CPU runs are bitwise reproducible (and resume bitwise); on GPU deterministic kernels cost too much speed
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    loggers = build_loggers(train_cfg.logger, run_dir)
+    loggers = build_loggers(train_cfg.logger, run_dir, resume_step)
     # one file, last.ckpt, rewritten after every epoch (save_last=True with save_top_k=0 would only write it
     # when training ends: nothing to resume from after a crash)
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename=last.stem, save_top_k=1, save_last=False,

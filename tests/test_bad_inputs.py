@@ -18,7 +18,7 @@ from torch import nn
 import methods
 from benchmarks import records
 from benchmarks.cli import main
-from benchmarks.records import read_record
+from benchmarks.records import read_record, same_run_records
 from methods import register_method
 from methods.base import MethodHparams, SSLMethod, TrainBatch
 
@@ -28,7 +28,7 @@ except ImportError:  # tests/ is not a package: pytest puts tests/ itself on sys
     import fixtures
 
 # a quarter of digits for training keeps the few real runs here short
-DIGITS = ["--suite", "digits", "--methods", "simclr", "--epochs", "1", "--no-references", "--no-report",
+DIGITS = ["--suite", "digits", "--methods", "simclr", "--epochs", "1", "--seeds", "0", "--no-references", "--no-report",
           "--no-progress"]
 SMALL = ["dataset.options.test_fraction=0.75", "evaluation.protocols=[knn]", "train.online_knn_every=0"]
 
@@ -191,17 +191,18 @@ def nan_method():
 
 def test_nan_loss_stops_the_run_with_a_diverged_record(tmp_path, capsys, nan_method):
     # 449 training images / batch 128 = 3 steps per epoch: steps 0-3 are finite, step 4 (epoch 2) is NaN
-    args = ["--suite", "digits", "--methods", nan_method, "--epochs", "3", "--no-references", "--no-report",
+    args = ["--suite", "digits", "--methods", nan_method, "--epochs", "3", "--seeds", "0", "--no-references", "--no-report",
             "--no-progress"]
     assert run_cli(tmp_path, args, SMALL) == 0
     assert f"{nan_method} seed 0: status diverged" in capsys.readouterr().out
-    record = read_record(tmp_path / "out" / "digits" / f"{nan_method}_e3_s0.json")
+    (path,) = same_run_records(tmp_path / "out", "digits", nan_method, 3, 0)
+    record = read_record(path)
     assert record["status"] == "diverged"
     assert record["message"].startswith("the loss became nan in epoch 2 (optimizer step 4)")
     assert [h["epoch"] for h in record["history"]] == [1]  # the finished epoch is kept
     assert record["metrics"] == {} and record["checkpoint"] is None
-    run_dir = tmp_path / "work" / "digits" / f"{nan_method}_e3_s0"
-    assert not (run_dir / "model.pt").exists()
+    run_dir = tmp_path / "work" / "digits" / f"{nan_method}_e3_s0_{record['fingerprints']['training']}"
+    assert run_dir.is_dir() and not (run_dir / "model.pt").exists()
 
 
 # ----------------------------------------------------------------------------- disk full
@@ -210,7 +211,7 @@ def test_disk_full_while_writing_the_record_keeps_the_previous_one(tmp_path, cap
     if not Path("/proc/self/fd").is_dir():
         pytest.skip("needs /proc to tell the record's temp file from other files")
     assert run_cli(tmp_path, DIGITS, SMALL) == 0
-    record = tmp_path / "out" / "digits" / "simclr_e1_s0.json"
+    (record,) = same_run_records(tmp_path / "out", "digits", "simclr", 1, 0)
     before = record.read_bytes()
     real_fsync = os.fsync
 
@@ -225,7 +226,8 @@ def test_disk_full_while_writing_the_record_keeps_the_previous_one(tmp_path, cap
     assert err.startswith(f"error: {record}: cannot be written (No space left on device)")
     assert "rerun the same command" in err
     assert record.read_bytes() == before
-    assert sorted(p.name for p in record.parent.iterdir()) == ["simclr_e1_s0.json"]  # no partial temp file
+    # no partial temp file
+    assert sorted(p.name for p in record.parent.iterdir()) == [record.name, record.stem + ".predictions.npz"]
     monkeypatch.undo()
     # space freed: the rerun reuses the finished checkpoint (no retraining) and replaces the record
     assert run_cli(tmp_path, DIGITS + ["--force"], SMALL) == 0

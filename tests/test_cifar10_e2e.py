@@ -15,7 +15,7 @@ from benchmarks.backbones import build_backbone
 from benchmarks.cli import main
 from benchmarks.config import load_suite
 from benchmarks.data import load_split
-from benchmarks.records import read_record
+from benchmarks.records import read_record, same_run_records
 from benchmarks.runner import build_augment, load_model_file
 
 try:
@@ -35,7 +35,8 @@ def test_cifar10_suite_end_to_end_on_the_fixture(tmp_path, capsys):
                  "--seeds", "0", "--methods", "simclr", "--no-references", "--out", str(out), "--work-dir", str(work),
                  "--no-report", "--no-progress", "--set", *sets]) == 0
     assert "[cifar10] simclr seed 0: status completed" in capsys.readouterr().out
-    record = read_record(out / "cifar10" / "simclr_e1_s0.json")
+    (path,) = same_run_records(out, "cifar10", "simclr", 1, 0)
+    record = read_record(path)
     assert (record["suite"], record["dataset"], record["backbone"]) == ("cifar10", "CIFAR-10", "resnet18_cifar")
     assert (record["epochs"], record["batch_size"], record["seed"]) == (1, 16, 0)
     assert record["config"]["augment"]["views"][0]["scale"] == [0.08, 1.0]  # the suite's own pipeline

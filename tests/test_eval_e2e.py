@@ -14,6 +14,7 @@ from benchmarks.evaluation.clustering import clustering_metrics, kmeans_assign
 from benchmarks.evaluation.features import backbone_features
 from benchmarks.evaluation.linear import linear_probe
 from benchmarks.evaluation.transfer import transfer_preprocess
+from benchmarks.records import same_run_records
 from benchmarks.runner import build_augment, build_method, load_model_file, load_suite_data, run_one
 
 try:
@@ -63,13 +64,13 @@ def test_cifar10_to_cifar100_transfer_end_to_end(tmp_path):
 def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, capsys):
     out, work = tmp_path / "results", tmp_path / "runs"
     common = ["--out", str(out), "--no-progress"]
-    assert main(["run", "--suite", "digits", "--methods", "simclr", "--no-references", "--epochs", "1",
+    assert main(["run", "--suite", "digits", "--methods", "simclr", "--seeds", "0", "--no-references", "--epochs", "1",
                  "--work-dir", str(work), "--no-report", "--protocols", "knn",
                  "--set", "train.online_knn_every=0", *common]) == 0
-    record_file = out / "digits" / "simclr_e1_s0.json"
+    (record_file,) = same_run_records(out, "digits", "simclr", 1, 0)
     before = json.loads(record_file.read_text())
-    assert "clustering" not in before["metrics"] and before["clusters"] is None
-    model = work / "digits" / "simclr_e1_s0" / "model.pt"
+    assert "clustering" not in before["metrics"] and before["clusters"] == {}
+    (model,) = (work / "digits").glob("simclr_e1_s0_*/model.pt")
     files_before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != ".lock"}
 
     assert main(["evaluate", "--checkpoint", str(model), "--protocols", "clustering", *common]) == 0
@@ -77,12 +78,17 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
     # nothing retrained: the work dir is untouched, history and kNN metrics kept
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != ".lock"} == files_before
     assert after["history"] == before["history"] and after["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]
-    assert after["clusters"]["source"] == "kmeans" and after["clusters"]["num_clusters"] == 10
+    assert after["clusters"]["clustering"]["source"] == "kmeans" and after["clusters"]["clustering"]["num_clusters"] == 10
+    # the same record (the same evaluation settings), with the pretraining provenance kept and this evaluation added
+    assert same_run_records(out, "digits", "simclr", 1, 0) == [record_file]
+    assert after["provenance"]["pretraining"] == before["provenance"]["pretraining"]
+    assert [e["command"] for e in after["provenance"]["evaluations"]] == ["run", "evaluate"]
+    assert after["provenance"]["evaluations"][1]["protocols"] == ["clustering"]
     # the numbers are k-means on the saved model's test features
     config = load_suite("digits")
     data = load_suite_data(config)
     method = rebuild(config, model, data)
-    feats = backbone_features(method.backbone, data.test, build_augment(config).clean)
+    feats = backbone_features(method.backbone, data.test, build_augment(config.augment).clean)
     c = config.evaluation.clustering
     assignment, _ = kmeans_assign(feats, 10, 0, c.niter, c.nredo, c.spherical)
     assert after["metrics"]["clustering"]["NMI"] == pytest.approx(100 * clustering_metrics(data.test.labels,
@@ -94,6 +100,18 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
     assert main(["evaluate", "--checkpoint", str(model), "--protocols", "clustering", "--force", *common]) == 0
     assert json.loads(record_file.read_text())["metrics"] == after["metrics"]  # deterministic
 
+    # other evaluation settings: a record of their own (its own report column), never mixed into this one
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "knn", "--set",
+                 "evaluation.knn.temperature=0.07", *common]) == 0
+    others = [p for p in same_run_records(out, "digits", "simclr", 1, 0) if p != record_file]
+    assert len(others) == 1 and json.loads(record_file.read_text())["metrics"] == after["metrics"]
+    other = json.loads(others[0].read_text())
+    assert set(other["metrics"]) == {"knn_k20", "knn_k200"} and other["history"] == before["history"]
+    assert other["evaluation"]["knn_k20"]["settings"]["temperature"] == 0.07
+    assert other["fingerprints"]["training"] == before["fingerprints"]["training"]
+    assert other["fingerprints"]["evaluation"] != before["fingerprints"]["evaluation"]
+    assert other["provenance"]["pretraining"] == before["provenance"]["pretraining"]
+
     # a checkpoint of another suite/method is refused
     assert main(["evaluate", "--checkpoint", str(model), "--suite", "mnist", *common]) == 2
     assert "trained on suite 'digits'" in capsys.readouterr().err
@@ -103,5 +121,6 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
     fresh = tmp_path / "fresh"
     assert main(["evaluate", "--checkpoint", str(model), "--protocols", "knn", "--out", str(fresh),
                  "--no-progress"]) == 0
-    created = json.loads((fresh / "digits" / "simclr_e1_s0.json").read_text())
+    (created_file,) = same_run_records(fresh, "digits", "simclr", 1, 0)
+    created = json.loads(created_file.read_text())
     assert created["status"] == "completed" and created["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ from benchmarks.evaluation.clustering import (
     hungarian_accuracy,
     kmeans_assign,
 )
+from benchmarks.evaluation.features import NonFiniteFeaturesError
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
 from benchmarks.evaluation.linear import fit_linear_classifier, linear_probe, predict
 from benchmarks.evaluation.protocols import evaluate_model, resolve_evaluation
@@ -191,24 +193,48 @@ def test_linear_probe_is_deterministic_given_the_seed():
 
 def test_semi_subsets_are_class_balanced_nested_and_seeded():
     labels = torch.from_numpy(np.random.default_rng(0).integers(0, 10, size=2000))
-    small = semi.draw_balanced_subset(labels, 10, 0.01, seed=3)
-    large = semi.draw_balanced_subset(labels, 10, 0.1, seed=3)
+    per_class_1pct = semi.images_per_class(2000, 10, 0.01)
+    small = semi.draw_balanced_subset(labels, 10, per_class_1pct, seed=3)
+    large = semi.draw_balanced_subset(labels, 10, semi.images_per_class(2000, 10, 0.1), seed=3)
     assert np.bincount(labels.numpy()[small], minlength=10).tolist() == [2] * 10
     assert np.bincount(labels.numpy()[large], minlength=10).tolist() == [20] * 10
     assert set(small) <= set(large)
-    np.testing.assert_array_equal(small, semi.draw_balanced_subset(labels, 10, 0.01, seed=3))
-    assert not np.array_equal(large, semi.draw_balanced_subset(labels, 10, 0.1, seed=4))
+    np.testing.assert_array_equal(small, semi.draw_balanced_subset(labels, 10, 2, seed=3))
+    assert not np.array_equal(large, semi.draw_balanced_subset(labels, 10, 20, seed=4))
+
+
+def test_semi_subsets_by_count_are_class_balanced_and_identical_for_every_method(tmp_path):
+    data = FakeData()
+    cfg = {**EVAL, "per_layer": False, "protocols": ["semi"],
+           "semi": {"fractions": [], "per_class": [2, 5], "subsets": [7, 8], "mode": "linear"}}
+    runs = [evaluate_model(TinyMethod(with_head=head), data, preprocess, cfg, seed=seed, results_dir=tmp_path,
+                           progress=False, suite="synthetic") for head, seed in ((False, 0), (True, 1))]
+    labels = data.train.labels.numpy()
+    for key, count in (("semi_2perclass", 2), ("semi_5perclass", 5)):
+        first, second = (r.evaluation[key]["subsets"] for r in runs)
+        assert [s["subset_seed"] for s in first] == [7, 8]  # the subset seeds, not the pretraining seed
+        assert first == [{**s, "metrics": f["metrics"]} for s, f in zip(second, first)]  # same files, same images
+        for subset in first:
+            indices = json.loads(Path(subset["split_file"]).read_text())["indices"]
+            assert np.bincount(labels[indices], minlength=4).tolist() == [count] * 4
+        # the metric of a run is the mean over its subsets; predictions are kept per subset
+        mean = np.mean([s["metrics"]["top1"] for s in first])
+        assert runs[0].metrics[key]["top1"] == pytest.approx(mean)
+        assert runs[0].predictions[key].shape == (2, len(data.test.labels), 5)
+    with pytest.raises(ConfigError, match="evaluation.semi.per_class: 99 images per class, but the smallest class"):
+        evaluate_model(TinyMethod(with_head=False), data, preprocess,
+                       {**cfg, "semi": {**cfg["semi"], "per_class": [99]}}, progress=False, suite="synthetic")
 
 
 def test_semi_fraction_below_one_image_per_class_is_refused():
     with pytest.raises(ConfigError, match="evaluation.semi.fractions"):
-        semi.draw_balanced_subset(torch.arange(100) % 10, 10, 0.05, seed=0)
+        semi.images_per_class(100, 10, 0.05)
 
 
 def test_semi_subset_is_stored_once_and_reused(tmp_path, monkeypatch):
     labels = torch.arange(500) % 10
-    first, path = semi.subset_indices(labels, 10, 0.1, 0, "mysuite", tmp_path)
-    assert path == tmp_path / "splits" / "mysuite" / "semi_10_seed0.json"
+    first, path = semi.subset_indices(labels, 10, 5, 0, "mysuite", tmp_path)
+    assert path == tmp_path / "splits" / "mysuite" / "semi_5pc_subset0.json"
     stored = json.loads(path.read_text())
     assert stored["indices"] == first.tolist() and stored["per_class"] == 5
 
@@ -216,11 +242,11 @@ def test_semi_subset_is_stored_once_and_reused(tmp_path, monkeypatch):
         raise AssertionError("the stored subset must be reused, not redrawn")
 
     monkeypatch.setattr(semi, "draw_balanced_subset", must_not_draw)
-    second, path2 = semi.subset_indices(labels, 10, 0.1, 0, "mysuite", tmp_path)
+    second, path2 = semi.subset_indices(labels, 10, 5, 0, "mysuite", tmp_path)
     assert path2 == path and np.array_equal(first, second)
     # a stored split that does not fit the train split is refused, not silently used
     with pytest.raises(ConfigError, match="delete it to redraw"):
-        semi.subset_indices(torch.arange(400) % 10, 10, 0.1, 0, "mysuite", tmp_path)
+        semi.subset_indices(torch.arange(400) % 10, 10, 5, 0, "mysuite", tmp_path)
 
 
 def test_percent_labels_and_keys():
@@ -314,33 +340,64 @@ def test_evaluate_model_all_protocols(tmp_path):
     for key in expected - {"clustering"}:
         assert set(m[key]) == {"top1", "top5"}
         assert set(result.evaluation[key]) >= ({"k"} if key.startswith("knn") else {"epochs", "lr"})
+        assert "settings" in result.evaluation[key] and "protocol" in result.evaluation[key]
     # the last stage is the backbone's output: the same kNN result
     assert m["knn_k20_B3"] == m["knn_k20"]
-    assert result.clusters["source"] == "kmeans" and result.clusters["num_clusters"] == 4
-    assert 1 <= result.clusters["num_nonempty"] <= 4
+    assert result.clusters["clustering"]["source"] == "kmeans" and result.clusters["clustering"]["num_clusters"] == 4
+    assert 1 <= result.clusters["clustering"]["num_nonempty"] <= 4
     assert result.evaluation["semi_10pct"]["num_images"] == 12  # 3 per class
-    assert (tmp_path / "splits" / "synthetic" / "semi_10_seed0.json").exists()
+    assert (tmp_path / "splits" / "synthetic" / "semi_3pc_subset0.json").exists()
+    # per-image predictions of every protocol, consistent with the metrics
+    p = result.predictions
+    assert set(p) == expected | {"labels"}
+    labels = torch.as_tensor(p["labels"])
+    for key in expected - {"clustering"}:
+        top = torch.as_tensor(p[key]).long()
+        assert top.shape == (len(labels), 5)
+        assert 100 * (top[:, 0] == labels).float().mean().item() == pytest.approx(m[key]["top1"])
+        assert 100 * (top == labels[:, None]).any(dim=1).float().mean().item() == pytest.approx(m[key]["top5"])
+    assert 100 * clustering_metrics(labels, p["clustering"])["nmi"] == pytest.approx(m["clustering"]["NMI"])
 
 
-def test_evaluate_model_uses_the_head_and_reuses_stored_subsets(tmp_path):
+def test_nan_features_stop_the_evaluation_naming_method_protocol_and_rows(tmp_path):
+    class Broken(TinyMethod):
+        name = "broken_method"
+
+        def __init__(self):
+            super().__init__(with_head=False)
+            self.backbone.register_forward_hook(lambda module, inputs, out: out.index_fill(
+                0, torch.tensor([0, 1, 2]), float("nan")))
+
+    with pytest.raises(NonFiniteFeaturesError, match=r"method 'broken_method', protocol knn: \d+ of 120 train "
+                                                      r"feature rows are not finite"):
+        evaluate_model(Broken(), FakeData(), preprocess, {**EVAL, "protocols": ["knn"]}, progress=False, suite="s")
+
+
+def test_the_head_is_scored_apart_and_the_headline_does_not_depend_on_it(tmp_path):
     data = FakeData()
     cfg = {**EVAL, "per_layer": False, "protocols": ["clustering", "semi"]}
     a = evaluate_model(TinyMethod(with_head=False), data, preprocess, cfg, seed=1, results_dir=tmp_path,
                        progress=False, suite="synthetic")
-    split_file = tmp_path / "splits" / "synthetic" / "semi_50_seed1.json"
+    split_file = tmp_path / "splits" / "synthetic" / "semi_15pc_subset0.json"
     written = split_file.read_text()
-    method = TinyMethod(with_head=True)
+    method = TinyMethod(with_head=True)  # a 3x over-clustering head: K = 12 for 4 classes
     b = evaluate_model(method, data, preprocess, cfg, seed=1, results_dir=tmp_path, progress=False,
                        suite="synthetic")
     assert split_file.read_text() == written
-    assert a.evaluation["semi_50pct"]["split_file"] == b.evaluation["semi_50pct"]["split_file"] == str(split_file)
-    assert b.clusters["source"] == "head" and b.clusters["num_clusters"] == 12
+    assert a.evaluation["semi_50pct"]["subsets"] == b.evaluation["semi_50pct"]["subsets"]
+    assert b.evaluation["semi_50pct"]["subsets"][0]["split_file"] == str(split_file)
+    # the headline (k-means, K = classes) is the same whatever head the method has
+    assert b.metrics["clustering"] == a.metrics["clustering"]
+    assert b.clusters["clustering"] == a.clusters["clustering"]
+    # the head: its own key, K = 12, many-to-one ACC and no one-to-one ACC
+    assert b.clusters["clustering_head_k12"]["source"] == "head" and b.clusters["clustering_head_k12"]["num_clusters"] == 12
+    assert set(b.metrics["clustering_head_k12"]) == {"NMI", "AMI", "ARI", "ACC_MANY_TO_ONE"}
     with torch.no_grad():
         method.eval()
         expected = method.cluster_logits(preprocess(data.test.images)).argmax(1)
     raw = clustering_metrics(data.test.labels, expected)
-    assert b.metrics["clustering"]["NMI"] == pytest.approx(100 * raw["nmi"])
-    assert b.clusters["num_nonempty"] == len(set(expected.tolist()))
+    assert b.metrics["clustering_head_k12"]["NMI"] == pytest.approx(100 * raw["nmi"])
+    assert b.clusters["clustering_head_k12"]["num_nonempty"] == len(set(expected.tolist()))
 
 
 def test_finetune_learns_and_leaves_the_backbone_untouched():

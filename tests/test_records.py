@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks import records
@@ -18,7 +19,10 @@ from benchmarks.records import (
     atomic_write,
     atomic_write_text,
     iter_record_files,
+    predictions_path,
+    read_predictions,
     read_record,
+    record_checksum,
     record_path,
     validate_record,
     write_record,
@@ -29,14 +33,17 @@ REPO = Path(__file__).resolve().parent.parent
 
 def make_record(**changes) -> dict:
     record = {
-        "schema_version": 1, "status": "completed", "suite": "digits", "dataset": "digits", "method": "simclr",
-        "method_display": "SimCLR", "is_reference": False, "seed": 0, "epochs": 2, "backbone": "small_cnn",
-        "batch_size": 128, "config": {"train": {"epochs": 2}}, "metrics": {"knn_k20": {"top1": 91.5, "top5": 99.0}},
-        "evaluation": {"knn_k20": {"k": 20}}, "clusters": None,
+        "schema_version": 2, "status": "completed", "suite": "digits", "dataset": "digits", "method": "simclr",
+        "method_base": "simclr", "variant": None, "method_display": "SimCLR", "paper_reference": None,
+        "is_reference": False, "seed": 0, "epochs": 2, "backbone": "small_cnn", "batch_size": 128,
+        "fingerprints": {"training": "a" * 12, "settings": "b" * 12, "evaluation": "c" * 12, "run": "d" * 12},
+        "config": {"train": {"epochs": 2}}, "method_config": {"name": "simclr"},
+        "metrics": {"knn_k20": {"top1": 91.5, "top5": 99.0}, "clustering": {"AMI": -1.5, "ARI": -0.2}},
+        "evaluation": {"knn_k20": {"k": 20}}, "clusters": {}, "predictions": None,
         "history": [{"epoch": 1, "loss": 4.2}, {"epoch": 2, "loss": 3.1, "online_knn_top1": 90.0}],
-        "paper_reference": None, "versions": {"torch": "2.5"}, "git_commit": None, "device": "cpu",
-        "wall_time_s": 3.5, "throughput_images_per_s": 1000.0, "peak_memory_mb": None,
-        "checkpoint": "runs/digits/simclr_e2_s0/model.pt", "created": "2025-01-01T00:00:00+00:00",
+        "provenance": {"pretraining": {}, "evaluations": []}, "versions": {"torch": "2.5"}, "git_commit": None,
+        "device": "cpu", "cpu": None, "wall_time_s": 3.5, "throughput_images_per_s": 1000.0, "peak_memory_mb": None,
+        "checkpoint": "runs/digits/simclr_e2_s0/model.pt", "created": "2025-01-01T00:00:00+00:00", "checksum": "",
     }
     record.update(changes)
     return record
@@ -50,20 +57,91 @@ def leftovers(folder: Path) -> list[str]:
 # ----------------------------------------------------------------------------- schema
 
 def test_valid_record_round_trips(tmp_path):
-    path = record_path(tmp_path, "digits", "simclr", 2, 0)
-    assert path == tmp_path / "digits" / "simclr_e2_s0.json"
+    path = record_path(tmp_path, "digits", "simclr", 2, 0, "d" * 12)
+    assert path == tmp_path / "digits" / f"simclr_e2_s0_{'d' * 12}.json"
+    record = make_record()
+    write_record(record, path)
+    assert record["checksum"] == record_checksum(record) and record["predictions"] is None
+    assert read_record(path) == record
+    assert json.loads(path.read_text()) == record
+    # a variant's file name: the '/' becomes '+'
+    assert record_path(tmp_path, "digits", "self_classifier/reimpl", 2, 0, "e" * 12).name == \
+        f"self_classifier+reimpl_e2_s0_{'e' * 12}.json"
+
+
+def test_predictions_round_trip_and_are_covered_by_the_checksum(tmp_path):
+    path = tmp_path / "digits" / "simclr_e2_s0_dddddddddddd.json"
+    arrays = {"labels": np.arange(6, dtype=np.int64), "knn_k20": np.tile(np.arange(5, dtype=np.int16), (6, 1)),
+              "clustering": np.array([0, 0, 1, 1, 2, 2], dtype=np.int32)}
+    record = make_record()
+    write_record(record, path, predictions=arrays)
+    assert record["predictions"]["file"] == "simclr_e2_s0_dddddddddddd.predictions.npz"
+    back = read_predictions(path, read_record(path))
+    assert set(back) == set(arrays) and all(np.array_equal(back[k], arrays[k]) and back[k].dtype == arrays[k].dtype
+                                            for k in arrays)
+    # replacing the predictions file is noticed (its hash is in the record, the record's in its checksum)
+    other = tmp_path / "other.json"
+    write_record(make_record(), other, predictions={**arrays, "clustering": np.zeros(6, dtype=np.int32)})
+    predictions_path(path).write_bytes(predictions_path(other).read_bytes())
+    with pytest.raises(RecordError, match="predictions file .* does not match the hash"):
+        read_record(path)
+
+
+def test_an_edited_record_fails_its_checksum(tmp_path):
+    path = tmp_path / "digits" / "simclr_e2_s0_dddddddddddd.json"
     write_record(make_record(), path)
-    assert read_record(path) == make_record()
-    assert json.loads(path.read_text()) == make_record()
+    edited = json.loads(path.read_text())
+    edited["metrics"]["knn_k20"]["top1"] = 99.9  # a hand-edited number
+    path.write_text(json.dumps(edited))
+    with pytest.raises(RecordError, match="checksum does not match its content"):
+        read_record(path)
+
+
+def test_any_unreadable_file_is_a_record_error_that_names_it(tmp_path):
+    binary = tmp_path / "x.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(RecordError, match=r"x\.json: not a UTF-8 text file"):
+        read_record(binary)
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({**make_record(), "schema_version": 1}))
+    with pytest.raises(RecordError, match="schema_version is 1, this suite reads version 2 .*rerun the run"):
+        read_record(old)
+
+
+def test_records_get_the_mode_the_umask_gives(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = write_record(make_record(), tmp_path / "digits" / "r.json")
+        assert path.stat().st_mode & 0o777 == 0o644  # readable by others (mkstemp alone makes 0600)
+        os.umask(0o077)
+        private = write_record(make_record(), tmp_path / "digits" / "p.json")
+        assert private.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(previous)
+
+
+def test_a_failing_torch_save_is_a_storage_error_and_keeps_the_previous_file(tmp_path):
+    """torch.save reports a full disk as a RuntimeError (inline_container.cc): it must read like any write error."""
+    path = tmp_path / "last.ckpt"
+    atomic_write_text(path, "previous")
+
+    def torch_disk_full(handle):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    with pytest.raises(StorageError, match=r"last\.ckpt: cannot be written \(the write failed: .*PytorchStreamWriter"):
+        atomic_write(path, torch_disk_full)
+    assert path.read_text() == "previous" and leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"schema_version": 2}, "schema_version is 2, this suite reads version 1"),
+    ({"schema_version": 3}, "schema_version is 3, this suite reads version 2"),
+    ({"fingerprints": {"training": "xyz"}}, "fingerprints['training'] must be 12 hex digits"),
     ({"status": "done"}, "'status' must be one of completed, diverged, failed"),
     ({"seed": "0"}, "'seed' must be int, got str"),
     ({"is_reference": 1}, "'is_reference' must be bool, got int"),
     ({"epochs": True}, "'epochs' must be int, got bool"),
-    ({"metrics": {"knn_k20": {"top1": 0.915 * 1000}}}, "metrics['knn_k20']['top1'] = 915.0 is outside 0-100"),
+    ({"metrics": {"knn_k20": {"top1": 0.915 * 1000}}}, "metrics['knn_k20']['top1'] = 915.0 is outside -100..100"),
     ({"metrics": {"knn_k20": {"top1": float("nan")}}}, "metrics['knn_k20']['top1'] must be a finite number"),
     ({"metrics": {"knn_k20": 91.5}}, "metrics['knn_k20'] must map metric names to numbers"),
     ({"history": [{"epoch": 1}]}, "history[0] must be an object with an integer 'epoch' and a numeric 'loss'"),
@@ -100,11 +178,11 @@ def test_nan_anywhere_is_refused_before_writing(tmp_path):
 
 def test_read_names_the_file_and_the_problem(tmp_path):
     broken = tmp_path / "broken.json"
-    broken.write_text('{"schema_version": 1, "status": ')  # a half-written record
+    broken.write_text('{"schema_version": 2, "status": ')  # a half-written record
     with pytest.raises(RecordError, match=r"broken\.json: not valid JSON \(Expecting value at line 1"):
         read_record(broken)
     wrong = tmp_path / "wrong.json"
-    wrong.write_text(json.dumps(make_record(seed=-1.5)))
+    wrong.write_text(json.dumps(make_record(seed=-1.5)))  # (the schema is checked before the checksum)
     with pytest.raises(RecordError, match=r"wrong\.json: 'seed' must be int, got float"):
         read_record(wrong)
     with pytest.raises(RecordError, match=r"absent\.json: cannot be read"):
@@ -238,7 +316,7 @@ def test_two_concurrent_runs_write_separate_valid_records(tmp_path):
     for proc, (_stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr
     files = iter_record_files(out)
-    assert [f.name for f in files] == ["simclr_e1_s0.json", "simclr_e1_s1.json"]
+    assert [f.name[:len("simclr_e1_s0")] for f in files] == ["simclr_e1_s0", "simclr_e1_s1"]
     recs = [read_record(f) for f in files]  # validated against the schema
     assert [r["seed"] for r in recs] == [0, 1]
     assert all(r["status"] == "completed" and 0 <= r["metrics"]["knn_k20"]["top1"] <= 100 for r in recs)

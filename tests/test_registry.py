@@ -11,7 +11,7 @@ import pytest
 import methods
 from benchmarks.cli import main
 from benchmarks.errors import ConfigError, UnknownMethodError
-from benchmarks.records import read_record
+from benchmarks.records import read_record, same_run_records
 from methods import available_methods, get_method, import_user_module, register_method
 from methods.base import SSLMethod
 
@@ -116,18 +116,20 @@ def test_user_method_runs_from_the_cli_by_name(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     base = [sys.executable, "-m", "benchmarks"]
     run = subprocess.run(
-        [*base, "run", "--suite", "digits", "--import", str(module), "--methods", "user_cosine", "--epochs", "1",
+        [*base, "run", "--suite", "digits", "--import", str(module), "--methods", "user_cosine", "--epochs", "1", "--seeds", "0",
          "--no-references", "--out", str(out), "--work-dir", str(work), "--no-report", "--no-progress",
          "--set", "methods.user_cosine.dim=8", "methods.user_cosine.scale=0.25", "dataset.options.test_fraction=0.75", "evaluation.protocols=[knn]"],
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
-    record = read_record(out / "digits" / "user_cosine_e1_s0.json")
+    (path,) = same_run_records(out, "digits", "user_cosine", 1, 0)
+    record = read_record(path)
     assert record["method"] == "user_cosine" and record["method_display"] == "User cosine"
     assert record["status"] == "completed" and not record["is_reference"]
-    assert record["config"]["method"]["hparams"] == {"dim": 8, "scale": 0.25}  # the --set overrides
+    assert record["method_config"]["hparams"] == {"dim": 8, "scale": 0.25}  # the --set overrides
     (entry,) = record["history"]
     # the user's epoch hook ran, and the loss is the user's: scale * (2 - 2 cos) lies in [0, 4 * 0.25]
     assert entry["user_hook_epoch"] == 1 and entry["user_scale"] == 0.25
     assert 0 <= entry["loss"] <= 1.0
     assert 0 <= record["metrics"]["knn_k20"]["top1"] <= 100
-    assert (work / "digits" / "user_cosine_e1_s0" / "model.pt").is_file()
+    # the run folder is named by the run and its training fingerprint
+    assert [p.name for p in (work / "digits").glob("user_cosine_e1_s0*/model.pt")] == ["model.pt"]

@@ -22,7 +22,7 @@ import torch
 from benchmarks import training
 from benchmarks.cli import main
 from benchmarks.errors import CheckpointError, RunLockedError, StorageError
-from benchmarks.records import read_record
+from benchmarks.records import read_record, same_run_records
 from benchmarks.runner import load_model_file, run_lock
 from benchmarks.training import (
     SafeCheckpointIO,
@@ -39,8 +39,28 @@ RUN_ARGS = ["--suite", "digits", "--methods", "simclr", "--epochs", str(EPOCHS),
             "train.online_knn_every=1"]
 # one thread per process: the two runs side by side do not oversubscribe the cores
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-RECORD = Path("digits") / f"simclr_e{EPOCHS}_s0.json"
-RUN_DIR = Path("digits") / f"simclr_e{EPOCHS}_s0"
+
+
+def record_file(out: Path) -> Path:
+    """The run's record (its name holds the settings fingerprint); exactly one is expected."""
+    (path,) = same_run_records(out, "digits", "simclr", EPOCHS, 0)
+    return path
+
+
+def run_dir(work: Path) -> Path:
+    """The run's folder (its name holds the training fingerprint); exactly one is expected."""
+    (path,) = sorted((work / "digits").glob(f"simclr_e{EPOCHS}_s0_*"))
+    return path
+
+
+def wait_for_run_dir(work: Path, proc: subprocess.Popen, timeout: float = 600) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = sorted((work / "digits").glob(f"simclr_e{EPOCHS}_s0_*")) if (work / "digits").is_dir() else []
+        if found:
+            return found[0]
+        time.sleep(0.005)
+    raise TimeoutError(f"no run folder under {work}")
 
 
 def cli_command(out: Path, work: Path, *extra: str) -> list[str]:
@@ -76,8 +96,8 @@ def runs(tmp_path_factory):
                             stderr=subprocess.PIPE, text=True)
     victim = subprocess.Popen(cli_command(b_out, b_work), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
-    checkpoint = b_work / RUN_DIR / "checkpoints" / "last.ckpt"
     try:
+        checkpoint = wait_for_run_dir(b_work, victim) / "checkpoints" / "last.ckpt"
         wait_for_checkpoint(victim, checkpoint, min_epochs=1)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
@@ -85,7 +105,7 @@ def runs(tmp_path_factory):
         if victim.poll() is None:
             victim.kill()
     killed_after = epochs_in(checkpoint)
-    record_after_kill = (b_out / RECORD).exists()
+    record_after_kill = bool(same_run_records(b_out, "digits", "simclr", EPOCHS, 0))
     _, full_err = full.communicate(timeout=600)
     assert full.returncode == 0, full_err
     resumed = subprocess.run(cli_command(b_out, b_work), cwd=REPO, env=env, capture_output=True, text=True,
@@ -102,14 +122,24 @@ def test_killed_run_resumes_to_bitwise_the_same_record(runs):
     assert 1 <= runs["killed_after"] < EPOCHS, "the kill must land mid-run for this test to mean anything"
     assert not runs["record_after_kill"]
     assert f"after epoch {runs['killed_after']} of {EPOCHS}" in runs["resumed"].stderr
-    full, resumed = read_record(runs["a_out"] / RECORD), read_record(runs["b_out"] / RECORD)
+    full, resumed = read_record(record_file(runs["a_out"])), read_record(record_file(runs["b_out"]))
     assert [h["epoch"] for h in resumed["history"]] == list(range(1, EPOCHS + 1))
     assert resumed["history"] == full["history"]  # every loss and online kNN value, exactly
     assert resumed["metrics"] == full["metrics"]
-    assert resumed["config"] == full["config"]
+    assert resumed["config"] == full["config"] and resumed["fingerprints"] == full["fingerprints"]
+    # the step log of the epochs before the kill survived the resume: every step is logged once
+    steps = [row.split(",") for row in (run_dir(runs["b_work"]) / "logs" / "version_0" / "metrics.csv")
+             .read_text().splitlines()]
+    header, rows = steps[0], steps[1:]
+    logged = sorted(int(r[header.index("step")]) for r in rows if r[header.index("train_loss")])
+    full_steps = [row.split(",") for row in (run_dir(runs["a_work"]) / "logs" / "version_0" / "metrics.csv")
+                  .read_text().splitlines()]
+    full_logged = sorted(int(r[full_steps[0].index("step")]) for r in full_steps[1:]
+                         if r[full_steps[0].index("train_loss")])
+    assert logged == full_logged
     # and the final weights themselves
-    model_a = load_model_file(runs["a_work"] / RUN_DIR / "model.pt")["state_dict"]
-    model_b = load_model_file(runs["b_work"] / RUN_DIR / "model.pt")["state_dict"]
+    model_a = load_model_file(run_dir(runs["a_work"]) / "model.pt")["state_dict"]
+    model_b = load_model_file(run_dir(runs["b_work"]) / "model.pt")["state_dict"]
     assert model_a.keys() == model_b.keys()
     assert all(torch.equal(model_a[k], model_b[k]) for k in model_a)
 
@@ -128,14 +158,14 @@ def _non_plain(obj, where="checkpoint") -> list[str]:
 
 @pytest.mark.slow  # uses the module's subprocess runs
 def test_epoch_checkpoint_holds_only_plain_data(runs):
-    checkpoint = torch.load(runs["b_work"] / RUN_DIR / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint = torch.load(run_dir(runs["b_work"]) / "checkpoints" / "last.ckpt", weights_only=True)
     assert _non_plain(checkpoint) == []
     extra = checkpoint["ssl_bench"]
     assert len(extra["history"]) == EPOCHS and extra["format"] == training.CHECKPOINT_FORMAT
     assert set(extra["rng"]) >= {"torch", "numpy", "python"}
     assert checkpoint["lr_schedulers"][0]["last_epoch"] == checkpoint["global_step"]  # scheduler state kept
-    assert list((runs["b_work"] / RUN_DIR / "checkpoints").iterdir()) == [
-        runs["b_work"] / RUN_DIR / "checkpoints" / "last.ckpt"]  # no temp files, no extra checkpoints
+    assert list((run_dir(runs["b_work"]) / "checkpoints").iterdir()) == [
+        run_dir(runs["b_work"]) / "checkpoints" / "last.ckpt"]  # no temp files, no extra checkpoints
 
 
 def _copy_run(runs, tmp_path) -> tuple[Path, Path]:
@@ -151,41 +181,78 @@ def _main(out: Path, work: Path, *flags: str, sets: tuple[str, ...] = ()) -> int
 
 
 @pytest.mark.slow  # uses the module's subprocess runs
-def test_other_config_is_refused_and_restart_and_eval_changes_behave(runs, tmp_path, capsys, caplog):
+def test_changed_settings_never_return_the_old_record(runs, tmp_path, capsys, caplog):
     out, work = _copy_run(runs, tmp_path)
-    checkpoint = work / RUN_DIR / "checkpoints" / "last.ckpt"
-    record_before, checkpoint_before = (out / RECORD).read_bytes(), checkpoint.read_bytes()
+    old_record = record_file(out)
+    record_before = old_record.read_bytes()
 
-    # another hyperparameter: resuming would mix two runs
-    assert _main(out, work, "--force", sets=("methods.simclr.temperature=0.5",)) == 2
+    # the same settings: skipped, and it says so
+    assert _main(out, work) == 0
+    assert f"skipped: finished record {old_record} (same settings" in capsys.readouterr().out
+    assert old_record.read_bytes() == record_before
+
+    # another hyperparameter and learning rate: a new record trained from scratch in its own folder, never the
+    # old numbers; the old record is kept and the note names the keys that differ
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="benchmarks"):
+        assert _main(out, work, sets=("methods.simclr.temperature=0.5", "optimizer.lr=1e-3")) == 0
+    printed = capsys.readouterr().out
+    assert "resuming" not in caplog.text
+    assert "method_config.hparams.temperature" in printed and "method_config.optimizer.lr" in printed
+    new = [p for p in same_run_records(out, "digits", "simclr", EPOCHS, 0) if p != old_record]
+    assert len(new) == 1 and old_record.read_bytes() == record_before
+    changed = read_record(new[0])
+    assert changed["method_config"]["hparams"]["temperature"] == 0.5 and changed["method_config"]["optimizer"]["lr"] == 1e-3
+    assert changed["history"][0]["loss"] != read_record(old_record)["history"][0]["loss"]
+
+    # evaluation settings are not part of training: the finished checkpoint is reused (nothing retrains) for a
+    # record of its own
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="benchmarks"):
+        assert _main(out, work, sets=("evaluation.knn.ks=[10]",)) == 0
+    assert f"after epoch {EPOCHS} of {EPOCHS}" in caplog.text
+    (reevaluated,) = [read_record(p) for p in same_run_records(out, "digits", "simclr", EPOCHS, 0)
+                      if read_record(p)["fingerprints"]["evaluation"] != read_record(old_record)["fingerprints"]["evaluation"]]
+    assert set(reevaluated["metrics"]) == {"knn_k10"} and reevaluated["history"] == read_record(old_record)["history"]
+
+    # --restart with the same settings trains from scratch and replaces that record
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="benchmarks"):
+        assert _main(out, work, "--restart") == 0
+    assert "resuming" not in caplog.text
+    restarted = read_record(old_record)  # replaced: retrained from scratch (here with this process's threads)
+    assert [h["epoch"] for h in restarted["history"]] == list(range(1, EPOCHS + 1))
+    assert restarted["created"] >= read_record_bytes(record_before)["created"]
+    assert restarted["fingerprints"] == read_record_bytes(record_before)["fingerprints"]
+
+
+def read_record_bytes(data: bytes) -> dict:
+    import json
+
+    return json.loads(data)
+
+
+@pytest.mark.slow  # uses the module's subprocess runs
+def test_a_foreign_checkpoint_in_the_run_folder_is_refused(runs, tmp_path, capsys):
+    out, work = _copy_run(runs, tmp_path)
+    original = run_dir(work)
+    sets = ("methods.simclr.temperature=0.5",)
+    assert _main(out, work, sets=sets) == 0
+    capsys.readouterr()
+    (target,) = [d for d in (work / "digits").glob(f"simclr_e{EPOCHS}_s0_*") if d != original]
+    # another run's checkpoint copied into the folder these settings train in: resuming would mix two runs
+    shutil.copy(original / "checkpoints" / "last.ckpt", target / "checkpoints" / "last.ckpt")
+    (target / "model.pt").unlink()
+    assert _main(out, work, "--force", sets=sets) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "belongs to a run with another config" in err and "--restart" in err
-    assert (out / RECORD).read_bytes() == record_before and checkpoint.read_bytes() == checkpoint_before
-
-    # --restart trains the new config from scratch
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="benchmarks"):
-        assert _main(out, work, "--force", "--restart", sets=("methods.simclr.temperature=0.5",)) == 0
-    assert "resuming" not in caplog.text
-    restarted = read_record(out / RECORD)
-    assert restarted["config"]["method"]["hparams"]["temperature"] == 0.5
-    assert len(restarted["history"]) == EPOCHS
-    assert restarted["history"][0]["loss"] != read_record(runs["a_out"] / RECORD)["history"][0]["loss"]
-
-    # evaluation settings are not part of training: the finished checkpoint is reused, nothing retrains
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="benchmarks"):
-        assert _main(out, work, "--force", sets=("methods.simclr.temperature=0.5", "evaluation.knn.ks=[10]")) == 0
-    assert f"after epoch {EPOCHS} of {EPOCHS}" in caplog.text
-    reevaluated = read_record(out / RECORD)
-    assert set(reevaluated["metrics"]) == {"knn_k10"} and reevaluated["history"] == restarted["history"]
 
 
 @pytest.mark.slow  # uses the module's subprocess runs
 def test_damaged_checkpoint_is_refused_before_training(runs, tmp_path, capsys):
     out, work = tmp_path / "out", tmp_path / "work"
     shutil.copytree(runs["b_work"], work)
-    checkpoint = work / RUN_DIR / "checkpoints" / "last.ckpt"
+    checkpoint = run_dir(work) / "checkpoints" / "last.ckpt"
     data = checkpoint.read_bytes()
     checkpoint.write_bytes(data[: len(data) // 2])
     assert _main(out, work) == 2
@@ -272,9 +339,12 @@ def test_ctrl_c_stops_with_a_resume_hint(tmp_path):
     long_epochs = 200
     proc = subprocess.Popen(cli_command(out, work, "--epochs", str(long_epochs)), cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = Path("digits") / f"simclr_e{long_epochs}_s0"
     try:
-        assert wait_for_checkpoint(proc, work / run_dir / "checkpoints" / "last.ckpt", min_epochs=1) >= 1
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not list(work.glob("digits/simclr_e*_s0_*")):
+            time.sleep(0.01)
+        (folder,) = work.glob(f"digits/simclr_e{long_epochs}_s0_*")
+        assert wait_for_checkpoint(proc, folder / "checkpoints" / "last.ckpt", min_epochs=1) >= 1
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
@@ -282,4 +352,4 @@ def test_ctrl_c_stops_with_a_resume_hint(tmp_path):
             proc.kill()
     assert proc.returncode == 130, err
     assert "interrupted; rerun the same command to resume from the last epoch checkpoint" in err
-    assert not (out / "digits" / f"simclr_e{long_epochs}_s0.json").exists()
+    assert not same_run_records(out, "digits", "simclr", long_epochs, 0)

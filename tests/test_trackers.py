@@ -14,7 +14,7 @@ def test_a_tiny_run_logged_with_mlflow_has_its_metrics_in_the_local_store(tmp_pa
     store = tmp_path / "mlruns"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store.as_uri())
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tracker-test")
-    code = main(["run", "--suite", "digits", "--methods", "simclr", "--epochs", "2", "--no-references",
+    code = main(["run", "--suite", "digits", "--methods", "simclr", "--epochs", "2", "--seeds", "0", "--no-references",
                  "--no-report", "--no-progress", "--logger", "mlflow", "--out", str(tmp_path / "out"),
                  "--work-dir", str(tmp_path / "work"), "--set", "dataset.options.test_fraction=0.75",
                  "evaluation.protocols=[knn]", "train.online_knn_every=1", "train.log_every_n_steps=1"])

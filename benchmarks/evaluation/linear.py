@@ -89,15 +89,70 @@ def predict(model: nn.Module, features: torch.Tensor, device="cpu", chunk: int =
     return torch.cat([model(x[i:i + chunk].to(device)).float().cpu() for i in range(0, len(x), chunk)])
 
 
-def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, budget: dict,
-                 seed: int = 0, device="cpu", desc: str | None = None) -> tuple[dict, dict]:
-    """Top-1/top-5 (percent) of a linear probe, and the parameters used."""
+def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, budget,
+                 seed: int = 0, device="cpu", desc: str | None = None, return_scores: bool = False):
+    """Top-1/top-5 (percent) of a linear probe and the parameters used (+ the test scores if `return_scores`)."""
     params = {key: budget[key] if isinstance(budget, dict) else getattr(budget, key) for key in LINEAR_BUDGET_KEYS}
     model = fit_linear_classifier(train_features, train_labels, num_classes, seed=seed, device=device, desc=desc,
                                   **params)
     scores = predict(model, test_features, device)
-    metrics = topk_accuracy(scores, test_labels)
+    metrics = topk_accuracy(scores, test_labels, exclude_zero=False)
     params.update({"optimizer": "sgd", "schedule": "cosine per step", "init": "zeros",
                    "features": "frozen, extracted once from clean views, standardised with train statistics",
                    "train_size": len(train_labels), "seed": seed})
-    return metrics, params
+    return (metrics, params, scores) if return_scores else (metrics, params)
+
+
+def linear_probe_on_views(feature_fn, model: nn.Module, train, test, num_classes: int, views, preprocess,
+                          clean_train_features, budget, seed: int = 0, device="cpu", batch_size: int = 512,
+                          desc: str | None = None):
+    """The MoCo / dissertation linear protocol: every epoch new random-resized crops + flips of the train
+    images (`views(uint8 batch, generator)`), features through the frozen `feature_fn` (model in eval mode),
+    standardised with the clean train features' statistics; scored on the clean test images.
+
+    Returns (metrics, parameters, test scores). Costs one forward pass of the backbone per training image
+    and epoch (the offline probe with views none costs one in all).
+    """
+    from benchmarks.augment import step_generator
+
+    device = torch.device(device)
+    params = {key: budget[key] if isinstance(budget, dict) else getattr(budget, key) for key in LINEAR_BUDGET_KEYS}
+    clean = torch.as_tensor(clean_train_features).float().to(device)
+    standardize = Standardize(clean.mean(dim=0), clean.std(dim=0, unbiased=False).clamp_min(1e-6))
+    linear = nn.Linear(clean.shape[1], num_classes).to(device)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=params["lr"], momentum=params["momentum"],
+                                weight_decay=params["weight_decay"])
+    n = len(train)
+    batches = math.ceil(n / min(params["batch_size"], n))
+    total = params["epochs"] * batches
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    order_gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    step = 0
+    try:
+        for _ in tqdm(range(params["epochs"]), desc=desc, disable=desc is None, leave=False):
+            for idx in torch.tensor_split(torch.randperm(n, generator=order_gen), batches):
+                images = train.get_batch(idx).to(device, non_blocking=True)
+                with torch.no_grad():
+                    feats = standardize(feature_fn(views(images, step_generator(seed, step, device))).float())
+                with torch.enable_grad():
+                    loss = F.cross_entropy(linear(feats), train.labels[idx].to(device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                optimizer.step()
+                scheduler.step()
+                step += 1
+        with torch.no_grad():
+            from benchmarks.evaluation.features import extract
+
+            scores = extract(lambda x: linear(standardize(feature_fn(x).float())), test, preprocess, device, batch_size)
+    finally:
+        model.train(was_training)
+    metrics = topk_accuracy(scores, test.labels, exclude_zero=False)
+    params.update({"optimizer": "sgd", "schedule": "cosine per step", "init": "zeros", "views": "crop_flip",
+                   "features": "frozen backbone on random-resized crops + flips (new each epoch), standardised "
+                               "with the clean train features' statistics", "train_size": n, "seed": seed})
+    return metrics, params, scores

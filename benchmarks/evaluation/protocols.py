@@ -1,17 +1,28 @@
-"""Runs the suite's evaluation protocols on a trained model -> metrics for the run record.
+"""Runs the suite's evaluation protocols on a trained model -> metrics, parameters and per-image predictions.
 
-Every method goes through exactly this code with the parameters from the suite's
-`evaluation` section (schema: EVALUATION_DEFAULTS; unknown keys are refused), which are
-stored beside the metrics in the record (`EvalResult.evaluation[metric key]`).
+Every method goes through exactly this code with the settings of the suite's `evaluation` section
+(benchmarks.evaluation.settings), which are stored beside the metrics in the record
+(`EvalResult.evaluation[key]`, with the protocol's `settings`: what a table column must agree on).
 
 Protocols (metric keys as in benchmarks.records):
-    knn         knn_k<k> top1/top5 for each k in knn.ks (bank: clean pass over the train split)
-    linear      linear top1/top5: linear probe on frozen features extracted once
-    semi        semi_<pct>pct top1/top5 for each fraction: fine-tune (or linear probe) on a stored
-                class-balanced subset of the train split
-    clustering  clustering NMI/AMI/ARI/ACC on the test split: the method's head, else FAISS k-means
-    transfer    transfer_linear:<Dataset> top1/top5: linear probe on each target dataset
-    per_layer   (flag) knn_k20_B<i> / linear_B<i> on each backbone stage, with knn / linear
+    knn             knn_k<k> top1/top5 for each k in knn.ks (bank: clean pass over the train split)
+    linear          linear top1/top5: offline probe on the frozen backbone (views none | crop_flip)
+    online_linear   online_linear top1/top5: the probe trained beside pretraining (benchmarks.training),
+                    scored here on the clean test images
+    semi            semi_<p>pct / semi_<n>perclass top1/top5: fine-tune (or linear probe) on stored
+                    class-balanced subsets of the train split, the mean over the subsets of semi.subsets
+    finetune        finetune_100pct top1/top5: fine-tune on the whole labelled train split
+    clustering      clustering NMI/AMI/ARI/ACC: FAISS k-means with K = classes on l2-normalised backbone
+                    features, for every method (the headline); plus clustering_head_k<K> for each head a
+                    method has (NMI/AMI/ARI, and ACC at K = classes or ACC_M2O, many-to-one, otherwise)
+    transfer        transfer_linear:<Dataset> top1/top5: linear probe on each target dataset
+    knn_k10         knn_k10_B<i>, knn_k10_avg top1: SSL++ Table V, plurality-vote kNN per block
+    block_classifier block_classifier_B<i>, block_classifier_avg top1/top5: SSL++ Table III
+    per_layer       (flag) knn_k20_B<i> / linear_B<i> on every backbone stage, with knn / linear
+
+Predictions (`EvalResult.predictions`, stored beside the record): the ranked top-5 classes of every
+test image for each classification key (int16, -1 = no prediction), the cluster of every test image
+for each clustering key, and the test labels; later statistics need no re-evaluation.
 """
 
 from __future__ import annotations
@@ -21,28 +32,61 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.errors import ConfigError
 from benchmarks.evaluation import clustering as clustering_mod
 from benchmarks.evaluation import semi as semi_mod
 from benchmarks.evaluation import transfer as transfer_mod
-from benchmarks.evaluation.features import backbone_features, extract
-from benchmarks.evaluation.knn import knn_classify, topk_accuracy
-from benchmarks.evaluation.linear import LINEAR_BUDGET_KEYS, linear_probe
+from benchmarks.evaluation.block_classifier import block_classifier_predict, train_block_classifier
+from benchmarks.evaluation.features import backbone_features, check_finite, extract
+from benchmarks.evaluation.knn import knn_classify, knn_plurality_predict, topk_accuracy, topk_predictions
+from benchmarks.evaluation.linear import LINEAR_BUDGET_KEYS, linear_probe, linear_probe_on_views
 from benchmarks.evaluation.settings import PROTOCOLS, EvaluationConfig, KnnSettings
 from ssl_common.typed import validate
 
 log = logging.getLogger("benchmarks")
 
-RUN_ORDER = ("knn", "linear", "clustering", "semi", "transfer")  # cheap first
+# cheap first; online_linear only scores the probe trained during pretraining
+RUN_ORDER = ("knn", "online_linear", "linear", "clustering", "knn_k10", "semi", "finetune", "transfer",
+             "block_classifier")
 PER_LAYER_KNN_K = 20
+TOP_K = 5  # predictions keep the ranked top-5 classes of every test image
+
 
 @dataclass
 class EvalResult:
-    metrics: dict = field(default_factory=dict)  # protocol -> metric -> percent
-    evaluation: dict = field(default_factory=dict)  # protocol -> parameters used
-    clusters: dict | None = None
+    metrics: dict = field(default_factory=dict)  # protocol key -> metric -> percent
+    evaluation: dict = field(default_factory=dict)  # protocol key -> parameters used (+ protocol, settings)
+    clusters: dict = field(default_factory=dict)  # clustering key -> K, non-empty clusters, source
+    predictions: dict = field(default_factory=dict)  # array name -> per-test-image predictions
+
+
+def protocol_of(metric_key: str, evaluation: dict | None = None) -> str | None:
+    """Which protocol produced a metrics/evaluation key (knn_k20 -> knn, linear_B2 -> linear, ...)."""
+    recorded = (evaluation or {}).get(metric_key, {}).get("protocol")
+    if recorded:
+        return {"clustering_head": "clustering"}.get(recorded, recorded)
+    if metric_key.startswith("knn_k10_B") or metric_key == "knn_k10_avg":
+        return "knn_k10"
+    if metric_key.startswith("knn_k"):
+        return "knn"
+    if metric_key == "linear" or metric_key.startswith("linear_B"):
+        return "linear"
+    if metric_key.startswith("semi_"):
+        return "semi"
+    if metric_key.startswith("transfer_linear:"):
+        return "transfer"
+    if metric_key == "clustering" or metric_key.startswith("clustering_head_"):
+        return "clustering"
+    if metric_key == "finetune_100pct":
+        return "finetune"
+    if metric_key.startswith("block_classifier_"):
+        return "block_classifier"
+    if metric_key == "online_linear":
+        return "online_linear"
+    return None
 
 
 def resolve_evaluation(section: EvaluationConfig | dict | None) -> EvaluationConfig:
@@ -50,44 +94,82 @@ def resolve_evaluation(section: EvaluationConfig | dict | None) -> EvaluationCon
     return validate(EvaluationConfig, section, "evaluation")
 
 
+def top_predictions(scores: torch.Tensor, exclude_zero: bool) -> np.ndarray:
+    """The stored form of a classifier's output: ranked top-5 classes, int16 [n, 5], -1 = none."""
+    return topk_predictions(scores, TOP_K, exclude_zero=exclude_zero).numpy().astype(np.int16)
+
+
+def images_per_class_min(labels: torch.Tensor, num_classes: int) -> int:
+    return int(torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).min())
+
+
 def run_knn(train_feats, train_labels, test_feats, test_labels, num_classes, cfg: KnnSettings, suffix: str = "",
-            ks=None) -> tuple[dict, dict]:
-    metrics, params = {}, {}
+            ks=None) -> tuple[dict, dict, dict]:
+    """(metrics, parameters, predictions) of the weighted kNN for each k."""
+    metrics, params, predictions = {}, {}, {}
+    per_class = images_per_class_min(train_labels, num_classes)
     for k in ks or cfg.ks:
         if k > len(train_feats):
             raise ConfigError(f"evaluation.knn.ks: k = {k} is larger than the kNN bank ({len(train_feats)} images)")
         scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k, cfg.temperature)
-        metrics[f"knn_k{k}{suffix}"] = topk_accuracy(scores, test_labels)
-        params[f"knn_k{k}{suffix}"] = {"k": k, "temperature": cfg.temperature, "bank": "train split, clean views",
-                                       "bank_size": len(train_feats), "similarity": "cosine (l2-normalised)",
-                                       "vote": "exp(sim / temperature)"}
-    return metrics, params
+        key = f"knn_k{k}{suffix}"
+        metrics[key] = topk_accuracy(scores, test_labels)
+        predictions[key] = top_predictions(scores, exclude_zero=True)
+        params[key] = {"protocol": "knn", "settings": {"k": k, "temperature": cfg.temperature},
+                       "k": k, "temperature": cfg.temperature, "bank": "train split, clean views",
+                       "bank_size": len(train_feats), "bank_images_per_class_min": per_class,
+                       "similarity": "cosine (l2-normalised)", "vote": "exp(sim / temperature)",
+                       "top_k_rule": "votes descending, then class index; classes without a vote never count"}
+    return metrics, params, predictions
 
 
 class _Evaluation:
     """One model's evaluation: caches the features every protocol shares."""
 
-    def __init__(self, method, data, preprocess, cfg, device, seed, config, data_root, results_dir, progress):
+    def __init__(self, method, data, preprocess, cfg: EvaluationConfig, device, seed, config, data_root,
+                 results_dir, progress, suite: str, online_probe=None):
         self.method, self.data, self.preprocess, self.cfg = method, data, preprocess, cfg
         self.device, self.seed, self.config = torch.device(device), seed, config
-        self.data_root, self.results_dir, self.progress = data_root, results_dir, progress
+        self.data_root, self.results_dir, self.progress, self.suite = data_root, results_dir, progress, suite
+        self.online_probe = online_probe
         self.backbone = method.backbone
+        self.name = getattr(method, "name", type(method).__name__)
         self.bs = cfg.batch_size
         self.result = EvalResult()
-        self._features: dict[str, torch.Tensor] = {}
+        self.result.predictions["labels"] = torch.as_tensor(data.test.labels).numpy().astype(np.int64)
+        self._features: dict[tuple[str, str], torch.Tensor] = {}
         self._stage_features: dict[str, list[torch.Tensor]] = {}
 
     def desc(self, text: str) -> str | None:
         return text if self.progress else None
 
-    def features(self, split: str) -> torch.Tensor:
-        if split not in self._features:
+    def features(self, split: str, protocol: str, kind: str = "backbone") -> torch.Tensor:
+        """Clean features of a split, extracted once: the backbone's, or (`probe`) what the method's paper
+        probes (SSLMethod.probe_features, e.g. UIC's MLP head; the backbone's by default)."""
+        fn = self.probe_fn() if kind == "probe" else self.backbone
+        key = (split, "backbone" if fn is self.backbone else kind)
+        if key not in self._features:
             dataset = getattr(self.data, split)
-            self._features[split] = backbone_features(self.backbone, dataset, self.preprocess, self.device, self.bs,
-                                                      desc=self.desc(f"features ({split})"))
-        return self._features[split]
+            was_training = self.method.training
+            self.method.eval()
+            try:
+                self._features[key] = extract(fn, dataset, self.preprocess, self.device, self.bs,
+                                              desc=self.desc(f"features ({split})"))
+            finally:
+                self.method.train(was_training)
+        return check_finite(self._features[key], method=self.name, protocol=protocol, split=split)
 
-    def stage_features(self, split: str) -> list[torch.Tensor]:
+    def probe_fn(self):
+        """What the linear probe reads: the method's own probe_features where it overrides SSLMethod's (its
+        paper probes something else, e.g. UIC's MLP head), else the backbone."""
+        from methods.base import SSLMethod
+
+        override = getattr(type(self.method), "probe_features", None)
+        if override is not None and override is not getattr(SSLMethod, "probe_features", None):
+            return self.method.probe_features
+        return self.backbone
+
+    def stage_features(self, split: str, protocol: str) -> list[torch.Tensor]:
         if split not in self._stage_features:
             backbone = self.backbone
             if not hasattr(backbone, "pooled_stages"):
@@ -100,97 +182,191 @@ class _Evaluation:
                                                       desc=self.desc(f"stage features ({split})"))
             finally:
                 backbone.train(was_training)
-        return self._stage_features[split]
+        return check_finite(self._stage_features[split], method=self.name, protocol=protocol, split=split)
 
-    def add(self, metrics: dict, params: dict) -> None:
+    def block_maps(self, split: str, block: int, protocol: str) -> torch.Tensor:
+        """Feature maps [N, C, H, W] of backbone block `block` (1 = the first), one block at a time (all
+        blocks of a CIFAR train split together would need several GB)."""
+        backbone = self.backbone
+        if not hasattr(backbone, "forward_stages"):
+            raise ConfigError(f"evaluation.{protocol}: this backbone has no forward_stages(); remove {protocol}")
+        stages = len(getattr(backbone, "stage_dims", [])) or None
+        if stages is not None and block > stages:
+            raise ConfigError(f"evaluation.{protocol}.blocks: block {block} does not exist; the backbone has "
+                              f"{stages} blocks")
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            maps = extract(lambda x: backbone.forward_stages(x)[block - 1], getattr(self.data, split), self.preprocess,
+                           self.device, self.bs, desc=self.desc(f"block {block} maps ({split})"))
+        finally:
+            backbone.train(was_training)
+        return check_finite(maps, method=self.name, protocol=protocol, split=split)
+
+    def add(self, metrics: dict, params: dict, predictions: dict | None = None) -> None:
         self.result.metrics.update(metrics)
         self.result.evaluation.update(params)
+        self.result.predictions.update(predictions or {})
 
     # -- protocols -------------------------------------------------------------------------
     def knn(self) -> None:
         d = self.data
-        self.add(*run_knn(self.features("train"), d.train.labels, self.features("test"), d.test.labels,
+        self.add(*run_knn(self.features("train", "knn"), d.train.labels, self.features("test", "knn"), d.test.labels,
                           d.num_classes, self.cfg.knn))
         if self.cfg.per_layer:
-            train, test = self.stage_features("train"), self.stage_features("test")
+            train, test = self.stage_features("train", "knn"), self.stage_features("test", "knn")
             for i, (tr, te) in enumerate(zip(train, test), start=1):
                 self.add(*run_knn(tr, d.train.labels, te, d.test.labels, d.num_classes, self.cfg.knn,
                                   suffix=f"_B{i}", ks=[PER_LAYER_KNN_K]))
 
+    def _linear(self, key: str, train_feats, test_feats, extra: dict) -> None:
+        d, cfg = self.data, self.cfg.linear
+        metrics, params, scores = linear_probe(train_feats, d.train.labels, test_feats, d.test.labels, d.num_classes,
+                                               cfg, self.seed, self.device, desc=self.desc(f"{key} probe"),
+                                               return_scores=True)
+        settings = cfg.model_dump(mode="json")
+        self.add({key: metrics}, {key: {**params, **extra, "protocol": "linear", "settings": settings}},
+                 {key: top_predictions(scores, exclude_zero=False)})
+
     def linear(self) -> None:
-        d = self.data
-        metrics, params = linear_probe(self.features("train"), d.train.labels, self.features("test"), d.test.labels,
-                                       d.num_classes, self.cfg.linear, self.seed, self.device,
-                                       desc=self.desc("linear probe"))
-        self.add({"linear": metrics}, {"linear": params})
+        d, cfg = self.data, self.cfg.linear
+        if cfg.views == "crop_flip":
+            views = semi_mod.finetune_views("crop_flip", self.config, self.preprocess)
+            metrics, params, scores = linear_probe_on_views(
+                self.probe_fn(), self.method, d.train, d.test, d.num_classes, views, self.preprocess,
+                self.features("train", "linear", "probe"), cfg, self.seed, self.device, self.bs,
+                desc=self.desc("linear probe (crop_flip)"))
+            self.add({"linear": metrics}, {"linear": {**params, "protocol": "linear",
+                                                      "settings": cfg.model_dump(mode="json")}},
+                     {"linear": top_predictions(scores, exclude_zero=False)})
+        else:
+            self._linear("linear", self.features("train", "linear", "probe"), self.features("test", "linear", "probe"),
+                         {"probed": "backbone" if self.probe_fn() is self.backbone else "method.probe_features"})
         if self.cfg.per_layer:
-            train, test = self.stage_features("train"), self.stage_features("test")
+            train, test = self.stage_features("train", "linear"), self.stage_features("test", "linear")
             for i, (tr, te) in enumerate(zip(train, test), start=1):
-                metrics, params = linear_probe(tr, d.train.labels, te, d.test.labels, d.num_classes,
-                                               self.cfg.linear, self.seed, self.device,
-                                               desc=self.desc(f"linear probe B{i}"))
-                self.add({f"linear_B{i}": metrics}, {f"linear_B{i}": {**params, "stage": i}})
+                self._linear(f"linear_B{i}", tr, te, {"stage": i})
+
+    @torch.no_grad()
+    def online_linear(self) -> None:
+        if self.online_probe is None:
+            log.info("evaluation: online_linear skipped for %s (no probe was trained: reference row or 0 epochs)",
+                     self.name)
+            return
+        probe = self.online_probe.to(self.device).eval()
+        scores = probe(self.features("test", "online_linear").to(self.device)).float().cpu()
+        key = "online_linear"
+        self.add({key: topk_accuracy(scores, self.data.test.labels, exclude_zero=False)},
+                 {key: {"protocol": "online_linear", "settings": self.cfg.online_linear.model_dump(mode="json"),
+                        "trained": "beside pretraining on stop-gradient backbone features of the first augmented "
+                                   "view (labels of the pretraining split), SGD momentum 0.9, the pretraining LR "
+                                   "schedule", "scored_on": "clean test images"}},
+                 {key: top_predictions(scores, exclude_zero=False)})
 
     @torch.no_grad()
     def clustering(self) -> None:
-        d, method = self.data, self.method
+        d, method, c = self.data, self.method, self.cfg.clustering
+        # the headline, identical for every method: k-means with K = classes on the backbone features
+        predicted, params = clustering_mod.kmeans_assign(self.features("test", "clustering"), d.num_classes,
+                                                         self.seed, c.niter, c.nredo, c.spherical)
+        self._add_clusters("clustering", predicted, params["k"], "kmeans",
+                           {**params, "settings": {**c.model_dump(mode="json"), "k": "num_classes"}})
+        # the method's own heads (Self-Classifier, CARL, CARP, UIC, IIC, SSL++, SwAV, supervised)
         was_training = method.training
         method.eval()
         try:
             first = d.test.get_batch(torch.arange(min(2, len(d.test)))).to(self.device)
-            has_head = method.cluster_logits(self.preprocess(first)) is not None
-            if has_head:
-                logits = extract(method.cluster_logits, d.test, self.preprocess, self.device, self.bs,
-                                 desc=self.desc("cluster head"))
+            probe = method.cluster_logits(self.preprocess(first))
+            if probe is None:
+                return
+            heads = extract(lambda x: list(_as_heads(method.cluster_logits(x))), d.test, self.preprocess,
+                            self.device, self.bs, desc=self.desc("cluster heads"))
         finally:
             method.train(was_training)
-        if has_head:
-            predicted = logits.argmax(dim=1).numpy()
-            num_clusters, source = logits.shape[1], "head"
-            params = {"assignment": "argmax of method.cluster_logits (clean views)"}
-        else:
-            c = self.cfg.clustering
-            predicted, params = clustering_mod.kmeans_assign(self.features("test"), d.num_classes, self.seed,
-                                                             c.niter, c.nredo, c.spherical)
-            num_clusters, source = params["k"], "kmeans"
-        raw = clustering_mod.clustering_metrics(d.test.labels, predicted)
-        num_nonempty = int(len(set(predicted.tolist())))
-        self.add({"clustering": clustering_mod.as_percent_metrics(raw)},
-                 {"clustering": {**params, "source": source, "split": "test", "num_clusters": int(num_clusters),
-                                 "num_classes": d.num_classes, "raw_fractions": raw,
-                                 "acc_matching": "Hungarian, one cluster per class; unmatched clusters count wrong"}})
-        self.result.clusters = {"num_clusters": int(num_clusters), "num_nonempty": num_nonempty, "source": source}
+        seen: dict[int, int] = {}
+        for index, logits in enumerate(heads):
+            k = int(logits.shape[1])
+            seen[k] = seen.get(k, 0) + 1
+            key = f"clustering_head_k{k}" + ("" if seen[k] == 1 else f"_h{index + 1}")
+            check_finite(logits, method=self.name, protocol="clustering (head)", split="test")
+            self._add_clusters(key, logits.argmax(dim=1).numpy(), k, "head",
+                               {"assignment": "argmax of the head's logits (clean views)", "head_index": index,
+                                "settings": {"source": "head", "k": k}})
+
+    def _add_clusters(self, key: str, predicted: np.ndarray, k: int, source: str, params: dict) -> None:
+        d = self.data
+        raw = clustering_mod.clustering_metrics_for_head(d.test.labels, predicted, d.num_classes, k)
+        acc = "one_to_one" if k == d.num_classes else "many_to_one"
+        matching = ("Hungarian, one cluster per class" if acc == "one_to_one"
+                    else "many-to-one: each cluster mapped to its majority class")
+        self.add({key: clustering_mod.as_percent_metrics(raw)},
+                 {key: {**params, "protocol": "clustering" if source == "kmeans" else "clustering_head",
+                        "source": source, "split": "test", "num_clusters": k, "num_classes": d.num_classes,
+                        "raw_fractions": raw, "acc_matching": matching}},
+                 {key: np.asarray(predicted, dtype=np.int32)})
+        self.result.clusters[key] = {"num_clusters": k, "num_nonempty": int(len(np.unique(predicted))),
+                                     "num_classes": d.num_classes, "source": source, "acc": acc}
+
+    def _finetuned(self, key: str, subset: torch.Tensor | None, cfg, seed: int, views_mode: str):
+        """Fine-tune a copy of the backbone + a linear head on `subset` (all of train if None): (metrics, scores)."""
+        d = self.data
+        views = semi_mod.finetune_views(views_mode, self.config, self.preprocess)
+        budget = {k: getattr(cfg, k) for k in LINEAR_BUDGET_KEYS}
+        train = d.train if subset is None else d.train.subset(subset)
+        model = semi_mod.finetune(self.backbone, train, d.num_classes, views, seed=seed, device=self.device,
+                                  desc=self.desc(f"{key} fine-tune"), **budget)
+        scores = extract(model, d.test, self.preprocess, self.device, self.bs)
+        del model
+        return topk_accuracy(scores, d.test.labels, exclude_zero=False), scores
 
     def semi(self) -> None:
         d, cfg = self.data, self.cfg.semi
-        suite = self.suite
-        for fraction in cfg.fractions:
-            key = semi_mod.metric_key(fraction)
-            indices, path = semi_mod.subset_indices(d.train.labels, d.num_classes, fraction, self.seed, suite,
-                                                    self.results_dir)
-            params = {"fraction": fraction, "num_images": len(indices),
-                      "per_class": semi_mod.images_per_class(len(d.train), d.num_classes, fraction),
-                      "split_file": str(path) if path is not None else None, "subset_seed": self.seed,
-                      "mode": cfg.mode}
+        sizes = [("fraction", f) for f in cfg.fractions] + [("per_class", n) for n in cfg.per_class]
+        settings = cfg.model_dump(mode="json", exclude={"fractions", "per_class"})
+        for kind, size in sizes:
+            key = semi_mod.metric_key(size) if kind == "fraction" else semi_mod.count_key(size)
+            per_class = (semi_mod.images_per_class(len(d.train), d.num_classes, size) if kind == "fraction"
+                         else semi_mod.check_count(d.train.labels, d.num_classes, size))
+            runs, predictions, subsets = [], [], []
+            for subset_seed in cfg.subsets:
+                indices, path = semi_mod.subset_indices(d.train.labels, d.num_classes, per_class, subset_seed,
+                                                        self.suite, self.results_dir)
+                # the fine-tuning's own randomness (order, views, head) follows the run's seed and the subset
+                run_seed = self.seed * 1_000 + subset_seed
+                if cfg.mode == "linear":
+                    idx = torch.from_numpy(indices)
+                    metrics, _, scores = linear_probe(self.features("train", "semi")[idx], d.train.labels[idx],
+                                                      self.features("test", "semi"), d.test.labels, d.num_classes,
+                                                      self.cfg.linear, run_seed, self.device,
+                                                      desc=self.desc(f"{key} linear"), return_scores=True)
+                else:
+                    metrics, scores = self._finetuned(key, torch.from_numpy(indices), cfg, run_seed, cfg.views)
+                runs.append(metrics)
+                predictions.append(top_predictions(scores, exclude_zero=False))
+                subsets.append({"subset_seed": subset_seed, "num_images": len(indices),
+                                "split_file": str(path) if path is not None else None, "metrics": metrics})
+            mean = {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
+            params = {"protocol": "semi", "settings": {**settings, kind: size}, kind: size, "per_class": per_class,
+                      "num_images": subsets[0]["num_images"], "subsets": subsets, "mode": cfg.mode,
+                      "aggregate": f"mean over the {len(runs)} labelled subset(s) of semi.subsets"}
             if cfg.mode == "linear":
-                idx = torch.from_numpy(indices)
-                metrics, probe = linear_probe(self.features("train")[idx], d.train.labels[idx], self.features("test"),
-                                              d.test.labels, d.num_classes, self.cfg.linear, self.seed,
-                                              self.device, desc=self.desc(f"{key} linear"))
-                params.update(probe)
+                params.update({k: getattr(self.cfg.linear, k) for k in LINEAR_BUDGET_KEYS})
+                params["trained"] = "a linear probe (evaluation.linear's budget) on the subset's frozen features"
             else:
-                views = semi_mod.finetune_views(cfg.views, self.config, self.preprocess)
-                budget = {k: getattr(cfg, k) for k in LINEAR_BUDGET_KEYS}
-                model = semi_mod.finetune(self.backbone, d.train.subset(torch.from_numpy(indices)), d.num_classes,
-                                          views, seed=self.seed, device=self.device,
-                                          desc=self.desc(f"{key} fine-tune"), **budget)
-                metrics = semi_mod.evaluate_classifier(model, d.test, self.preprocess, self.device, self.bs)
-                del model
-                params.update(budget)
-                params.update({"views": cfg.views if self.config else "clean", "optimizer": "sgd (nesterov)",
-                               "schedule": "cosine per step", "head": "linear, zero init", "seed": self.seed,
-                               "trained": "whole network (copy of the backbone + head)"})
-            self.add({key: metrics}, {key: params})
+                params.update({k: getattr(cfg, k) for k in LINEAR_BUDGET_KEYS})
+                params.update({"views": cfg.views, "optimizer": "sgd (nesterov)", "schedule": "cosine per step",
+                               "head": "linear, zero init", "trained": "whole network (copy of the backbone + head)"})
+            self.add({key: mean}, {key: params}, {key: np.stack(predictions) if len(predictions) > 1 else predictions[0]})
+
+    def finetune(self) -> None:
+        cfg = self.cfg.finetune
+        key = "finetune_100pct"
+        metrics, scores = self._finetuned(key, None, cfg, self.seed, cfg.views)
+        self.add({key: metrics}, {key: {"protocol": "finetune", "settings": cfg.model_dump(mode="json"),
+                                        "num_images": len(self.data.train), "optimizer": "sgd (nesterov)",
+                                        "schedule": "cosine per step", "head": "linear, zero init",
+                                        "trained": "whole network (copy of the backbone + head)", "seed": self.seed}},
+                 {key: top_predictions(scores, exclude_zero=False)})
 
     def transfer(self) -> None:
         if not self.cfg.transfer.targets:
@@ -204,33 +380,90 @@ class _Evaluation:
         for target in budget.targets:
             key = transfer_mod.metric_key(target)
             train, test = transfer_mod.load_target(target, self.data_root)
-            feats = [backbone_features(self.backbone, split, preprocess, self.device, self.bs,
-                                       desc=self.desc(f"features ({target} {split.split})")) for split in (train, test)]
-            metrics, params = linear_probe(feats[0], train.labels, feats[1], test.labels, train.num_classes,
-                                           budget, self.seed, self.device, desc=self.desc(f"{key} probe"))
-            params.update({"target": target, "num_classes": train.num_classes, "image_size": self.config.image_size,
+            feats = [check_finite(backbone_features(self.backbone, split, preprocess, self.device, self.bs,
+                                                    desc=self.desc(f"features ({target} {split.split})")),
+                                  method=self.name, protocol="transfer", split=f"{target} {split.split}")
+                     for split in (train, test)]
+            metrics, params, scores = linear_probe(feats[0], train.labels, feats[1], test.labels, train.num_classes,
+                                                   budget, self.seed, self.device, desc=self.desc(f"{key} probe"),
+                                                   return_scores=True)
+            params.update({"protocol": "transfer", "settings": budget.model_dump(mode="json", exclude={"targets"}),
+                           "target": target, "num_classes": train.num_classes, "image_size": self.config.image_size,
                            "in_channels": self.config.in_channels, "normalization": "the suite's",
                            "target_channels": train.image_shape[0]})
-            self.add({key: metrics}, {key: params})
+            self.add({key: metrics}, {key: params},
+                     {key: top_predictions(scores, exclude_zero=False),
+                      f"{key}:labels": torch.as_tensor(test.labels).numpy().astype(np.int64)})
+
+    def knn_k10(self) -> None:
+        d, cfg = self.data, self.cfg.knn_k10
+        top1 = []
+        for block in cfg.blocks:
+            key = f"knn_k{cfg.k}_B{block}"
+            train = self.block_maps("train", block, "knn_k10").mean(dim=(2, 3))
+            test = self.block_maps("test", block, "knn_k10").mean(dim=(2, 3))
+            predicted = knn_plurality_predict(train, d.train.labels, test, d.num_classes, k=cfg.k, metric=cfg.metric)
+            accuracy = 100.0 * (predicted == torch.as_tensor(d.test.labels)).float().mean().item()
+            top1.append(accuracy)
+            ranked = np.full((len(predicted), TOP_K), -1, dtype=np.int16)
+            ranked[:, 0] = predicted.numpy()
+            self.add({key: {"top1": accuracy}},
+                     {key: {"protocol": "knn_k10", "settings": cfg.model_dump(mode="json", exclude={"blocks"}),
+                            "block": block, "k": cfg.k, "metric": cfg.metric, "vote": "plurality (one vote each)",
+                            "features": "average-pooled block feature maps, clean views",
+                            "tie_rule": "the tied class whose nearest member is closest"}},
+                     {key: ranked})
+        self.add({f"knn_k{cfg.k}_avg": {"top1": float(np.mean(top1))}},
+                 {f"knn_k{cfg.k}_avg": {"protocol": "knn_k10", "settings": cfg.model_dump(mode="json"),
+                                        "aggregate": f"mean over blocks {cfg.blocks}"}})
+
+    def block_classifier(self) -> None:
+        d, cfg = self.data, self.cfg.block_classifier
+        budget = cfg.model_dump(exclude={"blocks"})
+        top1 = []
+        for block in cfg.blocks:
+            key = f"block_classifier_B{block}"
+            train = self.block_maps("train", block, "block_classifier")
+            model = train_block_classifier(train, d.train.labels, d.num_classes, seed=self.seed, device=self.device,
+                                           desc=self.desc(f"{key} training"), **budget)
+            del train
+            scores = block_classifier_predict(model, self.block_maps("test", block, "block_classifier"), self.device)
+            metrics = topk_accuracy(scores, d.test.labels, exclude_zero=False)
+            top1.append(metrics["top1"])
+            self.add({key: metrics},
+                     {key: {"protocol": "block_classifier", "settings": cfg.model_dump(mode="json", exclude={"blocks"}),
+                            "block": block, **budget, "optimizer": "sgd", "schedule": "steps at the milestones",
+                            "classifier": "NIN block (3x3, 1x1, 1x1 conv-BN-ReLU, 192) + global average pool + linear",
+                            "features": "frozen block feature maps, extracted once from clean views"}},
+                     {key: top_predictions(scores, exclude_zero=False)})
+        self.add({"block_classifier_avg": {"top1": float(np.mean(top1))}},
+                 {"block_classifier_avg": {"protocol": "block_classifier", "settings": cfg.model_dump(mode="json"),
+                                           "aggregate": f"mean over blocks {cfg.blocks}"}})
+
+
+def _as_heads(logits) -> list[torch.Tensor]:
+    return list(logits) if isinstance(logits, (list, tuple)) else [logits]
 
 
 def evaluate_model(method, suite_data, preprocess, eval_cfg: EvaluationConfig | dict | None, device="cpu",
-                   seed: int = 0, protocols=None, *, config=None, suite: str | None = None, data_root: str | Path | None = None,
-                   results_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
-    """Evaluate `method` (its backbone frozen, except for semi-supervised fine-tuning of a copy).
+                   seed: int = 0, protocols=None, *, config=None, suite: str | None = None,
+                   data_root: str | Path | None = None, results_dir: str | Path | None = None,
+                   progress: bool = True, online_probe=None) -> EvalResult:
+    """Evaluate `method` (its backbone frozen, except for fine-tuning a copy).
 
-    `protocols` overrides `eval_cfg.protocols`. `config` (the suite config) supplies the suite
-    name, views and normalisation for semi-supervised fine-tuning and transfer; `data_root` is where
-    transfer targets are read (default $SSL_BENCH_DATA or ./data); semi-supervised subsets are
-    stored under `results_dir`/splits (not stored when None).
+    `protocols` overrides `eval_cfg.protocols`. `config` (the SuiteConfig) supplies the suite name, views
+    and normalisation for fine-tuning and transfer; `data_root` is where transfer targets are read (default
+    $SSL_BENCH_DATA or ./data); labelled subsets are stored under `results_dir`/splits (not stored when
+    None). `online_probe`: the linear head trained beside pretraining (online_linear).
     """
     cfg = resolve_evaluation(eval_cfg)
     chosen = list(protocols or cfg.protocols)
     unknown = [p for p in chosen if p not in PROTOCOLS]
     if unknown:
         raise ConfigError(f"protocols: unknown protocol '{unknown[0]}'; allowed: {', '.join(PROTOCOLS)}")
-    run = _Evaluation(method, suite_data, preprocess, cfg, device, seed, config, data_root, results_dir, progress)
-    run.suite = suite or (config.name if config is not None else suite_data.train.name)
+    suite = suite or (config.name if config is not None else suite_data.train.name)
+    run = _Evaluation(method, suite_data, preprocess, cfg, device, seed, config, data_root, results_dir, progress,
+                      suite, online_probe)
     for name in RUN_ORDER:
         if name in chosen:
             started = time.perf_counter()

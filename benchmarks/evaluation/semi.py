@@ -1,17 +1,21 @@
-"""Semi-supervised evaluation: fine-tune (or linear-probe) on a class-balanced 1% / 10% of the labels.
+"""Semi-supervised evaluation: fine-tune (or linear-probe) on class-balanced subsets of the labels.
 
-Subsets: every class gets the same number of images, floor(fraction * N / num_classes), drawn
-from a per-class permutation seeded by the run's seed alone, so the 1% subset is contained in
-the 10% one. Each subset is stored once per (suite, seed) as JSON under
-`<results_dir>/splits/<suite>/semi_<pct>_seed<seed>.json` and read back by every later run, so
-every method of a suite is evaluated on the same images.
+Subsets: every class gets the same number of images -- floor(fraction * N / num_classes) for a
+fraction (1% / 10%, key semi_<p>pct), or a count (images per class, key semi_<n>perclass) --, the
+first ones of a per-class permutation seeded by the subset seed alone (evaluation.semi.subsets, a seed
+list of its own, independent of the pretraining seed), so smaller subsets are contained in larger ones
+and every method of a suite sees the same images. Each subset is stored once per (suite, size, subset
+seed) as JSON under `<results_dir>/splits/<suite>/semi_<n>pc_subset<seed>.json` and read back by every
+later run.
 
 Fine-tuning (the default, as the CARL dissertation: 50 epochs): a copy of the backbone plus a
 zero-initialised linear head, all trained with SGD + momentum and a per-step cosine schedule.
 Views (`evaluation.semi.views`): "crop_flip" (default; the suite's random resized crop and flip
 only, as SimCLR's fine-tuning), "augment" (the suite's full first view pipeline) or "clean".
-Hand-written because the loop is a few lines over the suite's own batched views; a Lightning
-Trainer would add checkpoints and loggers this step does not want.
+Fine-tuning from the random-init reference row is the supervised baseline trained on the labelled
+subset only (the dissertation's Table 5.3 baseline). Hand-written because the loop is a few lines
+over the suite's own batched views; a Lightning Trainer would add checkpoints and loggers this step
+does not want.
 """
 
 from __future__ import annotations
@@ -35,17 +39,21 @@ from benchmarks.evaluation.knn import topk_accuracy
 from benchmarks.evaluation.linear import single_cpu_thread
 from benchmarks.records import atomic_write_text
 
-SPLIT_FORMAT = "ssl-bench-semi-split/1"
+SPLIT_FORMAT = "ssl-bench-semi-split/2"
 SEMI_VIEWS = ("crop_flip", "augment", "clean")
 
 
 def percent_label(fraction: float) -> str:
-    """0.01 -> "1", 0.1 -> "10", 0.005 -> "0.5" (used in file names and the metric keys semi_<pct>pct)."""
+    """0.01 -> "1", 0.1 -> "10", 0.005 -> "0.5" (used in the metric keys semi_<pct>pct)."""
     return f"{round(fraction * 100, 6):g}"
 
 
 def metric_key(fraction: float) -> str:
     return f"semi_{percent_label(fraction)}pct"
+
+
+def count_key(per_class: int) -> str:
+    return f"semi_{per_class}perclass"
 
 
 def images_per_class(num_images: int, num_classes: int, fraction: float) -> int:
@@ -57,13 +65,24 @@ def images_per_class(num_images: int, num_classes: int, fraction: float) -> int:
     return per_class
 
 
-def draw_balanced_subset(labels, num_classes: int, fraction: float, seed: int) -> np.ndarray:
-    """Sorted indices: the first floor(fraction * N / C) images of each class in a seeded order.
+def check_count(labels, num_classes: int, per_class: int) -> int:
+    """`per_class` if every class has that many labelled images, else a ConfigError naming the fix."""
+    counts = torch.bincount(torch.as_tensor(labels).long().cpu(), minlength=num_classes)
+    smallest = int(counts.min())
+    if per_class > smallest:
+        raise ConfigError(f"evaluation.semi.per_class: {per_class} images per class, but the smallest class of the "
+                          f"labelled train split has {smallest}; use counts <= {smallest}")
+    return per_class
+
+
+def draw_balanced_subset(labels, num_classes: int, per_class: int, seed: int) -> np.ndarray:
+    """Sorted indices: the first `per_class` images of each class in an order seeded by `seed` alone.
 
     A class with fewer images than that contributes all of them.
     """
     labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
-    per_class = images_per_class(len(labels), num_classes, fraction)
+    if per_class < 1:
+        raise ConfigError(f"evaluation.semi: a subset needs at least one image per class, got {per_class}")
     rng = np.random.default_rng(seed)
     chosen = []
     for c in range(num_classes):
@@ -72,25 +91,24 @@ def draw_balanced_subset(labels, num_classes: int, fraction: float, seed: int) -
     return np.sort(np.concatenate(chosen))
 
 
-def split_path(results_dir: str | Path, suite: str, fraction: float, seed: int) -> Path:
-    return Path(results_dir) / "splits" / suite / f"semi_{percent_label(fraction)}_seed{seed}.json"
+def split_path(results_dir: str | Path, suite: str, per_class: int, seed: int) -> Path:
+    return Path(results_dir) / "splits" / suite / f"semi_{per_class}pc_subset{seed}.json"
 
 
-def subset_indices(labels, num_classes: int, fraction: float, seed: int, suite: str,
+def subset_indices(labels, num_classes: int, per_class: int, seed: int, suite: str,
                    results_dir: str | Path | None) -> tuple[np.ndarray, Path | None]:
-    """The stored subset for (suite, fraction, seed), drawn and stored on first use.
+    """The stored subset for (suite, images per class, subset seed), drawn and stored on first use.
 
     With results_dir=None the subset is drawn (deterministically) without being stored.
     """
     labels_np = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
     if results_dir is None:
-        return draw_balanced_subset(labels_np, num_classes, fraction, seed), None
-    path = split_path(results_dir, suite, fraction, seed)
+        return draw_balanced_subset(labels_np, num_classes, per_class, seed), None
+    path = split_path(results_dir, suite, per_class, seed)
     if not path.exists():
-        indices = draw_balanced_subset(labels_np, num_classes, fraction, seed)
-        payload = {"format": SPLIT_FORMAT, "suite": suite, "fraction": fraction, "seed": seed,
+        indices = draw_balanced_subset(labels_np, num_classes, per_class, seed)
+        payload = {"format": SPLIT_FORMAT, "suite": suite, "per_class": per_class, "subset_seed": seed,
                    "train_size": len(labels_np), "num_classes": num_classes,
-                   "per_class": images_per_class(len(labels_np), num_classes, fraction),
                    "indices": indices.tolist(), "labels": labels_np[indices].tolist()}
         try:  # overwrite=False: if a parallel run stored it first, theirs wins and is read below
             atomic_write_text(path, json.dumps(payload) + "\n", overwrite=False)

@@ -15,7 +15,7 @@ import torch
 from benchmarks.cli import main as cli_main
 from benchmarks.config import load_suite
 from benchmarks.evaluate_cli import protocol_of
-from benchmarks.records import record_path
+from benchmarks.records import same_run_records
 from benchmarks.runner import build_method, load_suite_data, save_model
 
 
@@ -36,7 +36,8 @@ def test_evaluate_digits_checkpoint(benchmark, speed_record, tmp_path, torch_thr
 
     code = benchmark.pedantic(cli_main, setup=setup, rounds=3, warmup_rounds=1, iterations=1)
     assert code == 0
-    metrics = json.loads(record_path(tmp_path / "out1", "digits", "simclr", 1, 0).read_text())["metrics"]
+    (path,) = same_run_records(tmp_path / "out1", "digits", "simclr", 1, 0)
+    metrics = json.loads(path.read_text())["metrics"]
     assert {protocol_of(key) for key in metrics} == set(protocols)  # every protocol of the suite ran
     speed_record(benchmark, "evaluate_checkpoint[digits]", 1, "checkpoint", protocols=protocols,
                  train_images=len(data.train), test_images=len(data.test), threads=torch_threads)
