@@ -142,7 +142,29 @@ BACKBONES: dict[str, Callable[..., Backbone]] = {
 }
 
 
-def build_backbone(name: str, in_channels: int = 3) -> Backbone:
+def check_backbone_options(name: str, options: dict) -> None:
+    """The suite's `backbone_options` are keyword options of the backbone's factory (e.g. small_cnn's width),
+    with their types: a bad one names the key and what is allowed."""
+    import inspect
+    import typing
+
+    from pydantic import create_model
+
+    from ssl_common.typed import StrictModel, validate
+
     if name not in BACKBONES:
         raise ConfigError(f"backbone: unknown backbone '{name}'; allowed: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name](in_channels=in_channels)
+    factory = BACKBONES[name]
+    hints = typing.get_type_hints(factory) if not getattr(factory, "__name__", "") == "<lambda>" else {}
+    fields = {p.name: (hints.get(p.name, typing.Any), p.default) for p in inspect.signature(factory).parameters.values()
+              if p.name != "in_channels"}
+    if options and not fields:
+        raise ConfigError(f"backbone_options: backbone '{name}' takes no options; got: {', '.join(sorted(options))}")
+    validate(create_model(f"{name}_options", __base__=StrictModel, **fields), options, "backbone_options",
+             unknown_word=f"option of backbone '{name}'")
+
+
+def build_backbone(name: str, in_channels: int = 3, **options) -> Backbone:
+    if name not in BACKBONES:
+        raise ConfigError(f"backbone: unknown backbone '{name}'; allowed: {', '.join(sorted(BACKBONES))}")
+    return BACKBONES[name](in_channels=in_channels, **options)

@@ -209,6 +209,7 @@ class SuiteConfig(StrictModel):
     description: str = ""
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     backbone: str = "resnet18_cifar"
+    backbone_options: dict[str, Any] = Field(default_factory=dict)  # the backbone's own options (small_cnn: width)
     in_channels: int = 3
     image_size: int = 32
     num_classes: int = 10
@@ -392,7 +393,7 @@ def _check_normalization(augment: AugmentConfig, in_channels: int, where: str) -
 
 def check_suite(config: SuiteConfig) -> None:
     """What spans sections: the dataset and its options, the backbone, normalisation, every method section."""
-    from benchmarks.backbones import BACKBONES
+    from benchmarks.backbones import BACKBONES, check_backbone_options
     from benchmarks.data import check_loader_options
 
     if not config.dataset.name:
@@ -401,6 +402,7 @@ def check_suite(config: SuiteConfig) -> None:
                          [config.dataset.pretrain_split, config.dataset.train_split, config.dataset.test_split])
     if config.backbone not in BACKBONES:
         raise ConfigError(f"backbone: unknown backbone '{config.backbone}'; allowed: {', '.join(sorted(BACKBONES))}")
+    check_backbone_options(config.backbone, config.backbone_options)
     _check_normalization(config.augment, config.in_channels, "augment")
     from methods import available_methods
 
@@ -434,6 +436,7 @@ def training_payload(config: SuiteConfig, method: MethodConfig, seed: int | None
     dataset = config.dataset.model_dump(mode="json", exclude={"display_name"})
     train = config.train.model_dump(mode="json", exclude=set(NON_TRAINING_KEYS) | {"epochs", "batch_size"})
     payload = {"suite": config.name, "dataset": dataset, "backbone": config.backbone,
+               "backbone_options": config.backbone_options,
                "in_channels": config.in_channels, "image_size": config.image_size, "num_classes": config.num_classes,
                "train": train, "method": method.model_dump(mode="json", exclude={"display_name", "paper"})}
     if "online_linear" in config.evaluation.protocols:

@@ -156,7 +156,7 @@ def build_method(config: SuiteConfig, method_name: str, data: SuiteData, hparams
     """The method with fresh weights and its resolved settings (`hparams`: recorded ones, to rebuild a run)."""
     settings = config.method(method_name)
     cls = get_method(settings.method)
-    backbone = build_backbone(config.backbone, config.in_channels)
+    backbone = build_backbone(config.backbone, config.in_channels, **config.backbone_options)
     info = DataInfo(num_classes=config.num_classes, num_train=len(data.pretrain if not cls.uses_labels else data.train),
                     in_channels=config.in_channels, image_size=config.image_size)
     return cls(backbone, info, settings.hparams if hparams is None else hparams), settings

@@ -70,7 +70,7 @@ CONVENTIONS = (
     "created timestamp wins (ties: the file at its canonical path, then the first path); the others are "
     "listed as superseded; files that cannot be read, fail the schema (version 2), their checksum or their "
     "predictions are skipped by name. Cells: with n >= 2 seeds, mean ± sample std (ddof=1) and the 95% "
-    "Student-t interval over seeds in brackets; with one seed, the value and in brackets the 95% bootstrap "
+    "Student-t interval over seeds in brackets (clipped to the metric's range); with one seed, the value and in brackets the 95% bootstrap "
     "interval over the run's test images (1000 resamples of the stored per-image predictions, fixed seed "
     "0): percentile intervals for accuracies, basic (reflected, 2v − q97.5 to 2v − q2.5, clipped to the "
     "metric's range) intervals for NMI, AMI, ARI and ACC, whose percentile intervals are biased upward "

@@ -21,7 +21,6 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -327,9 +326,7 @@ def image_interval(data: PerImage, metric: str, n_boot: int) -> tuple[float, flo
 def paired_test(a: PerImage, b: PerImage, metric: str, n_boot: int) -> stats.PairedTest:
     if a.kind == "accuracy":
         return stats.paired_bootstrap_test(a.data, b.data, n_boot=n_boot)
-    statistic = partial(stats.clustering_score, metric=CLUSTER_METRICS[metric])
-    return stats.paired_bootstrap_metric_test(statistic, (a.labels, a.data), (b.labels, b.data),
-                                              n_boot=n_boot)
+    return stats.paired_clustering_test(a.labels, a.data, b.data, CLUSTER_METRICS[metric], n_boot=n_boot)
 
 
 CELL_COLUMNS = ["suite", "dataset", "epochs", "table", "kind", "row", "method", "method_base", "display",
@@ -375,7 +372,10 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
                         paper_reference=g["paper_reference"].iloc[0], backbone=g["backbone"].iloc[0], key=key,
                         metric=metric, n_images=0, settings=settings, column=headers[(key, metric, settings)],
                         n=summary.n, seeds=tuple(int(s) for s in g["seed"]), values=tuple(g["value"]),
-                        mean=summary.mean, std=summary.std, t_low=summary.ci_low, t_high=summary.ci_high,
+                        mean=summary.mean, std=summary.std,
+                        # clipped to the metric's range (a t-interval of a mean near 100% passes 100)
+                        t_low=max(metric_range(metric)[0], summary.ci_low),
+                        t_high=min(metric_range(metric)[1], summary.ci_high),
                         img_value=math.nan, img_low=math.nan, img_high=math.nan, img_method="", img_note="",
                         best=False, tied=False, p_holm=math.nan, test_note="", K="", source="", nonempty="",
                         num_classes=None)

@@ -65,7 +65,7 @@ def test_method_and_evaluation_sections_merge_key_by_key():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    ({"trian": {}}, "trian: unknown key; allowed: augment, backbone, dataset,"),
+    ({"trian": {}}, "trian: unknown key; allowed: augment, backbone, backbone_options, dataset,"),
     ({"train": {"epoch": 3}}, "train.epoch: unknown key; allowed: accelerator, batch_size,"),
     ({"train": {"batch_size": "big"}}, "train.batch_size: expected int, got 'big' (str)"),
     ({"train": {"batch_size": 12.5}}, "train.batch_size: expected int, got 12.5 (float)"),
@@ -100,6 +100,9 @@ def test_method_and_evaluation_sections_merge_key_by_key():
     ({"dataset": {"options": {"test_fraction": "half"}}}, "dataset.options.test_fraction: expected float"),
     ({"dataset": {"test_split": "val"}}, "dataset: 'digits' has no split 'val'; allowed: train, test"),
     ({"backbone": "vit_huge"}, "backbone: unknown backbone 'vit_huge'; allowed:"),
+    ({"backbone_options": {"widht": 8}}, "backbone_options.widht: unknown option of backbone 'small_cnn'; allowed: width"),
+    ({"backbone": "resnet18_cifar", "backbone_options": {"width": 8}},
+     "backbone_options: backbone 'resnet18_cifar' takes no options"),
     ({"evaluation": {"linear": {"epoch": 3}}}, "evaluation.linear.epoch: unknown key; allowed: batch_size, epochs"),
     ({"evaluation": {"protocols": ["knn", "telepathy"]}}, "evaluation.protocols: unknown protocol 'telepathy'"),
     ({"launcher": {"jobs": 0}}, "launcher.jobs: must be >= 1, got 0"),

@@ -206,16 +206,35 @@ def test_hungarian_accuracy_hand_case():
     assert stats.clustering_score(y, p, "acc_many_to_one") == pytest.approx(75.0)  # column maxima 2, 2, 2
 
 
-@pytest.mark.parametrize("metric,score", [("nmi", normalized_mutual_info_score), ("ari", adjusted_rand_score),
-                                          ("ami", adjusted_mutual_info_score)])
-def test_clustering_interval_equals_sklearn_on_resampled_labels(metric, score):
+@pytest.mark.parametrize("metric,score,tolerance", [
+    ("nmi", normalized_mutual_info_score, 1e-8), ("ari", adjusted_rand_score, 1e-8),
+    ("acc_many_to_one", lambda t, q: stats.acc_many_to_one(stats.contingency(t, q)), 1e-8),
+    # AMI's replicates use the observed marginals' expected MI: within 0.2 points of the exact replicates
+    ("ami", adjusted_mutual_info_score, 0.2)])
+def test_clustering_interval_equals_sklearn_on_resampled_labels(metric, score, tolerance):
     rng = np.random.default_rng(7)
     y = rng.integers(0, 6, 400)
     p = np.where(rng.random(400) < 0.6, y, rng.integers(0, 8, 400))
     ours = stats.clustering_interval(y, p, metric, n_boot=40, seed=11)
     theirs = stats.bootstrap_interval(lambda t, q: 100 * score(t, q), (y, p), n_boot=40, seed=11)
-    assert ours == pytest.approx(theirs, abs=1e-8)
+    assert ours == pytest.approx(theirs, abs=tolerance)
     assert ours.ci_low < ours.value < ours.ci_high
+    reps = stats.clustering_replicates(y, p, metric, n_boot=40, seed=11)
+    exact = stats._boot_reps(lambda t, q: 100 * score(t, q), [y, p], 40, 11)
+    assert np.abs(reps - exact).max() <= tolerance
+
+
+def test_paired_clustering_test_matches_the_generic_one_and_flags_identical_as_equal():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 300)
+    a = np.where(rng.random(300) < 0.8, y, rng.integers(0, 5, 300))
+    b = np.where(rng.random(300) < 0.5, y, rng.integers(0, 5, 300))
+    fast = stats.paired_clustering_test(y, a, b, "nmi", n_boot=60, seed=2)
+    generic = stats.paired_bootstrap_metric_test(partial(stats.clustering_score, metric="nmi"), (y, a), (y, b),
+                                                 n_boot=60, seed=2)
+    assert fast == pytest.approx(generic, abs=1e-8) and fast.p_value < 0.05
+    same = stats.paired_clustering_test(y, a, a, "nmi", n_boot=60, seed=2)
+    assert same.diff == 0 and same.p_value == 1.0
 
 
 def test_clustering_score_averages_seeds():
