@@ -310,6 +310,12 @@ def cmd_list(args) -> int:
         config = load_suite(suite)
         print(f"  {suite:12s} {', '.join(config.methods_to_run)}")
     print("datasets: " + ", ".join(available_datasets()))
+    from benchmarks.evaluation.knn import faiss_info
+
+    info = faiss_info()
+    print(f"faiss:    {info['faiss_version']}, {'GPU' if info['gpu_build'] else 'CPU'} build, GPUs seen: "
+          f"{info['num_gpus']}; kNN and k-means run on the {info['device']}"
+          + (f" ({info['cpu_reason']})" if info.get("cpu_reason") else ""))
     return 0
 
 

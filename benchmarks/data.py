@@ -197,6 +197,7 @@ DISPLAY_NAMES = {
     "cifar100-20": "CIFAR-100-20",
     "stl10": "STL-10",
     "imagefolder": "ImageFolder",
+    "imagenet100": "ImageNet-100",
 }
 
 
@@ -591,6 +592,15 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 IMAGEFOLDER_LAYOUT = "    ROOT/<split>/<class>/<image>.{png,jpg,...}   (split: train, val or test)"
 
 
+@register_loader("imagenet100", splits=("train", "val"))
+def load_imagenet100_split(split: str, root: Path | None = None, download: bool = False, image_size: int = 224):
+    """ImageNet-100 (solo-learn's / CMC's 100 classes), streamed from disk (benchmarks.streaming): about 19 GB as
+    uint8 at 224 px, too much to hold in memory."""
+    from benchmarks.streaming import load_imagenet100
+
+    return load_imagenet100(root, split, image_size=image_size, download=download)
+
+
 def _class_dirs(split_dir: Path) -> list[Path]:
     return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
@@ -659,7 +669,8 @@ class ImageFolderReader:
 
 @register_loader("imagefolder", splits=IMAGEFOLDER_SPLITS)
 def load_imagefolder(split: str, root: Path | None = None, download: bool = False, image_size: int = 32,
-                     channels: int = 3, in_memory: bool = False, verify: bool = True) -> ImageDataset:
+                     channels: int = 3, in_memory: bool = False, verify: bool = True, storage: str = "memory"
+                     ) -> ImageDataset:
     """Images in ROOT/<split>/<class>/<file>; decoded lazily unless `in_memory`.
 
     Options: `image_size` (output side; shorter side resized, then centre crop), `channels` (3 = RGB,
@@ -671,7 +682,19 @@ def load_imagefolder(split: str, root: Path | None = None, download: bool = Fals
         raise ConfigError(f"imagefolder option image_size must be a positive int, got {image_size!r}")
     if channels not in (1, 3):
         raise ConfigError(f"imagefolder option channels must be 1 or 3, got {channels!r}")
+    if storage not in ("memory", "stream", "auto"):
+        raise ConfigError(f"dataset.options.storage: got {storage!r}; allowed: memory, stream, auto")
     root = _resolve_root(root)
+    if storage != "memory":
+        from benchmarks.streaming import EncodedImageFolder, choose_storage
+
+        folder = EncodedImageFolder(root, split, image_size=image_size)
+        chosen = storage if storage == "stream" else choose_storage(len(folder), (channels, image_size, image_size))
+        if chosen == "stream":
+            if channels != 3:
+                raise ConfigError("dataset.options.storage: streaming decodes RGB images; set channels: 3 or "
+                                  "storage: memory")
+            return folder
     split_dir = root / split
     if not split_dir.is_dir():
         raise _not_found("ImageFolder data", [split_dir], IMAGEFOLDER_LAYOUT.replace("ROOT", str(root)), None)

@@ -169,8 +169,8 @@ def resolve_device(train_cfg: TrainConfig) -> torch.device:
 
 
 def package_versions() -> dict:
-    names = ["torch", "torchvision", "pytorch-lightning", "lightly", "faiss-cpu", "faiss-gpu", "scikit-learn",
-             "numpy", "pandas", "ssl-cluster-bench"]
+    names = ["torch", "torchvision", "pytorch-lightning", "lightly", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12",
+             "scikit-learn", "pydantic", "numpy", "pandas", "ssl-cluster-bench"]
     versions = {}
     for name in names:
         try:

@@ -22,6 +22,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,24 @@ from ssl_common.typed import OptimizerConfig
 
 CHECKPOINT_FORMAT = "ssl-bench-trainer/1"
 log = logging.getLogger("benchmarks")
+
+
+def is_streamed(dataset) -> bool:
+    """A dataset read from disk batch by batch (benchmarks.streaming.EncodedImageFolder)."""
+    return not dataset.in_memory and hasattr(dataset, "decode")
+
+
+def batches_of(dataset, batch_size: int, device) -> Iterator[torch.Tensor]:
+    """uint8 batches of `dataset` in index order on `device` (streamed data: read by DataLoader workers)."""
+    if is_streamed(dataset):
+        from benchmarks.streaming import decoded_batches
+
+        for images, _, _ in decoded_batches(dataset, batch_size, device):
+            yield images
+        return
+    for start in range(0, len(dataset), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(dataset)))
+        yield dataset.get_batch(idx).to(device, non_blocking=True)
 
 
 class IndexedBatches(Dataset):
@@ -227,9 +246,23 @@ class PretrainModule(pl.LightningModule):
         sampler = EpochBatchSampler(len(self.pretrain), self.batch_size, self.stream_seed, self.method.epoch_order,
                                     rank=self.global_rank, world_size=self.trainer.world_size)
         workers = getattr(self, "num_workers", 0)
+        if is_streamed(self.pretrain):  # workers read the encoded files; the batch is decoded on the device
+            from benchmarks.streaming import EncodedBatches
+
+            workers = max(1, workers)
+            return DataLoader(EncodedBatches(self.pretrain), sampler=sampler, batch_size=None, num_workers=workers,
+                              persistent_workers=True)
         return DataLoader(IndexedBatches(self.pretrain), sampler=sampler, batch_size=None, num_workers=workers,
                           pin_memory=self.device.type == "cuda" or torch.cuda.is_available(),
                           persistent_workers=workers > 0)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        """A streamed batch arrives as encoded files: decode it in one call on the training device (nvJPEG on a
+        GPU), then the usual batched views are drawn from the uint8 images."""
+        if is_streamed(self.pretrain):
+            encoded, labels, indices = batch
+            return self.pretrain.decode(encoded, indices, self.device), labels, indices
+        return batch
 
     @torch.no_grad()
     def _predict_pretrain(self, fn):
@@ -237,10 +270,8 @@ class PretrainModule(pl.LightningModule):
         was_training = self.method.training
         self.method.eval()
         try:
-            n, out = len(self.pretrain), []
-            for start in range(0, n, 1024):
-                idx = torch.arange(start, min(start + 1024, n))
-                images = self.pretrain.get_batch(idx).to(self.device, non_blocking=True)
+            out = []
+            for images in batches_of(self.pretrain, 1024, self.device):
                 out.append(fn(self.augment.clean(images)).float())
             return torch.cat(out)
         finally:

@@ -282,3 +282,13 @@ def test_sigterm_during_evaluation_says_how_to_resume(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
     assert "terminated (SIGTERM); rerun the same command to resume" in err and "Traceback" not in err
+
+
+def test_imagenet100_without_its_data_fails_fast_saying_where_it_looked(tmp_path, capsys):
+    root = tmp_path / "nodata"
+    assert main(["run", "--suite", "imagenet100", "--data-root", str(root), "--out", str(tmp_path / "out"),
+                 "--work-dir", str(tmp_path / "work")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ImageNet-100 train split not found")
+    assert str(root / "imagenet100" / "train") in err and "image-net.org" in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

@@ -240,3 +240,37 @@ def test_imagenet100_classes_and_loader(tmp_path):
     val = load_imagenet100(tmp_path, "val", image_size=16)
     assert val.name == "imagenet100" and len(val) == 100 and val.classes == sorted(wnids)
     assert val.labels.tolist() == list(range(100)) and val.get_batch(torch.arange(2)).shape == (2, 3, 16, 16)
+
+
+@pytest.mark.slow
+def test_a_training_epoch_on_streamed_data_equals_the_in_memory_path_on_the_same_images(tmp_path):
+    """The trainer's streaming path (workers read encoded files, the batch is decoded before the views are
+    drawn) trains exactly as the in-memory path fed the same decoded images."""
+    from benchmarks.augment import BatchAugment, Normalization, ViewSpec
+    from benchmarks.backbones import small_cnn
+    from benchmarks.config import TrainConfig
+    from benchmarks.data import ImageDataset
+    from benchmarks.training import PretrainModule, fit
+    from methods import get_method
+    from methods.base import DataInfo
+    from ssl_common.typed import OptimizerConfig
+
+    write_folder(tmp_path / "data", "train", ["ant", "bee", "cat"], per_class=12, sizes=((20, 24), (24, 20)))
+    streamed = EncodedImageFolder(tmp_path / "data", "train", image_size=16)
+    in_memory = ImageDataset("imagefolder", "train", streamed.labels.clone(), list(streamed.classes),
+                             images=streamed.get_batch(torch.arange(len(streamed))))
+
+    def one_epoch(dataset, folder):
+        torch.manual_seed(0)
+        method = get_method("simclr")(small_cnn(3, width=8), DataInfo(3, len(dataset), 3, 16))
+        augment = BatchAugment([ViewSpec(size=16, count=2)], Normalization((0.5,) * 3, (0.5,) * 3))
+        module = PretrainModule(method, augment, OptimizerConfig(lr=0.05), dataset, batch_size=8, max_epochs=1,
+                                seed=0)
+        train = TrainConfig(epochs=1, accelerator="cpu", devices=1, precision="32", num_workers=1)
+        result = fit(module, train, tmp_path / folder, "fp", progress=False)
+        return result.history, {k: v.clone() for k, v in method.state_dict().items()}
+
+    streamed_history, streamed_state = one_epoch(streamed, "streamed")
+    memory_history, memory_state = one_epoch(in_memory, "memory")
+    assert streamed_history == memory_history  # the same loss, exactly
+    assert all(torch.equal(streamed_state[k], memory_state[k]) for k in memory_state)

@@ -62,10 +62,15 @@ def extract(model_fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]
     """
     outputs: list = []
     n = len(dataset)
-    starts = range(0, n, batch_size)
-    for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-        idx = torch.arange(start, min(start + batch_size, n))
-        images = dataset.get_batch(idx).to(device, non_blocking=True)
+    if not dataset.in_memory and hasattr(dataset, "decode"):  # streamed: workers read, one decode per batch
+        from benchmarks.streaming import decoded_batches
+
+        batches = (images for images, _, _ in decoded_batches(dataset, batch_size, device))
+    else:
+        batches = (dataset.get_batch(torch.arange(s, min(s + batch_size, n))).to(device, non_blocking=True)
+                   for s in range(0, n, batch_size))
+    total = -(-n // batch_size)
+    for images in tqdm(batches, total=total, desc=desc, disable=desc is None, leave=False):
         out = model_fn(preprocess(images))
         outputs.append([o.float().cpu() for o in out] if isinstance(out, (list, tuple)) else out.float().cpu())
     if not outputs:

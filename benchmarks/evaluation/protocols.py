@@ -41,7 +41,13 @@ from benchmarks.evaluation import semi as semi_mod
 from benchmarks.evaluation import transfer as transfer_mod
 from benchmarks.evaluation.block_classifier import block_classifier_predict, train_block_classifier
 from benchmarks.evaluation.features import backbone_features, check_finite, extract
-from benchmarks.evaluation.knn import knn_classify, knn_plurality_predict, topk_accuracy, topk_predictions
+from benchmarks.evaluation.knn import (
+    faiss_info,
+    knn_classify,
+    knn_plurality_predict,
+    topk_accuracy,
+    topk_predictions,
+)
 from benchmarks.evaluation.linear import LINEAR_BUDGET_KEYS, linear_probe, linear_probe_on_views
 from benchmarks.evaluation.settings import PROTOCOLS, EvaluationConfig, KnnSettings
 from ssl_common.typed import validate
@@ -119,7 +125,8 @@ def run_knn(train_feats, train_labels, test_feats, test_labels, num_classes, cfg
                        "k": k, "temperature": cfg.temperature, "bank": "train split, clean views",
                        "bank_size": len(train_feats), "bank_images_per_class_min": per_class,
                        "similarity": "cosine (l2-normalised)", "vote": "exp(sim / temperature)",
-                       "top_k_rule": "votes descending, then class index; classes without a vote never count"}
+                       "top_k_rule": "votes descending, then class index; classes without a vote never count",
+                       "faiss": faiss_info()}
     return metrics, params, predictions
 
 
