@@ -17,9 +17,15 @@ EPILOG = """examples:
   python -m benchmarks run --suite digits --methods simclr byol swav --seeds 0 1 2 --epochs 20
   python -m benchmarks run --suite cifar10 --data-root ~/data --download
   python -m benchmarks run --suite my_suite.yaml --import my_methods.py --methods my_method
-  python -m benchmarks evaluate --checkpoint runs/digits/simclr_e40_s0/model.pt --protocols knn clustering
+  python -m benchmarks evaluate --checkpoint runs/digits/simclr_e20_s0_<fingerprint>/model.pt --protocols knn clustering
   python -m benchmarks list
+  python -m benchmarks config --suite digits --method carl    # resolved settings
 """
+
+
+def _suite_names() -> list[str]:
+    # The same glob as benchmarks.config.available_suites, without importing torch for --help.
+    return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
 
 
 def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
@@ -35,10 +41,11 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                          "the suite's protocols and write one record per run under --out. Finished runs are "
                          "skipped (records are never overwritten without --force); interrupted runs resume "
                          "from their last epoch checkpoint under --work-dir.")
-    run.add_argument("--suite", required=True, help="suite name (digits, mnist, cifar10, cifar100, cifar100-20, "
-                     "stl10) or a path to a suite YAML file")
-    run.add_argument("--methods", nargs="+", metavar="NAME", help="registered method names (default: the suite's "
-                     "methods_to_run); see `python -m benchmarks list`")
+    run.add_argument("--suite", required=True, help=f"suite name ({', '.join(_suite_names())}) or a path to a "
+                     "suite YAML file")
+    run.add_argument("--methods", nargs="+", metavar="NAME", help="registered method names or named variants "
+                     "(method/variant, e.g. self_classifier/reimpl; default: the suite's methods_to_run); see "
+                     "`python -m benchmarks list`")
     run.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the suite's)")
     run.add_argument("--epochs", type=int, help="pretraining epochs (default: the suite's)")
     run.add_argument("--batch-size", type=int, help="per-device batch size (default: the suite's)")
@@ -117,10 +124,12 @@ def cmd_run(args) -> int:
         methods = list(methods) + [r for r in config.references if r not in methods]
     data_root = default_data_root(args.data_root)
     from benchmarks.runner import check_devices, check_method_settings, check_no_pretraining
+    from benchmarks.training import check_tracker
 
     check_method_settings(config, methods)
     check_no_pretraining(config, methods)
     check_devices(config.train)
+    check_tracker(config.train.logger)
     report_dir = None if args.no_report else report_dir_for(args.out, args.report_dir)
     check_output_folders(args.out, args.work_dir, report_dir)
     data = load_suite_data(config, data_root, args.download)

@@ -32,7 +32,7 @@ def add_evaluate_parser(subparsers) -> None:
         description="Load a model file written by `run` (safely: tensors and plain metadata only), run the "
         "chosen evaluation protocols and write their metrics into the run's record under --out (replacing "
         "metrics the record already has only with --force; creating the record if missing).")
-    ev.add_argument("--checkpoint", required=True, help="model file, e.g. runs/digits/simclr_e40_s0/model.pt")
+    ev.add_argument("--checkpoint", required=True, help="model file, e.g. runs/digits/simclr_e20_s0_<training fingerprint>/model.pt")
     ev.add_argument("--protocols", nargs="+", choices=PROTOCOLS, metavar="PROTOCOL",
                     help=f"protocols to run ({', '.join(PROTOCOLS)}); default: the suite's")
     ev.add_argument("--suite", help="suite name or YAML path (default: the suite stored in the model file); "

@@ -565,6 +565,21 @@ class StepCSVLogger(CSVLogger):
         return self._experiment
 
 
+# the import names each tracker needs (Lightning's TensorBoardLogger takes either tensorboard package)
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+
+
+def check_tracker(kind: str) -> None:
+    """The chosen tracker must be importable, checked before any training (not a traceback mid-run)."""
+    import importlib.util
+
+    modules = TRACKER_MODULES.get(kind, ())
+    if modules and not any(importlib.util.find_spec(name) for name in modules):
+        raise ConfigError(f"train.logger: {kind} is not installed (no module {' or '.join(modules)}); install it "
+                          f"into the environment (.venv/bin/pip install {modules[0]}), or choose another of csv, "
+                          "tensorboard, wandb, mlflow")
+
+
 def build_loggers(kind: str, run_dir: Path, resume_step: int | None = None) -> list:
     """The step CSV log (always) plus the tracker the user chose, through Lightning's loggers. Every
     tracker writes locally by default (nothing needs a network): TensorBoard event files, Weights &
@@ -572,20 +587,17 @@ def build_loggers(kind: str, run_dir: Path, resume_step: int | None = None) -> l
     folder, unless MLFLOW_TRACKING_URI names a server."""
     import os
 
+    check_tracker(kind)
     loggers = [StepCSVLogger(str(run_dir), name="logs", version=0, resume_step=resume_step)]
     if kind == "tensorboard":
         from pytorch_lightning.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=0))
     elif kind == "wandb":
-        try:
-            from pytorch_lightning.loggers import WandbLogger
+        from pytorch_lightning.loggers import WandbLogger
 
-            loggers.append(WandbLogger(save_dir=str(run_dir), name=run_dir.name, offline=True,
-                                       project=os.environ.get("WANDB_PROJECT", "ssl-cluster-bench")))
-        except ModuleNotFoundError as exc:
-            raise ConfigError(f"train.logger: wandb is not installed ({exc}); pip install wandb, or choose "
-                              "csv, tensorboard or mlflow") from exc
+        loggers.append(WandbLogger(save_dir=str(run_dir), name=run_dir.name, offline=True,
+                                   project=os.environ.get("WANDB_PROJECT", "ssl-cluster-bench")))
     elif kind == "mlflow":
         from pytorch_lightning.loggers import MLFlowLogger
 

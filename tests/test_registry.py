@@ -133,3 +133,29 @@ def test_user_method_runs_from_the_cli_by_name(tmp_path):
     assert 0 <= record["metrics"]["knn_k20"]["top1"] <= 100
     # the run folder is named by the run and its training fingerprint
     assert [p.name for p in (work / "digits").glob("user_cosine_e1_s0*/model.pt")] == ["model.pt"]
+
+
+def test_the_readme_example_method_registers_validates_and_trains(tmp_path, clean_registry):
+    """The code block of README.md's "Adding a method" section, run as written."""
+    import torch
+
+    from methods.base import DataInfo, TrainBatch
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Adding a method"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    module = tmp_path / "readme_method.py"
+    module.write_text(code, encoding="utf-8")
+    import_user_module(str(module))
+    cls = get_method("my_method")
+    assert cls.display_name == "My method"
+    with pytest.raises(ConfigError, match="temperature"):
+        cls.resolve_hparams({"temperature": -1}, "methods.my_method")
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8))
+    backbone.feature_dim = 8
+    method = cls(backbone, DataInfo(num_classes=10, num_train=4, in_channels=1, image_size=8),
+                 cls.resolve_hparams({"temperature": 0.5}, "methods.my_method"))
+    views = [torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)]
+    loss, logs = method.training_loss(TrainBatch(views, torch.arange(4), None, 1, 0, 1, torch.Generator()))
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= loss.item() <= 4 / 0.5 and logs == {}

@@ -337,8 +337,11 @@ def test_ctrl_c_stops_with_a_resume_hint(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     # many epochs, so the run is still training when the signal lands, however fast the machine
     long_epochs = 200
+    # A shell starts background jobs with SIGINT ignored and Python keeps an inherited SIG_IGN, so
+    # under `pytest &` the child would never see Ctrl+C: give it the default disposition back.
     proc = subprocess.Popen(cli_command(out, work, "--epochs", str(long_epochs)), cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and not list(work.glob("digits/simclr_e*_s0_*")):

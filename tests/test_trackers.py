@@ -34,3 +34,20 @@ def test_a_tiny_run_logged_with_mlflow_has_its_metrics_in_the_local_store(tmp_pa
         [round(h["loss"], 5) for h in record["history"]]
     assert len(knn) == 2 and all(0 <= m.value <= 100 for m in knn)
     assert client.get_metric_history(run.info.run_id, "train_loss")  # per-step loss too
+
+
+def test_a_tracker_that_is_not_installed_stops_the_run_before_any_work(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    missing = {"tensorboard", "tensorboardX"}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name in missing else real_find_spec(name, *a, **k))
+    out, work = tmp_path / "out", tmp_path / "work"
+    code = main(["run", "--suite", "digits", "--methods", "simclr", "--seeds", "0", "--epochs", "1",
+                 "--logger", "tensorboard", "--out", str(out), "--work-dir", str(work), "--no-report",
+                 "--no-references", "--no-progress"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "train.logger: tensorboard is not installed" in err and "pip install tensorboard" in err
+    assert not out.exists() and not work.exists()

@@ -38,6 +38,8 @@ def test_evaluate_digits_checkpoint(benchmark, speed_record, tmp_path, torch_thr
     assert code == 0
     (path,) = same_run_records(tmp_path / "out1", "digits", "simclr", 1, 0)
     metrics = json.loads(path.read_text())["metrics"]
-    assert {protocol_of(key) for key in metrics} == set(protocols)  # every protocol of the suite ran
+    # every protocol of the suite ran, but online_linear: its classifier is trained beside pretraining, so a
+    # model file saved without one (as here) has nothing to score
+    assert {protocol_of(key) for key in metrics} == set(protocols) - {"online_linear"}
     speed_record(benchmark, "evaluate_checkpoint[digits]", 1, "checkpoint", protocols=protocols,
                  train_images=len(data.train), test_images=len(data.test), threads=torch_threads)
