@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from pydantic import Field, Strict, field_validator
 from torch import nn
 
-from ssl_common.typed import StrictModel
+from ssl_common.typed import AtLeastOne, NonNegativeFloat, StrictModel, UnitInterval
 
 Fraction = Annotated[float, Strict()]
 
@@ -33,27 +33,20 @@ Fraction = Annotated[float, Strict()]
 class ViewSpec(StrictModel):
     """How to draw one kind of view (`count` views of it per image); a suite's `augment.views[i]`."""
 
-    size: int
-    count: int = 2
+    size: AtLeastOne
+    count: AtLeastOne = 2
     scale: tuple[Fraction, Fraction] = Field((0.2, 1.0), strict=False)  # a YAML list is fine
     ratio: tuple[Fraction, Fraction] = Field((3 / 4, 4 / 3), strict=False)
-    hflip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
+    hflip_p: UnitInterval = 0.5
+    jitter_p: UnitInterval = 0.8
+    brightness: NonNegativeFloat = 0.4
+    contrast: NonNegativeFloat = 0.4
+    saturation: NonNegativeFloat = 0.4
+    hue: NonNegativeFloat = 0.1
+    grayscale_p: UnitInterval = 0.2
+    blur_p: UnitInterval = 0.0
     blur_sigma: tuple[Fraction, Fraction] = Field((0.1, 2.0), strict=False)
-    solarize_p: float = 0.0
-
-    @field_validator("size", "count")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-        return value
+    solarize_p: UnitInterval = 0.0
 
     @field_validator("scale")
     @classmethod
@@ -67,20 +60,6 @@ class ViewSpec(StrictModel):
     def _range(cls, value):
         if not 0 < value[0] <= value[1]:
             raise ValueError(f"needs 0 < low <= high, got {list(value)}")
-        return value
-
-    @field_validator("hflip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p")
-    @classmethod
-    def _probability(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError(f"a probability must be in [0, 1], got {value}")
-        return value
-
-    @field_validator("brightness", "contrast", "saturation", "hue")
-    @classmethod
-    def _strength(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {value}")
         return value
 
     @classmethod

@@ -29,7 +29,15 @@ from pydantic import Field, PrivateAttr, SerializeAsAny, field_validator
 from benchmarks.augment import ViewSpec
 from benchmarks.errors import ConfigError, UnknownMethodError
 from benchmarks.evaluation.settings import EvaluationConfig
-from ssl_common.typed import MethodHparams, OptimizerConfig, StrictModel, load_yaml, validate
+from ssl_common.typed import (
+    AtLeastOne,
+    MethodHparams,
+    NonNegativeInt,
+    OptimizerConfig,
+    StrictModel,
+    load_yaml,
+    validate,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
@@ -47,29 +55,22 @@ class DatasetConfig(StrictModel):
 
 
 class TrainConfig(StrictModel):
-    epochs: int = 200
+    epochs: NonNegativeInt = 200
     batch_size: int = 256
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     devices: Any = "auto"  # auto | N (| -1: all)
     strategy: str = "auto"  # auto | ddp | ddp_spawn ...
-    num_nodes: int = 1
+    num_nodes: AtLeastOne = 1
     precision: Any = "auto"  # auto (bf16-mixed on GPU, 32 on CPU) | 32 | bf16-mixed | 16-mixed
-    num_workers: int = 0  # DataLoader workers (ImageFolder data); in-memory data needs none
+    num_workers: NonNegativeInt = 0  # DataLoader workers (ImageFolder data); in-memory data needs none
     channels_last: Any = "auto"  # auto = on for GPU | true | false
     compile: bool = False  # torch.compile the backbone
     deterministic: bool = True  # torch deterministic algorithms (CPU runs are bitwise reproducible)
-    online_knn_every: int = 1  # epochs between online kNN monitor evaluations (0 = off)
-    online_knn_max_bank: int = 10000  # cap on the bank size of the online monitor
-    log_every_n_steps: int = 10
+    online_knn_every: NonNegativeInt = 1  # epochs between online kNN monitor evaluations (0 = off)
+    online_knn_max_bank: NonNegativeInt = 10000  # cap on the bank size of the online monitor
+    log_every_n_steps: AtLeastOne = 10
     logger: Literal["csv", "tensorboard", "wandb", "mlflow"] = "csv"  # extra tracker beside the CSV log
-
-    @field_validator("epochs")
-    @classmethod
-    def _epochs(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {value}")
-        return value
 
     @field_validator("batch_size")
     @classmethod
@@ -107,20 +108,6 @@ class TrainConfig(StrictModel):
         if value == "auto" or isinstance(value, bool):
             return value
         raise ValueError(f"expected true, false or 'auto', got {value!r}")
-
-    @field_validator("num_nodes", "log_every_n_steps")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-        return value
-
-    @field_validator("num_workers", "online_knn_every", "online_knn_max_bank")
-    @classmethod
-    def _non_negative(cls, value: int) -> int:
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {value}")
-        return value
 
 
 # train.* keys that do not change what is trained (so they may differ between a run and its resume)
@@ -170,15 +157,9 @@ class LauncherConfig(StrictModel):
     (`local`), or a SLURM job array through submitit (`slurm`)."""
 
     name: Literal["none", "local", "slurm"] = "none"
-    jobs: int = 1
+    jobs: AtLeastOne = 1
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
-    @field_validator("jobs")
-    @classmethod
-    def _jobs(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-        return value
 
 
 class TrainOverride(StrictModel):
@@ -210,9 +191,9 @@ class SuiteConfig(StrictModel):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     backbone: str = "resnet18_cifar"
     backbone_options: dict[str, Any] = Field(default_factory=dict)  # the backbone's own options (small_cnn: width)
-    in_channels: int = 3
-    image_size: int = 32
-    num_classes: int = 10
+    in_channels: AtLeastOne = 3
+    image_size: AtLeastOne = 32
+    num_classes: AtLeastOne = 10
     methods_to_run: list[str] = Field(default_factory=list)  # default --methods
     references: list[str] = Field(default_factory=lambda: ["random_init", "supervised"])
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -226,12 +207,6 @@ class SuiteConfig(StrictModel):
     _source: str | None = PrivateAttr(default=None)
     _resolved: dict[str, MethodConfig] = PrivateAttr(default_factory=dict)
 
-    @field_validator("in_channels", "image_size", "num_classes")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-        return value
 
     def __eq__(self, other) -> bool:
         """Equal settings (the suite file it came from and the resolved-method cache do not count)."""

@@ -15,15 +15,37 @@ from __future__ import annotations
 import math
 import re
 import typing
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ssl_common.errors import ConfigError
 
-__all__ = ["MethodHparams", "NestedConfigError", "OptimizerConfig", "StrictModel", "load_yaml", "validate",
+__all__ = ["AtLeastOne", "MethodHparams", "Momentum", "NestedConfigError", "NonNegativeFloat", "NonNegativeInt",
+           "OptimizerConfig", "PositiveNumber", "StrictModel", "UnitInterval", "load_yaml", "validate",
            "validate_nested", "validation_error"]
+
+
+def _constraint(holds, allowed: str) -> AfterValidator:
+    """A check pydantic has no single constraint for, with the suite's wording: `must be <allowed>, got <value>`."""
+
+    def check(value):
+        if not holds(value):
+            raise ValueError(f"must be {allowed}, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+# The constrained numbers every settings model shares. Plain bounds are pydantic's own constraints (their
+# errors read `must be >= 1, got 0` through `describe_error`, and editors see them in the JSON schema).
+AtLeastOne = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveNumber = Annotated[float, _constraint(lambda v: v > 0 and math.isfinite(v), "a positive number")]
+Momentum = Annotated[float, _constraint(lambda v: 0 <= v < 1, "in [0, 1)")]
+UnitInterval = Annotated[float, _constraint(lambda v: 0 <= v <= 1, "in [0, 1]")]
 
 
 class StrictModel(BaseModel):
@@ -46,46 +68,18 @@ class OptimizerConfig(StrictModel):
     """Optimizer and LR schedule of pretraining (the suite's; a method section may override keys)."""
 
     name: Literal["sgd", "lars", "adamw"] = "sgd"
-    lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.0  # linear warm-up, then the schedule
-    warmup_start_fraction: float = 0.0  # warm-up starts at lr * this (Self-Classifier reimpl.: 0.01 / 0.4)
+    lr: PositiveNumber = 0.03
+    momentum: Momentum = 0.9
+    weight_decay: NonNegativeFloat = 5e-4
+    warmup_epochs: NonNegativeFloat = 0.0  # linear warm-up, then the schedule
+    warmup_start_fraction: UnitInterval = 0.0  # warm-up starts at lr * this (Self-Classifier reimpl.: 0.01 / 0.4)
     # cosine: lr -> lr * final_lr_fraction; linear: straight line to lr * final_lr_fraction (UIC sec. 4.2);
     # step: lr * gamma at each epoch of `milestones` (SSL++ Table II); constant
     schedule: Literal["cosine", "step", "linear", "constant"] = "cosine"
-    final_lr_fraction: float = 0.001  # cosine decay from lr to lr * this (dissertation: 0.6 -> 0.0006)
+    final_lr_fraction: UnitInterval = 0.001  # cosine decay from lr to lr * this (dissertation: 0.6 -> 0.0006)
     milestones: list[int] = Field(default_factory=list)
-    gamma: float = 0.1
-    lr_scale_batch: int = 0  # if > 0: lr *= batch_size / lr_scale_batch
-
-    @field_validator("lr")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"must be a positive number, got {value}")
-        return value
-
-    @field_validator("momentum")
-    @classmethod
-    def _momentum(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError(f"must be in [0, 1), got {value}")
-        return value
-
-    @field_validator("weight_decay", "warmup_epochs", "lr_scale_batch")
-    @classmethod
-    def _non_negative(cls, value):
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {value}")
-        return value
-
-    @field_validator("warmup_start_fraction", "final_lr_fraction", "gamma")
-    @classmethod
-    def _fraction(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError(f"must be in [0, 1], got {value}")
-        return value
+    gamma: UnitInterval = 0.1
+    lr_scale_batch: NonNegativeInt = 0  # if > 0: lr *= batch_size / lr_scale_batch
 
     @field_validator("milestones")
     @classmethod

@@ -92,7 +92,7 @@ def test_method_and_evaluation_sections_merge_key_by_key():
     ({"augment": {"views": [{"size": 8, "blurr_p": 0.5}]}}, "augment.views[0].blurr_p: unknown key; allowed:"),
     ({"augment": {"views": [{"count": 2}]}}, "augment.views[0].size: missing"),
     ({"augment": {"views": [{"size": 8, "scale": [0.9, 0.1]}]}}, "augment.views[0].scale: needs 0 < low <= high"),
-    ({"augment": {"views": [{"size": 8, "hflip_p": 2}]}}, "augment.views[0].hflip_p: a probability must be in"),
+    ({"augment": {"views": [{"size": 8, "hflip_p": 2}]}}, "augment.views[0].hflip_p: must be in [0, 1], got 2"),
     ({"dataset": {"name": ""}}, "dataset.name: missing"),
     ({"dataset": {"name": "imagenet-22k"}}, "dataset.name: unknown dataset 'imagenet-22k'; allowed: cifar10"),
     ({"dataset": {"options": {"image_size": 16}}},
@@ -106,6 +106,13 @@ def test_method_and_evaluation_sections_merge_key_by_key():
     ({"evaluation": {"linear": {"epoch": 3}}}, "evaluation.linear.epoch: unknown key; allowed: batch_size, epochs"),
     ({"evaluation": {"protocols": ["knn", "telepathy"]}}, "evaluation.protocols: unknown protocol 'telepathy'"),
     ({"launcher": {"jobs": 0}}, "launcher.jobs: must be >= 1, got 0"),
+    # protocols that restate a Budget default keep its constraint (a bare `int` there would drop it)
+    ({"evaluation": {"semi": {"epochs": 0}}}, "evaluation.semi.epochs: must be >= 1, got 0"),
+    ({"evaluation": {"block_classifier": {"lr": float("inf")}}},
+     "evaluation.block_classifier.lr: must be a positive number, got inf"),
+    ({"evaluation": {"finetune": {"momentum": 1}}}, "evaluation.finetune.momentum: must be in [0, 1), got 1"),
+    ({"evaluation": {"knn": {"temperature": 0}}}, "evaluation.knn.temperature: must be a positive number, got 0"),
+    ({"augment": {"views": [{"size": 8, "hue": -0.1}]}}, "augment.views[0].hue: must be >= 0, got -0.1"),
 ])
 def test_bad_values_name_the_key_and_the_fix(overrides, expected):
     with pytest.raises(ConfigError) as info:

@@ -7,12 +7,11 @@ fingerprint.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ssl_common.typed import StrictModel
+from ssl_common.typed import AtLeastOne, Momentum, NonNegativeFloat, PositiveNumber, StrictModel, UnitInterval
 
 PROTOCOLS = ("knn", "linear", "online_linear", "semi", "finetune", "transfer", "clustering", "knn_k10",
              "block_classifier")
@@ -21,57 +20,23 @@ PROTOCOLS = ("knn", "linear", "online_linear", "semi", "finetune", "transfer", "
 class Budget(StrictModel):
     """A classifier's training budget (linear probe, fine-tuning, transfer probe)."""
 
-    epochs: int = 100
-    batch_size: int = 256
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-
-    @field_validator("epochs", "batch_size")
-    @classmethod
-    def _positive_int(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be a positive integer, got {value!r}")
-        return value
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, value: float) -> float:
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"must be a positive number, got {value}")
-        return value
-
-    @field_validator("momentum")
-    @classmethod
-    def _momentum(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError(f"must be in [0, 1), got {value}")
-        return value
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _wd(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {value}")
-        return value
+    # subclasses that change a default restate the constrained type (a bare `int` there would drop it)
+    epochs: AtLeastOne = 100
+    batch_size: AtLeastOne = 256
+    lr: PositiveNumber = 0.1
+    momentum: Momentum = 0.9
+    weight_decay: NonNegativeFloat = 0.0
 
 
 class KnnSettings(StrictModel):
     ks: list[int] = Field(default_factory=lambda: [20, 200])
-    temperature: float = 0.1
+    temperature: PositiveNumber = 0.1
 
     @field_validator("ks")
     @classmethod
     def _ks(cls, value: list[int]) -> list[int]:
         if not value or any(k < 1 for k in value):
             raise ValueError(f"must be a non-empty list of positive integers, got {value!r}")
-        return value
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError(f"must be > 0, got {value}")
         return value
 
 
@@ -90,22 +55,8 @@ class OnlineLinearSettings(StrictModel):
     of the first augmented view, trained beside pretraining with SGD + momentum 0.9 and the pretraining LR
     schedule, evaluated at the end on the clean test images."""
 
-    lr: float = 0.1
-    weight_decay: float = 0.0
-
-    @field_validator("lr")
-    @classmethod
-    def _lr(cls, value: float) -> float:
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"must be a positive number, got {value}")
-        return value
-
-    @field_validator("weight_decay")
-    @classmethod
-    def _wd(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"must be >= 0, got {value}")
-        return value
+    lr: PositiveNumber = 0.1
+    weight_decay: NonNegativeFloat = 0.0
 
 
 class SemiSettings(Budget):
@@ -119,9 +70,9 @@ class SemiSettings(Budget):
     subsets: list[int] = Field(default_factory=lambda: [0])
     mode: Literal["finetune", "linear"] = "finetune"  # finetune (backbone + head) | linear (probe on the subset)
     views: Literal["crop_flip", "augment", "clean"] = "crop_flip"  # fine-tuning views
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 0.05
+    epochs: AtLeastOne = 50
+    batch_size: AtLeastOne = 128
+    lr: PositiveNumber = 0.05
 
     @field_validator("fractions")
     @classmethod
@@ -154,14 +105,14 @@ class FinetuneSettings(Budget):
     key finetune_100pct); views as semi.views."""
 
     views: Literal["crop_flip", "augment", "clean"] = "crop_flip"
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 0.05
+    epochs: AtLeastOne = 50
+    batch_size: AtLeastOne = 128
+    lr: PositiveNumber = 0.05
 
 
 class TransferSettings(Budget):
     targets: list[str] = Field(default_factory=list)  # dataset loader names, e.g. [cifar100]
-    epochs: int = 50
+    epochs: AtLeastOne = 50
 
     @field_validator("targets")
     @classmethod
@@ -177,32 +128,18 @@ class TransferSettings(Budget):
 class ClusteringSettings(StrictModel):
     """FAISS k-means (methods without a head)."""
 
-    niter: int = 100
-    nredo: int = 5
+    niter: AtLeastOne = 100
+    nredo: AtLeastOne = 5
     spherical: bool = False
-
-    @field_validator("niter", "nredo")
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be a positive integer, got {value!r}")
-        return value
 
 
 class KnnBlockSettings(StrictModel):
     """SSL++ Table V: kNN with K = 10 neighbours and a plurality vote on each block's average-pooled
     features (keys knn_k10_B<i>, knn_k10_avg)."""
 
-    k: int = 10
+    k: AtLeastOne = 10
     metric: Literal["cosine", "euclidean"] = "cosine"
     blocks: list[int] = Field(default_factory=lambda: [2, 3, 4])
-
-    @field_validator("k")
-    @classmethod
-    def _k(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-        return value
 
     @field_validator("blocks")
     @classmethod
@@ -217,12 +154,12 @@ class BlockClassifierSettings(Budget):
     block_classifier_B<i>, block_classifier_avg); Table II's evaluation budget by default."""
 
     blocks: list[int] = Field(default_factory=lambda: [2, 3, 4])
-    epochs: int = 200
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-4
+    epochs: AtLeastOne = 200
+    batch_size: AtLeastOne = 128
+    lr: PositiveNumber = 0.1
+    weight_decay: NonNegativeFloat = 5e-4
     milestones: list[int] = Field(default_factory=lambda: [100, 150])
-    gamma: float = 0.1
+    gamma: UnitInterval = 0.1
     nesterov: bool = True
 
     _blocks = field_validator("blocks")(KnnBlockSettings._blocks.__func__)
@@ -234,7 +171,7 @@ class EvaluationConfig(StrictModel):
     # which protocols run: knn, linear, online_linear (trained beside pretraining), semi, finetune
     # (finetune_100pct), transfer (the targets listed under transfer.targets), clustering, and the
     # per-block ones knn_k10 and block_classifier (SSL++ Tables III, V)
-    batch_size: int = 512  # inference batch for feature extraction and test predictions
+    batch_size: AtLeastOne = 512  # inference batch for feature extraction and test predictions
     per_layer: bool = False  # also kNN (k=20) and linear probes on every backbone stage
     knn: KnnSettings = Field(default_factory=KnnSettings)
     linear: LinearSettings = Field(default_factory=LinearSettings)
@@ -245,13 +182,6 @@ class EvaluationConfig(StrictModel):
     clustering: ClusteringSettings = Field(default_factory=ClusteringSettings)
     knn_k10: KnnBlockSettings = Field(default_factory=KnnBlockSettings)
     block_classifier: BlockClassifierSettings = Field(default_factory=BlockClassifierSettings)
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be >= 1, got {value}")
-        return value
 
     @field_validator("protocols")
     @classmethod
