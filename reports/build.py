@@ -71,8 +71,8 @@ CONVENTIONS = (
     "listed as superseded; files that cannot be read, fail the schema (version 2), their checksum or their "
     "predictions are skipped by name. Cells: with n >= 2 seeds, mean ± sample std (ddof=1) and the 95% "
     "Student-t interval over seeds in brackets (clipped to the metric's range); with one seed, the value and in brackets the 95% bootstrap "
-    "interval over the run's test images (1000 resamples of the stored per-image predictions, fixed seed "
-    "0): percentile intervals for accuracies, basic (reflected, 2v − q97.5 to 2v − q2.5, clipped to the "
+    "interval over the run's test images ({n_boot} resamples of the stored per-image predictions, fixed seed "
+    "{seed}): percentile intervals for accuracies, basic (reflected, 2v − q97.5 to 2v − q2.5, clipped to the "
     "metric's range) intervals for NMI, AMI, ARI and ACC, whose percentile intervals are biased upward "
     "because resampling duplicates images and inflates agreement (the basic interval corrects that bias, so "
     "with few test images or many clusters it can lie below the value, which is itself biased upward). For "
@@ -492,7 +492,7 @@ def build_report(
         f"completed (listed below, not in the tables); {len(loaded.superseded)} record(s) superseded by a "
         f"newer record of the same run; {len(loaded.skipped)} record file(s) skipped. "
         + _filters_text(suites, methods, epochs),
-        CONVENTIONS.replace(f"({stats.N_BOOT} resamples", f"({n_boot} resamples"),
+        CONVENTIONS.format(n_boot=n_boot, seed=stats.SEED),
     ])
     if loaded.skipped:
         summary.blocks.append([str(s) for s in loaded.skipped])

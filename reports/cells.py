@@ -373,9 +373,10 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
                         metric=metric, n_images=0, settings=settings, column=headers[(key, metric, settings)],
                         n=summary.n, seeds=tuple(int(s) for s in g["seed"]), values=tuple(g["value"]),
                         mean=summary.mean, std=summary.std,
-                        # clipped to the metric's range (a t-interval of a mean near 100% passes 100)
-                        t_low=max(metric_range(metric)[0], summary.ci_low),
-                        t_high=min(metric_range(metric)[1], summary.ci_high),
+                        # clipped to the metric's range (a t-interval of a mean near 100% passes 100);
+                        # NaN (one seed: no interval) stays NaN, which max/min would turn into a bound
+                        t_low=_clipped(summary.ci_low, max, metric_range(metric)[0]),
+                        t_high=_clipped(summary.ci_high, min, metric_range(metric)[1]),
                         img_value=math.nan, img_low=math.nan, img_high=math.nan, img_method="", img_note="",
                         best=False, tied=False, p_holm=math.nan, test_note="", K="", source="", nonempty="",
                         num_classes=None)
@@ -397,6 +398,10 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
     model.cells = frame
     _mark_best(model, n_boot)
     return model
+
+
+def _clipped(bound: float, towards, limit: float) -> float:
+    return bound if math.isnan(bound) else towards(limit, bound)
 
 
 def per_seed(model: Model, cell: pd.Series) -> dict[int, PerImage | None]:
@@ -441,16 +446,16 @@ def _mark_best(model: Model, n_boot: int) -> None:
                 details["comparisons"].append((other["row"], note))
                 continue
             test = paired_test(a, b, metric, n_boot)
-            tested.append((j, common, test))
+            tested.append((j, common, test, len(a.labels)))
             p_values.append(test.p_value)
         adjusted = stats.holm(p_values) if p_values else []
-        for (j, common, test), p in zip(tested, adjusted):
+        for (j, common, test, n_images), p in zip(tested, adjusted):
             cells.at[j, "p_holm"] = float(p)
             cells.at[j, "tied"] = bool(p >= ALPHA)
             seeds = ",".join(str(s) for s in common)
             delta = f"{-test.diff:+.2f}".replace("-0.00", "+0.00")
             cells.at[j, "test_note"] = (f"vs best {best['row']}: Δ = {delta} on seeds {seeds} (paired "
-                                        f"bootstrap over {len(a.labels)} test images), p = {p:.3g} (Holm)")
+                                        f"bootstrap over {n_images} test images), p = {p:.3g} (Holm)")
             details["comparisons"].append((cells.at[j, "row"], cells.at[j, "test_note"]))
         model.tests[(table, key, metric, settings)] = details
 

@@ -299,6 +299,14 @@ def _reason(exc: Exception, path: Path) -> str:
     return message
 
 
+def _shown_reason(reason: str, root: Path) -> str:
+    """A skip reason with the results folder as the report shows it (no absolute path, as shown_path)."""
+    name = root.name or root.resolve().name
+    reason = reason.replace(str(root.resolve()), name)
+    # `--results .`: str(root) is "." -- replacing it would strip every dot of the message
+    return reason.replace(str(root), name) if root.name else reason
+
+
 def identity(record: dict) -> tuple:
     fp = record["fingerprints"]
     return (record["suite"], record["method"], record["epochs"], record["seed"], fp["training"],
@@ -327,7 +335,7 @@ def load_records(results_dir: str | Path, suites=None, methods=None, epochs=None
         try:
             run = _read_one(path, root)
         except Exception as exc:  # noqa: BLE001 -- one unreadable file of any kind must not stop the build
-            reason = _reason(exc, path).replace(str(root.resolve()), root.name).replace(str(root), root.name)
+            reason = _shown_reason(_reason(exc, path), root)
             out.skipped.append(Skipped(shown_path(path, root), reason))
             continue
         if selected(run.record, suites, methods, epochs):

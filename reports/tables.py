@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from reports.cells import DECIMALS, KIND_TITLES, METRIC_ORDER, key_order, metric_label
+from reports.cells import ALPHA, DECIMALS, KIND_TITLES, METRIC_ORDER, key_order, metric_label
 from reports.data import head_index
 
 DASH = "–"  # nothing measured
@@ -175,8 +175,7 @@ def table_caption(cells: pd.DataFrame, pairs: pd.DataFrame, extra: list[str] | N
     notes = list(extra or [])
     if cells["tied"].any():
         notes.append(f"{TIED} = not significantly different from the bold best of its column (paired "
-                     f"bootstrap "
-                     "over test images, Holm, α = 0.05).")
+                     f"bootstrap over test images, Holm, α = {ALPHA}).")
     untested = sorted({f"{r} ({c}: {n.removeprefix('not tested: ')})" for r, c, n in
                        zip(cells["row"], cells["column"], cells["test_note"]) if n.startswith("not tested")})
     if untested:

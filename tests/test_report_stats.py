@@ -196,3 +196,21 @@ def test_leaderboard_is_the_average_rank_over_the_headline_metrics(ranked):
     assert "CARL (missing: kNN k=20 top-1, NMI, ACC)" in board and "| Rank | Method | mean rank |" in board
     first = next(line for line in board.splitlines() if line.startswith("| 1 |"))
     assert ranks.iloc[0]["method"] in first
+
+
+def test_a_comparison_that_cannot_be_tested_does_not_break_the_notes_of_those_that_were(tmp_path):
+    """The best row's seed 2 was scored on other test images: a contender sharing only seed 0 is tested,
+    one sharing all three seeds cannot be (and comes last); a one-seed cell has no t-interval (NaN)."""
+    results = tmp_path / "results"
+    labels, other_labels = make_labels(1000), make_labels(900)
+    for seed in (0, 1, 2):
+        write_run(results, method="simclr", seed=seed, labels=other_labels if seed == 2 else labels,
+                  accuracy={"knn_k20": 90.0 + seed})
+        write_run(results, method="byol", seed=seed, labels=labels, accuracy={"knn_k20": 60.0})
+    write_run(results, method="swav", seed=0, labels=labels, accuracy={"knn_k20": 80.0})
+    out = build_report(results, tmp_path / "out", n_boot=N_BOOT, figures=False, formats=["md"], stderr=quiet())
+    cells = out["cells"]
+    swav, byol = cell(cells, "SwAV", "knn_k20"), cell(cells, "BYOL", "knn_k20")
+    assert swav["test_note"].startswith("vs best SimCLR: Δ = ") and "over 1000 test images" in swav["test_note"]
+    assert byol["test_note"] == "not tested: scored on different test images"
+    assert swav["n"] == 1 and np.isnan(swav["t_low"]) and np.isnan(swav["t_high"])

@@ -171,6 +171,19 @@ def test_non_utf8_file_via_cli_is_named_on_stderr(tmp_path, capsys):
     assert "90.00 [" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_results_given_as_the_current_folder_keep_the_dots_of_skip_reasons(tmp_path, monkeypatch, capsys):
+    results = tmp_path / "results"
+    record = write_run(results, suite="digits", dataset="digits", method="simclr", backbone="small_cnn",
+                       epochs=5, accuracy={"linear": 90.0})
+    predictions = predictions_path(record)
+    predictions.unlink()
+    monkeypatch.chdir(results)
+    code = main(["build", "--results", ".", "--out", str(tmp_path / "out"), "--no-figures", "--format", "md",
+                 "--n-boot", "100"])
+    assert code == 0
+    assert f"its predictions file {predictions.name} cannot be read" in capsys.readouterr().err
+
+
 def test_diverged_run_is_listed_not_tabled(built):
     assert "swav" not in set(built["cells"]["method"])
     assert [r.record["method"] for r in built["excluded"]] == ["swav"]
