@@ -41,8 +41,6 @@ from ssl_common.typed import (
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 PRECISIONS = ("auto", "32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
-LOGGERS = ("csv", "tensorboard", "wandb", "mlflow")
-RESERVED_METHOD_KEYS = ("optimizer", "augment", "train", "display_name", "paper")
 
 
 class DatasetConfig(StrictModel):

@@ -35,9 +35,9 @@ from benchmarks.evaluation.settings import EvaluationConfig
 from benchmarks.records import (
     SCHEMA_VERSION,
     atomic_write,
-    method_slug,
     read_record,
     record_path,
+    record_stem,
     same_run_records,
     write_record,
 )
@@ -125,6 +125,8 @@ def check_evaluation_fits(eval_cfg: EvaluationConfig, data: SuiteData) -> None:
     if "semi" in protocols:
         for fraction in eval_cfg.semi.fractions:
             semi_protocol.images_per_class(bank, data.num_classes, fraction)
+        for per_class in eval_cfg.semi.per_class:
+            semi_protocol.check_count(data.train.labels, data.num_classes, per_class)
 
 
 def check_pretrain_size(method: SSLMethod, data: SuiteData, settings: MethodConfig) -> None:
@@ -193,8 +195,7 @@ def run_dir_for(work_dir: str | Path, suite: str, method: str, epochs: int, seed
                 training_fp: str | None = None) -> Path:
     """`<work>/<suite>/<method>_e<epochs>_s<seed>_<training fingerprint>`: changed training settings train in a
     folder of their own (the checkpoint of other settings is never resumed, nor refused)."""
-    stem = f"{method_slug(method)}_e{epochs}_s{seed}"
-    return Path(work_dir) / suite / (f"{stem}_{training_fp}" if training_fp else stem)
+    return Path(work_dir) / suite / record_stem(method, epochs, seed, training_fp)
 
 
 def cpu_model() -> str | None:
@@ -347,19 +348,28 @@ def add_protocols(config: SuiteConfig, settings: MethodConfig, seed: int, record
     if not record.get("checkpoint") or not Path(record["checkpoint"]).is_file():
         raise CheckpointError(f"{out_path}: the record lacks {', '.join(protocols)} and its model file "
                               f"{record.get('checkpoint')} is gone; pass --force --restart to train again")
-    payload = load_model_file(record["checkpoint"])
-    data = data or load_suite_data(config, data_root, download)
-    method, _ = build_method(config, settings.name, data, hparams=record["method_config"]["hparams"])
-    method.load_state_dict(payload["state_dict"])
-    device = resolve_device(config.train)
-    method.to(device)
-    result = evaluate_model(method, data, build_augment(config.augment).clean, config.evaluation, device=device,
-                            seed=seed, protocols=protocols, config=config, data_root=data_root,
-                            results_dir=results_dir, progress=progress, online_probe=online_probe_of(payload))
-    merged, predictions = merge_evaluation(record, out_path, result, protocols,
-                                           provenance_entry("run", protocols, device))
-    write_record(merged, out_path, force=True, predictions=predictions)
-    return merged
+    # the run folder's lock, as `evaluate` takes it: no other process may rewrite this record meanwhile
+    run_dir = Path(record["checkpoint"]).resolve().parent
+    lock = run_lock(run_dir, f"{out_path.name}: adding {', '.join(protocols)}") if os.access(run_dir, os.W_OK) \
+        else contextlib.nullcontext()
+    with lock:
+        record = read_record(out_path)  # as it is now: another process may have added protocols meanwhile
+        protocols = [p for p in protocols if p not in evaluated_protocols(record)]
+        if not protocols:
+            return record
+        payload = load_model_file(record["checkpoint"])
+        data = data or load_suite_data(config, data_root, download)
+        method, _ = build_method(config, settings.name, data, hparams=record["method_config"]["hparams"])
+        method.load_state_dict(payload["state_dict"])
+        device = resolve_device(config.train)
+        method.to(device)
+        result = evaluate_model(method, data, build_augment(config.augment).clean, config.evaluation,
+                                device=device, seed=seed, protocols=protocols, config=config, data_root=data_root,
+                                results_dir=results_dir, progress=progress, online_probe=online_probe_of(payload))
+        merged, predictions = merge_evaluation(record, out_path, result, protocols,
+                                               provenance_entry("run", protocols, device))
+        write_record(merged, out_path, force=True, predictions=predictions)
+        return merged
 
 
 def online_probe_of(payload: dict):

@@ -60,10 +60,6 @@ class MethodHparams(StrictModel):
 
 # ----------------------------------------------------------------------------- the optimizer
 
-OPTIMIZERS = ("sgd", "lars", "adamw")
-SCHEDULES = ("cosine", "step", "linear", "constant")
-
-
 class OptimizerConfig(StrictModel):
     """Optimizer and LR schedule of pretraining (the suite's; a method section may override keys)."""
 

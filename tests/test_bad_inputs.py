@@ -72,6 +72,8 @@ def assert_refused(tmp_path, capsys, args, sets, *expected):
      ["evaluation.knn.ks: k = 5000 is larger than the kNN bank (the 1437 images of the train split)"]),
     (DIGITS, ["evaluation.protocols=[semi]", "evaluation.semi.fractions=[0.001]"],
      ["evaluation.semi.fractions: 0.001 of 1437 labelled images is fewer than one image per class"]),
+    (DIGITS, ["evaluation.protocols=[semi]", "evaluation.semi.per_class=[5, 500]"],
+     ["evaluation.semi.per_class: 500 images per class, but the smallest class of the labelled train split has"]),
     (DIGITS, ["foo"], ["--set 'foo': expected KEY=VALUE"]),
     (DIGITS, ["train.seeds=[0, 1"], ["--set 'train.seeds=[0, 1': the value is not valid YAML"]),
 ])

@@ -73,6 +73,25 @@ def test_a_changed_setting_gives_a_new_record_never_the_old_one(tmp_path, capsys
     assert len({tuple(h["loss"] for h in r["history"]) for r in records.values()}) == 3
 
 
+@pytest.mark.slow
+def test_protocols_a_finished_record_lacks_are_added_under_the_runs_lock(tmp_path, capsys):
+    from benchmarks.runner import run_lock
+
+    assert run(tmp_path, "--no-report") == 0
+    (path,) = same_run_records(tmp_path / "out", "digits", "simclr", 1, 0)
+    before = read_record(path)
+    capsys.readouterr()
+    # another process (here: this one, through another handle) holds the run folder: no concurrent rewrite
+    with run_lock(Path(before["checkpoint"]).parent, "someone else"):
+        assert run(tmp_path, "--no-report", sets=("evaluation.protocols=[knn, clustering]",)) == 2
+    assert "is running it in" in capsys.readouterr().err
+    assert read_record(path) == before
+    assert run(tmp_path, "--no-report", sets=("evaluation.protocols=[knn, clustering]",)) == 0
+    assert "lacks clustering: evaluating them with the finished model" in capsys.readouterr().out
+    after = read_record(path)
+    assert "clustering" in after["metrics"] and after["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]
+
+
 # ----------------------------------------------------------------------------- 2. the repository's report is left alone
 
 @pytest.mark.slow
