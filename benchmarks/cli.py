@@ -130,6 +130,9 @@ def cmd_run(args) -> int:
     check_no_pretraining(config, methods)
     check_devices(config.train)
     check_tracker(config.train.logger)
+    if config.launcher.name == "none" and config.launcher.jobs > 1:
+        raise ConfigError(f"--jobs {config.launcher.jobs}: needs --launcher local (or slurm); runs go one after "
+                          "another without a launcher")
     report_dir = None if args.no_report else report_dir_for(args.out, args.report_dir)
     check_output_folders(args.out, args.work_dir, report_dir)
     data = load_suite_data(config, data_root, args.download)
@@ -148,9 +151,6 @@ def cmd_run(args) -> int:
     launcher = config.launcher
     runs = [(seed, name) for seed in config.train.seeds for name in methods]
     if launcher.name == "none":
-        if launcher.jobs > 1:
-            raise ConfigError(f"--jobs {launcher.jobs}: needs --launcher local (or slurm); runs go one after "
-                              "another without a launcher")
         for seed, name in runs:
             t0 = time.perf_counter()
             say(f"[{config.name}] {name} seed {seed}: pretraining {config.method(name).epochs} epochs ...",

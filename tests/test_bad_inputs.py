@@ -67,6 +67,7 @@ def assert_refused(tmp_path, capsys, args, sets, *expected):
     (DIGITS + ["--epochs", "-1"], [], ["train.epochs: must be >= 0, got -1"]),
     (DIGITS + ["--batch-size", "5000"], [], ["train.batch_size: 5000 is more than the 1437 pretraining images"]),
     (DIGITS + ["--protocols", "knn", "telepathy"], [], ["evaluation.protocols: unknown protocol 'telepathy'"]),
+    (DIGITS + ["--jobs", "2"], [], ["--jobs 2: needs --launcher local (or slurm)"]),
     (DIGITS + ["--devices", "two"], [], ["--devices: expected a number of devices or 'auto', got 'two'"]),
     (DIGITS, ["evaluation.knn.ks=[20, 5000]"],
      ["evaluation.knn.ks: k = 5000 is larger than the kNN bank (the 1437 images of the train split)"]),
