@@ -369,8 +369,9 @@ class PretrainModule(pl.LightningModule):
     def online_knn(self) -> float:
         m = self.monitor
         kwargs = dict(preprocess=self.augment.clean, device=self.device, batch_size=1024)
-        bank = backbone_features(self.method.backbone, m.train, **kwargs)
-        queries = backbone_features(self.method.backbone, m.test, **kwargs)
+        network = self.method.monitored_backbone()
+        bank = backbone_features(network, m.train, **kwargs)
+        queries = backbone_features(network, m.test, **kwargs)
         k = min(20, len(bank))
         scores = knn_classify(bank, m.train.labels, queries, m.num_classes, k=k, temperature=0.1)
         return topk_accuracy(scores, m.test.labels, ks=(1,))["top1"]

@@ -162,6 +162,11 @@ class SSLMethod(nn.Module):
 
     stage: int = 0
 
+    def monitored_backbone(self) -> nn.Module:
+        """The network whose features the online kNN monitor follows while the current stage trains: the
+        evaluated backbone, unless a stage trains another network (SSL++'s clustering stage)."""
+        return self.backbone
+
     # -- helpers -------------------------------------------------------------------
     def config_error(self, key: str, message: str) -> ConfigError:
         return ConfigError(f"methods.{self.name}.{key}: {message}")

@@ -38,6 +38,8 @@ over-clustering head (`main_head: false` trains the 70-way head alone).
 Choices where the paper is silent (each at its hparam):
 - L_c on every rotated copy (Eq. 3 and 4 share the input x_n); `pseudo_labels_upright_only` applies it
   to the 0-degree copies only.
+- The online kNN monitor (a suite's `train.online_knn_every`) follows stage 1's trunk during stage 1 and
+  the representation model during stage 2 (`monitored_backbone`): each stage's curve is the network it trains.
 - The clustering stage's trunk is a copy of the suite's backbone (SSL++ does not name IIC's trunk; IIC
   uses a ResNet-34-like net5g), with a 2-channel input conv when `sobel`.
 """
@@ -177,6 +179,11 @@ class SSLPlusPlus(SSLMethod):
         for stage in (CLUSTERING, ROTATION):
             for module in self._stage_modules(stage):
                 module.requires_grad_(stage == index)
+
+    def monitored_backbone(self) -> nn.Module:
+        # stage 1 trains Phi's trunk and leaves the representation model at its random weights: follow the
+        # network that is learning (the evaluated backbone is stage 2's)
+        return self.clustering.backbone if self.stage == CLUSTERING else self.backbone
 
     def on_train_epoch_start(self, ctx: EpochContext) -> dict[str, float]:
         if ctx.stage != ROTATION or not bool((self.pseudo_labels < 0).any()):

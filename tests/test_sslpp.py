@@ -438,3 +438,37 @@ def test_combined_optimizer_steps_each_part_with_its_own_settings_and_one_schedu
     fresh.load_state_dict(state)
     assert fresh.param_groups[1]["lr"] == pytest.approx(0.005)
     torch.testing.assert_close(fresh.optimizers[1].state[b]["exp_avg"], adam.state[b]["exp_avg"])
+
+
+def test_the_online_knn_monitor_follows_the_network_the_stage_trains():
+    """Stage 1 trains the clustering model's trunk and leaves the evaluated backbone at its random weights:
+    the monitor must watch the trunk there, and the evaluated backbone in stage 2 (and in one-stage methods)."""
+    from benchmarks.augment import BatchAugment, Normalization, ViewSpec
+    from benchmarks.data import ImageDataset
+    from benchmarks.training import MonitorData, PretrainModule
+    from ssl_common.typed import OptimizerConfig
+
+    method = _tiny_method("sslpp")
+    method.set_stage(0)
+    assert method.monitored_backbone() is method.clustering.backbone
+    method.set_stage(1)
+    assert method.monitored_backbone() is method.backbone
+    simclr = _tiny_method("simclr")
+    assert simclr.monitored_backbone() is simclr.backbone
+
+    images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    dataset = ImageDataset("tiny", "train", torch.arange(12) % 2, ["a", "b"], images=images)
+    watched = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            watched.append(len(x))
+            return x.flatten(1)
+
+    method.set_stage(0)
+    spy = Spy()
+    method.monitored_backbone = lambda: spy
+    module = PretrainModule(method, BatchAugment([ViewSpec(size=8)], Normalization((0.5,), (0.5,))),
+                            OptimizerConfig(), dataset, 4, 1, seed=0, monitor=MonitorData(dataset, dataset, 2, 1))
+    assert 0 <= module.online_knn() <= 100
+    assert sum(watched) == 2 * len(dataset)  # the bank and the queries went through the watched network
