@@ -412,3 +412,24 @@ def test_finetune_learns_and_leaves_the_backbone_untouched():
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     again = semi.finetune(backbone, data.train, 4, views, **kw)
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_knn_k10_scores_each_blocks_pooled_maps_with_the_plurality_vote():
+    """knn_k10 reads the pooled block features of the cached pass over every stage: the same as pooling each
+    block's maps by hand and voting with knn_plurality_predict."""
+    from benchmarks.evaluation.knn import knn_plurality_predict
+
+    data, method = FakeData(), TinyMethod(with_head=False)
+    cfg = {**EVAL, "per_layer": False, "protocols": ["knn_k10"], "knn_k10": {"k": 5, "blocks": [1, 2]}}
+    result = evaluate_model(method, data, preprocess, cfg, seed=0, progress=False, suite="synthetic")
+    method.backbone.eval()
+    with torch.no_grad():
+        maps = {split: method.backbone.forward_stages(preprocess(getattr(data, split).images))
+                for split in ("train", "test")}
+    expected = []
+    for block in (1, 2):
+        train, test = (maps[s][block - 1].mean(dim=(2, 3)) for s in ("train", "test"))
+        predicted = knn_plurality_predict(train, data.train.labels, test, data.num_classes, k=5)
+        expected.append(100.0 * (predicted == data.test.labels).float().mean().item())
+        assert result.metrics[f"knn_k5_B{block}"]["top1"] == pytest.approx(expected[-1])
+    assert result.metrics["knn_k5_avg"]["top1"] == pytest.approx(sum(expected) / 2)

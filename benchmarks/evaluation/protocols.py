@@ -191,16 +191,25 @@ class _Evaluation:
                 backbone.train(was_training)
         return check_finite(self._stage_features[split], method=self.name, protocol=protocol, split=split)
 
-    def block_maps(self, split: str, block: int, protocol: str) -> torch.Tensor:
-        """Feature maps [N, C, H, W] of backbone block `block` (1 = the first), one block at a time (all
-        blocks of a CIFAR train split together would need several GB)."""
-        backbone = self.backbone
-        if not hasattr(backbone, "forward_stages"):
-            raise ConfigError(f"evaluation.{protocol}: this backbone has no forward_stages(); remove {protocol}")
-        stages = len(getattr(backbone, "stage_dims", [])) or None
+    def _check_block(self, block: int, protocol: str, needs: str) -> None:
+        if not hasattr(self.backbone, needs):
+            raise ConfigError(f"evaluation.{protocol}: this backbone has no {needs}(); remove {protocol}")
+        stages = len(getattr(self.backbone, "stage_dims", [])) or None
         if stages is not None and block > stages:
             raise ConfigError(f"evaluation.{protocol}.blocks: block {block} does not exist; the backbone has "
                               f"{stages} blocks")
+
+    def block_pooled(self, split: str, block: int, protocol: str) -> torch.Tensor:
+        """Average-pooled features [N, C] of block `block`: from the cached pass over every stage (one forward
+        pass per split for all blocks, not one per block)."""
+        self._check_block(block, protocol, "pooled_stages")
+        return self.stage_features(split, protocol)[block - 1]
+
+    def block_maps(self, split: str, block: int, protocol: str) -> torch.Tensor:
+        """Feature maps [N, C, H, W] of backbone block `block` (1 = the first), one block at a time (all
+        blocks of a CIFAR train split together would need several GB)."""
+        self._check_block(block, protocol, "forward_stages")
+        backbone = self.backbone
         was_training = backbone.training
         backbone.eval()
         try:
@@ -407,8 +416,7 @@ class _Evaluation:
         top1 = []
         for block in cfg.blocks:
             key = f"knn_k{cfg.k}_B{block}"
-            train = self.block_maps("train", block, "knn_k10").mean(dim=(2, 3))
-            test = self.block_maps("test", block, "knn_k10").mean(dim=(2, 3))
+            train, test = self.block_pooled("train", block, "knn_k10"), self.block_pooled("test", block, "knn_k10")
             predicted = knn_plurality_predict(train, d.train.labels, test, d.num_classes, k=cfg.k, metric=cfg.metric)
             accuracy = 100.0 * (predicted == torch.as_tensor(d.test.labels)).float().mean().item()
             top1.append(accuracy)
