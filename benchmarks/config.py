@@ -434,12 +434,17 @@ def evaluation_fingerprint(config: SuiteConfig) -> str:
     return fingerprint(config.evaluation.model_dump(mode="json", exclude={"protocols", "batch_size"}))
 
 
+def run_fingerprint(training: str, evaluation: str) -> str:
+    """The record file's fingerprint: the training and the evaluation fingerprints together."""
+    return fingerprint({"training": training, "evaluation": evaluation})
+
+
 def run_fingerprints(config: SuiteConfig, method: MethodConfig, seed: int) -> dict[str, str]:
     """The record's `fingerprints`: training (names the checkpoint folder), settings, evaluation and run (the
     record file's name: training + evaluation, so any changed setting is another record, never the old one)."""
     training, evaluation = training_fingerprint(config, method, seed), evaluation_fingerprint(config)
     return {"training": training, "settings": settings_fingerprint(config, method), "evaluation": evaluation,
-            "run": fingerprint({"training": training, "evaluation": evaluation})}
+            "run": run_fingerprint(training, evaluation)}
 
 
 def flatten(payload: Any, prefix: str = "") -> dict[str, Any]:

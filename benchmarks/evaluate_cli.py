@@ -65,8 +65,8 @@ def cmd_evaluate(args) -> int:
 def _evaluate(args, payload: dict) -> int:
     from benchmarks.config import (
         evaluation_fingerprint,
-        fingerprint,
         load_suite,
+        run_fingerprint,
         settings_fingerprint,
         training_fingerprint,
     )
@@ -117,7 +117,7 @@ def _evaluate(args, payload: dict) -> int:
             sources.append((record["created"], str(path), record))
     source = max(sources)[2] if sources else None
     evaluation_fp = evaluation_fingerprint(config)
-    run_fp = fingerprint({"training": training_fp, "evaluation": evaluation_fp}) if training_fp else None
+    run_fp = run_fingerprint(training_fp, evaluation_fp) if training_fp else None
     out_path = record_path(args.out, suite, method_name, epochs, seed, run_fp)
     existing = read_record(out_path) if out_path.exists() else None
     if existing is not None and not args.force:
@@ -160,7 +160,7 @@ def _evaluate(args, payload: dict) -> int:
         training_fp = training_fp or training_fingerprint(config, settings, seed)
         fingerprints = {"training": training_fp, "settings": settings_fingerprint(config, settings),
                         "evaluation": evaluation_fp,
-                        "run": fingerprint({"training": training_fp, "evaluation": evaluation_fp})}
+                        "run": run_fingerprint(training_fp, evaluation_fp)}
         record = build_record(config, settings, seed, data, method, fingerprints, "completed", result, [], device,
                               command="evaluate")
         record["provenance"] = {"pretraining": {"unknown": f"no record of the run was found under {args.out}"},
