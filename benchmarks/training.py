@@ -22,7 +22,6 @@ import math
 import random
 import signal
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +41,7 @@ from benchmarks.augment import BatchAugment, step_generator
 from benchmarks.config import TrainConfig
 from benchmarks.data import ImageDataset
 from benchmarks.errors import CheckpointError, ConfigError, DivergedError
-from benchmarks.evaluation.features import backbone_features
+from benchmarks.evaluation.features import backbone_features, batches_of, is_streamed
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
 from benchmarks.records import atomic_write
 from methods.base import EpochContext, SSLMethod, TrainBatch
@@ -50,24 +49,6 @@ from ssl_common.typed import OptimizerConfig
 
 CHECKPOINT_FORMAT = "ssl-bench-trainer/1"
 log = logging.getLogger("benchmarks")
-
-
-def is_streamed(dataset) -> bool:
-    """A dataset read from disk batch by batch (benchmarks.streaming.EncodedImageFolder)."""
-    return not dataset.in_memory and hasattr(dataset, "decode")
-
-
-def batches_of(dataset, batch_size: int, device) -> Iterator[torch.Tensor]:
-    """uint8 batches of `dataset` in index order on `device` (streamed data: read by DataLoader workers)."""
-    if is_streamed(dataset):
-        from benchmarks.streaming import decoded_batches
-
-        for images, _, _ in decoded_batches(dataset, batch_size, device):
-            yield images
-        return
-    for start in range(0, len(dataset), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(dataset)))
-        yield dataset.get_batch(idx).to(device, non_blocking=True)
 
 
 class IndexedBatches(Dataset):

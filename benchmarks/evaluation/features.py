@@ -3,7 +3,7 @@ check that the features are finite before any protocol scores them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -52,6 +52,24 @@ def check_finite(features: torch.Tensor | Sequence[torch.Tensor], *, method: str
     return features
 
 
+def is_streamed(dataset) -> bool:
+    """A dataset read from disk batch by batch (benchmarks.streaming.EncodedImageFolder)."""
+    return not dataset.in_memory and hasattr(dataset, "decode")
+
+
+def batches_of(dataset, batch_size: int, device) -> Iterator[torch.Tensor]:
+    """uint8 batches of `dataset` in index order on `device` (streamed data: read by DataLoader workers)."""
+    if is_streamed(dataset):
+        from benchmarks.streaming import decoded_batches
+
+        for images, _, _ in decoded_batches(dataset, batch_size, device):
+            yield images
+        return
+    for start in range(0, len(dataset), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(dataset)))
+        yield dataset.get_batch(idx).to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def extract(model_fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]], dataset: ImageDataset,
             preprocess: Callable[[torch.Tensor], torch.Tensor], device: torch.device | str = "cpu",
@@ -62,15 +80,8 @@ def extract(model_fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]
     """
     outputs: list = []
     n = len(dataset)
-    if not dataset.in_memory and hasattr(dataset, "decode"):  # streamed: workers read, one decode per batch
-        from benchmarks.streaming import decoded_batches
-
-        batches = (images for images, _, _ in decoded_batches(dataset, batch_size, device))
-    else:
-        batches = (dataset.get_batch(torch.arange(s, min(s + batch_size, n))).to(device, non_blocking=True)
-                   for s in range(0, n, batch_size))
     total = -(-n // batch_size)
-    for images in tqdm(batches, total=total, desc=desc, disable=desc is None, leave=False):
+    for images in tqdm(batches_of(dataset, batch_size, device), total=total, desc=desc, disable=desc is None, leave=False):
         out = model_fn(preprocess(images))
         outputs.append([o.float().cpu() for o in out] if isinstance(out, (list, tuple)) else out.float().cpu())
     if not outputs:
