@@ -282,3 +282,13 @@ def test_average_ranks_skips_missing_cells_for_everyone():
     assert out["n_seeds"].tolist() == [2, 2]
     single = stats.average_ranks(_frame({k: v for k, v in table.items() if k[1] == 0}))
     assert single["std_rank"].isna().all() and single["n_seeds"].tolist() == [1, 1]
+
+
+def test_clustering_replicates_are_computed_once_and_handed_out_as_copies():
+    rng = np.random.default_rng(5)
+    y, p = rng.integers(0, 4, 300), rng.integers(0, 6, 300)
+    first = stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2)
+    first[:] = -1.0  # a caller's change must not reach the next caller
+    again = stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2)
+    assert np.array_equal(again, stats._clustering_replicates(y, np.atleast_2d(p), "nmi", 50, 2))
+    assert not np.array_equal(again, stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=3))
