@@ -48,6 +48,26 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def budget_params(budget) -> dict:
+    """The probe's budget (a settings model or a dict) as the keyword arguments of fit_linear_classifier."""
+    return {key: budget[key] if isinstance(budget, dict) else getattr(budget, key) for key in LINEAR_BUDGET_KEYS}
+
+
+def _probe_setup(train_features: torch.Tensor, num_classes: int, n: int, *, epochs: int, batch_size: int, lr: float,
+                 momentum: float, weight_decay: float, device):
+    """(standardize, linear, optimizer, scheduler, batches per epoch) of a linear probe: statistics of
+    `train_features`, a zero-initialised linear layer, SGD with a per-step cosine over the whole budget."""
+    standardize = Standardize(train_features.mean(dim=0), train_features.std(dim=0, unbiased=False).clamp_min(1e-6))
+    linear = nn.Linear(train_features.shape[1], num_classes).to(device)
+    nn.init.zeros_(linear.weight)
+    nn.init.zeros_(linear.bias)
+    optimizer = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    batches_per_epoch = math.ceil(n / min(batch_size, n))
+    total_steps = epochs * batches_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    return standardize, linear, optimizer, scheduler, batches_per_epoch
+
+
 def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int,
                           batch_size: int, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
                           seed: int = 0, device="cpu", desc: str | None = None) -> nn.Module:
@@ -57,17 +77,10 @@ def fit_linear_classifier(features: torch.Tensor, labels: torch.Tensor, num_clas
     n = len(x)
     if n == 0:
         raise ValueError("a linear probe needs at least one training example")
-    mean = x.mean(dim=0)
-    std = x.std(dim=0, unbiased=False).clamp_min(1e-6)
-    linear = nn.Linear(x.shape[1], num_classes).to(device)
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    model = nn.Sequential(Standardize(mean, std), linear)
-    optimizer = torch.optim.SGD(linear.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    batch_size = min(batch_size, n)
-    batches_per_epoch = math.ceil(n / batch_size)
-    total_steps = epochs * batches_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    standardize, linear, optimizer, scheduler, batches_per_epoch = _probe_setup(
+        x, num_classes, n, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, device=device)
+    model = nn.Sequential(standardize, linear)
     generator = torch.Generator().manual_seed(seed)
     xs = model[0](x)  # standardise once; the linear layer is what trains
     with torch.enable_grad(), single_cpu_thread(device):
@@ -92,7 +105,7 @@ def predict(model: nn.Module, features: torch.Tensor, device="cpu", chunk: int =
 def linear_probe(train_features, train_labels, test_features, test_labels, num_classes: int, budget,
                  seed: int = 0, device="cpu", desc: str | None = None, return_scores: bool = False):
     """Top-1/top-5 (percent) of a linear probe and the parameters used (+ the test scores if `return_scores`)."""
-    params = {key: budget[key] if isinstance(budget, dict) else getattr(budget, key) for key in LINEAR_BUDGET_KEYS}
+    params = budget_params(budget)
     model = fit_linear_classifier(train_features, train_labels, num_classes, seed=seed, device=device, desc=desc,
                                   **params)
     scores = predict(model, test_features, device)
@@ -116,18 +129,10 @@ def linear_probe_on_views(feature_fn, model: nn.Module, train, test, num_classes
     from benchmarks.augment import step_generator
 
     device = torch.device(device)
-    params = {key: budget[key] if isinstance(budget, dict) else getattr(budget, key) for key in LINEAR_BUDGET_KEYS}
+    params = budget_params(budget)
     clean = torch.as_tensor(clean_train_features).float().to(device)
-    standardize = Standardize(clean.mean(dim=0), clean.std(dim=0, unbiased=False).clamp_min(1e-6))
-    linear = nn.Linear(clean.shape[1], num_classes).to(device)
-    nn.init.zeros_(linear.weight)
-    nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.SGD(linear.parameters(), lr=params["lr"], momentum=params["momentum"],
-                                weight_decay=params["weight_decay"])
     n = len(train)
-    batches = math.ceil(n / min(params["batch_size"], n))
-    total = params["epochs"] * batches
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
+    standardize, linear, optimizer, scheduler, batches = _probe_setup(clean, num_classes, n, device=device, **params)
     order_gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()

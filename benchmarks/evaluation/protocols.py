@@ -48,7 +48,7 @@ from benchmarks.evaluation.knn import (
     topk_accuracy,
     topk_predictions,
 )
-from benchmarks.evaluation.linear import LINEAR_BUDGET_KEYS, linear_probe, linear_probe_on_views
+from benchmarks.evaluation.linear import budget_params, linear_probe, linear_probe_on_views
 from benchmarks.evaluation.settings import PROTOCOLS, EvaluationConfig, KnnSettings
 from ssl_common.typed import validate
 
@@ -327,7 +327,7 @@ class _Evaluation:
         """Fine-tune a copy of the backbone + a linear head on `subset` (all of train if None): (metrics, scores)."""
         d = self.data
         views = semi_mod.finetune_views(views_mode, self.config, self.preprocess)
-        budget = {k: getattr(cfg, k) for k in LINEAR_BUDGET_KEYS}
+        budget = budget_params(cfg)
         train = d.train if subset is None else d.train.subset(subset)
         model = semi_mod.finetune(self.backbone, train, d.num_classes, views, seed=seed, device=self.device,
                                   desc=self.desc(f"{key} fine-tune"), **budget)
@@ -366,10 +366,10 @@ class _Evaluation:
                       "num_images": subsets[0]["num_images"], "subsets": subsets, "mode": cfg.mode,
                       "aggregate": f"mean over the {len(runs)} labelled subset(s) of semi.subsets"}
             if cfg.mode == "linear":
-                params.update({k: getattr(self.cfg.linear, k) for k in LINEAR_BUDGET_KEYS})
+                params.update(budget_params(self.cfg.linear))
                 params["trained"] = "a linear probe (evaluation.linear's budget) on the subset's frozen features"
             else:
-                params.update({k: getattr(cfg, k) for k in LINEAR_BUDGET_KEYS})
+                params.update(budget_params(cfg))
                 params.update({"views": cfg.views, "optimizer": "sgd (nesterov)", "schedule": "cosine per step",
                                "head": "linear, zero init", "trained": "whole network (copy of the backbone + head)"})
             self.add({key: mean}, {key: params}, {key: np.stack(predictions) if len(predictions) > 1 else predictions[0]})
