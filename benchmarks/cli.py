@@ -61,6 +61,9 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], help="device (default: auto)")
     run.add_argument("--devices", help="number of devices, or 'auto'")
     run.add_argument("--precision", help="32, bf16-mixed, 16-mixed or auto (bf16 on GPU)")
+    run.add_argument("--threads", type=int, help="CPU threads per run (train.threads; default auto: this machine's "
+                     "CPUs split between the runs at once, or the SLURM job's CPUs). CPU results are bitwise "
+                     "reproducible on the same CPU model and thread count")
     run.add_argument("--protocols", nargs="+", help="evaluation protocols (default: the suite's)")
     run.add_argument("--logger", choices=["csv", "tensorboard", "wandb", "mlflow"],
                      help="experiment tracker beside the step CSV log (default: the suite's train.logger, csv); "
@@ -76,9 +79,14 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, help="runs at a time (local launcher; SLURM: array parallelism)")
     run.add_argument("--slurm-partition", help="SLURM partition (launcher.slurm.partition)")
     run.add_argument("--slurm-time-min", type=int, help="SLURM time limit per job, minutes")
-    run.add_argument("--slurm-gpus", type=int, help="GPUs per job (launcher.slurm.gpus_per_node)")
-    run.add_argument("--slurm-cpus", type=int, help="CPUs per job (launcher.slurm.cpus_per_task)")
+    run.add_argument("--slurm-gpus", type=int, help="GPUs per job (launcher.slurm.gpus_per_node; default: none for a "
+                     "CPU run, one per device otherwise)")
+    run.add_argument("--slurm-cpus", type=int, help="CPUs per job (launcher.slurm.cpus_per_task; default: the run's "
+                     "threads, which follow it when they are auto)")
     run.add_argument("--slurm-mem-gb", type=int, help="memory per job, GB")
+    run.add_argument("--slurm-max-requeues", type=int, help="times a job that reaches its time limit (or is "
+                     "pre-empted) is requeued to resume from its checkpoint (launcher.slurm.max_requeues, "
+                     "default 100)")
     run.add_argument("--slurm-account", help="SLURM account to charge")
     run.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
     run.add_argument("--report-dir", default=None, help="where the report goes (default: <out>/report, or the "
@@ -113,7 +121,7 @@ def cmd_run(args) -> int:
     # libraries load) and the dataset files, then names and hyperparameters, then the checks that
     # need both; only then any training.
     import_modules(args.imports)
-    from benchmarks.config import load_suite
+    from benchmarks.config import load_suite, resolve_threads
     from benchmarks.suite_data import load_suite_data
 
     config = load_suite(args.suite, deep_update(parse_set(args.set), cli_overrides(args)))
@@ -122,6 +130,9 @@ def cmd_run(args) -> int:
         raise ConfigError("--methods: none given and the suite has no methods_to_run")
     if not args.no_references:
         methods = list(methods) + [r for r in config.references if r not in methods]
+    runs = [(seed, name) for seed in config.train.seeds for name in methods]
+    at_once = min(config.launcher.jobs, len(runs)) if config.launcher.name == "local" else 1
+    config = resolve_threads(config, at_once)
     data_root = default_data_root(args.data_root)
     from benchmarks.runner import check_devices, check_method_settings, check_no_pretraining
     from benchmarks.training import check_tracker
@@ -149,12 +160,11 @@ def cmd_run(args) -> int:
     preflight(config, methods, data)
     started = time.perf_counter()
     launcher = config.launcher
-    runs = [(seed, name) for seed in config.train.seeds for name in methods]
     if launcher.name == "none":
         for seed, name in runs:
             t0 = time.perf_counter()
-            say(f"[{config.name}] {name} seed {seed}: pretraining {config.method(name).epochs} epochs ...",
-                flush=True)
+            say(f"[{config.name}] {name} seed {seed}: pretraining {config.method(name).epochs} epochs "
+                f"({config.train.threads} CPU thread(s)) ...", flush=True)
             record = run_one(config, name, seed, args.out, args.work_dir, data=data, data_root=data_root,
                              force=args.force, restart=args.restart, progress=not args.no_progress, say=say)
             say(f"[{config.name}] {name} seed {seed}: {run_summary(record)} ({time.perf_counter() - t0:.1f} s)",
@@ -184,33 +194,44 @@ def run_summary(record: dict) -> str:
 
 def launch_runs(args, config, runs: list[tuple[int, str]], data_root: str, say) -> int:
     """The runs as independent jobs (benchmarks.launcher): N local worker processes, or a SLURM job array
-    through submitit. Each job rebuilds the config from the same suite and overrides and calls run_one, so
-    its record is the one a sequential run writes. Returns the number of failed jobs (each reported with
-    its log)."""
+    through submitit. Each job rebuilds the config from the same suite and overrides (with the threads resolved
+    here, so a job computes what a run without a launcher computes at that thread count) and calls run_one, so
+    its record is the one a sequential run writes. Returns the number of failed jobs (each reported with its
+    log)."""
     from benchmarks.launcher import launch_local, launch_submitit, summarize
     from benchmarks.runner import run_job
 
     overrides = deep_update(parse_set(args.set), cli_overrides(args))
+    deep_update(overrides, {"train": {"threads": config.train.threads}})
     specs = [{"key": f"{config.name}/{name}/seed{seed}", "suite": args.suite, "overrides": overrides, "method": name,
               "seed": seed, "out": args.out, "work_dir": args.work_dir, "data_root": data_root,
               "imports": list(args.imports), "force": args.force, "restart": args.restart}
              for seed, name in runs]
     launcher = config.launcher
-    say(f"[{config.name}] {len(specs)} runs as jobs: launcher {launcher.name}, {launcher.jobs} at a time", flush=True)
+    threads = config.train.threads
     if launcher.name == "local":
         import torch
 
+        at_once = min(launcher.jobs, len(specs))
+        say(f"[{config.name}] {len(specs)} runs as local jobs, {at_once} at a time, {threads} CPU thread(s) each; "
+            f"logs: {Path(args.work_dir) / config.name / 'logs'}/", flush=True)
         gpus = list(range(torch.cuda.device_count())) if config.train.accelerator != "cpu" else []
         results = launch_local(run_job, specs, launcher.jobs, Path(args.work_dir) / config.name / "logs",
-                               gpus=gpus or None, progress=lambda line: say(line, flush=True))
+                               cpus=threads * at_once, gpus=gpus or None, progress=lambda line: say(line, flush=True))
     else:
         slurm = launcher.slurm
+        at_once = min(slurm.array_parallelism, launcher.jobs) if launcher.jobs > 1 else slurm.array_parallelism
+        say(f"[{config.name}] {len(specs)} runs as a SLURM job array: per job {slurm.cpus_per_task} CPU(s) "
+            f"({threads} thread(s)), {slurm.gpus_per_node} GPU(s), {slurm.mem_gb} GB, {slurm.time_min} min, "
+            f"partition {slurm.partition or '(the default)'}; requeued up to {slurm.max_requeues} times at the time "
+            "limit", flush=True)
         results = launch_submitit(run_job, specs, Path(args.work_dir) / "submitit", "slurm",
-                                  progress=lambda line: say(line, flush=True), partition=slurm.partition,
-                                  time_min=slurm.time_min, gpus_per_node=slurm.gpus_per_node,
-                                  cpus_per_task=slurm.cpus_per_task, mem_gb=slurm.mem_gb, account=slurm.account,
-                                  array_parallelism=min(slurm.array_parallelism, launcher.jobs) if launcher.jobs > 1
-                                  else slurm.array_parallelism, extra=slurm.extra)
+                                  progress=lambda line: say(line, flush=True), poll_s=slurm.poll_s,
+                                  partition=slurm.partition, time_min=slurm.time_min,
+                                  gpus_per_node=slurm.gpus_per_node, cpus_per_task=slurm.cpus_per_task,
+                                  mem_gb=slurm.mem_gb, account=slurm.account, array_parallelism=at_once,
+                                  max_requeues=slurm.max_requeues, signal_delay_s=slurm.signal_delay_s,
+                                  threads=threads, extra=slurm.extra)
     for result in results:
         if result.ok:
             say(f"[{result.key}] {run_summary(result.result)} ({result.seconds:.1f} s)", flush=True)
@@ -263,6 +284,8 @@ def cli_overrides(args) -> dict:
         train["precision"] = args.precision
     if args.logger:
         train["logger"] = args.logger
+    if args.threads is not None:
+        train["threads"] = args.threads
     overrides: dict = {"train": train} if train else {}
     launcher: dict = {}
     if args.launcher:
@@ -271,7 +294,8 @@ def cli_overrides(args) -> dict:
         launcher["jobs"] = args.jobs
     slurm = {key: value for key, value in (("partition", args.slurm_partition), ("time_min", args.slurm_time_min),
                                             ("gpus_per_node", args.slurm_gpus), ("cpus_per_task", args.slurm_cpus),
-                                            ("mem_gb", args.slurm_mem_gb), ("account", args.slurm_account))
+                                            ("mem_gb", args.slurm_mem_gb), ("account", args.slurm_account),
+                                            ("max_requeues", args.slurm_max_requeues))
              if value is not None}
     if slurm:
         launcher["slurm"] = slurm

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -69,6 +70,11 @@ class TrainConfig(StrictModel):
     online_knn_max_bank: NonNegativeInt = 10000  # cap on the bank size of the online monitor
     log_every_n_steps: AtLeastOne = 10
     logger: Literal["csv", "tensorboard", "wandb", "mlflow"] = "csv"  # extra tracker beside the CSV log
+    # CPU threads of one run (torch intra-op, OMP/MKL). CPU results are bitwise reproducible only on the same
+    # CPU model AND thread count, so the resolved number is part of the training fingerprint and the record.
+    # auto: the CPUs this process may use (os.sched_getaffinity) shared between the runs and the DDP ranks that
+    # run at once on this machine; under SLURM, the job's cpus_per_task (see resolve_threads)
+    threads: Any = "auto"
 
     @field_validator("batch_size")
     @classmethod
@@ -99,6 +105,13 @@ class TrainConfig(StrictModel):
         if text not in PRECISIONS:
             raise ValueError(f"got {value!r}; allowed: {', '.join(PRECISIONS)}")
         return text
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _threads(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"expected a number of CPU threads (>= 1) or 'auto', got {value!r}")
 
     @field_validator("channels_last", mode="before")
     @classmethod
@@ -138,16 +151,36 @@ class AugmentConfig(StrictModel):
 
 
 class SlurmConfig(StrictModel):
-    """submitit's SLURM parameters (`--launcher slurm`)."""
+    """submitit's SLURM parameters (`--launcher slurm`); a suite sets what fits its runs, `--slurm-*` flags win.
+
+    `gpus_per_node` auto: none when the run trains on the CPU (`train.accelerator: cpu`), else one per device of
+    the run. `cpus_per_task` auto: the run's threads (`train.threads`) plus its DataLoader workers, or
+    DEFAULT_SLURM_CPUS when the threads are auto too (they then follow the CPUs SLURM gives the job)."""
 
     partition: str | None = None
-    time_min: int = 24 * 60
-    gpus_per_node: int = 1
-    cpus_per_task: int = 8
-    mem_gb: int = 32
+    time_min: AtLeastOne = 24 * 60
+    gpus_per_node: Any = "auto"
+    cpus_per_task: Any = "auto"
+    mem_gb: AtLeastOne = 32
     account: str | None = None
-    array_parallelism: int = 64
+    array_parallelism: AtLeastOne = 64
+    # a job that reaches its time limit (or is pre-empted) is requeued and resumes from its last epoch checkpoint,
+    # at most this many times: generous, so a run longer than many time slots of its partition still finishes
+    max_requeues: NonNegativeInt = 100
+    signal_delay_s: AtLeastOne = 90  # SLURM signals the job this long before its time limit (then it requeues)
+    poll_s: float = Field(30.0, gt=0)  # seconds between two looks at the queue while the jobs run
     extra: dict[str, Any] = Field(default_factory=dict)  # further submitit `slurm_*` parameters
+
+    @field_validator("gpus_per_node", "cpus_per_task", mode="before")
+    @classmethod
+    def _count_or_auto(cls, value, info):
+        minimum = 0 if info.field_name == "gpus_per_node" else 1
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+            return value
+        raise ValueError(f"expected a number (>= {minimum}) or 'auto', got {value!r}")
+
+
+DEFAULT_SLURM_CPUS = 8
 
 
 class LauncherConfig(StrictModel):
@@ -389,6 +422,54 @@ def check_suite(config: SuiteConfig) -> None:
         if not isinstance(config.methods[name], dict):
             raise ConfigError(f"methods.{name}: expected a mapping of hyperparameters, got {config.methods[name]!r}")
         config.method(name)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: what a cgroup, `taskset` or a scheduler grants)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def ranks_per_run(train: TrainConfig) -> int:
+    """Processes one run starts on this machine (DDP ranks; one without DDP)."""
+    return train.devices if isinstance(train.devices, int) and train.devices > 1 else 1
+
+
+def resolve_threads(config: SuiteConfig, concurrent_runs: int = 1) -> SuiteConfig:
+    """`config` with `train.threads` as a number, and under the SLURM launcher its CPUs and GPUs per job too.
+
+    - `--launcher slurm`: cpus_per_task auto = threads x ranks + DataLoader workers (DEFAULT_SLURM_CPUS when
+      the threads are auto as well); threads auto = what the job's CPUs leave per rank; gpus_per_node auto =
+      0 for a CPU run (`train.accelerator: cpu`), else one per rank. Threads that need more CPUs than the job
+      asks for are refused.
+    - otherwise: threads auto = the CPUs of this process split between the runs that go at once
+      (`concurrent_runs`, the local launcher's jobs) and the ranks of each run.
+    The number is applied to every run (benchmarks.runner) and is part of its training fingerprint."""
+    train, launcher = config.train, config.launcher
+    ranks, threads = ranks_per_run(train), train.threads
+    update: dict[str, Any] = {}
+    if launcher.name == "slurm":
+        slurm = launcher.slurm
+        cpus = slurm.cpus_per_task
+        if cpus == "auto":
+            cpus = threads * ranks + train.num_workers if threads != "auto" else DEFAULT_SLURM_CPUS
+        if threads == "auto":
+            threads = max(1, (cpus - train.num_workers) // ranks)
+        elif threads * ranks + train.num_workers > cpus:
+            raise ConfigError(f"train.threads: {threads} thread(s) x {ranks} rank(s) + {train.num_workers} DataLoader "
+                              f"worker(s) need more than the {cpus} CPUs per job of launcher.slurm.cpus_per_task; "
+                              f"raise --slurm-cpus to {threads * ranks + train.num_workers} or lower --threads")
+        gpus = slurm.gpus_per_node
+        if gpus == "auto":
+            gpus = 0 if train.accelerator == "cpu" else ranks
+        update["launcher"] = launcher.model_copy(update={"slurm": slurm.model_copy(
+            update={"cpus_per_task": cpus, "gpus_per_node": gpus})})
+    elif threads == "auto":
+        threads = max(1, available_cpus() // max(1, concurrent_runs * ranks))
+    update["train"] = train.model_copy(update={"threads": threads})
+    return config.model_copy(update=update)
 
 
 # ----------------------------------------------------------------------------- fingerprints

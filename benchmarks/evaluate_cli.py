@@ -66,11 +66,13 @@ def _evaluate(args, payload: dict) -> int:
     from benchmarks.config import (
         evaluation_fingerprint,
         load_suite,
+        resolve_threads,
         run_fingerprint,
         settings_fingerprint,
         training_fingerprint,
     )
     from benchmarks.evaluation.protocols import evaluate_model
+    from benchmarks.launcher import limit_threads
     from benchmarks.records import read_record, record_path, same_run_records, write_record
     from benchmarks.runner import (
         build_augment,
@@ -92,7 +94,8 @@ def _evaluate(args, payload: dict) -> int:
         deep_update(overrides, {"train": {"accelerator": args.accelerator}})
     if args.protocols:
         deep_update(overrides, {"evaluation": {"protocols": list(args.protocols)}})
-    config = load_suite(args.suite or suite, overrides)
+    config = resolve_threads(load_suite(args.suite or suite, overrides))
+    limit_threads(config.train.threads)
     if config.name != suite:
         raise CheckpointError(f"{args.checkpoint}: the model was trained on suite '{suite}', not "
                               f"'{config.name}'; pass --suite {suite} (or its YAML file)")

@@ -28,7 +28,9 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -338,26 +340,41 @@ def _stop_all(jobs: list[_Running]) -> None:
 
 # ----------------------------------------------------------------------------- submitit (Slurm)
 
+REQUEUE_MARK = "ssl-bench: requeued"  # the one line a job writes to its log on each requeue (counted by the monitor)
+ATTEMPT_MARK = "ssl-bench: attempt"  # the first line of each attempt (start or restart) in the job log
+
+
 class RequeueableJob(Checkpointable):
     """`job_fn(spec)` as a submitit job that is requeued, with the same spec, when pre-empted or timed out.
 
-    submitit calls checkpoint() when Slurm signals a pre-emption or the coming time limit, and submits
-    what it returns. Nothing needs saving here: the job resumes from its own epoch checkpoint, so the
-    requeued job is the same call. Returns (result, seconds) so the launcher can report the job's time.
+    submitit owns the signals of a job (SLURM sends USR2 `signal_delay_s` before the time limit, or on a
+    pre-emption); its handler calls checkpoint() and submits what it returns, up to `max_requeues` times.
+    Nothing needs saving here: the job resumes from its own epoch checkpoint, so the requeued job is the
+    same call. The trainer installs no second handler (benchmarks.training: Lightning's SLURM requeue is
+    off), and the job log gets one line per attempt and one per requeue instead of submitit's chatter.
+    Returns (result, seconds) so the launcher can report the job's time.
     """
 
     def __init__(self, job_fn: JobFn, threads: int | None = None):
         self.job_fn, self.threads = job_fn, threads
 
     def __call__(self, spec: dict):
+        # submitit's own INFO lines (loading pickles, "Caught signal ...", "Exiting gracefully ...") say in
+        # several lines what our one requeue line says; its warnings and errors stay
+        logging.getLogger("submitit").setLevel(logging.WARNING)
         limit_threads(self.threads)
+        job_id = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "?"))
+        task = os.environ.get("SLURM_ARRAY_TASK_ID")
+        restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+        print(f"{ATTEMPT_MARK} {int(restarts) + 1} of {spec.get('key')} (SLURM job {job_id}"
+              + (f"_{task}" if task is not None else "") + f", {self.threads or 'default'} thread(s))", flush=True)
         started = time.perf_counter()
         result = self.job_fn(spec)
         return result, time.perf_counter() - started
 
     def checkpoint(self, spec: dict):
-        log.warning("job %s is being requeued (pre-empted or near its time limit); it resumes from its last "
-                    "epoch checkpoint", spec.get("key"))
+        print(f"{REQUEUE_MARK} {spec.get('key')}: its time limit is near (or it was pre-empted); it stops now and "
+              "resumes from its last epoch checkpoint when SLURM restarts it", flush=True)
         return DelayedSubmission(self, spec)
 
 
@@ -372,19 +389,48 @@ def _submitit_reason(exc: BaseException) -> str:
     return _exception_line(exc)
 
 
+#: sbatch's refusals -> the flag (and suite key) that changes what it refused
+SBATCH_FLAGS = (
+    ("gres", "--slurm-gpus (launcher.slurm.gpus_per_node; 0 for a CPU run)"),
+    ("partition", "--slurm-partition (launcher.slurm.partition; `sinfo -s` lists them)"),
+    ("account", "--slurm-account (launcher.slurm.account; `sacctmgr show assoc user=$USER` lists yours)"),
+    ("time limit", "--slurm-time-min (launcher.slurm.time_min; `sinfo -o '%P %l'` gives each partition's limit)"),
+    ("memory", "--slurm-mem-gb (launcher.slurm.mem_gb)"),
+    ("node configuration is not available", "--slurm-cpus / --slurm-mem-gb / --slurm-gpus (a node has fewer; "
+                                            "`sinfo -N -o '%N %c %m %G'` lists what nodes have)"),
+    ("cpu", "--slurm-cpus (launcher.slurm.cpus_per_task)"),
+    ("qos", "launcher.slurm.extra (slurm_qos)"),
+)
+
+
+def sbatch_refusal(message: str) -> str:
+    """One line for a refused submission: sbatch's own words, then the flag that changes what it refused."""
+    said = " ".join(line.strip() for line in message.strip().splitlines()
+                    if line.strip() and not line.lstrip().startswith(("Traceback", "File ")))
+    said = re.sub(r"^.*?(sbatch: error:)", r"\1", said) or "no message"
+    lowered = said.lower()
+    flag = next((flag for word, flag in SBATCH_FLAGS if word in lowered), "the --slurm-* flags (launcher.slurm.*)")
+    return f"--launcher slurm: sbatch refused the job array ({said[:400]}); change {flag}"
+
+
 def submit_array(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
                  cluster: Literal["local", "slurm", "debug"] = "slurm", *, partition: str | None = None,
                  time_min: int = 60, gpus_per_node: int | None = None, cpus_per_task: int | None = None,
                  mem_gb: float | None = None, account: str | None = None,
-                 array_parallelism: int | None = None, name: str = "ssl-bench",
+                 array_parallelism: int | None = None, name: str = "ssl-bench", max_requeues: int = 100,
+                 signal_delay_s: int | None = None, threads: int | None = None,
                  extra: dict | None = None) -> list:
     """Submit every spec as one submitit job array (no waiting); returns the submitit jobs in spec order.
 
     The options map onto submitit's (timeout_min, gpus_per_node, cpus_per_task, mem_gb,
-    slurm_partition, slurm_account, slurm_array_parallelism); `extra` holds further
+    slurm_partition, slurm_account, slurm_array_parallelism, slurm_signal_delay_s); `extra` holds further
     `executor.update_parameters` keywords, passed as they are (e.g. {"slurm_qos": "high",
-    "slurm_constraint": "a100", "slurm_additional_parameters": {...}}). submitit asks Slurm for a
-    USR2 signal 90 s before the time limit and on pre-emption; RequeueableJob then requeues the job.
+    "slurm_constraint": "a100", "slurm_additional_parameters": {...}}). submitit asks SLURM for a
+    USR2 signal `signal_delay_s` (default 90) s before the time limit and on pre-emption; RequeueableJob
+    then requeues the job, at most `max_requeues` times. A refusal by sbatch (or a submitit failure) raises
+    ConfigError with sbatch's message and the flag to change, and leaves no file of the submission behind
+    (every submission gets a folder of its own under `folder`, removed when the submission fails).
+    `threads`: CPU threads of each job (default: cpus_per_task).
     """
     specs = _check_specs(specs)
     if submitit is None:
@@ -397,39 +443,200 @@ def submit_array(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
                           "login node, or use --launcher local")
     if not specs:
         return []
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
-    params = {"name": name, "timeout_min": int(time_min), "gpus_per_node": gpus_per_node,
-              "cpus_per_task": cpus_per_task, "mem_gb": mem_gb, "slurm_partition": partition,
-              "slurm_account": account, "slurm_array_parallelism": array_parallelism}
-    params = {k: v for k, v in params.items() if v is not None}
-    if cluster != "slurm":
-        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    folder = Path(folder)
     try:
-        executor.update_parameters(**params, **(extra or {}))
-    except (NameError, AssertionError, ValueError) as exc:  # submitit's ways of refusing a parameter
-        raise ConfigError(f"launcher: submitit refused the job parameters ({_exception_line(exc)})") from exc
-    threads = cpus_per_task
-    if threads is None and cluster == "local":  # every local job runs at once: share the cores
-        threads = max(1, (os.cpu_count() or 1) // len(specs))
-    return executor.map_array(RequeueableJob(job_fn, threads), specs)
+        folder.mkdir(parents=True, exist_ok=True)
+        submission = Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=folder))
+    except OSError as exc:
+        raise StorageError(f"{folder}: cannot create the submitit folder ({exc.strerror or exc}); use another "
+                           "--work-dir") from exc
+    try:
+        executor = submitit.AutoExecutor(folder=str(submission / "%j"), cluster=cluster,
+                                         slurm_max_num_timeout=max_requeues)
+        # no GPU: no --gpus-per-node line at all (a cluster without GPUs may refuse any gres request, even of 0)
+        params = {"name": name, "timeout_min": int(time_min), "gpus_per_node": gpus_per_node or None,
+                  "cpus_per_task": cpus_per_task, "mem_gb": mem_gb, "slurm_partition": partition,
+                  "slurm_account": account, "slurm_array_parallelism": array_parallelism,
+                  "slurm_signal_delay_s": signal_delay_s}
+        params = {k: v for k, v in params.items() if v is not None}
+        if cluster != "slurm":
+            params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        try:
+            executor.update_parameters(**params, **(extra or {}))
+        except (NameError, AssertionError, ValueError) as exc:  # submitit's ways of refusing a parameter
+            raise ConfigError(f"launcher: submitit refused the job parameters ({_exception_line(exc)})") from exc
+        if threads is None:
+            threads = cpus_per_task
+        if threads is None and cluster == "local":  # every local job runs at once: share the cores
+            threads = max(1, (os.cpu_count() or 1) // len(specs))
+        try:
+            return executor.map_array(RequeueableJob(job_fn, threads), specs)
+        except Exception as exc:  # submitit's FailedJobError / FailedSubmissionError / CalledProcessError
+            raise ConfigError(sbatch_refusal(str(exc))) from None
+    except BaseException:
+        shutil.rmtree(submission, ignore_errors=True)
+        raise
+
+
+@dataclass
+class _Watched:
+    """What the monitor knows of one job of the array."""
+
+    index: int
+    state: str = "PENDING"
+    requeues: int = 0
+    missing_polls: int = 0  # polls since the job left the queue without a result file
+
+
+def _queue_states(job_ids: set[str]) -> dict[str, str] | None:
+    """{array task id "123_4": SLURM state} of the jobs still in the queue (squeue), or None when squeue fails."""
+    command = ["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(sorted(job_ids))]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        # squeue refuses ids that have left the queue entirely ("Invalid job id specified"): none in the queue
+        return {} if "invalid job id" in done.stderr.lower() else None
+    states = {}
+    for line in done.stdout.splitlines():
+        job_id, _, state = line.strip().partition("|")
+        if job_id:
+            states[job_id] = state
+    return states
+
+
+def _count_marks(path: Path, mark: str) -> int:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return sum(line.startswith(mark) for line in handle)
+    except OSError:
+        return 0
+
+
+class StatusLine:
+    """Where the monitor writes: a terminal gets one status line rewritten in place (and events above it);
+    a log file gets plain lines, the status only when it changes."""
+
+    def __init__(self, say: Progress, stream=None):
+        self.say = say
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.last = ""
+        self.shown = False
+
+    def event(self, line: str) -> None:
+        self._clear()
+        self.say(line)
+
+    def status(self, line: str) -> None:
+        if self.tty:
+            self._clear()
+            self.stream.write(line)
+            self.stream.flush()
+            self.shown = True
+        elif line != self.last:
+            self.say(line)
+        self.last = line
+
+    def _clear(self) -> None:
+        if self.shown:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def watch_slurm_jobs(jobs: list, specs: Sequence[dict], poll_s: float, say: Progress,
+                     stream=None, started: float | None = None) -> list[JobResult]:
+    """Wait for a submitted SLURM array: a status line (pending / running / requeued / done / failed) every
+    `poll_s` seconds, and a line for each finished, failed or requeued job as it happens. A job is done when
+    its result file is there; a job that leaves the queue without one has failed (cancelled, killed, out of
+    requeues). Results in spec order."""
+    line = StatusLine(say, stream)
+    started = time.perf_counter() if started is None else started
+    watched = {job.job_id: _Watched(i) for i, job in enumerate(jobs)}
+    results: list[JobResult | None] = [None] * len(specs)
+    finished = 0
+    while finished < len(specs):
+        queue = _queue_states({str(job.job_id).split("_")[0] for job in jobs})
+        for job in jobs:
+            w = watched[job.job_id]
+            if results[w.index] is not None:
+                continue
+            key = specs[w.index]["key"]
+            stdout, stderr = Path(job.paths.stdout), Path(job.paths.stderr)
+            # every attempt writes one ATTEMPT_MARK line: a requeue by submitit at the time limit, `scontrol
+            # requeue` by an admin and a pre-emption alike
+            requeues = max(0, _count_marks(stdout, ATTEMPT_MARK) - 1)
+            if requeues > w.requeues:
+                w.requeues = requeues
+                line.event(f"[{key}] requeued by SLURM ({requeues} time{'s' if requeues != 1 else ''} so far); it "
+                           f"resumes from its last epoch checkpoint (log: {stdout})")
+            if queue is not None and job.job_id in queue:
+                w.state, w.missing_polls = queue[job.job_id], 0
+            if not job.paths.result_pickle.exists():
+                if queue is not None and job.job_id not in queue:
+                    w.missing_polls += 1  # a requeue takes the job out of the queue for a moment
+                if w.missing_polls < 3:
+                    continue
+            finished += 1
+            if job.paths.result_pickle.exists():
+                try:
+                    result, seconds = job.result()
+                    results[w.index] = JobResult(key, "completed", result, seconds, stdout, None, stderr)
+                    line.event(f"[{finished}/{len(specs)}] {key} finished in {seconds:.1f} s"
+                               + (f" after {w.requeues} requeue(s)" if w.requeues else ""))
+                    continue
+                except Exception as exc:  # FailedJobError (it raised), UncompletedJobError (out of requeues)
+                    reason = _submitit_reason(exc)
+            else:
+                reason = (f"left the queue without a result in state {w.state} (cancelled, killed, or over its time "
+                          "limit without a requeue)")
+            results[w.index] = JobResult(key, "failed", None, time.perf_counter() - started, stdout, reason, stderr)
+            line.event(f"[{finished}/{len(specs)}] {key} FAILED: {reason} (logs: {stdout}, {stderr})")
+        states = [watched[job.job_id] for job in jobs]
+        done = sum(r is not None and r.ok for r in results)
+        failed = sum(r is not None and not r.ok for r in results)
+        waiting = [w for w in states if results[w.index] is None]
+        running = sum(w.state in ("RUNNING", "COMPLETING") for w in waiting)
+        requeued = sum(w.requeues > 0 for w in waiting)
+        line.status(f"SLURM jobs: {len(waiting) - running} pending, {running} running, {requeued} requeued, {done} "
+                    f"done, {failed} failed ({time.perf_counter() - started:.0f} s)")
+        if finished < len(specs):
+            time.sleep(poll_s)
+    line._clear()
+    return results  # type: ignore[return-value]
 
 
 def launch_submitit(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
                     cluster: Literal["local", "slurm", "debug"] = "slurm", *, poll_s: float = 10.0,
-                    progress: Progress | None = None, **options) -> list[JobResult]:
+                    progress: Progress | None = None, stream=None, **options) -> list[JobResult]:
     """Submit every spec as one job array (submit_array, same options), wait for all, results in spec order.
 
     cluster: "slurm" (sbatch), "local" (submitit's LocalExecutor: every job at once on this machine,
     mainly to try the path; `launch_local` limits concurrency) or "debug" (in this process, one after
     another; submitit opens pdb on a failure). Pre-empted or timed-out jobs are requeued
-    (RequeueableJob) and resume from their epoch checkpoint. A failed job is returned with status
+    (RequeueableJob) and resume from their epoch checkpoint. SLURM: the first lines give the job ids, the
+    log folder and how to cancel, then `watch_slurm_jobs` reports. A failed job is returned with status
     "failed", its reason and its submitit stdout/stderr logs; the others still finish. Ctrl+C cancels
-    local jobs; Slurm jobs keep running (the message says how to scancel them).
+    local jobs; SLURM jobs keep running (the message says how to scancel them).
     """
     specs = _check_specs(specs)
     say = progress or log.info
     submitted = time.perf_counter()
     jobs = submit_array(job_fn, specs, folder, cluster, **options)
+    if cluster == "slurm" and jobs:
+        array_id = str(jobs[0].job_id).split("_")[0]
+        at_once = min(len(specs), options.get("array_parallelism") or 256)
+        say(f"submitted SLURM job array {array_id} ({len(specs)} jobs, at most {at_once} at a time as SLURM "
+            f"schedules them); logs: {Path(jobs[0].paths.stdout).parent.parent}/<job id>/; cancel with "
+            f"`scancel {array_id}`")
+        try:
+            return watch_slurm_jobs(jobs, specs, poll_s, say, stream, submitted)
+        except KeyboardInterrupt:
+            print(f"interrupted; the jobs keep running on the cluster (scancel {array_id} stops them; rerunning "
+                  "the same command skips the runs they finish)", file=sys.stderr)
+            raise
     index_of = {id(job): i for i, job in enumerate(jobs)}
     results: list[JobResult | None] = [None] * len(specs)
     try:
@@ -448,12 +655,7 @@ def launch_submitit(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
                 results[i] = JobResult(key, "failed", None, seconds, stdout, _submitit_reason(exc), stderr)
                 say(f"[{n}/{len(specs)}] {key} FAILED: {results[i].reason} (logs: {stdout}, {stderr})")
     except KeyboardInterrupt:
-        if cluster == "local":
-            for job in jobs:
-                job.cancel(check=False)
-        else:
-            ids = sorted({str(job.job_id).split("_")[0] for job in jobs})
-            print(f"interrupted; the jobs keep running on the cluster (scancel {' '.join(ids)} stops them)",
-                  file=sys.stderr)
+        for job in jobs:
+            job.cancel(check=False)
         raise
     return results  # type: ignore[return-value]

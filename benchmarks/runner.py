@@ -6,6 +6,7 @@ import contextlib
 import copy
 import datetime as dt
 import importlib.metadata
+import json
 import logging
 import os
 import platform
@@ -25,8 +26,10 @@ from benchmarks.config import (
     SuiteConfig,
     TrainConfig,
     differing_keys,
+    resolve_threads,
     run_fingerprints,
 )
+from benchmarks.launcher import limit_threads
 from benchmarks.data import ImageDataset
 from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, DivergedError, RunLockedError
 from benchmarks.evaluation import semi as semi_protocol
@@ -42,7 +45,7 @@ from benchmarks.records import (
     write_record,
 )
 from benchmarks.suite_data import SuiteData, check_data_matches, load_suite_data  # noqa: F401  (re-exported)
-from benchmarks.training import MonitorData, OnlineProbe, PretrainModule, fit
+from benchmarks.training import MonitorData, OnlineProbe, PretrainModule, Tracker, fit
 from methods import get_method
 from methods.base import DataInfo, SSLMethod, Stage
 
@@ -293,6 +296,9 @@ def run_one(config: SuiteConfig, method_name: str, seed: int, results_dir="resul
     record), and ends with one atomically written record and its predictions.
     """
     say = say or log.info
+    if config.train.threads == "auto":  # a caller that did not resolve them (the CLI does, for its launcher)
+        config = resolve_threads(config)
+    limit_threads(config.train.threads)  # before the fingerprints: the thread count is part of them
     settings = config.method(method_name)
     suite, epochs = config.name, settings.epochs
     fingerprints = run_fingerprints(config, settings, seed)
@@ -424,15 +430,64 @@ def _note_other_settings(results_dir, config: SuiteConfig, settings: MethodConfi
             f"these settings get their own record {out_path.name}")
 
 
+class AttemptLedger:
+    """The attempts (processes) that worked on one run, in <run dir>/attempts.json, so that the record holds the
+    wall time of all of them (a run requeued by SLURM, killed and resumed, interrupted and rerun) and their
+    number, not only the last attempt's. Training from scratch (no epoch checkpoint in the run folder, or
+    --restart) starts a new ledger. An attempt's time is written when it ends, however it ends except SIGKILL
+    (then the time since its last epoch checkpoint is lost with it)."""
+
+    def __init__(self, run_dir: Path, fresh: bool):
+        self.path = Path(run_dir) / "attempts.json"
+        self.attempts: list[float] = []
+        if not fresh:
+            try:
+                self.attempts = [float(s) for s in json.loads(self.path.read_text())["seconds"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                self.attempts = []
+        self.started = time.perf_counter()
+
+    @property
+    def count(self) -> int:
+        return len(self.attempts) + 1
+
+    def total_seconds(self) -> float:
+        return sum(self.attempts) + time.perf_counter() - self.started
+
+    def close(self) -> None:
+        if getattr(rank_zero_only, "rank", 0) != 0:  # DDP ranks > 0 train along; rank 0 keeps the ledger
+            return
+        seconds = self.attempts + [time.perf_counter() - self.started]
+        try:
+            atomic_write(self.path, lambda h: h.write(json.dumps({"seconds": seconds}).encode()))
+        except OSError:
+            pass  # the time of this attempt is lost, the run is not
+
+
 def _train_evaluate_record(config: SuiteConfig, settings: MethodConfig, seed, method, data, run_dir, out_path,
                            results_dir, data_root, force, restart, progress, fingerprints) -> dict:
+    fresh = restart or not any(Path(run_dir).rglob("last.ckpt"))
+    ledger = AttemptLedger(run_dir, fresh)
+    try:
+        return _attempt(config, settings, seed, method, data, run_dir, out_path, results_dir, data_root, force,
+                        restart, progress, fingerprints, ledger)
+    finally:
+        ledger.close()
+
+
+def _attempt(config: SuiteConfig, settings: MethodConfig, seed, method, data, run_dir, out_path,
+             results_dir, data_root, force, restart, progress, fingerprints, ledger: AttemptLedger) -> dict:
     suite, epochs, method_name = config.name, settings.epochs, settings.name
     train_cfg = config.train
     device = resolve_device(train_cfg)
-    status, message, started = "completed", None, time.perf_counter()
-    history, images_seen, train_seconds, peak = [], 0, 0.0, None
+    status, message = "completed", None
+    history, images_seen, train_seconds, peak, world_size = [], 0, 0.0, None, 1
     trained = not method.skips_training and epochs > 0
     online_probe = None
+    tracker = Tracker(train_cfg.logger, run_dir) if getattr(rank_zero_only, "rank", 0) == 0 else None
+    if tracker is not None:
+        tracker.log_settings({"suite": suite, "method": method_name, "seed": seed, "config": config.canonical(),
+                              "method_config": settings.model_dump(mode="json")})
     if trained:
         pretrain_set = data.train if method.uses_labels else data.pretrain
         on_gpu = device.type == "cuda"
@@ -459,7 +514,8 @@ def _train_evaluate_record(config: SuiteConfig, settings: MethodConfig, seed, me
             stage_dir = run_dir if len(stages) == 1 else run_dir / f"stage{index + 1}-{stage.name}"
             stage_fp = fingerprints["training"] if len(stages) == 1 else f"{fingerprints['training']}-{index}"
             try:
-                result = fit(module, train_cfg, stage_dir, stage_fp, restart=restart, progress=progress)
+                result = fit(module, train_cfg, stage_dir, stage_fp, restart=restart, progress=progress,
+                             tracker=tracker)
             except DivergedError as exc:
                 status, message = "diverged", f"{stage.name} stage: {exc}" if len(stages) > 1 else str(exc)
                 history += [{**h, "stage": index + 1} if len(stages) > 1 else h for h in module.history]
@@ -469,6 +525,7 @@ def _train_evaluate_record(config: SuiteConfig, settings: MethodConfig, seed, me
             images_seen += result.images_seen
             train_seconds += result.train_seconds
             peak = max(peak or 0.0, result.peak_memory_mb) if result.peak_memory_mb is not None else peak
+            world_size = int(result.extra.get("world_size", 1))
             if last:
                 online_probe = module.online_probe
     if getattr(rank_zero_only, "rank", 0) != 0:  # DDP ranks > 0: rank 0 evaluates and writes
@@ -488,8 +545,14 @@ def _train_evaluate_record(config: SuiteConfig, settings: MethodConfig, seed, me
                                      results_dir=results_dir, progress=progress, online_probe=online_probe)
     record = build_record(config, settings, seed, data, method, fingerprints, status, eval_result, history,
                           device, command="run")
+    if tracker is not None and eval_result is not None:
+        tracker.log_evaluation(eval_result.metrics, step=max(1, images_seen // max(1, settings.batch_size)))
     record.update({
-        "wall_time_s": round(time.perf_counter() - started, 3),
+        # every attempt's time (SLURM requeues, resumes after a kill or an interrupt), and how many there were
+        "wall_time_s": round(ledger.total_seconds(), 3),
+        "attempts": ledger.count,
+        "devices": world_size,
+        "global_batch_size": settings.batch_size * world_size,
         "throughput_images_per_s": round(images_seen / train_seconds, 1) if train_seconds > 0 else None,
         "peak_memory_mb": round(peak, 1) if peak is not None else None,
         "checkpoint": str(run_dir / "model.pt") if status == "completed" else None,
@@ -501,8 +564,11 @@ def _train_evaluate_record(config: SuiteConfig, settings: MethodConfig, seed, me
 
 
 def provenance_entry(command: str, protocols: list[str], device: torch.device) -> dict:
+    # threads: the CPU thread count the process computed with (CPU results are bitwise reproducible on the same
+    # CPU model and thread count)
     return {"command": command, "protocols": list(protocols), "git_commit": git_commit(),
             "versions": package_versions(), "device": device_name(device), "cpu": cpu_model(),
+            "threads": torch.get_num_threads(),
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -540,7 +606,8 @@ def build_record(config: SuiteConfig, settings: MethodConfig, seed: int, data: S
         "clusters": eval_result.clusters if eval_result else {},
         "predictions": None,
         "history": history,
-        "provenance": {"pretraining": {k: entry[k] for k in ("git_commit", "versions", "device", "cpu", "created")},
+        "provenance": {"pretraining": {k: entry[k] for k in ("git_commit", "versions", "device", "cpu", "threads",
+                                                             "created")},
                        "evaluations": [entry] if eval_result is not None else []},
         "versions": entry["versions"],
         "git_commit": entry["git_commit"],

@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_fabric.loggers.logger import rank_zero_experiment
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -547,8 +548,12 @@ class StepCSVLogger(CSVLogger):
         return self._experiment
 
 
-# the import names each tracker needs (Lightning's TensorBoardLogger takes either tensorboard package)
+# the import names each tracker needs (Lightning's TensorBoardLogger takes either tensorboard package), and the
+# install command that brings it (the project's optional extras: pyproject.toml)
 TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+TRACKER_INSTALL = {"tensorboard": "pip install 'ssl-cluster-bench[tensorboard]' (or pip install tensorboard)",
+                   "wandb": "pip install 'ssl-cluster-bench[wandb]' (or pip install wandb)",
+                   "mlflow": "pip install mlflow-skinny"}
 
 
 def check_tracker(kind: str) -> None:
@@ -557,42 +562,110 @@ def check_tracker(kind: str) -> None:
 
     modules = TRACKER_MODULES.get(kind, ())
     if modules and not any(importlib.util.find_spec(name) for name in modules):
-        raise ConfigError(f"train.logger: {kind} is not installed (no module {' or '.join(modules)}); install it "
-                          f"into the environment (.venv/bin/pip install {modules[0]}), or choose another of csv, "
+        raise ConfigError(f"train.logger: {kind} is not installed (no module {' or '.join(modules)}); install it into "
+                          f"the environment with `.venv/bin/{TRACKER_INSTALL[kind]}`, or choose another of csv, "
                           "tensorboard, wandb, mlflow")
 
 
-def build_loggers(kind: str, run_dir: Path, resume_step: int | None = None) -> list:
-    """The step CSV log (always) plus the tracker the user chose, through Lightning's loggers. Every
-    tracker writes locally by default (nothing needs a network): TensorBoard event files, Weights &
-    Biases in offline mode (`wandb sync` uploads later) and MLflow into a file store under the run
-    folder, unless MLFLOW_TRACKING_URI names a server."""
-    import os
+_METRIC_NAME = __import__("re").compile(r"[^A-Za-z0-9_.\- /]")
 
-    check_tracker(kind)
+
+class Tracker:
+    """The experiment tracker of one run (MLflow, Weights & Biases, TensorBoard), beside the CSV step log.
+
+    One tracker run per training run, across its stages and its attempts (a resumed or requeued run logs into
+    the run it started: the tracker's run id is kept in <run dir>/tracker.json): the resolved settings,
+    flattened, as hyperparameters; the per-step and per-epoch training metrics (through Lightning, which
+    gets `logger` in every stage's Trainer); then every evaluation metric (`eval/<protocol key>/<metric>`).
+    Every tracker writes locally by default (nothing needs a network): TensorBoard event files, W&B in
+    offline mode (`wandb sync` uploads later), MLflow into a file store under the run folder unless
+    MLFLOW_TRACKING_URI names a server. `csv` has no tracker (logger None)."""
+
+    def __init__(self, kind: str, run_dir: Path):
+        import json
+        import os
+
+        check_tracker(kind)
+        self.kind, self.run_dir = kind, Path(run_dir)
+        self.state_file = self.run_dir / "tracker.json"
+        try:
+            saved = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        except (OSError, ValueError):
+            saved = {}
+        run_id = saved.get("run_id") if saved.get("kind") == kind else None
+        self.logger = None
+        if kind == "tensorboard":
+            from pytorch_lightning.loggers import TensorBoardLogger
+
+            self.logger = TensorBoardLogger(str(self.run_dir), name="tensorboard", version=0, default_hp_metric=False)
+        elif kind == "wandb":
+            from pytorch_lightning.loggers import WandbLogger
+
+            self.logger = WandbLogger(save_dir=str(self.run_dir), name=self.run_dir.name, offline=True, id=run_id,
+                                      resume="allow" if run_id else None,
+                                      project=os.environ.get("WANDB_PROJECT", "ssl-cluster-bench"))
+        elif kind == "mlflow":
+            from pytorch_lightning.loggers import MLFlowLogger
+
+            uri = os.environ.get("MLFLOW_TRACKING_URI") or (self.run_dir.resolve() / "mlruns").as_uri()
+            if uri.startswith("file:"):  # a local folder: MLflow's file store (deprecated but server-free) must be allowed
+                os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            self.logger = MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "ssl-cluster-bench"),
+                                       run_name=self.run_dir.name, tracking_uri=uri, run_id=run_id)
+
+    def _remember(self) -> None:
+        import json
+
+        run_id = getattr(self.logger, "run_id", None) or getattr(getattr(self.logger, "experiment", None), "id", None)
+        if self.kind in ("mlflow", "wandb") and isinstance(run_id, str):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.state_file, lambda h: h.write(json.dumps({"kind": self.kind, "run_id": run_id}).encode()))
+
+    @rank_zero_only
+    def log_settings(self, settings: dict) -> None:
+        """The resolved settings as the tracker run's hyperparameters (dotted keys)."""
+        if self.logger is None:
+            return
+        from benchmarks.config import flatten
+
+        flat = {key: value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+                for key, value in flatten(settings).items()}
+        self.logger.log_hyperparams(flat)
+        self._remember()
+
+    @rank_zero_only
+    def log_evaluation(self, metrics: dict, step: int) -> None:
+        """Every evaluation metric of the run's record (percent), at `step` (the last training step)."""
+        if self.logger is None or not metrics:
+            return
+        flat = {_METRIC_NAME.sub("_", f"eval/{key}/{metric}"): float(value)
+                for key, values in sorted(metrics.items()) for metric, value in sorted(values.items())}
+        self.logger.log_metrics(flat, step=step)
+        self.logger.finalize("success")
+        if self.kind == "tensorboard":  # flushes the event file (finalize saves the hyperparameters)
+            self.logger.experiment.flush()
+
+
+def build_loggers(kind: str, run_dir: Path, resume_step: int | None = None, tracker: Tracker | None = None) -> list:
+    """The step CSV log (always) plus the run's tracker (`tracker`, or one made here for `kind`)."""
     loggers = [StepCSVLogger(str(run_dir), name="logs", version=0, resume_step=resume_step)]
-    if kind == "tensorboard":
-        from pytorch_lightning.loggers import TensorBoardLogger
-
-        loggers.append(TensorBoardLogger(str(run_dir), name="tensorboard", version=0))
-    elif kind == "wandb":
-        from pytorch_lightning.loggers import WandbLogger
-
-        loggers.append(WandbLogger(save_dir=str(run_dir), name=run_dir.name, offline=True,
-                                   project=os.environ.get("WANDB_PROJECT", "ssl-cluster-bench")))
-    elif kind == "mlflow":
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(run_dir).resolve() / "mlruns").as_uri()
-        if uri.startswith("file:"):  # a local folder: MLflow's file store (deprecated but server-free) must be allowed
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        loggers.append(MLFlowLogger(experiment_name=os.environ.get("MLFLOW_EXPERIMENT_NAME", "ssl-cluster-bench"),
-                                    run_name=run_dir.name, tracking_uri=uri))
+    tracker = tracker if tracker is not None else Tracker(kind, run_dir)
+    if tracker.logger is not None:
+        loggers.append(tracker.logger)
     return loggers
 
 
+def cluster_plugins() -> list:
+    """Plugins that keep the job's signals with submitit: under SLURM, Lightning's SLURMEnvironment (needed for
+    DDP over srun tasks) without its auto-requeue, whose USR1 handler and "SLURM auto-requeueing enabled" would
+    be a second owner of the requeue (benchmarks.launcher.RequeueableJob is the one)."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerprint: str, restart: bool = False,
-        progress: bool = True) -> FitResult:
+        progress: bool = True, tracker: Tracker | None = None) -> FitResult:
     """Train `module` for module.max_epochs epochs; resumes from run_dir/checkpoints/last.ckpt."""
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -616,7 +689,7 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
     precision = resolve_precision(train_cfg.precision, accelerator)
     # CPU runs are bitwise reproducible (and resume bitwise); on GPU deterministic kernels cost too much speed
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    loggers = build_loggers(train_cfg.logger, run_dir, resume_step)
+    loggers = build_loggers(train_cfg.logger, run_dir, resume_step, tracker)
     # one file, last.ckpt, rewritten after every epoch (save_last=True with save_top_k=0 would only write it
     # when training ends: nothing to resume from after a crash)
     checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename=last.stem, save_top_k=1, save_last=False,
@@ -630,7 +703,7 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
         deterministic=train_cfg.deterministic and on_cpu,
         callbacks=callbacks, logger=loggers, use_distributed_sampler=False, enable_model_summary=False,
         enable_progress_bar=progress, log_every_n_steps=train_cfg.log_every_n_steps, limit_val_batches=0,
-        num_sanity_val_steps=0, default_root_dir=str(run_dir), plugins=[SafeCheckpointIO()],
+        num_sanity_val_steps=0, default_root_dir=str(run_dir), plugins=[SafeCheckpointIO(), *cluster_plugins()],
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -642,10 +715,11 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
         raise ConfigError(f"train.batch_size: out of device memory at batch size {module.batch_size} "
                           f"({(str(exc).splitlines() or [''])[0]}); lower --batch-size or use --precision "
                           "bf16-mixed. Rerun the same command to resume from the last epoch checkpoint") from exc
-    except SystemExit:
+    except SystemExit as exc:
         # Lightning turns Ctrl+C into sys.exit(1) (and ignores SIGINT from then on); give the
-        # caller a KeyboardInterrupt back so the CLI can say how to resume
-        if not trainer.interrupted:
+        # caller a KeyboardInterrupt back so the CLI can say how to resume. Any other exit (submitit's
+        # sys.exit(-1) after it requeued a SLURM job, Lightning's SIGTERMException) goes on as it is
+        if not trainer.interrupted or exc.code != 1 or type(exc) is not SystemExit:
             raise
         try:
             signal.signal(signal.SIGINT, previous_sigint or signal.default_int_handler)
@@ -656,4 +730,5 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
         torch.use_deterministic_algorithms(was_deterministic)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return FitResult(module.history, module.images_seen, module.train_seconds, str(trainer.strategy.root_device),
-                     peak, extra={"resumed_after_epochs": epochs_done, "global_rank": trainer.global_rank})
+                     peak, extra={"resumed_after_epochs": epochs_done, "global_rank": trainer.global_rank,
+                                  "world_size": trainer.world_size})

@@ -44,6 +44,10 @@ def test_ddp_run_from_the_cli_writes_one_record_with_the_global_batch_loss(tmp_p
     assert len(files) == 1, files
     record = read_record(files[0])
     assert record["status"] == "completed" and record["batch_size"] == BATCH
+    # the record states the devices and the global batch (per-device batch x ranks)
+    assert record["devices"] == 2 and record["global_batch_size"] == 2 * BATCH
+    # CARL trains every parameter in every step: DDP is not told to look for unused ones (PyTorch would warn)
+    assert "find_unused_parameters=True" not in done.stderr
     (log_file,) = work.rglob("metrics.csv")
     rows = [r for r in csv.DictReader(log_file.open()) if r.get("train_loss")]
     first = float(min(rows, key=lambda r: int(r["step"]))["train_loss"])

@@ -34,6 +34,38 @@ def test_a_tiny_run_logged_with_mlflow_has_its_metrics_in_the_local_store(tmp_pa
         [round(h["loss"], 5) for h in record["history"]]
     assert len(knn) == 2 and all(0 <= m.value <= 100 for m in knn)
     assert client.get_metric_history(run.info.run_id, "train_loss")  # per-step loss too
+    # the resolved settings as hyperparameters, and every evaluation metric of the record, in the same run
+    params = run.data.params
+    assert params["config.train.batch_size"] == str(record["config"]["train"]["batch_size"])
+    assert params["method_config.hparams.temperature"] == str(record["method_config"]["hparams"]["temperature"])
+    assert params["config.train.threads"] == str(record["config"]["train"]["threads"])
+    for key, values in record["metrics"].items():
+        for metric, value in values.items():
+            assert run.data.metrics[f"eval/{key}/{metric}"] == pytest.approx(value)
+
+
+@pytest.mark.slow
+def test_tensorboard_gets_the_settings_and_the_evaluation_metrics(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code = main(["run", "--suite", "digits", "--methods", "simclr", "--epochs", "1", "--seeds", "0", "--no-references",
+                 "--no-report", "--no-progress", "--logger", "tensorboard", "--out", str(tmp_path / "out"),
+                 "--work-dir", str(tmp_path / "work"), "--set", "dataset.options.test_fraction=0.75",
+                 "evaluation.protocols=[knn, clustering]", "train.online_knn_every=0"])
+    assert code == 0
+    record = read_record(iter_record_files(tmp_path / "out")[0])
+    (hparams,) = (tmp_path / "work").rglob("tensorboard/version_0/hparams.yaml")
+    text = hparams.read_text()
+    assert "config.train.batch_size" in text and "method_config.hparams.temperature" in text
+    events = EventAccumulator(str(hparams.parent))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for key in ("knn_k20", "clustering"):
+        for metric, value in record["metrics"][key].items():
+            tag = f"eval/{key}/{metric}"
+            assert tag in scalars
+            assert events.Scalars(tag)[-1].value == pytest.approx(value, rel=1e-6)
 
 
 def test_a_tracker_that_is_not_installed_stops_the_run_before_any_work(tmp_path, monkeypatch, capsys):
