@@ -29,12 +29,12 @@ from benchmarks.config import (
     resolve_threads,
     run_fingerprints,
 )
-from benchmarks.launcher import limit_threads
 from benchmarks.data import ImageDataset
 from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, DivergedError, RunLockedError
 from benchmarks.evaluation import semi as semi_protocol
 from benchmarks.evaluation.protocols import PER_LAYER_KNN_K, evaluate_model
 from benchmarks.evaluation.settings import EvaluationConfig
+from benchmarks.launcher import limit_threads
 from benchmarks.records import (
     SCHEMA_VERSION,
     atomic_write,

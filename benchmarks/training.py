@@ -30,11 +30,11 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightning_fabric.loggers.logger import rank_zero_experiment
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 

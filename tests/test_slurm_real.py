@@ -5,8 +5,6 @@ and a run whose time limit is far shorter than the run, requeued at every limit 
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
@@ -14,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from slurm_cluster import SlurmCluster, missing_programs
 
 from benchmarks.records import iter_record_files, read_record
-from slurm_cluster import SlurmCluster, missing_programs
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
