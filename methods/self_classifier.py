@@ -85,7 +85,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from methods import register_method
-from methods.base import MethodHparams, SSLMethod, TrainBatch
+from methods.base import MethodHparams, SSLMethod, TrainBatch, WeightNormLinear
 from ssl_common.distributed import gather_cat
 
 
@@ -138,23 +138,6 @@ def self_classifier_loss(logits_a, logits_b, row_tau: float, col_tau: float, row
     the one of the global batch on every rank (N = the global batch).
     """
     return _symmetric_multi_head_loss(logits_a, logits_b, row_tau, col_tau, row_l1_norm, official_prediction_norm)
-
-
-class WeightNormClassifier(nn.Module):
-    """A learned weight-normalised bias-free linear head (the reimplementation's model.py L35-45): weight
-    = g * v / ||v|| per row, g (one per class) initialised to 1 and trained, v with nn.Linear's default init."""
-
-    def __init__(self, in_dim: int, num_classes: int, learn_gain: bool = True):
-        super().__init__()
-        self.weight_v = nn.Parameter(nn.Linear(in_dim, num_classes, bias=False).weight.detach().clone())
-        self.weight_g = nn.Parameter(torch.ones(num_classes, 1), requires_grad=learn_gain)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_g * F.normalize(self.weight_v, dim=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.linear(z, self.weight)
 
 
 class CosineClassifier(nn.Module):
@@ -220,7 +203,7 @@ class SelfClassifier(SSLMethod):
         self.mlp = nn.Sequential(*layers)
         out = hp.output_dim
         if hp.classifier == "weight_norm":
-            self.classifiers = nn.ModuleList(WeightNormClassifier(out, c) for c in self.head_sizes)
+            self.classifiers = nn.ModuleList(WeightNormLinear(out, c, learn_gain=True) for c in self.head_sizes)
         else:
             self.classifiers = nn.ModuleList(CosineClassifier(out, c, hp.learnable_classifier)
                                              for c in self.head_sizes)
