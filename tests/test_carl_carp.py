@@ -349,7 +349,7 @@ def test_hparam_errors_name_the_key(name, hparams, key):
         _method(name, hparams)
 
 
-@pytest.mark.parametrize("suite", ["digits", "mnist", "cifar10", "cifar100", "cifar100-20", "stl10"])
+@pytest.mark.parametrize("suite", ["digits", "mnist", "mnist-small", "cifar10", "cifar100", "cifar100-20", "stl10"])
 def test_suite_sections_of_the_seed_methods_are_valid(suite):
     from benchmarks.config import load_suite
 
@@ -494,7 +494,8 @@ def test_carp_official_variant_has_the_official_head_and_teacher():
     assert all(p.grad is None for p in method.teacher.parameters())
 
 
-@pytest.mark.parametrize("suite", ["digits", "mnist", "cifar10", "cifar100", "cifar100-20", "stl10", "imagenet100"])
+@pytest.mark.parametrize("suite", ["digits", "mnist", "mnist-small", "cifar10", "cifar100", "cifar100-20", "stl10",
+                                   "imagenet100"])
 def test_every_carp_variant_named_official_trains_with_the_ema_teacher(suite):
     from benchmarks.config import load_suite
 
