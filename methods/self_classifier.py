@@ -36,8 +36,8 @@ The reimplementation's network (KTH code, riccardoperiotto/KTH-DD2412-DeepLearni
 Self-Classifier/model.py; its report sec. 3.3 says only "a 2-layer MLP"), the flags `mlp_style: reimpl` and
 `classifier: weight_norm` that the suites' `self_classifier/reimpl` sets:
 - MLP (model.py L10-18): Linear(512, 4096)-BN-LeakyReLU-Linear(4096, 128)-BN-LeakyReLU -- BN and LeakyReLU
-  after the LAST layer too, so the l2-normalised embedding (L29-32) is non-negative; Linear weights
-  trunc-normal std 0.02, biases 0 (L20-27).
+  after the LAST layer too, so the l2-normalised embedding (L29-32) is non-negative up to LeakyReLU's 0.01
+  slope; Linear weights trunc-normal std 0.02, biases 0 (L20-27). (digits: 512 wide instead of 4096.)
 - Heads (L35-45): one learned weight-normalised Linear(128, C, bias=False) per head, w = g v / ||v|| per
   row, g initialised to 1 and trained with v (torch's weight_norm; the default Linear init of v). The
   logits read the embedding as it is (already unit-norm), not re-normalised.
