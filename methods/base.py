@@ -196,3 +196,23 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int =
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
+
+
+class WeightNormLinear(nn.Module):
+    """A bias-free Linear layer with weight normalisation per output row (torch's weight_norm, dim 0): weight =
+    g * v / ||v||, g initialised to 1 (the Self-Classifier reimplementation's heads, model.py L39-43, and CARP's
+    prototypes, modules/carp_head.py L26-30); `learn_gain=False` keeps g fixed at 1 (CARP's norm_last_layer),
+    so the rows are unit vectors. v starts with nn.Linear's default init; the parameter names follow torch's
+    weight_norm (weight_g [out, 1], weight_v [out, in])."""
+
+    def __init__(self, in_dim: int, out_dim: int, learn_gain: bool = True):
+        super().__init__()
+        self.weight_v = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=learn_gain)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)

@@ -28,9 +28,19 @@ at the report's lr 0.4 takes a quarter of the KTH code's step on the loss.
 Network (sec. 7.2): backbone -> MLP 256-256-64 (BN + LeakyReLU after the first two layers,
 l2-normalised output; `mlp_layers: 2` for the reimplementation's "2-layer MLP", sec. 3.3) -> a FIXED
 bias-free linear classifier per head with orthonormal init, rows normalised so logits are cosine
-similarities. When a head has more classes than the embedding has dimensions, orthonormal rows are
-impossible: torch's orthogonal_ gives orthonormal columns and we normalise the rows. Learnable
-behind `learnable_classifier` (the paper reports it is much worse; the KTH and SC-v2 code learn it).
+similarities (`classifier: cosine`). When a head has more classes than the embedding has dimensions,
+orthonormal rows are impossible: torch's orthogonal_ gives orthonormal columns and we normalise the rows.
+Learnable behind `learnable_classifier` (the paper reports it is much worse; the KTH and SC-v2 code learn it).
+
+The reimplementation's network (KTH code, riccardoperiotto/KTH-DD2412-DeepLearningAdvanced @5068449,
+Self-Classifier/model.py; its report sec. 3.3 says only "a 2-layer MLP"), the flags `mlp_style: reimpl` and
+`classifier: weight_norm` that the suites' `self_classifier/reimpl` sets:
+- MLP (model.py L10-18): Linear(512, 4096)-BN-LeakyReLU-Linear(4096, 128)-BN-LeakyReLU -- BN and LeakyReLU
+  after the LAST layer too, so the l2-normalised embedding (L29-32) is non-negative up to LeakyReLU's 0.01
+  slope; Linear weights trunc-normal std 0.02, biases 0 (L20-27). (digits: 512 wide instead of 4096.)
+- Heads (L35-45): one learned weight-normalised Linear(128, C, bias=False) per head, w = g v / ||v|| per
+  row, g initialised to 1 and trained with v (torch's weight_norm; the default Linear init of v). The
+  logits read the embedding as it is (already unit-norm), not re-normalised.
 
 Settings (paper = self-classifier.txt; reimpl = the reimplementation; suite = cifar10.yaml etc.):
 
@@ -40,13 +50,22 @@ Settings (paper = self-classifier.txt; reimpl = the reimplementation; suite = ci
 | heads          | one head, 3x classes (30 / 60), sec. 7.2     | [1, 2, 4, 8] x classes (sec. 3.3, Table 2)    |
 |                | (SC-v1 scripts: 30 heads: `/official`)       |                                               |
 | tau row / col  | 0.3 / 0.3 (sec. 7.2)                         | 0.1 / 0.05; STL-10 0.07 / 0.05 (Table 2)      |
-| MLP            | 256-256-64 (sec. 7.2)                        | 2 layers (sec. 3.3), 4096 -> 128 (KTH code)   |
+| MLP            | 256-256-64 (sec. 7.2)                        | 2 layers (sec. 3.3); code: 4096 -> 128, BN +  |
+|                |                                              | LeakyReLU after both (model.py L10-18)        |
+| classifier     | fixed orthonormal cosine rows (sec. 7.2)     | learned weight-normalised Linear, g = 1 at    |
+|                |                                              | init, trained (model.py L35-45)               |
 | optimizer      | SGD m 0.9 lr 3.2 -> 0.032 cosine, wd 1e-6    | SGD m 0.9, 0.01 -> 0.4 warm-up 10 ep, cosine  |
 |                | (sec. 7.4 cites LARS [31]; SC-v1 code: plain |   to 0.0004, wd 1e-4 (sec. 3.3)               |
 |                | SGD, no warm-up) -- suite: plain SGD         |                                               |
 | batch / epochs | 256 / 800 -- suite: 256 / the suite's 200    | 512 / 800; STL-10 300 (sec. 3.3, 5.4)         |
 | augmentation   | MoCo-v2, crop [0.2, 1] (sec. 7.3)            | BYOL's (sec. 3.3): asymmetric blur/solarize   |
 | backbone       | ResNet-18 (suite: its backbone)              | ResNet-18, ImageNet stem (suite: its backbone)|
+
+Which reading each variant follows: `self_classifier` (and `/official`) the paper; `self_classifier/reimpl`
+the reimplementation's report (loss, heads, temperatures, optimizer, views) and, where the report is silent
+(MLP widths, final BN + LeakyReLU, learned weight-normalised heads), its code. Its code's configs differ from
+its report (configs/cifar10.yaml L5 t_col 0.03, L13 lr 0.04, L24 `optimizer: adam` = AdamW in train.py L94-95,
+L15 wd 1e-6): the suites follow the report (tau_col 0.05, SGD 0.4, wd 1e-4).
 
 Differences kept on purpose: the suite's backbone and pretraining split (the reimplementation's
 code pretrains STL-10 on the 5k labelled images only); the default variant trains for the suite's
@@ -58,13 +77,15 @@ true classes first) when there are several.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
 from methods import register_method
-from methods.base import MethodHparams, SSLMethod, TrainBatch
+from methods.base import MethodHparams, SSLMethod, TrainBatch, WeightNormLinear
 from ssl_common.distributed import gather_cat
 
 
@@ -136,6 +157,8 @@ class CosineClassifier(nn.Module):
 class SelfClassifier(SSLMethod):
     display_name = "Self-Classifier"
     paper = "self-classifier"
+    # v2: `mlp_style` (the reimplementation's final BN + LeakyReLU) and `classifier: weight_norm` (its learned heads)
+    version = 2
 
     class Hparams(MethodHparams):
         # class counts, one head each; [] = one head of 3x the true classes (sec. 7.2 over-clustering)
@@ -146,7 +169,12 @@ class SelfClassifier(SSLMethod):
         row_tau: float = Field(0.3, gt=0)  # the paper's one tau 0.3 (sec. 7.2); reimpl. 0.1 (sec. 3.3)
         col_tau: float = Field(0.3, gt=0)  # reimpl. 0.05
         row_l1_norm: bool = True  # sec. 7.2 (CIFAR); also the reimplementation's target (sec. 3.2)
-        learnable_classifier: bool = False
+        learnable_classifier: bool = False  # `classifier: cosine` only
+        # paper: Linear-BN-LeakyReLU blocks then a plain Linear (sec. 7.2); reimpl: BN + LeakyReLU after the last
+        # Linear too and trunc-normal(0.02) Linear init (the reimplementation's model.py L10-27)
+        mlp_style: Literal["paper", "reimpl"] = "paper"
+        # cosine: fixed orthonormal cosine rows (sec. 7.2); weight_norm: learned weight-normalised heads (model.py L35-45)
+        classifier: Literal["cosine", "weight_norm"] = "cosine"
         official_prediction_norm: bool = False  # True: the reimplementation's loss (sec. 3.2)
 
         @field_validator("heads")
@@ -165,10 +193,20 @@ class SelfClassifier(SSLMethod):
         for _ in range(hp.mlp_layers - 1):  # BN + LeakyReLU after every hidden layer (sec. 7.2)
             layers += [nn.Linear(dim, hp.hidden_dim), nn.BatchNorm1d(hp.hidden_dim), nn.LeakyReLU(inplace=True)]
             dim = hp.hidden_dim
-        self.mlp = nn.Sequential(*layers, nn.Linear(dim, hp.output_dim))
+        layers.append(nn.Linear(dim, hp.output_dim))
+        if hp.mlp_style == "reimpl":  # model.py L15-17: BN + LeakyReLU after the last Linear as well
+            layers += [nn.BatchNorm1d(hp.output_dim), nn.LeakyReLU(inplace=True)]
+            for layer in layers:
+                if isinstance(layer, nn.Linear):  # model.py L20-27
+                    nn.init.trunc_normal_(layer.weight, std=0.02)
+                    nn.init.zeros_(layer.bias)
+        self.mlp = nn.Sequential(*layers)
         out = hp.output_dim
-        self.classifiers = nn.ModuleList(CosineClassifier(out, c, hp.learnable_classifier)
-                                         for c in self.head_sizes)
+        if hp.classifier == "weight_norm":
+            self.classifiers = nn.ModuleList(WeightNormLinear(out, c, learn_gain=True) for c in self.head_sizes)
+        else:
+            self.classifiers = nn.ModuleList(CosineClassifier(out, c, hp.learnable_classifier)
+                                             for c in self.head_sizes)
 
     def _logits(self, x: torch.Tensor) -> list[torch.Tensor]:
         z = F.normalize(self.mlp(self.backbone(x)), dim=1)  # l2-norm layer after the last hidden layer

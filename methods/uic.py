@@ -17,27 +17,42 @@ classes). Images not visited in an epoch (large classes are subsampled) keep the
 
 Linear probe (sec. 5.2, Table 7): "we fix and do not discard MLP-head when linear probing" -- the
 probe is trained on the output of the frozen MLP head (the input of the classifier W), not on the
-backbone's features: `probe_with_head` (default: on with the MLP head, off with `head: linear`) makes
+backbone's features: `probe_with_head` (default: on with an MLP head, off with `head: linear`) makes
 `probe_features` return it. kNN and k-means still use the backbone's features, like every other method.
 
-Settings (uic.txt):
+Readings (paper = uic.txt; official = HIK-LAB/Unsupervised-Image-Classification @0db8f00; suite = cifar10.yaml
+etc.). The paper gives no head sizes, so the head follows the official code; where the paper states a value
+(the linear LR decay) the default follows the paper and the official code's reading is the suite variant
+`uic/official`:
 
-| setting          | paper                                                           | suite                        |
-|------------------|-----------------------------------------------------------------|------------------------------|
-| K                | 3k for ImageNet-1k (sec. 4.2, Table 1: 3k/5k/10k)               | 3x the true classes          |
-| head             | AlexNet: W on the features; ResNet-50 + SimCLR MLP head (5.2)   | `head: mlp` (Table 7's best) |
-| probe            | on the MLP head's output (sec. 5.2)                             | `probe_with_head: true`      |
-| optimizer        | SGD lr 0.1 "decaying linearly", m 0.9, wd 1e-4, batch 256, 500  | SGD 0.1 `schedule: linear`   |
-|                  | epochs (sec. 4.2); linear to 0 (end point not stated)           | to 0, no warm-up; suite epochs|
-| augmentation     | RRC + flip (AlexNet); + SimCLR jitter/blur (ResNet, sec. 5.1)   | the suite's pipeline         |
-| input            | Sobel (AlexNet only), drop-out 0.5                              | not used (ResNet variant)    |
+| setting      | paper                                  | official code                            | suite (`uic` / `uic/official`)  |
+|--------------|----------------------------------------|------------------------------------------|---------------------------------|
+| K            | 3k for ImageNet-1k (sec. 4.2, Table 1) | 3000 (main.sh L7 `K=3000`)               | 3x the true classes (both)      |
+| head         | "ResNet-50 + MLP-head" (sec. 5.2,      | two 1x1 convs 2048 -> 2048 -> 2048, each | `head: official` (both): d -> d |
+|              | Table 7), no sizes                     | + BN + ReLU, then Linear(2048, K) with   | -> d (d = backbone width), BN + |
+|              |                                        | bias (UIC/models/resnet50.py L182-190)   | ReLU each, then Linear(d, K)    |
+| probe        | on the MLP head's output (sec. 5.2)    | Linear(2048, classes) on the head's      | the head's d-wide output (both) |
+|              |                                        | output (resnet50.py L193-194, L278-283;  |                                 |
+|              |                                        | eval_linear.py L59)                      |                                 |
+| LR schedule  | SGD 0.1 "decaying linearly", batch 256 | SGD lr 0.2, batch 1024, cosine to 0 per  | `uic`: linear 0.1 -> 0;         |
+|              | (sec. 4.2)                             | epoch (main.sh L10-11, main.py L82-83)   | `uic/official`: cosine 0.2 ->   |
+|              |                                        |                                          | 0, scaled by batch / 1024       |
+| wd, momentum | 1e-4, 0.9 (sec. 4.2)                   | 1e-4 (main.sh L9 `WD=-4`), 0.9           | 1e-4, 0.9 (both)                |
+| augmentation | RRC + flip; + SimCLR jitter/blur for   | RRC + flip, jitter (0.8, 0.8, 0.8, 0.2)  | `uic`: the suite's pipeline;    |
+|              | ResNet (sec. 5.1), no strengths        | p 0.8, grey 0.2 (transform.py L5-7),     | `uic/official`: jitter 0.8/0.8/ |
+|              |                                        | blur p 0.5, sigma (0.1, 2), one draw per | 0.8/0.2 p 0.8, blur p 0.5 (one  |
+|              |                                        | batch (resnet50.py L13, L28-30, L250-252)| draw per image)                 |
+| input        | Sobel (AlexNet only), drop-out 0.5     | --                                       | not used (ResNet variant)       |
 
 Choices where the paper is silent:
 - First epoch: labels from a forward pass of the initial network over the clean images
   (`init_labels: predict`), then the empty classes are filled; `random` draws uniform
   random labels instead (the public code's choice).
-- MLP head: SimCLR's Linear-BN-ReLU-Linear, hidden = the feature size, output 128 (the paper gives
-  no sizes); `head: linear` is the plain variant (W directly on the backbone features).
+- Head (official code, above): the two 1x1 convolutions act on the pooled 1x1 feature map, so they are
+  bias-free Linear layers here, kaiming-normal (fan_out) initialised like the code's convolutions; the
+  classifier N(0, 0.01) with zero bias (resnet50.py L203-205). `head: simclr` is the suite's former head
+  (SimCLR's Linear-BN-ReLU-Linear d -> d -> 128, then Linear(128, K), probed at 128-d), `head: linear` the
+  plain variant (W directly on the backbone features).
 - Under DDP the label store stays identical on every rank: each step gathers the
   (index, label) pairs of all ranks before writing them.
 """
@@ -54,6 +69,19 @@ from torch import nn
 from methods import register_method
 from methods.base import EpochContext, MethodHparams, SSLMethod, TrainBatch, projection_mlp
 from ssl_common.distributed import gather_cat_nograd
+
+
+def official_head(in_dim: int, width: int) -> nn.Sequential:
+    """The official code's MLP head (UIC/models/resnet50.py L182-190): conv1x1(in, 2048)-BN-ReLU-conv1x1(2048,
+    2048)-BN-ReLU on the pooled [B, in, 1, 1] map, written as bias-free Linear layers (a 1x1 convolution on a
+    1x1 map is a Linear layer); `width` is 2048 there (ResNet-50's width), the backbone's width here. Weights
+    kaiming-normal with fan_out and ReLU gain, as the code initialises its convolutions (L198-199)."""
+    layers: list[nn.Module] = []
+    for cin in (in_dim, width):
+        linear = nn.Linear(cin, width, bias=False)
+        nn.init.kaiming_normal_(linear.weight, mode="fan_out", nonlinearity="relu")
+        layers += [linear, nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
 
 
 def fill_empty_classes(labels: torch.Tensor, num_classes: int, generator: torch.Generator | None = None
@@ -115,13 +143,17 @@ def last_write_wins(indices: torch.Tensor, values: torch.Tensor) -> tuple[torch.
 class UIC(SSLMethod):
     display_name = "UIC"
     paper = "uic"
-    version = 2  # v2: the linear probe on the MLP head's output (sec. 5.2)
+    # v2: the linear probe on the MLP head's output (sec. 5.2); v3: the official code's full-width head (the
+    # default) and the probe on its d-wide output
+    version = 3
 
     class Hparams(MethodHparams):
         num_classes: int | None = Field(None, ge=2)  # K; None = 3 x the true classes (the paper's 3k for ImageNet-1k)
-        head: Literal["mlp", "linear"] = "mlp"  # mlp (Table 7 "Res50 + MLP-head") | linear (classifier on features)
-        mlp_hidden_dim: int | None = Field(None, ge=1)  # None = the backbone's feature size (SimCLR's MLP)
-        mlp_out_dim: int = Field(128, ge=1)
+        # official: the official code's head (two full-width layers with BN + ReLU, resnet50.py L182-190);
+        # simclr: SimCLR's MLP d -> hidden -> mlp_out_dim; linear: the classifier on the backbone's features
+        head: Literal["official", "simclr", "linear"] = "official"
+        mlp_hidden_dim: int | None = Field(None, ge=1)  # None = the backbone's feature size (both MLP heads)
+        mlp_out_dim: int = Field(128, ge=1)  # `head: simclr` only (the official head's output is full-width)
         init_labels: Literal["predict", "random"] = "predict"  # forward pass of the initial network | random
         class_balanced: bool = True  # sec. 4.2 class-balanced sampling (False: plain random order)
         # sec. 5.2: the linear probe keeps the (frozen) MLP head and reads its output; None = on with the MLP head
@@ -132,8 +164,12 @@ class UIC(SSLMethod):
         hp = self.hparams
         self.num_classes = hp.num_classes or 3 * data.num_classes
         dim = backbone.feature_dim
-        if hp.head == "mlp":
-            hidden = hp.mlp_hidden_dim or dim
+        hidden = hp.mlp_hidden_dim or dim
+        if hp.head == "official":
+            self.head = nn.Sequential(official_head(dim, hidden), nn.Linear(hidden, self.num_classes))
+            nn.init.normal_(self.head[1].weight, std=0.01)  # resnet50.py L203-205
+            nn.init.zeros_(self.head[1].bias)
+        elif hp.head == "simclr":
             self.head = nn.Sequential(projection_mlp(dim, hidden, hp.mlp_out_dim),
                                       nn.Linear(hp.mlp_out_dim, self.num_classes))
         else:
@@ -148,12 +184,12 @@ class UIC(SSLMethod):
         self.require(self.data.num_train >= num_classes, "num_classes",
                      f"{num_classes} classes need at least as many pretraining images (got {self.data.num_train})")
         self.require(not (self.hparams.probe_with_head and self.hparams.head == "linear"), "probe_with_head",
-                     "needs head: mlp (the linear head has no MLP to keep); set probe_with_head: false")
+                     "needs an MLP head (the linear head has no MLP to keep); set probe_with_head: false")
 
     @property
     def probes_head(self) -> bool:
         hp = self.hparams
-        return hp.head == "mlp" if hp.probe_with_head is None else hp.probe_with_head
+        return hp.head != "linear" if hp.probe_with_head is None else hp.probe_with_head
 
     def probe_features(self, images: torch.Tensor) -> torch.Tensor:
         """sec. 5.2: the probe sees the MLP head's output (the classifier's input) when probe_with_head."""

@@ -342,13 +342,14 @@ def test_carp_ema_teacher_gives_the_targets_and_follows_the_student():
     ("carl", {"kl_weight_start": -1.0}, "kl_weight_start"),
     ("carl", {"kl_decay_epochs": -1}, "kl_decay_epochs"),
     ("carp", {"ema_momentum_base": 1.5}, "ema_momentum_base"),
+    ("carp", {"clamp": "official"}, "clamp"),  # the official clamp belongs to the official pooled KL
 ])
 def test_hparam_errors_name_the_key(name, hparams, key):
     with pytest.raises(ConfigError, match=f"methods.{name}.{key}"):
         _method(name, hparams)
 
 
-@pytest.mark.parametrize("suite", ["digits", "mnist", "cifar10", "cifar100", "cifar100-20", "stl10"])
+@pytest.mark.parametrize("suite", ["digits", "mnist", "mnist-small", "cifar10", "cifar100", "cifar100-20", "stl10"])
 def test_suite_sections_of_the_seed_methods_are_valid(suite):
     from benchmarks.config import load_suite
 
@@ -365,5 +366,142 @@ def test_suite_sections_of_the_seed_methods_are_valid(suite):
         readings = {config.method(name).hparams.uniformity for name in config.method_names()
                     if name.startswith("carp")}
         assert readings == set(READINGS)
-        official = config.method("carp/official-kl").hparams
-        assert (official.kl_weight_start, official.kl_weight_end) == (1.0, 1.0)  # lambda 1, no schedule
+        for name in ("carp/pooled-kl", "carp/official"):
+            pooled = config.method(name).hparams
+            assert (pooled.kl_weight_start, pooled.kl_weight_end) == (1.0, 1.0)  # lambda 1, no schedule
+        assert not config.method("carp/pooled-kl").hparams.ema_teacher  # the pooled KL alone, named as such
+
+
+# -- the official code (sthalles/carp @c9b068b), transcribed by hand -----------------------------------------------
+
+F32_EPS = 1.1920928955078125e-07  # torch.finfo(torch.float32).eps, the official clamp (carp_loss.py L22)
+
+
+def hand_official_carp(student, teacher, partition):
+    """The official loss c + h (main_carp.py L338) on two views with the EMA teacher's targets, by hand:
+    c = mean over the pairs i != j of -mean_{block, image} log clamp(<p_i, q_j>, eps, 1 - eps) (carp_loss.py
+    L16-33); h = mean over blocks of log N_B + sum_c pbar_c log clamp(pbar_c, eps, 1 - eps), pbar = the mean of
+    the student's AND the teacher's probabilities of both views (L35-50). student/teacher: [view][image][K]."""
+    blocks = [list(b) for b in partition]
+    n_blocks, block_size, n = len(blocks), len(blocks[0]), len(student[0])
+
+    def probs(view):  # [block][image][c], a softmax within each block (random_partition.py get_logits_group)
+        return [[softmax_row([view[i][c] for c in b]) for i in range(n)] for b in blocks]
+
+    s_probs, t_probs = [probs(v) for v in student], [probs(v) for v in teacher]
+    pairs = [(i, j) for i in range(2) for j in range(2) if i != j]
+    c = 0.0
+    for i, j in pairs:
+        total = 0.0
+        for k in range(n_blocks):
+            for m in range(n):
+                dot = sum(s_probs[i][k][m][x] * t_probs[j][k][m][x] for x in range(block_size))
+                total += -math.log(min(max(dot, F32_EPS), 1.0 - F32_EPS))
+        c += total / (n_blocks * n)
+    c /= len(pairs)
+    h = 0.0
+    everything = s_probs + t_probs
+    for k in range(n_blocks):
+        pbar = [sum(v[k][m][x] for v in everything for m in range(n)) / (len(everything) * n)
+                for x in range(block_size)]
+        h += math.log(block_size) + sum(p * math.log(min(max(p, F32_EPS), 1.0 - F32_EPS)) for p in pbar)
+    h /= n_blocks
+    return c, h
+
+
+@pytest.mark.parametrize("peaked", [False, True])
+def test_carp_official_loss_matches_the_official_formula_by_hand(peaked):
+    """carp_terms with the teacher's scores, uniformity official_pooled and clamp official against the official
+    code's CARPLoss written out by hand (float64): max abs difference 1.5e-16 measured (asserted <= 1e-12), on mild
+    and on peaked scores (where the upper clamp 1 - 1.19e-7 binds: the suite's clamp-below-only reading differs
+    there by 0.094 here; asserted > 1e-8)."""
+    from methods.carp import carp_terms
+
+    gen = torch.Generator().manual_seed(11)
+    scale = 40.0 if peaked else 1.0
+    student = [torch.randn(5, 12, generator=gen, dtype=torch.float64) * scale for _ in range(2)]
+    teacher = [s + 0.3 * torch.randn(5, 12, generator=gen, dtype=torch.float64) * scale for s in student]
+    if peaked:  # identical student and teacher: <p, q> -> 1, the official clamp's upper bound binds
+        teacher = [s.clone() for s in student]
+    partition = random_partition(12, 4, torch.Generator().manual_seed(2))
+    c, h = carp_terms(*student, partition, *teacher, uniformity="official_pooled", clamp="official")
+    want_c, want_h = hand_official_carp([s.tolist() for s in student], [t.tolist() for t in teacher],
+                                        partition.tolist())
+    assert abs(c.item() - want_c) <= 1e-12 and abs(h.item() - want_h) <= 1e-12
+    c_below, _ = carp_terms(*student, partition, *teacher, uniformity="official_pooled", clamp="below")
+    if peaked:
+        assert abs(c_below.item() - want_c) > 1e-8
+    # the gradient reaches the student only, and the KL's is half the teacher-less pooled KL's when the teacher's
+    # probabilities equal the student's (the 2x of issue 25's carp/official-kl)
+    a, b = (x.clone().requires_grad_() for x in student)
+    _, kl = carp_terms(a, b, partition, *(x.clone() for x in student), uniformity="official_pooled",
+                       clamp="official")
+    kl.backward()
+    a2, b2 = (x.clone().requires_grad_() for x in student)
+    _, kl_plain = carp_terms(a2, b2, partition, uniformity="official_pooled")
+    kl_plain.backward()
+    torch.testing.assert_close(a.grad, 0.5 * a2.grad, atol=1e-9, rtol=1e-6)
+
+
+def test_carp_official_variant_has_the_official_head_and_teacher():
+    """Built for the cifar10 suite (ResNet-18, d = 512): `carp/official`'s head has the official CARPHead's
+    shapes (carp_head.py L7-36): Linear(512, 2048)-BN-GELU-Linear(2048, 2048)-BN-GELU-Linear(2048, 256), then
+    K = 300 weight-normalised prototypes with g fixed at 1; its forward by hand (float64, eval BN) matches the
+    method's scores: max abs difference 2.0e-7 measured (float32; asserted <= 1e-5)."""
+    from benchmarks.backbones import build_backbone
+    from benchmarks.config import load_suite
+
+    settings = load_suite("cifar10").method("carp/official")
+    torch.manual_seed(0)
+    data = DataInfo(num_classes=10, num_train=100, in_channels=3, image_size=32)
+    method = get_method("carp")(build_backbone("resnet18_cifar", 3), data, settings.hparams)
+    hp = method.hparams
+    assert (hp.ema_teacher, hp.uniformity, hp.clamp, hp.head, hp.ema_momentum_base) == (
+        True, "official_pooled", "official", "official", 0.99)
+    assert (hp.kl_weight_start, hp.kl_weight_end) == (1.0, 1.0)
+    mlp, prototypes = method.projection_head, method.assigner
+    assert [type(m).__name__ for m in mlp] == ["Linear", "BatchNorm1d", "GELU"] * 2 + ["Linear"]
+    assert [tuple(m.weight.shape) for m in mlp if isinstance(m, torch.nn.Linear)] == [
+        (2048, 512), (2048, 2048), (256, 2048)]
+    assert tuple(prototypes.weight_v.shape) == (300, 256) and not prototypes.weight_g.requires_grad
+    torch.testing.assert_close(prototypes.weight.norm(dim=1), torch.ones(300))  # unit prototypes (g = 1)
+    assert set(method.teacher.keys()) == {"backbone", "projection_head", "assigner"}
+    method.eval()
+    with torch.no_grad():
+        features = torch.randn(4, 512)
+        h = features.double()
+        for k in (0, 3):
+            lin, bn = mlp[k], mlp[k + 1]
+            h = h @ lin.weight.double().T + lin.bias.double()
+            h = (h - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps) * bn.weight.double() \
+                + bn.bias.double()
+            h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))  # GELU (exact)
+        h = h @ mlp[6].weight.double().T + mlp[6].bias.double()
+        v = prototypes.weight_v.double()
+        hand = h @ (v / v.norm(dim=1, keepdim=True)).T  # g = 1; the bottleneck is not normalised
+        got = prototypes(mlp(features)).double()
+        assert (got - hand).abs().max().item() <= 1e-5
+        # the teacher is a copy of the student's head and backbone
+        torch.testing.assert_close(method.teacher["assigner"](method.teacher["projection_head"](features)),
+                                   prototypes(mlp(features)))
+    # a training step trains with the teacher's targets and leaves g at 1
+    method.train()
+    views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
+    loss, logs = method.training_loss(TrainBatch(views, torch.arange(8), None, 0, 0, 1,
+                                                 torch.Generator().manual_seed(0)))
+    loss.backward()
+    assert prototypes.weight_v.grad is not None and prototypes.weight_g.grad is None
+    assert all(p.grad is None for p in method.teacher.parameters())
+
+
+@pytest.mark.parametrize("suite", ["digits", "mnist", "mnist-small", "cifar10", "cifar100", "cifar100-20", "stl10",
+                                   "imagenet100"])
+def test_every_carp_variant_named_official_trains_with_the_ema_teacher(suite):
+    from benchmarks.config import load_suite
+
+    config = load_suite(suite)
+    for name in config.method_names():
+        if name.startswith("carp") and "official" in name:
+            hp = config.method(name).hparams
+            assert hp.ema_teacher and hp.uniformity == "official_pooled" and hp.clamp == "official", name
+            assert hp.head == "official", name

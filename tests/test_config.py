@@ -23,7 +23,7 @@ from ssl_common.typed import OptimizerConfig, load_yaml
 
 
 def test_every_shipped_suite_loads_and_its_resolved_config_round_trips():
-    assert {"digits", "mnist", "cifar10", "cifar100", "cifar100-20", "stl10"} <= set(available_suites())
+    assert {"digits", "mnist", "mnist-small", "cifar10", "cifar100", "cifar100-20", "stl10"} <= set(available_suites())
     for suite in available_suites():
         config = load_suite(suite)
         assert isinstance(config, SuiteConfig) and config.name == suite
@@ -131,7 +131,7 @@ def test_bad_values_name_the_key_and_the_fix(overrides, expected):
     ({"simclr": {"augment": {"views": [{"size": 8, "cnt": 2}]}}}, "methods.simclr.augment.views[0].cnt: unknown key"),
     ({"simclr": 3}, "methods.simclr: expected mapping, got 3 (int)"),
     ({"simclr/": {}}, "methods.simclr/: a method is named"),
-    ({"uic": {"head": "deep"}}, "methods.uic.head: got 'deep'; allowed: mlp, linear"),
+    ({"uic": {"head": "deep"}}, "methods.uic.head: got 'deep'; allowed: official, simclr, linear"),
     ({"sslpp": {"clustering_optimizer": {"lr": 0}}}, "methods.sslpp.clustering_optimizer.lr: must be a positive"),
 ])
 def test_method_sections_are_checked_against_the_methods_own_model(section, expected):

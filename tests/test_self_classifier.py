@@ -230,3 +230,65 @@ def test_training_step_leaves_the_fixed_classifier_unchanged_and_trains_the_rest
 def test_hparam_errors_name_the_key(hparams, key):
     with pytest.raises(ConfigError, match=f"methods.self_classifier.{key}"):
         _method(hparams)
+
+
+def test_reimpl_variant_has_the_reimplementations_mlp_and_learned_weight_normalised_heads():
+    """Built for the cifar10 suite (ResNet-18, d = 512): `self_classifier/reimpl` has the reimplementation's network
+    (KTH Self-Classifier/model.py L10-45), its forward transcribed by hand: h = LeakyReLU(BN(W2 LeakyReLU(BN(W1 f +
+    b1)) + b2)), z = h / ||h||, logits_k = z . (g_k v_k / ||v_k||) per head. Max abs difference to the method's
+    logits: 2.8e-7 measured (float32; asserted <= 1e-5). The weight-normalised heads also equal torch's
+    weight_norm parametrisation of a Linear(128, C, bias=False) with the same g and v."""
+    from benchmarks.backbones import build_backbone
+    from benchmarks.config import load_suite
+
+    settings = load_suite("cifar10").method("self_classifier/reimpl")
+    torch.manual_seed(0)
+    data = DataInfo(num_classes=10, num_train=100, in_channels=3, image_size=32)
+    method = get_method("self_classifier")(build_backbone("resnet18_cifar", 3), data, settings.hparams)
+    assert method.version >= 2
+    assert [(type(m).__name__, getattr(m, "in_features", getattr(m, "num_features", None))) for m in method.mlp] == [
+        ("Linear", 512), ("BatchNorm1d", 4096), ("LeakyReLU", None), ("Linear", 4096), ("BatchNorm1d", 128),
+        ("LeakyReLU", None)]  # ends in BatchNorm1d + LeakyReLU
+    assert method.mlp[3].out_features == 128
+    assert [tuple(c.weight_v.shape) for c in method.classifiers] == [(10, 128), (20, 128), (40, 128), (80, 128)]
+    for c in method.classifiers:  # trainable v and g, g initialised to 1 (model.py L41-42)
+        assert c.weight_v.requires_grad and c.weight_g.requires_grad
+        assert torch.equal(c.weight_g.detach(), torch.ones(c.weight_g.shape[0], 1))
+    method.eval()
+    with torch.no_grad():
+        for c in method.classifiers:  # g away from 1, so the gain matters
+            c.weight_g.uniform_(0.5, 2.0)
+        for bn in (method.mlp[1], method.mlp[4]):
+            bn.running_mean.uniform_(-0.1, 0.1), bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+        images = torch.randn(5, 3, 32, 32)
+        features = method.backbone(images).double()
+        h = features
+        for lin, bn in ((method.mlp[0], method.mlp[1]), (method.mlp[3], method.mlp[4])):
+            h = h @ lin.weight.double().T + lin.bias.double()
+            h = (h - bn.running_mean.double()) / torch.sqrt(bn.running_var.double() + bn.eps) * bn.weight.double() \
+                + bn.bias.double()
+            h = torch.where(h >= 0, h, 0.01 * h)  # LeakyReLU, slope 0.01
+        z = h / h.norm(dim=1, keepdim=True)
+        logits = method._logits(images)
+        worst = 0.0
+        for c, got in zip(method.classifiers, logits):
+            v, g = c.weight_v.double(), c.weight_g.double()
+            hand = z @ (g * v / v.norm(dim=1, keepdim=True)).T
+            worst = max(worst, (got.double() - hand).abs().max().item())
+            linear = torch.nn.Linear(128, v.shape[0], bias=False)
+            linear = torch.nn.utils.parametrizations.weight_norm(linear)
+            linear.parametrizations.weight.original0.copy_(c.weight_g)
+            linear.parametrizations.weight.original1.copy_(c.weight_v)
+            torch.testing.assert_close(linear(z.float()), c(z.float()))
+        assert worst <= 1e-5
+    # a training step changes the heads (learned), unlike the paper's fixed cosine heads
+    method.train()
+    before = [(c.weight_v.detach().clone(), c.weight_g.detach().clone()) for c in method.classifiers]
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
+    views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
+    loss, _ = method.training_loss(TrainBatch(views, torch.arange(8), None, 0, 0, 1, torch.Generator().manual_seed(0)))
+    loss.backward()
+    optimizer.step()
+    for c, (v, g) in zip(method.classifiers, before):
+        assert not torch.equal(c.weight_v, v) and not torch.equal(c.weight_g, g)

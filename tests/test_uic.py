@@ -213,7 +213,7 @@ def test_label_store_is_identical_on_every_rank_after_an_update_with_different_l
 
 def test_the_linear_probe_reads_the_mlp_heads_output_as_sec_5_2():
     torch.manual_seed(0)
-    method = _tiny_uic(20, num_classes=3)  # head: mlp, probe_with_head by default
+    method = _tiny_uic(20, num_classes=3)  # head: official, probe_with_head by default
     method.eval()
     images = torch.randn(4, 1, 8, 8)
     mlp, classifier = method.head[0], method.head[1]
@@ -221,7 +221,9 @@ def test_the_linear_probe_reads_the_mlp_heads_output_as_sec_5_2():
         probed = method.probe_features(images)
         torch.testing.assert_close(probed, mlp(method.backbone(images)))  # the MLP's output ...
         torch.testing.assert_close(classifier(probed), method.scores(images))  # ... = the classifier's input
-    assert probed.shape == (4, method.hparams.mlp_out_dim)
+    assert probed.shape == (4, method.backbone.feature_dim)  # full width (the official head)
+    simclr = _tiny_uic(20, num_classes=3, head="simclr")  # the former SimCLR head, probed at 128-d
+    assert simclr.eval().probe_features(images).shape == (4, simclr.hparams.mlp_out_dim)
     off = _tiny_uic(20, num_classes=3, probe_with_head=False)
     off.eval()
     with torch.no_grad():
@@ -229,6 +231,51 @@ def test_the_linear_probe_reads_the_mlp_heads_output_as_sec_5_2():
     linear = _tiny_uic(20, num_classes=3, head="linear")  # no MLP: the backbone's features
     with torch.no_grad():
         torch.testing.assert_close(linear.eval().probe_features(images), linear.backbone(images))
+
+
+def test_cifar10_uic_has_the_official_full_width_head_and_probe():
+    """Built for the cifar10 suite (ResNet-18, d = 512): the official code's head (UIC/models/resnet50.py
+    L182-190: conv1x1(d, 2048)-BN-ReLU-conv1x1(2048, 2048)-BN-ReLU, fc Linear(2048, K) with bias; 2048 = ResNet-50's
+    width, d here), transcribed by hand as 1x1 convolutions on the pooled [B, d, 1, 1] map with the method's
+    weights: max abs difference 2.6e-6 measured (float32 rounding; asserted <= 1e-5)."""
+    from benchmarks.backbones import build_backbone
+    from benchmarks.config import load_suite
+
+    config = load_suite("cifar10")
+    for name in ("uic", "uic/official"):
+        settings = config.method(name)
+        torch.manual_seed(0)
+        data = DataInfo(num_classes=10, num_train=100, in_channels=3, image_size=32)
+        method = get_method("uic")(build_backbone(config.backbone, 3), data, settings.hparams).eval()
+        d = method.backbone.feature_dim
+        assert d == 512
+        mlp, fc = method.head
+        assert [type(m).__name__ for m in mlp] == ["Linear", "BatchNorm1d", "ReLU"] * 2
+        assert [tuple(m.weight.shape) for m in mlp if isinstance(m, torch.nn.Linear)] == [(d, d), (d, d)]
+        assert all(m.bias is None for m in mlp if isinstance(m, torch.nn.Linear))  # conv1x1 has no bias
+        assert tuple(fc.weight.shape) == (30, d) and fc.bias is not None
+        with torch.no_grad():
+            for bn in (mlp[1], mlp[4]):  # non-trivial BN statistics
+                bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+                bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.2, 0.2)
+            features = torch.randn(6, d)
+            x = features.view(6, d, 1, 1)
+            for conv_weight, bn in ((mlp[0].weight, mlp[1]), (mlp[3].weight, mlp[4])):
+                x = torch.nn.functional.conv2d(x, conv_weight.view(d, d, 1, 1))  # conv1x1, bias=False
+                x = (x - bn.running_mean.view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.view(1, -1, 1, 1) + bn.eps)
+                x = torch.relu(x * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1))
+            hand = torch.flatten(x, 1)
+            assert (mlp(features) - hand).abs().max().item() <= 1e-5
+            assert ((fc(mlp(features))) - (hand @ fc.weight.T + fc.bias)).abs().max().item() <= 1e-5
+            images = torch.randn(2, 3, 32, 32)
+            assert method.probe_features(images).shape == (2, d)  # the probe reads the backbone-width output
+    official = config.method("uic/official")
+    opt, view = official.optimizer, official.augment.views[0]
+    assert (opt.schedule, opt.lr, opt.lr_scale_batch, opt.final_lr_fraction, opt.weight_decay) == (
+        "cosine", 0.2, 1024, 0.0, 1e-4)
+    assert (view.jitter_p, view.brightness, view.contrast, view.saturation, view.hue, view.blur_p) == (
+        0.8, 0.8, 0.8, 0.8, 0.2, 0.5)
+    assert config.method("uic").optimizer.schedule == "linear"  # the paper's default
 
 
 @pytest.mark.parametrize("hparams,key", [

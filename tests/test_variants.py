@@ -10,7 +10,7 @@ from benchmarks.config import available_suites, load_suite
 from methods import get_method
 from methods.base import DataInfo
 
-SUITES = ["digits", "mnist", "cifar10", "cifar100", "cifar100-20", "stl10", "cifar10-nin", "stl10-nin", "digits-nin"]
+SUITES = ["digits", "mnist", "mnist-small", "cifar10", "cifar100", "cifar100-20", "stl10", "cifar10-nin", "stl10-nin", "digits-nin"]
 
 
 def test_the_suite_files_include_the_nin_suites():
@@ -64,6 +64,19 @@ def test_every_configured_method_and_variant_builds(suite):
         assert stages is None or [s.name for s in stages] == ["clustering", "rotation"]
 
 
+@pytest.mark.parametrize("suite", SUITES)
+def test_every_reimplementation_variant_has_its_codes_network(suite):
+    """Where the report is silent (issue 25): the code's MLP (final BN + LeakyReLU) and learned weight-normalised
+    heads, in every suite that defines `self_classifier/reimpl`; the paper's variant keeps its fixed cosine heads."""
+    config = load_suite(suite)
+    if "self_classifier/reimpl" not in config.method_names():
+        pytest.skip(f"{suite} has no self_classifier/reimpl")
+    hp = config.method("self_classifier/reimpl").hparams
+    assert (hp.mlp_style, hp.classifier) == ("reimpl", "weight_norm")
+    paper = config.method("self_classifier").hparams
+    assert (paper.mlp_style, paper.classifier) == ("paper", "cosine")
+
+
 def test_digits_runs_the_reimplementation_variant():
     config = load_suite("digits")
     assert "self_classifier/reimpl" in config.methods_to_run
@@ -92,3 +105,33 @@ def test_nin_suites_carry_ssl_plus_plus_table_ii(suite):
     assert (weak.count, weak.grayscale_p, weak.hflip_p, weak.jitter_p) == (1, 1.0, 0.0, 0.0)  # Cr + G (+ S)
     assert (strong.grayscale_p, strong.hflip_p, strong.jitter_p) == (1.0, 0.5, 1.0)  # Cr + F + Co + G (+ S)
     assert rotation.epochs == 200 and rotation.augment.views[0].size == 32
+
+
+def test_the_mnist_suite_of_the_reimplementations_table_trains_resnet18_with_a_grey_cifar_stem():
+    """The reimplementation's Table 1 is ResNet-18 on every dataset (its sec. 3.3): `mnist` (which runs
+    self_classifier/reimpl, paper: its Table 1) builds ResNet-18 with a 1-channel CIFAR stem for 28x28 images."""
+    from benchmarks.backbones import build_backbone
+
+    config = load_suite("mnist")
+    assert (config.backbone, config.in_channels, config.image_size) == ("resnet18_cifar", 1, 28)
+    assert config.method("self_classifier/reimpl").paper == "self-classifier-reimplementation"
+    backbone = build_backbone(config.backbone, config.in_channels, **config.backbone_options)
+    stem_conv = backbone.stem[0]
+    assert (stem_conv.in_channels, stem_conv.kernel_size, stem_conv.stride) == (1, (3, 3), (1, 1))
+    with torch.no_grad():
+        stages = backbone.forward_stages(torch.randn(2, 1, 28, 28))
+        assert [tuple(s.shape[1:]) for s in stages] == [(64, 28, 28), (128, 14, 14), (256, 7, 7), (512, 4, 4)]
+        assert backbone(torch.randn(2, 1, 28, 28)).shape == (2, 512)
+
+
+def test_the_small_cnn_mnist_suite_is_named_so_and_trains_every_method_with_its_shared_optimizer():
+    config = load_suite("mnist-small")
+    assert config.backbone == "small_cnn" and config.dataset.name == "mnist"
+    assert "self_classifier/reimpl" not in config.method_names()  # its Table 1 is ResNet-18's (mnist.yaml)
+    for name in config.methods_to_run:
+        settings = config.method(name)
+        assert settings.optimizer == config.optimizer, name  # nothing transplanted from another backbone
+    sslpp = config.method("sslpp")
+    method = get_method("sslpp")(small_cnn(1, width=4), DataInfo(10, 1000, 1, 28), sslpp.hparams)
+    clustering, rotation = method.stages(sslpp)
+    assert clustering.optimizer == config.optimizer and rotation.optimizer == config.optimizer
