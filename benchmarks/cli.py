@@ -23,6 +23,12 @@ EPILOG = """examples:
 """
 
 
+# benchmarks.evaluation.settings.PROTOCOLS, written out so that --help imports neither pydantic nor torch
+# (tests/test_command_line.py checks that the two agree)
+PROTOCOL_NAMES = ("knn", "linear", "online_linear", "semi", "finetune", "transfer", "clustering", "knn_k10",
+                  "block_classifier")
+
+
 def _suite_names() -> list[str]:
     # The same glob as benchmarks.config.available_suites, without importing torch for --help.
     return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
@@ -47,8 +53,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                      "(method/variant, e.g. self_classifier/reimpl; default: the suite's methods_to_run); see "
                      "`python -m benchmarks list`")
     run.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the suite's)")
-    run.add_argument("--epochs", type=int, help="pretraining epochs (default: the suite's)")
-    run.add_argument("--batch-size", type=int, help="per-device batch size (default: the suite's)")
+    run.add_argument("--epochs", type=int, help="pretraining epochs of every method and variant of the run, also "
+                     "over a method section's own train.epochs (default: the suite's, or the section's)")
+    run.add_argument("--batch-size", type=int, help="per-device batch size of every method and variant of the run, "
+                     "also over a method section's own train.batch_size (default: the suite's, or the section's)")
     run.add_argument("--data-root", help="folder holding the dataset (default: $SSL_BENCH_DATA or ./data)")
     run.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
     run.add_argument("--out", default="results", help="folder for run records (default: results)")
@@ -61,7 +69,8 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], help="device (default: auto)")
     run.add_argument("--devices", help="number of devices, or 'auto'")
     run.add_argument("--precision", help="32, bf16-mixed, 16-mixed or auto (bf16 on GPU)")
-    run.add_argument("--protocols", nargs="+", help="evaluation protocols (default: the suite's)")
+    run.add_argument("--protocols", nargs="+", metavar="PROTOCOL",
+                     help=f"evaluation protocols: {', '.join(PROTOCOL_NAMES)} (default: the suite's)")
     run.add_argument("--logger", choices=["csv", "tensorboard", "wandb", "mlflow"],
                      help="experiment tracker beside the step CSV log (default: the suite's train.logger, csv); "
                      "wandb runs offline, mlflow writes to <run dir>/mlruns unless MLFLOW_TRACKING_URI is set")
@@ -127,6 +136,7 @@ def cmd_run(args) -> int:
     from benchmarks.training import check_tracker
 
     check_method_settings(config, methods)
+    notes = budget_notes(args, methods)
     check_no_pretraining(config, methods)
     check_devices(config.train)
     check_tracker(config.train.logger)
@@ -145,6 +155,8 @@ def cmd_run(args) -> int:
     # DDP ranks > 0 (Lightning reruns this command for them) train along but stay silent and write nothing
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     say = print if rank_zero else (lambda *args, **kwargs: None)
+    for note in notes:
+        say(note, flush=True)
 
     preflight(config, methods, data)
     started = time.perf_counter()
@@ -264,6 +276,13 @@ def cli_overrides(args) -> dict:
     if args.logger:
         train["logger"] = args.logger
     overrides: dict = {"train": train} if train else {}
+    budget = {key: train[key] for key in ("epochs", "batch_size") if key in train}
+    if budget:  # the command line wins over the method sections' own train values too
+        from benchmarks.config import command_line_budget
+
+        methods = command_line_budget(method_sections(args), budget)[0]
+        if methods:
+            overrides["methods"] = methods
     launcher: dict = {}
     if args.launcher:
         launcher["name"] = args.launcher
@@ -280,6 +299,28 @@ def cli_overrides(args) -> dict:
     if args.protocols:
         overrides["evaluation"] = {"protocols": args.protocols}
     return overrides
+
+
+def method_sections(args) -> dict:
+    """The suite file's `methods:` sections with the --set overrides merged in (as load_suite merges them)."""
+    from benchmarks.config import read_suite_file, suite_path
+
+    sections = read_suite_file(suite_path(args.suite)).get("methods")
+    sections = dict(sections) if isinstance(sections, dict) else {}
+    extra = parse_set(args.set).get("methods")
+    return deep_update(sections, extra) if isinstance(extra, dict) else sections
+
+
+def budget_notes(args, methods: list[str]) -> list[str]:
+    """What --epochs / --batch-size replace of the run's method sections (said in the first lines of `run`)."""
+    from benchmarks.config import command_line_budget
+
+    budget = {key: value for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size))
+              if value is not None}
+    if not budget:
+        return []
+    notes = command_line_budget(method_sections(args), budget)[1]
+    return [note for name in methods for note in notes.get(name, [])]
 
 
 def cmd_config(args) -> int:

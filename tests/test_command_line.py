@@ -1,0 +1,71 @@
+"""The command line itself (issue 24): flags win over the method sections' budgets, --help is fast and lists
+the protocols, and a run's first lines say what the command line overrides."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cli import PROTOCOL_NAMES, build_parser, cli_overrides, main
+from benchmarks.cli_common import deep_update, parse_set
+from benchmarks.config import load_suite
+from benchmarks.evaluation.settings import PROTOCOLS
+from benchmarks.records import same_run_records
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def resolved(argv: list[str]):
+    """The config `run` builds from `argv` (the same merge as cmd_run)."""
+    args = build_parser(with_evaluate=False).parse_args(["run", *argv])
+    return load_suite(args.suite, deep_update(parse_set(args.set), cli_overrides(args)))
+
+
+def test_epochs_and_batch_size_win_over_every_method_section():
+    # cifar10's self_classifier/reimpl section says train: {batch_size: 512, epochs: 800}
+    assert resolved(["--suite", "cifar10"]).method("self_classifier/reimpl").epochs == 800
+    config = resolved(["--suite", "cifar10", "--methods", "simclr", "self_classifier", "self_classifier/reimpl",
+                       "--epochs", "10", "--batch-size", "64"])
+    for name in ("simclr", "self_classifier", "self_classifier/reimpl", "carl"):
+        assert (config.method(name).epochs, config.method(name).batch_size) == (10, 64), name
+    # --set of a section's budget is a section's value too: the flag wins over it
+    config = resolved(["--suite", "digits", "--epochs", "3", "--set", "methods.simclr/long.train.epochs=50"])
+    assert config.method("simclr/long").epochs == 3
+    # without the flag, the section's budget is its default
+    assert resolved(["--suite", "digits", "--set", "methods.simclr/long.train.epochs=50"]
+                    ).method("simclr/long").epochs == 50
+
+
+@pytest.mark.slow
+def test_the_first_lines_of_a_run_say_which_section_budget_the_command_line_replaces(tmp_path, capsys):
+    assert main(["run", "--suite", "digits", "--methods", "simclr/long", "--epochs", "1", "--seeds", "0",
+                 "--no-references", "--no-report", "--no-progress", "--out", str(tmp_path / "out"),
+                 "--work-dir", str(tmp_path / "work"), "--set", "methods.simclr/long.train.epochs=50",
+                 "evaluation.protocols=[knn]", "train.online_knn_every=0", "dataset.options.test_fraction=0.75"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "note: --epochs 1 replaces methods.simclr/long.train.epochs (50) for simclr/long"
+    assert "simclr/long seed 0: pretraining 1 epochs" in lines[1]
+    (record,) = same_run_records(tmp_path / "out", "digits", "simclr/long", 1, 0)
+    assert record.exists()
+
+
+def test_run_help_lists_the_protocols(capsys):
+    assert PROTOCOL_NAMES == PROTOCOLS  # the static list --help shows is the validated one
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"evaluation protocols: {', '.join(PROTOCOLS)}" in text
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["evaluate", "--help"], ["config", "--help"]])
+def test_help_imports_neither_torch_nor_lightning(argv):
+    """--help answers in well under a second because it imports no heavy library (README: measured figure)."""
+    code = ("import sys\nfrom benchmarks.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'pytorch_lightning', 'faiss') if m in sys.modules))" % argv)
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "[]"
