@@ -48,6 +48,9 @@ def test_the_first_lines_of_a_run_say_which_section_budget_the_command_line_repl
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "note: --epochs 1 replaces methods.simclr/long.train.epochs (50) for simclr/long"
     assert "simclr/long seed 0: pretraining 1 epochs" in lines[1]
+    # then the step count, and once the first steps are done, the time they imply
+    assert lines[2].strip().startswith("3 steps per epoch x 1 epoch(s) to go (batch size 128)")
+    assert " s/step over the first 3 step(s): about " in lines[3] and "per epoch" in lines[3]
     (record,) = same_run_records(tmp_path / "out", "digits", "simclr/long", 1, 0)
     assert record.exists()
 
@@ -63,9 +66,35 @@ def test_run_help_lists_the_protocols(capsys):
 @pytest.mark.parametrize("argv", [["--help"], ["run", "--help"], ["evaluate", "--help"], ["config", "--help"]])
 def test_help_imports_neither_torch_nor_lightning(argv):
     """--help answers in well under a second because it imports no heavy library (README: measured figure)."""
-    code = ("import sys\nfrom benchmarks.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch', 'pytorch_lightning', 'faiss') if m in sys.modules))" % argv)
+    code = (f"import sys\nfrom benchmarks.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'pytorch_lightning', 'faiss') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_progress_bar_refreshes_on_time_while_a_step_runs(capsys):
+    """No step ends during the wait, yet the bar is redrawn (its elapsed time moves) every `interval` seconds."""
+    import time
+
+    from benchmarks.training import TimedProgressBar
+
+    bar = TimedProgressBar(refresh_rate=50, interval=0.1)
+    bar.on_train_start()
+    bar.train_progress_bar.reset(total=19)
+    capsys.readouterr()
+    time.sleep(0.65)
+    redraws = capsys.readouterr().out.count("\r")
+    bar.on_train_end()
+    assert redraws >= 3, redraws
+    bar._should_update(1, 19)
+    assert not bar._should_update(2, 19)  # neither a 50th step nor `interval` seconds since the last refresh
+    time.sleep(0.15)
+    assert bar._should_update(3, 19)  # a step after `interval` seconds updates the count, whatever refresh_rate
+
+
+def test_format_duration():
+    from benchmarks.training import format_duration
+
+    assert [format_duration(s) for s in (4.25, 42, 390, 7560)] == ["4.2 s", "42 s", "6.5 min", "2.1 h"]
