@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks {run,evaluate,list} ...` (see --help of each)."""
+"""Command line: `python -m benchmarks {run,evaluate,list,config,init-suite} ...` (see --help of each)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ EPILOG = """examples:
   python -m benchmarks evaluate --checkpoint runs/digits/simclr_e20_s0_<fingerprint>/model.pt --protocols knn clustering
   python -m benchmarks list
   python -m benchmarks config --suite digits --method carl    # resolved settings
+  python -m benchmarks init-suite --from-folder ~/my_images --out my_suite.yaml   # a suite for your own images
 """
 
 
@@ -106,6 +107,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     cfg.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides, as for run")
     cfg.add_argument("--schema", action="store_true", help="print the JSON schema of a suite file")
     cfg.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
+
+    from benchmarks.init_suite import add_init_suite_parser
+
+    add_init_suite_parser(sub)
 
     if with_evaluate:
         try:
@@ -373,12 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `list` do not need the evaluate command's parser (and its imports: a slow start)
-    parser = build_parser(with_evaluate=command not in ("run", "list", "config"))
+    parser = build_parser(with_evaluate=command not in ("run", "list", "config", "init-suite"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command != "run":  # cmd_run quiets them once it imports them
         quiet_libraries(args.verbose)
     handlers = {"run": cmd_run, "list": cmd_list, "config": cmd_config}
+    if args.command == "init-suite":
+        from benchmarks.init_suite import cmd_init_suite
+
+        handlers["init-suite"] = cmd_init_suite
     if args.command == "evaluate":
         from benchmarks.evaluate_cli import cmd_evaluate
 

@@ -532,6 +532,26 @@ def differing_keys(a: dict, b: dict) -> list[str]:
 def json_schema() -> dict:
     """The JSON schema of a suite file, for editors (method sections are free-form mappings here: each
     method's own model is printed by `python -m benchmarks config --method NAME`)."""
+    from benchmarks.data import IMAGEFOLDER_LAYOUT, OPTIONS, available_datasets
+
     schema = SuiteConfig.model_json_schema()
     schema["title"] = "ssl-cluster-bench suite file"
+    dataset = schema["$defs"]["DatasetConfig"]["properties"]
+    dataset["name"]["description"] = (f"the loader: {', '.join(available_datasets())}. Its files are found under "
+                                      "`--data-root` (default $SSL_BENCH_DATA or ./data); imagefolder: your own "
+                                      f"images, ROOT = --data-root:\n{IMAGEFOLDER_LAYOUT.strip()}")
+    dataset["display_name"]["description"] = ("the dataset's name in records and the report (default: the loader's, "
+                                              "e.g. CIFAR-10; for imagefolder the suite's name)")
+    for split in ("pretrain_split", "train_split", "test_split"):
+        dataset[split]["description"] = {"pretrain_split": "images for self-supervised pretraining",
+                                         "train_split": "labelled split: kNN bank, linear and semi-supervised training",
+                                         "test_split": "the split every metric is measured on"}[split]
+    folder = OPTIONS["imagefolder"].model_json_schema()
+    dataset["options"]["description"] = (
+        "the loader's options (checked against the loader named in `name`). imagefolder: "
+        + "; ".join(f"{key} ({spec.get('type', 'any')}): {spec.get('description', '')}"
+                    for key, spec in folder["properties"].items())
+        + ". Other loaders: " + ", ".join(f"{name} ({', '.join(OPTIONS[name].model_fields) or 'none'})"
+                                          for name in available_datasets() if name != "imagefolder"))
+    dataset["options"]["properties"] = folder["properties"]  # editors complete imagefolder's options
     return schema

@@ -28,7 +28,14 @@ from benchmarks.config import (
     run_fingerprints,
 )
 from benchmarks.data import ImageDataset
-from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, DivergedError, RunLockedError, first_line
+from benchmarks.errors import (
+    BenchmarkError,
+    CheckpointError,
+    ConfigError,
+    DivergedError,
+    RunLockedError,
+    first_line,
+)
 from benchmarks.evaluation import semi as semi_protocol
 from benchmarks.evaluation.protocols import PER_LAYER_KNN_K, evaluate_model
 from benchmarks.evaluation.settings import EvaluationConfig
