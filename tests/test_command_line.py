@@ -39,6 +39,37 @@ def test_epochs_and_batch_size_win_over_every_method_section():
                     ).method("simclr/long").epochs == 50
 
 
+def test_the_issue_case_trains_every_method_for_the_given_epochs(tmp_path, capsys, monkeypatch):
+    """`run --suite cifar10 --methods simclr self_classifier self_classifier/reimpl --epochs 10`: reimpl trains
+    10 epochs, not its section's 800 (run_one is replaced: what it is asked to train is the point)."""
+    import benchmarks.runner
+
+    try:
+        from tests import fixtures
+    except ImportError:
+        import fixtures
+
+    asked = {}
+
+    def fake_run_one(config, name, seed, *args, **kwargs):
+        asked[name] = (config.method(name).epochs, config.method(name).batch_size)
+        return {"status": "completed", "metrics": {}}
+
+    monkeypatch.setattr(benchmarks.runner, "run_one", fake_run_one)
+    root = fixtures.make_cifar10(tmp_path / "data")
+    assert main(["run", "--suite", "cifar10", "--methods", "simclr", "self_classifier", "self_classifier/reimpl",
+                 "--epochs", "10", "--batch-size", "16", "--seeds", "0", "--no-references", "--no-report",
+                 "--data-root", str(root), "--out", str(tmp_path / "out"), "--work-dir", str(tmp_path / "work"),
+                 "--set", "evaluation.protocols=[knn]", "evaluation.knn.ks=[5]"]) == 0
+    assert asked == {name: (10, 16) for name in ("simclr", "self_classifier", "self_classifier/reimpl")}
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["note: --epochs 10 replaces methods.self_classifier/reimpl.train.epochs (800) for "
+                         "self_classifier/reimpl",
+                         "note: --batch-size 16 replaces methods.self_classifier/reimpl.train.batch_size (512) for "
+                         "self_classifier/reimpl"]
+    assert "self_classifier/reimpl seed 0: pretraining 10 epochs" in "\n".join(lines)
+
+
 @pytest.mark.slow
 def test_the_first_lines_of_a_run_say_which_section_budget_the_command_line_replaces(tmp_path, capsys):
     assert main(["run", "--suite", "digits", "--methods", "simclr/long", "--epochs", "1", "--seeds", "0",

@@ -150,6 +150,13 @@ def test_a_set_only_variant_is_evaluated_later_from_its_model_file_alone(tmp_pat
     assert {"knn_k20", "knn_k10_B2", "knn_k10_B3", "knn_k10_avg"} <= set(record["metrics"])
     assert record["method_config"]["hparams"]["temperature"] == 0.5
 
+    # the SSL++ block classifier, on the blocks small_cnn has (its budget cut to 1 epoch: other evaluation
+    # settings, so a record of their own)
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "block_classifier", *common,
+                 "--set", "evaluation.block_classifier.epochs=1"]) == 0
+    (other,) = [p for p in same_run_records(out, "digits", "simclr/t05", 1, 0) if p != record_file]
+    assert {"block_classifier_B2", "block_classifier_B3"} <= set(json.loads(other.read_text())["metrics"])
+
     # a model file of an older version (no settings in it) still works as before: the suite plus --set
     old = tmp_path / "old" / "model.pt"
     old.parent.mkdir()
