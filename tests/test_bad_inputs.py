@@ -131,6 +131,21 @@ def test_an_unreadable_model_file_without_a_message_is_one_line(tmp_path, capsys
     assert err.startswith(f"error: {truncated}: refused to load") and err.count("\n") == 1, err
 
 
+def test_evaluate_answers_a_near_miss_protocol_in_one_line(tmp_path, capsys):
+    from benchmarks.config import load_suite
+    from benchmarks.runner import build_method, load_suite_data, model_settings, save_model
+
+    config = load_suite("digits")
+    method, settings = build_method(config, "simclr", load_suite_data(config))
+    model = tmp_path / "model.pt"
+    save_model(model, method, {"suite": "digits", "method": "simclr", "seed": 0, "epochs": 1, "backbone": "small_cnn",
+                               "in_channels": 1, "fingerprint": "0" * 12, **model_settings(config, settings)})
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "knnn", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: evaluation.protocols: unknown protocol 'knnn'") and err.count("\n") == 1, err
+    assert "did you mean 'knn'?" in err and not (tmp_path / "out").exists()
+
+
 def test_per_block_protocols_default_to_the_blocks_of_the_backbone():
     from benchmarks.config import load_suite
 
