@@ -49,7 +49,7 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                          "skipped (records are never overwritten without --force); interrupted runs resume "
                          "from their last epoch checkpoint under --work-dir.")
     run.add_argument("--suite", required=True, help=f"suite name ({', '.join(_suite_names())}) or a path to a "
-                     "suite YAML file")
+                     "suite YAML file (`init-suite --from-folder DIR` writes one for a folder of your own images)")
     run.add_argument("--methods", nargs="+", metavar="NAME", help="registered method names or named variants "
                      "(method/variant, e.g. self_classifier/reimpl; default: the suite's methods_to_run); see "
                      "`python -m benchmarks list`")
@@ -58,7 +58,8 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                      "over a method section's own train.epochs (default: the suite's, or the section's)")
     run.add_argument("--batch-size", type=int, help="per-device batch size of every method and variant of the run, "
                      "also over a method section's own train.batch_size (default: the suite's, or the section's)")
-    run.add_argument("--data-root", help="folder holding the dataset (default: $SSL_BENCH_DATA or ./data)")
+    run.add_argument("--data-root", help="folder holding the dataset (default: $SSL_BENCH_DATA or ./data); for an "
+                     "imagefolder suite, the folder ROOT of ROOT/<split>/<class>/<image>")
     run.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
     run.add_argument("--out", default="results", help="folder for run records (default: results)")
     run.add_argument("--work-dir", default="runs", help="folder for checkpoints and logs (default: runs)")
