@@ -167,7 +167,10 @@ def check_backbone_options(name: str, options: dict) -> None:
 def backbone_blocks(name: str, in_channels: int = 3, **options) -> int:
     """How many blocks (stages) the backbone has (small_cnn 3, NIN and the ResNets 4); built on the meta device,
     so no weights are allocated."""
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):
+            return len(build_backbone(name, in_channels, **options).stage_dims)
+    except (NotImplementedError, RuntimeError):  # an initialisation the meta device cannot run: build it for real
         return len(build_backbone(name, in_channels, **options).stage_dims)
 
 
