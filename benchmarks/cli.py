@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(with_evaluate=command not in ("run", "list", "config", "init-suite"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.command != "run":  # cmd_run quiets them once it imports them
+    if args.command not in ("run", "init-suite"):  # cmd_run quiets them once it imports them; init-suite needs none
         quiet_libraries(args.verbose)
     handlers = {"run": cmd_run, "list": cmd_list, "config": cmd_config}
     if args.command == "init-suite":
