@@ -164,6 +164,22 @@ def check_backbone_options(name: str, options: dict) -> None:
              unknown_word=f"option of backbone '{name}'")
 
 
+def backbone_blocks(name: str, in_channels: int = 3, **options) -> int:
+    """How many blocks (stages) the backbone has (small_cnn 3, NIN and the ResNets 4); built on the meta device,
+    so no weights are allocated."""
+    try:
+        with torch.device("meta"):
+            return len(build_backbone(name, in_channels, **options).stage_dims)
+    except (NotImplementedError, RuntimeError):  # an initialisation the meta device cannot run: build it for real
+        return len(build_backbone(name, in_channels, **options).stage_dims)
+
+
+def default_blocks(num_blocks: int) -> list[int]:
+    """The per-block protocols' default blocks: the backbone's blocks from the second on (SSL++ Tables III and V
+    probe blocks 2-4 of the 4-block NIN; the first block's features are too low-level to compare methods)."""
+    return list(range(2, num_blocks + 1)) or [1]
+
+
 def build_backbone(name: str, in_channels: int = 3, **options) -> Backbone:
     if name not in BACKBONES:
         raise ConfigError(f"backbone: unknown backbone '{name}'; allowed: {', '.join(sorted(BACKBONES))}")

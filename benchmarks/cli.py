@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks {run,evaluate,list} ...` (see --help of each)."""
+"""Command line: `python -m benchmarks {run,evaluate,list,config,init-suite} ...` (see --help of each)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,14 @@ EPILOG = """examples:
   python -m benchmarks evaluate --checkpoint runs/digits/simclr_e20_s0_<fingerprint>/model.pt --protocols knn clustering
   python -m benchmarks list
   python -m benchmarks config --suite digits --method carl    # resolved settings
+  python -m benchmarks init-suite --from-folder ~/my_images --out my_suite.yaml   # a suite for your own images
 """
+
+
+# benchmarks.evaluation.settings.PROTOCOLS, written out so that --help imports neither pydantic nor torch
+# (tests/test_command_line.py checks that the two agree)
+PROTOCOL_NAMES = ("knn", "linear", "online_linear", "semi", "finetune", "transfer", "clustering", "knn_k10",
+                  "block_classifier")
 
 
 def _suite_names() -> list[str]:
@@ -42,14 +49,17 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                          "skipped (records are never overwritten without --force); interrupted runs resume "
                          "from their last epoch checkpoint under --work-dir.")
     run.add_argument("--suite", required=True, help=f"suite name ({', '.join(_suite_names())}) or a path to a "
-                     "suite YAML file")
+                     "suite YAML file (`init-suite --from-folder DIR` writes one for a folder of your own images)")
     run.add_argument("--methods", nargs="+", metavar="NAME", help="registered method names or named variants "
                      "(method/variant, e.g. self_classifier/reimpl; default: the suite's methods_to_run); see "
                      "`python -m benchmarks list`")
     run.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default: the suite's)")
-    run.add_argument("--epochs", type=int, help="pretraining epochs (default: the suite's)")
-    run.add_argument("--batch-size", type=int, help="per-device batch size (default: the suite's)")
-    run.add_argument("--data-root", help="folder holding the dataset (default: $SSL_BENCH_DATA or ./data)")
+    run.add_argument("--epochs", type=int, help="pretraining epochs of every method and variant of the run, also "
+                     "over a method section's own train.epochs (default: the suite's, or the section's)")
+    run.add_argument("--batch-size", type=int, help="per-device batch size of every method and variant of the run, "
+                     "also over a method section's own train.batch_size (default: the suite's, or the section's)")
+    run.add_argument("--data-root", help="folder holding the dataset (default: $SSL_BENCH_DATA or ./data); for an "
+                     "imagefolder suite, the folder ROOT of ROOT/<split>/<class>/<image>")
     run.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
     run.add_argument("--out", default="results", help="folder for run records (default: results)")
     run.add_argument("--work-dir", default="runs", help="folder for checkpoints and logs (default: runs)")
@@ -64,7 +74,8 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--threads", type=int, help="CPU threads per run (train.threads; default auto: this machine's "
                      "CPUs split between the runs at once, or the SLURM job's CPUs). CPU results are bitwise "
                      "reproducible on the same CPU model and thread count")
-    run.add_argument("--protocols", nargs="+", help="evaluation protocols (default: the suite's)")
+    run.add_argument("--protocols", nargs="+", metavar="PROTOCOL",
+                     help=f"evaluation protocols: {', '.join(PROTOCOL_NAMES)} (default: the suite's)")
     run.add_argument("--logger", choices=["csv", "tensorboard", "wandb", "mlflow"],
                      help="experiment tracker beside the step CSV log (default: the suite's train.logger, csv); "
                      "wandb runs offline, mlflow writes to <run dir>/mlruns unless MLFLOW_TRACKING_URI is set")
@@ -106,6 +117,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     cfg.add_argument("--schema", action="store_true", help="print the JSON schema of a suite file")
     cfg.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
 
+    from benchmarks.init_suite import add_init_suite_parser
+
+    add_init_suite_parser(sub)
+
     if with_evaluate:
         try:
             from benchmarks.evaluate_cli import add_evaluate_parser
@@ -138,6 +153,7 @@ def cmd_run(args) -> int:
     from benchmarks.training import check_tracker
 
     check_method_settings(config, methods)
+    notes = budget_notes(args, methods)
     check_no_pretraining(config, methods)
     check_devices(config.train)
     check_tracker(config.train.logger)
@@ -156,6 +172,8 @@ def cmd_run(args) -> int:
     # DDP ranks > 0 (Lightning reruns this command for them) train along but stay silent and write nothing
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
     say = print if rank_zero else (lambda *args, **kwargs: None)
+    for note in notes:
+        say(note, flush=True)
 
     preflight(config, methods, data)
     started = time.perf_counter()
@@ -287,6 +305,13 @@ def cli_overrides(args) -> dict:
     if args.threads is not None:
         train["threads"] = args.threads
     overrides: dict = {"train": train} if train else {}
+    budget = {key: train[key] for key in ("epochs", "batch_size") if key in train}
+    if budget:  # the command line wins over the method sections' own train values too
+        from benchmarks.config import command_line_budget
+
+        methods = command_line_budget(method_sections(args), budget)[0]
+        if methods:
+            overrides["methods"] = methods
     launcher: dict = {}
     if args.launcher:
         launcher["name"] = args.launcher
@@ -304,6 +329,28 @@ def cli_overrides(args) -> dict:
     if args.protocols:
         overrides["evaluation"] = {"protocols": args.protocols}
     return overrides
+
+
+def method_sections(args) -> dict:
+    """The suite file's `methods:` sections with the --set overrides merged in (as load_suite merges them)."""
+    from benchmarks.config import read_suite_file, suite_path
+
+    sections = read_suite_file(suite_path(args.suite)).get("methods")
+    sections = dict(sections) if isinstance(sections, dict) else {}
+    extra = parse_set(args.set).get("methods")
+    return deep_update(sections, extra) if isinstance(extra, dict) else sections
+
+
+def budget_notes(args, methods: list[str]) -> list[str]:
+    """What --epochs / --batch-size replace of the run's method sections (said in the first lines of `run`)."""
+    from benchmarks.config import command_line_budget
+
+    budget = {key: value for key, value in (("epochs", args.epochs), ("batch_size", args.batch_size))
+              if value is not None}
+    if not budget:
+        return []
+    notes = command_line_budget(method_sections(args), budget)[1]
+    return [note for name in methods for note in notes.get(name, [])]
 
 
 def cmd_config(args) -> int:
@@ -356,12 +403,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `list` do not need the evaluate command's parser (and its imports: a slow start)
-    parser = build_parser(with_evaluate=command not in ("run", "list", "config"))
+    parser = build_parser(with_evaluate=command not in ("run", "list", "config", "init-suite"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    if args.command != "run":  # cmd_run quiets them once it imports them
+    if args.command not in ("run", "init-suite"):  # cmd_run quiets them once it imports them; init-suite needs none
         quiet_libraries(args.verbose)
     handlers = {"run": cmd_run, "list": cmd_list, "config": cmd_config}
+    if args.command == "init-suite":
+        from benchmarks.init_suite import cmd_init_suite
+
+        handlers["init-suite"] = cmd_init_suite
     if args.command == "evaluate":
         from benchmarks.evaluate_cli import cmd_evaluate
 

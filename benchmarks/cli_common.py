@@ -25,6 +25,13 @@ def parse_set(items: list[str] | None) -> dict:
         parts = key.split(".")
         if not all(parts):
             raise ConfigError(f"--set {item!r}: empty key part in {key!r}; use dotted keys, e.g. optimizer.lr=0.1")
+        indexed = next((i for i, part in enumerate(parts) if "[" in part or "]" in part), None)
+        if indexed is not None:
+            whole = ".".join(parts[:indexed] + [parts[indexed].split("[")[0]])
+            example = "[{size: 16, count: 2}]" if whole.endswith("views") else "[...]"
+            raise ConfigError(f"--set {item!r}: list items cannot be addressed by index; give the whole list, e.g. "
+                              f"--set '{whole}={example}' (`python -m benchmarks config --suite SUITE` prints the "
+                              "current list)")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

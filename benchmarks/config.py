@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, SerializeAsAny, field_validator
 
 from benchmarks.augment import ViewSpec
-from benchmarks.errors import ConfigError, UnknownMethodError
+from benchmarks.errors import ConfigError, UnknownMethodError, did_you_mean
 from benchmarks.evaluation.settings import EvaluationConfig
 from ssl_common.typed import (
     AtLeastOne,
@@ -272,6 +272,24 @@ def base_method(name: str) -> tuple[str, str | None]:
     return method, (variant if sep else None)
 
 
+MAX_FILE_NAME_BYTES = 255  # the file name limit of ext4, XFS, APFS and NTFS
+
+
+def check_name_length(name: str, epochs: int, seeds: list[int]) -> None:
+    """A method or variant name fits in the file names built from it (record, predictions, run folder):
+    `<name>_e<epochs>_s<seed>_<12 hex>.predictions.npz` is at most 255 bytes, checked before any work."""
+    from benchmarks.records import PREDICTIONS_SUFFIX, method_slug, record_stem
+
+    longest = record_stem(name, epochs, max(seeds, default=0), "0" * 12) + PREDICTIONS_SUFFIX
+    size = len(longest.encode("utf-8"))
+    if size > MAX_FILE_NAME_BYTES:
+        room = MAX_FILE_NAME_BYTES - (size - len(method_slug(name).encode("utf-8")))
+        shown = name if len(name) <= 40 else f"{name[:37]}..."
+        raise ConfigError(f"methods.{shown}: the name is {len(name.encode('utf-8'))} bytes long, so its record file "
+                          f"name would be {size} bytes, over the {MAX_FILE_NAME_BYTES}-byte limit of file names; "
+                          f"use a name of at most {room} bytes")
+
+
 def _check_variant_name(name: str) -> None:
     method, variant = base_method(name)
     ok = bool(method) and method.replace("_", "").isalnum()
@@ -291,7 +309,8 @@ def resolve_method(config: SuiteConfig, name: str) -> MethodConfig:
     section = config.methods.get(name)
     if section is None and variant is not None:
         raise UnknownMethodError(f"unknown method variant '{name}': the suite has no `methods: {{{name}: ...}}` "
-                                 f"section; configured: {', '.join(sorted(config.methods)) or '(none)'}")
+                                 f"section; configured: {', '.join(sorted(config.methods)) or '(none)'}"
+                                 f"{did_you_mean(name, config.methods)}")
     cls = get_method(registry_name)
     section = dict(section or {})
     where = f"methods.{name}"
@@ -312,9 +331,33 @@ def resolve_method(config: SuiteConfig, name: str) -> MethodConfig:
     epochs = config.train.epochs if train.epochs is None else train.epochs
     batch_size = config.train.batch_size if train.batch_size is None else train.batch_size
     validate(TrainConfig, {"epochs": epochs, "batch_size": batch_size}, f"{where}.train")
+    check_name_length(name, epochs, config.train.seeds)
     return MethodConfig(name=name, method=registry_name, variant=variant, display_name=display, paper=paper,
                         version=cls.version, hparams=hparams, optimizer=optimizer, augment=augment_cfg,
                         batch_size=batch_size, epochs=epochs)
+
+
+def command_line_budget(sections: dict, budget: dict) -> tuple[dict, dict[str, list[str]]]:
+    """`--epochs` / `--batch-size` (`budget`: train key -> value) over the `train` values of the method sections
+    (`sections`: the suite's `methods:` mapping): a section's budget is its default, the command line wins.
+
+    Returns the `methods:` overrides that apply the budget to every section with its own value (so a launcher job
+    that rebuilds the config from the overrides trains the same), and per section the notes on the values they
+    replace."""
+    overrides: dict = {}
+    notes: dict[str, list[str]] = {}
+    for name, section in sorted(sections.items()):
+        train = section.get("train") if isinstance(section, dict) else None
+        if not isinstance(train, dict):
+            continue
+        for key, value in budget.items():
+            if train.get(key) is None:
+                continue
+            overrides.setdefault(name, {}).setdefault("train", {})[key] = value
+            if train[key] != value:
+                notes.setdefault(name, []).append(f"note: --{key.replace('_', '-')} {value} replaces "
+                                                  f"methods.{name}.train.{key} ({train[key]}) for {name}")
+    return overrides, notes
 
 
 def merge_optimizer(base: OptimizerConfig, override: dict | None, where: str) -> OptimizerConfig:
@@ -354,7 +397,7 @@ def suite_path(suite: str) -> Path:
     candidate = CONFIG_DIR / f"{suite}.yaml"
     if not candidate.is_file():
         raise ConfigError(f"--suite: unknown suite '{suite}'; available: {', '.join(available_suites())} "
-                          "(or a path to a .yaml file)")
+                          f"(or a path to a .yaml file){did_you_mean(suite, available_suites())}")
     return candidate
 
 
@@ -397,6 +440,28 @@ def _check_normalization(augment: AugmentConfig, in_channels: int, where: str) -
                               f"got {len(values)}")
 
 
+BLOCK_PROTOCOLS = ("knn_k10", "block_classifier")
+
+
+def _fit_blocks(config: SuiteConfig) -> None:
+    """The per-block protocols' `blocks`: unset, the backbone's own (benchmarks.backbones.default_blocks); set, they
+    must exist in the backbone where the protocol runs (checked now, not after training)."""
+    from benchmarks.backbones import backbone_blocks, default_blocks
+
+    count = backbone_blocks(config.backbone, config.in_channels, **config.backbone_options)
+    for protocol in BLOCK_PROTOCOLS:
+        settings = getattr(config.evaluation, protocol)
+        if "blocks" not in settings.model_fields_set:
+            settings.blocks = default_blocks(count)
+        missing = [b for b in settings.blocks if b > count]
+        if missing and protocol in config.evaluation.protocols:
+            fitted = default_blocks(count)
+            raise ConfigError(f"evaluation.{protocol}.blocks: block {missing[0]} does not exist; the backbone "
+                              f"{config.backbone} has {count} blocks; use blocks 1 to {count}, e.g. --set "
+                              f"'evaluation.{protocol}.blocks={fitted}' (or leave the key unset: the default is "
+                              f"{fitted})")
+
+
 def check_suite(config: SuiteConfig) -> None:
     """What spans sections: the dataset and its options, the backbone, normalisation, every method section."""
     from benchmarks.backbones import BACKBONES, check_backbone_options
@@ -410,6 +475,7 @@ def check_suite(config: SuiteConfig) -> None:
         raise ConfigError(f"backbone: unknown backbone '{config.backbone}'; allowed: {', '.join(sorted(BACKBONES))}")
     check_backbone_options(config.backbone, config.backbone_options)
     _check_normalization(config.augment, config.in_channels, "augment")
+    _fit_blocks(config)
     from methods import available_methods
 
     for name in config.methods:
@@ -418,7 +484,8 @@ def check_suite(config: SuiteConfig) -> None:
             raise UnknownMethodError(f"methods.{name}: no method is registered under this name (the suite's "
                                      f"`methods` section configures registered methods; available: "
                                      f"{', '.join(available_methods())}). Fix the name, or import the module that "
-                                     "registers it with --import MODULE_OR_FILE")
+                                     "registers it with --import MODULE_OR_FILE"
+                                     f"{did_you_mean(registry_name, available_methods())}")
         if not isinstance(config.methods[name], dict):
             raise ConfigError(f"methods.{name}: expected a mapping of hyperparameters, got {config.methods[name]!r}")
         config.method(name)
@@ -546,6 +613,26 @@ def differing_keys(a: dict, b: dict) -> list[str]:
 def json_schema() -> dict:
     """The JSON schema of a suite file, for editors (method sections are free-form mappings here: each
     method's own model is printed by `python -m benchmarks config --method NAME`)."""
+    from benchmarks.data import IMAGEFOLDER_LAYOUT, OPTIONS, available_datasets
+
     schema = SuiteConfig.model_json_schema()
     schema["title"] = "ssl-cluster-bench suite file"
+    dataset = schema["$defs"]["DatasetConfig"]["properties"]
+    dataset["name"]["description"] = (f"the loader: {', '.join(available_datasets())}. Its files are found under "
+                                      "`--data-root` (default $SSL_BENCH_DATA or ./data); imagefolder: your own "
+                                      f"images, ROOT = --data-root:\n{IMAGEFOLDER_LAYOUT.strip()}")
+    dataset["display_name"]["description"] = ("the dataset's name in records and the report (default: the loader's, "
+                                              "e.g. CIFAR-10; for imagefolder the suite's name)")
+    for split in ("pretrain_split", "train_split", "test_split"):
+        dataset[split]["description"] = {"pretrain_split": "images for self-supervised pretraining",
+                                         "train_split": "labelled split: kNN bank, linear and semi-supervised training",
+                                         "test_split": "the split every metric is measured on"}[split]
+    folder = OPTIONS["imagefolder"].model_json_schema()
+    dataset["options"]["description"] = (
+        "the loader's options (checked against the loader named in `name`). imagefolder: "
+        + "; ".join(f"{key} ({spec.get('type', 'any')}): {spec.get('description', '')}"
+                    for key, spec in folder["properties"].items())
+        + ". Other loaders: " + ", ".join(f"{name} ({', '.join(OPTIONS[name].model_fields) or 'none'})"
+                                          for name in available_datasets() if name != "imagefolder"))
+    dataset["options"]["properties"] = folder["properties"]  # editors complete imagefolder's options
     return schema

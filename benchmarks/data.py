@@ -109,28 +109,30 @@ SPLITS: dict[str, tuple[str, ...]] = {}
 OPTIONS: dict[str, type] = {}
 
 
-def _options_model(name: str, fn: Callable) -> type:
+def _options_model(name: str, fn: Callable, option_help: dict[str, str] | None = None) -> type:
     """A strict pydantic model of the loader's keyword options, made from its signature (split, root and
-    download are the loader protocol's own arguments, not options)."""
+    download are the loader protocol's own arguments, not options); `option_help` describes them (in
+    `config --schema`)."""
     import inspect
     import typing
 
-    from pydantic import create_model
+    from pydantic import Field, create_model
 
     from ssl_common.typed import StrictModel
 
     hints = typing.get_type_hints(fn)
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    fields = {p.name: (hints.get(p.name, typing.Any), p.default) for p in inspect.signature(fn).parameters.values()
+    fields = {p.name: (hints.get(p.name, typing.Any), Field(p.default, description=(option_help or {}).get(p.name)))
+              for p in inspect.signature(fn).parameters.values()
               if p.name not in ("split", "root", "download") and p.kind in kinds}
     return create_model(f"{name}_options", __base__=StrictModel, **fields)
 
 
-def register_loader(name: str, splits: tuple[str, ...]):
+def register_loader(name: str, splits: tuple[str, ...], option_help: dict[str, str] | None = None):
     def decorator(fn):
         LOADERS[name] = fn
         SPLITS[name] = splits
-        OPTIONS[name] = _options_model(name, fn)
+        OPTIONS[name] = _options_model(name, fn, option_help)
         return fn
     return decorator
 
@@ -667,7 +669,22 @@ class ImageFolderReader:
         return torch.from_numpy(array.transpose(2, 0, 1).copy())  # PIL's array is read-only
 
 
-@register_loader("imagefolder", splits=IMAGEFOLDER_SPLITS)
+# `dataset.options` of an imagefolder suite (README "Your own images", `config --schema`)
+IMAGEFOLDER_OPTION_HELP = {
+    "image_size": "side (px) of the square images made from the files: the shorter side is resized to it, then "
+                  "the centre cropped; must equal the suite's image_size (default 32)",
+    "channels": "3 = RGB, 1 = grey (files are converted to it); must equal the suite's in_channels (default 3)",
+    "in_memory": "true: decode every image once when loading (fast epochs; needs images x channels x size^2 "
+                 "bytes of memory); false: decode each batch's images from disk (default false)",
+    "storage": "memory (default): images decoded as above; stream: the files are read and decoded batch by batch "
+               "(benchmarks.streaming: RGB only, for folders too large to hold decoded, e.g. ImageNet-100); auto: "
+               "stream when the decoded split would take more than a quarter of the free memory",
+    "verify": "true (default): open every file with PIL when loading, so a broken image stops the run before "
+              "training, naming the file; false: skip that pass (a large folder you trust)",
+}
+
+
+@register_loader("imagefolder", splits=IMAGEFOLDER_SPLITS, option_help=IMAGEFOLDER_OPTION_HELP)
 def load_imagefolder(split: str, root: Path | None = None, download: bool = False, image_size: int = 32,
                      channels: int = 3, in_memory: bool = False, verify: bool = True, storage: str = "memory"
                      ) -> ImageDataset:

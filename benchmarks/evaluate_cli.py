@@ -1,9 +1,11 @@
 """`python -m benchmarks evaluate`: re-evaluate a saved model without retraining it.
 
 The model file (written by `run` as <work-dir>/<suite>/<method>_e<E>_s<seed>_<training fp>/model.pt) is
-loaded with weights_only=True, the method is rebuilt with the hyperparameters the run trained with (from
-its record, when one exists) and its weights loaded; the chosen protocols run with the suite's current
-evaluation settings. The result goes to the record of (this training run, these evaluation settings):
+loaded with weights_only=True, the method is rebuilt from the settings stored in the model file (the suite's
+resolved settings with its run's --set overrides, and the method's; model files of older versions store none,
+then the suite of the model's name is read) and the hyperparameters the run trained with (from its record, when
+one exists), and its weights loaded; the chosen protocols run with those evaluation settings plus --set.
+The result goes to the record of (this training run, these evaluation settings):
 - the same settings as the run's record: its metrics for the chosen protocols are replaced (only with
   --force when it holds them already) and the other protocols are kept;
 - other settings: a new record (its file name holds the new evaluation fingerprint), with the chosen
@@ -21,9 +23,17 @@ import time
 from pathlib import Path
 
 from benchmarks.cli_common import deep_update, default_data_root, import_modules, parse_set
-from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, RecordExistsError
-from benchmarks.evaluation.protocols import protocol_of  # noqa: F401  (re-exported: tests and tools use it)
+from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, RecordExistsError, first_line
 from benchmarks.evaluation.settings import PROTOCOLS
+
+
+def __getattr__(name: str):
+    """`protocol_of`, re-exported for tests and tools, imported on first use: `--help` must not import torch."""
+    if name == "protocol_of":
+        from benchmarks.evaluation.protocols import protocol_of
+
+        return protocol_of
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_evaluate_parser(subparsers) -> None:
@@ -33,16 +43,19 @@ def add_evaluate_parser(subparsers) -> None:
         "chosen evaluation protocols and write their metrics into the run's record under --out (replacing "
         "metrics the record already has only with --force; creating the record if missing).")
     ev.add_argument("--checkpoint", required=True, help="model file, e.g. runs/digits/simclr_e20_s0_<training fingerprint>/model.pt")
-    ev.add_argument("--protocols", nargs="+", choices=PROTOCOLS, metavar="PROTOCOL",
+    # checked with the suite's settings (evaluation.protocols), which name a near miss ("did you mean")
+    ev.add_argument("--protocols", nargs="+", metavar="PROTOCOL",
                     help=f"protocols to run ({', '.join(PROTOCOLS)}); default: the suite's")
-    ev.add_argument("--suite", help="suite name or YAML path (default: the suite stored in the model file); "
+    ev.add_argument("--suite", help="suite name or YAML path whose settings to use instead of those stored in the "
+                    "model file (model files of older versions store none: then the suite of the model's name); "
                     "refused if it names another suite than the model's")
     ev.add_argument("--method", help="refuse the checkpoint unless it belongs to this method")
     ev.add_argument("--out", default="results", help="folder of run records (default: results)")
     ev.add_argument("--data-root", help="folder holding the datasets (default: $SSL_BENCH_DATA or ./data)")
     ev.add_argument("--force", action="store_true", help="replace metrics the record already holds")
     ev.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                    help="override suite keys for this evaluation, e.g. --set evaluation.per_layer=true")
+                    help="override evaluation settings, e.g. --set evaluation.per_layer=true (the model is rebuilt "
+                    "from the settings stored in its file, its run's --set included)")
     ev.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], help="device (default: the suite's)")
     ev.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
                     help="import a module that registers your own methods")
@@ -64,6 +77,7 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate(args, payload: dict) -> int:
     from benchmarks.config import (
+        config_from_dict,
         evaluation_fingerprint,
         load_suite,
         resolve_threads,
@@ -71,7 +85,7 @@ def _evaluate(args, payload: dict) -> int:
         settings_fingerprint,
         training_fingerprint,
     )
-    from benchmarks.evaluation.protocols import evaluate_model
+    from benchmarks.evaluation.protocols import evaluate_model, protocol_of
     from benchmarks.launcher import limit_threads
     from benchmarks.records import read_record, record_path, same_run_records, write_record
     from benchmarks.runner import (
@@ -94,7 +108,13 @@ def _evaluate(args, payload: dict) -> int:
         deep_update(overrides, {"train": {"accelerator": args.accelerator}})
     if args.protocols:
         deep_update(overrides, {"evaluation": {"protocols": list(args.protocols)}})
-    config = resolve_threads(load_suite(args.suite or suite, overrides))
+    stored = payload.get("config")
+    if args.suite or stored is None:  # a model file of an older version carries no settings: the suite's
+        config = load_suite(args.suite or suite, overrides)
+    else:  # the settings that built the model (its run's --set included), with this command's --set on top
+        config = config_from_dict(deep_update(copy.deepcopy(stored), overrides))
+    # the threads the model was trained with (stored), else this machine's: CPU results depend on the count
+    config = resolve_threads(config)
     limit_threads(config.train.threads)
     if config.name != suite:
         raise CheckpointError(f"{args.checkpoint}: the model was trained on suite '{suite}', not "
@@ -128,7 +148,7 @@ def _evaluate(args, payload: dict) -> int:
         if held:
             raise RecordExistsError(f"{out_path} already holds {', '.join(held)}; pass --force to replace them")
 
-    recorded = (source or {}).get("method_config", {}).get("hparams")
+    recorded = (source or payload).get("method_config", {}).get("hparams")
     data_root = default_data_root(args.data_root)
     data = load_suite_data(config, data_root)
     method, settings = build_method(config, method_name, data, hparams=recorded)
@@ -136,7 +156,7 @@ def _evaluate(args, payload: dict) -> int:
         method.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         raise CheckpointError(f"{args.checkpoint}: its weights do not fit method '{method_name}' as configured "
-                              f"in suite '{suite}' ({str(exc).splitlines()[0]})") from exc
+                              f"in suite '{suite}' ({first_line(exc)})") from exc
     online_probe = online_probe_of(payload)
     device = resolve_device(config.train)
     method.to(device)

@@ -64,7 +64,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from benchmarks.errors import BenchmarkError, RecordError, RecordExistsError, StorageError
+from benchmarks.errors import BenchmarkError, RecordError, RecordExistsError, StorageError, first_line
 
 SCHEMA_VERSION = 2
 STATUSES = ("completed", "diverged", "failed")
@@ -302,16 +302,19 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite: bool = True) -> Path:
-    """Write a file through a temp file in the same folder + fsync + rename.
+def _storage_error(path: Path, exc: BaseException) -> BaseException:
+    """An OSError while writing `path` as the StorageError the CLI prints (other errors pass unchanged)."""
+    if isinstance(exc, OSError) and not isinstance(exc, (BenchmarkError, FileExistsError)):
+        reason = exc.strerror or str(exc)
+        return StorageError(f"{path}: cannot be written ({reason}); nothing was written and any previous "
+                            "file there is unchanged. Free disk space or fix the folder's permissions "
+                            "(or choose another folder), then rerun the same command.")
+    return exc
 
-    `write(handle)` fills the temp file. A reader never sees a half-written file; on
-    any error (disk full included) the temp file is removed, the previous file, if
-    any, is left untouched, and an OSError is raised as StorageError naming the file.
-    With overwrite=False the final step is a hard link, which fails atomically if
-    another writer got there first (RecordExistsError).
-    """
-    path = Path(path)
+
+def _write_temp(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """A temp file beside `path`, filled by `write(handle)` and fsynced; removed again on any error (raised as
+    StorageError naming `path`)."""
     tmp: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -324,29 +327,52 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite:
             except RuntimeError as exc:  # torch.save reports a failed write (disk full) as a RuntimeError
                 if "writ" not in str(exc).lower():
                     raise
-                raise OSError(errno.EIO, f"the write failed: {str(exc).splitlines()[0][:160]}") from exc
+                raise OSError(errno.EIO, f"the write failed: {first_line(exc)[:160]}") from exc
             handle.flush()
             os.fsync(handle.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise RecordExistsError(
-                    f"{path} already exists; pass --force to overwrite it or choose another --out"
-                ) from None
-            tmp.unlink()
-        _fsync_dir(path.parent)
+        return tmp
     except BaseException as exc:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and not isinstance(exc, (BenchmarkError, FileExistsError)):
-            reason = exc.strerror or str(exc)
-            raise StorageError(f"{path}: cannot be written ({reason}); nothing was written and any previous "
-                               "file there is unchanged. Free disk space or fix the folder's permissions "
-                               "(or choose another folder), then rerun the same command.") from exc
-        raise
+        error = _storage_error(path, exc)
+        if error is exc:
+            raise
+        raise error from exc
+
+
+def _move_into_place(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the finished temp file to `path` (overwrite=False: a hard link, which fails atomically with
+    RecordExistsError if another writer got there first)."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise RecordExistsError(f"{path} already exists; pass --force to overwrite it or choose another --out") from None
+    tmp.unlink()
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None], overwrite: bool = True) -> Path:
+    """Write a file through a temp file in the same folder + fsync + rename.
+
+    `write(handle)` fills the temp file. A reader never sees a half-written file; on
+    any error (disk full included) the temp file is removed, the previous file, if
+    any, is left untouched, and an OSError is raised as StorageError naming the file.
+    With overwrite=False the final step is a hard link, which fails atomically if
+    another writer got there first (RecordExistsError).
+    """
+    path = Path(path)
+    tmp = _write_temp(path, write)
+    try:
+        _move_into_place(tmp, path, overwrite)
+        _fsync_dir(path.parent)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        error = _storage_error(path, exc)
+        if error is exc:
+            raise
+        raise error from exc
     return path
 
 
@@ -356,37 +382,87 @@ def atomic_write_text(path: str | Path, text: str, overwrite: bool = True) -> Pa
     return atomic_write(path, lambda handle: handle.write(data), overwrite=overwrite)
 
 
-def write_predictions(path: str | Path, arrays: dict) -> str:
-    """Write the predictions atomically as compressed .npz; returns the file's SHA-256."""
+def predictions_bytes(arrays: dict) -> bytes:
+    """The predictions as the bytes of a compressed .npz."""
     import numpy as np
 
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    data = buffer.getvalue()
+    return buffer.getvalue()
+
+
+def write_predictions(path: str | Path, arrays: dict) -> str:
+    """Write the predictions atomically as compressed .npz; returns the file's SHA-256."""
+    data = predictions_bytes(arrays)
     atomic_write(path, lambda handle: handle.write(data))
     return hashlib.sha256(data).hexdigest()
 
 
 def write_record(record: dict, path: str | Path, force: bool = False, predictions: dict | None = None) -> Path:
-    """Write `predictions` (if any) beside the record, then the record with their hash and its checksum.
+    """Write the record and its `predictions` (if any, beside it) as one unit.
 
-    An existing record is never overwritten unless force=True. `record` is completed in place
-    (`predictions`, `checksum`).
+    Both files are written to temp files first (a full disk fails there, before anything is replaced), then
+    renamed into place, predictions first; if the record cannot be put in place the previous predictions file
+    is put back (or the new one removed). So on any failure either neither new file is left or the previous
+    pair is unchanged. An existing record is never overwritten unless force=True. `record` is completed in
+    place (`predictions`, `checksum`).
     """
     path = Path(path)
     if path.exists() and not force:
         raise RecordExistsError(f"{path} already exists; pass --force to overwrite it or choose another --out")
-    if predictions:
-        file = predictions_path(path)
-        record["predictions"] = {"file": file.name, "sha256": write_predictions(file, predictions),
-                                 "format": PREDICTIONS_FORMAT}
-    else:
-        record.setdefault("predictions", None)
+    file = predictions_path(path)
+    data = predictions_bytes(predictions) if predictions else None
+    record["predictions"] = None if data is None else {
+        "file": file.name, "sha256": hashlib.sha256(data).hexdigest(), "format": PREDICTIONS_FORMAT}
     record["checksum"] = ""
     validate_record(record)
     record["checksum"] = record_checksum(record)
-    text = json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    return atomic_write_text(path, text, overwrite=force)
+    text = (json.dumps(record, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
+    staged_predictions = _write_temp(file, lambda handle: handle.write(data)) if data is not None else None
+    backup: Path | None = None
+    try:
+        staged_record = _write_temp(path, lambda handle: handle.write(text))
+        try:
+            if staged_predictions is not None:
+                backup = _backup(file)
+                os.replace(staged_predictions, file)
+                staged_predictions = None
+            _move_into_place(staged_record, path, overwrite=force)
+        except BaseException as exc:
+            staged_record.unlink(missing_ok=True)
+            if data is not None and staged_predictions is None:  # the new predictions are in place: undo that
+                if backup is not None:
+                    os.replace(backup, file)
+                    backup = None
+                else:
+                    file.unlink(missing_ok=True)
+            error = _storage_error(path, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        _fsync_dir(path.parent)
+    finally:
+        for leftover in (staged_predictions, backup):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
+    return path
+
+
+def _backup(file: Path) -> Path | None:
+    """A second name (hard link) for an existing `file`, so it can be put back; None if there is no file."""
+    if not file.exists():
+        return None
+    fd, name = tempfile.mkstemp(prefix=f".{file.name}.", suffix=".previous", dir=file.parent)
+    os.close(fd)
+    backup = Path(name)
+    backup.unlink()
+    try:
+        os.link(file, backup)
+    except OSError:  # a file system without hard links: a copy
+        import shutil
+
+        shutil.copy2(file, backup)
+    return backup
 
 
 def iter_record_files(results_dir: str | Path) -> list[Path]:

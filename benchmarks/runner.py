@@ -30,7 +30,14 @@ from benchmarks.config import (
     run_fingerprints,
 )
 from benchmarks.data import ImageDataset
-from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, DivergedError, RunLockedError
+from benchmarks.errors import (
+    BenchmarkError,
+    CheckpointError,
+    ConfigError,
+    DivergedError,
+    RunLockedError,
+    first_line,
+)
 from benchmarks.evaluation import semi as semi_protocol
 from benchmarks.evaluation.protocols import PER_LAYER_KNN_K, evaluate_model
 from benchmarks.evaluation.settings import EvaluationConfig
@@ -213,6 +220,12 @@ def cpu_model() -> str | None:
     return platform.processor() or None
 
 
+def model_settings(config: SuiteConfig, settings: MethodConfig) -> dict:
+    """What a model file carries so `evaluate` can rebuild the model from it alone: the suite's resolved settings
+    (with the --set overrides of its run) and the method's (plain JSON values, loadable with weights_only=True)."""
+    return {"config": config.canonical(), "method_config": settings.model_dump(mode="json")}
+
+
 def save_model(path: Path, method: SSLMethod, meta: dict) -> None:
     """The final model for re-evaluation: tensors + plain metadata only (loadable with weights_only=True),
     written atomically (a reader or a killed process never leaves a half-written model.pt)."""
@@ -267,10 +280,13 @@ def load_model_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the file is empty (0 bytes), not a model file; use the model.pt that `run` "
+                              "wrote (<work-dir>/<suite>/<run>/model.pt), or rerun the run to write it again")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors for unsafe objects, truncated zip files, ...
-        raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+        raise CheckpointError(f"{path}: refused to load ({type(exc).__name__}: {first_line(exc)}); "
                               "only checkpoints holding tensors and plain metadata are accepted") from exc
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise CheckpointError(f"{path}: not an ssl-bench model file (format {MODEL_FORMAT})")
@@ -280,6 +296,10 @@ def load_model_file(path: str | Path) -> dict:
             got = "missing" if key not in payload else f"{type(value).__name__}"
             raise CheckpointError(f"{path}: a damaged ssl-bench model file: '{key}' must be {kind.__name__}, got "
                                   f"{got}; use the model.pt that `run` wrote, or rerun the run")
+    for key in ("config", "method_config"):  # the settings that built it (model files of older versions lack them)
+        if key in payload and not isinstance(payload[key], dict):
+            raise CheckpointError(f"{path}: a damaged ssl-bench model file: '{key}' must be dict, got "
+                                  f"{type(payload[key]).__name__}; use the model.pt that `run` wrote, or rerun the run")
     return payload
 
 
@@ -535,7 +555,7 @@ def _attempt(config: SuiteConfig, settings: MethodConfig, seed, method, data, ru
     if status == "completed":
         model_path = run_dir / "model.pt"
         meta = {"suite": suite, "method": method_name, "seed": seed, "epochs": epochs, "backbone": config.backbone,
-                "in_channels": config.in_channels, "fingerprint": fingerprints["training"]}
+                "in_channels": config.in_channels, "fingerprint": fingerprints["training"], **model_settings(config, settings)}
         if online_probe is not None:
             meta["online_probe"] = {k: v.detach().cpu() for k, v in online_probe.state_dict().items()}
         save_model(model_path, method, meta)

@@ -34,9 +34,20 @@ def load_suite_data(config: dict, data_root: str | Path | None = None, download:
     train = load(ds.train_split)
     test = load(ds.test_split)
     pretrain = train if ds.pretrain_split == ds.train_split else load(ds.pretrain_split)
-    data = SuiteData(pretrain, train, test, config.num_classes, ds.display_name or dataset_display_name(ds.name))
+    data = SuiteData(pretrain, train, test, config.num_classes, dataset_name(config, data_root))
     check_data_matches(config, data)
     return data
+
+
+def dataset_name(config, data_root: str | Path | None) -> str:
+    """The dataset's name in records and the report: dataset.display_name, else the loader's (CIFAR-10, ...);
+    your own ImageFolder is named after the suite (or its folder), not "ImageFolder"."""
+    ds = config.dataset
+    if ds.display_name:
+        return ds.display_name
+    if ds.name == "imagefolder":
+        return config.name or (Path(data_root).resolve().name if data_root is not None else "ImageFolder")
+    return dataset_display_name(ds.name)
 
 
 def check_data_matches(config: dict, data: SuiteData) -> None:

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from ssl_common.errors import ConfigError, UnknownMethodError
+from ssl_common.errors import ConfigError, UnknownMethodError, did_you_mean
 
 _REGISTRY: dict[str, type] = {}
 
@@ -44,7 +44,8 @@ def get_method(name: str) -> type:
         return _REGISTRY[name]
     except KeyError:
         raise UnknownMethodError(
-            f"unknown method '{name}'; available: {', '.join(available_methods())}. "
+            f"unknown method '{name}'; available: {', '.join(available_methods())}"
+            f"{did_you_mean(name, available_methods())}. "
             "A method in your own module must be imported first (--import MODULE_OR_FILE)."
         ) from None
 

@@ -5,7 +5,7 @@ message alone (no traceback) and exits with status 2.
 """
 
 __all__ = ["BenchmarkError", "CheckpointError", "ConfigError", "DatasetCorruptError", "DatasetNotFoundError",
-           "DivergedError", "RecordError", "RecordExistsError", "RunLockedError", "StorageError", "UnknownMethodError"]
+           "DivergedError", "RecordError", "RecordExistsError", "RunLockedError", "StorageError", "UnknownMethodError", "did_you_mean", "first_line"]
 
 
 class BenchmarkError(Exception):
@@ -53,3 +53,18 @@ class StorageError(BenchmarkError, OSError):
 
 class RunLockedError(BenchmarkError, RuntimeError):
     """Another process is training the same run (same work dir, suite, method, epochs, seed)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, for a one-line `error:`; the exception's type where it has no
+    message (an EOFError from an empty file has none)."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def did_you_mean(name: str, choices) -> str:
+    """ `; did you mean 'x'?` when `name` is a near miss of one of `choices` (difflib), else ''."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""

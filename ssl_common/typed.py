@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ssl_common.errors import ConfigError
+from ssl_common.errors import ConfigError, did_you_mean
 
 __all__ = ["AtLeastOne", "MethodHparams", "Momentum", "NestedConfigError", "NonNegativeFloat", "NonNegativeInt",
            "OptimizerConfig", "PositiveNumber", "StrictModel", "UnitInterval", "load_yaml", "validate",
@@ -194,15 +194,16 @@ def describe_error(error: dict, model: type[BaseModel], prefix: str = "", unknow
     if bare:
         return describe_error(error, model, "", unknown_word).partition(": ")[2]
     if kind == "extra_forbidden":
-        allowed = ", ".join(allowed_keys(_annotation_at(model, loc[:-1]))) or "(none)"
-        return f"{where}: unknown {unknown_word}; allowed: {allowed}"
+        keys = allowed_keys(_annotation_at(model, loc[:-1]))
+        allowed = ", ".join(keys) or "(none)"
+        return f"{where}: unknown {unknown_word}; allowed: {allowed}{did_you_mean(loc[-1], keys) if loc else ''}"
     if kind == "missing":
         return f"{where}: missing"
     if kind == "literal_error":
         annotation = _annotation_at(model, loc)
         choices = typing.get_args(annotation) if typing.get_origin(annotation) is Literal else ()
         allowed = ", ".join(str(c) for c in choices) if choices else error.get("ctx", {}).get("expected", "")
-        return f"{where}: got {value!r}; allowed: {allowed}"
+        return f"{where}: got {value!r}; allowed: {allowed}{did_you_mean(value, choices)}"
     if kind in _TYPE_NAMES:
         return f"{where}: expected {_TYPE_NAMES[kind]}, got {value!r} ({type(value).__name__})"
     if kind in _BOUNDS:

@@ -226,8 +226,8 @@ def imagefolder_image(class_index: int, i: int, size: tuple[int, int] = (40, 30)
 
 
 def make_imagefolder(root, classes=("cat", "dog"), per_class: int = 4, size: tuple[int, int] = (40, 30),
-                     splits=("train", "test"), fmt: str = "png") -> Path:
-    """root/<split>/<class>/<i>.png (or .jpg with fmt="jpeg"); size is (width, height)."""
+                     splits=("train", "test"), fmt: str = "png", grey: bool = False) -> Path:
+    """root/<split>/<class>/<i>.png (or .jpg with fmt="jpeg"); size is (width, height); grey: 8-bit grey files."""
     from PIL import Image
 
     root = Path(root)
@@ -238,6 +238,7 @@ def make_imagefolder(root, classes=("cat", "dog"), per_class: int = 4, size: tup
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 image = Image.fromarray(imagefolder_image(k, i, size, seed=s))
+                image = image.convert("L") if grey else image
                 if ext == "jpg":
                     image.save(folder / f"{i:03d}.jpg", quality=95)
                 else:

@@ -58,3 +58,12 @@ def test_other_input_channels_change_only_the_first_conv():
 def test_unknown_backbone_names_the_allowed_ones():
     with pytest.raises(ConfigError, match="backbone: unknown backbone 'resnet19'; allowed: " + ", ".join(sorted(BACKBONES))):
         build_backbone("resnet19")
+
+
+@pytest.mark.parametrize("name, blocks", [("small_cnn", 3), ("nin", 4), ("resnet18_cifar", 4), ("resnet18", 4),
+                                          ("resnet50", 4)])
+def test_block_count_and_the_per_block_default(name, blocks):
+    from benchmarks.backbones import backbone_blocks, build_backbone, default_blocks
+
+    assert backbone_blocks(name) == blocks == len(build_backbone(name).stage_dims)
+    assert default_blocks(blocks) == list(range(2, blocks + 1))

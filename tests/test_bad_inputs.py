@@ -82,6 +82,80 @@ def test_bad_names_keys_and_values(tmp_path, capsys, args, sets, expected):
     assert_refused(tmp_path, capsys, args, sets, *expected)
 
 
+# ----------------------------------------------------------------------------- issue 24: the last tracebacks
+
+LONG_VARIANT = "simclr/" + "v" * 300
+
+
+@pytest.mark.parametrize("args, sets, expected", [
+    # near misses: the closest allowed name is proposed
+    (["--suite", "digts"], [], ["--suite: unknown suite 'digts'", "did you mean 'digits'?"]),
+    (DIGITS[:2] + ["--methods", "simclrr"], [], ["unknown method 'simclrr'", "did you mean 'simclr'?"]),
+    (DIGITS, ["train.epoch=3"], ["train.epoch: unknown key", "did you mean 'epochs'?"]),
+    (DIGITS + ["--protocols", "knnn"], [], ["unknown protocol 'knnn'", "did you mean 'knn'?"]),
+    (DIGITS[:2] + ["--methods", "simclr/t5"], ["methods.simclr/t05.temperature=0.5"],
+     ["unknown method variant 'simclr/t5'", "did you mean 'simclr/t05'?"]),
+    # a 300-character variant: its record file name would be too long for the file system
+    (DIGITS[:2] + ["--methods", LONG_VARIANT], [f"methods.{LONG_VARIANT}.temperature=0.5"],
+     ["the name is 307 bytes long", "over the 255-byte limit of file names", "use a name of at most"]),
+    # list items cannot be addressed: the whole list is given instead
+    (DIGITS, ["augment.views[0].size=16"],
+     ["list items cannot be addressed", "--set 'augment.views=[{size: 16, count: 2}]'"]),
+    # per-block blocks that the backbone lacks: refused before training, with the fix
+    (DIGITS + ["--protocols", "knn_k10"], ["evaluation.knn_k10.blocks=[2, 3, 4]"],
+     ["evaluation.knn_k10.blocks: block 4 does not exist; the backbone small_cnn has 3 blocks",
+      "--set 'evaluation.knn_k10.blocks=[2, 3]'"]),
+    (DIGITS + ["--protocols", "block_classifier"], ["evaluation.block_classifier.blocks=[4]"],
+     ["evaluation.block_classifier.blocks: block 4 does not exist"]),
+])
+def test_first_contact_mistakes_get_one_line_with_the_fix(tmp_path, capsys, args, sets, expected):
+    err = assert_refused(tmp_path, capsys, args, sets, *expected)
+    assert err.count("\n") == 1, err  # one line
+
+
+def test_an_empty_model_file_is_refused_in_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    assert main(["evaluate", "--checkpoint", str(empty), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {empty}: the file is empty (0 bytes)") and err.count("\n") == 1, err
+    assert "model.pt that `run`" in err
+
+
+def test_an_unreadable_model_file_without_a_message_is_one_line(tmp_path, capsys):
+    """Exceptions without a message (EOFError) once crashed the error formatter (`splitlines()[0]`)."""
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(b"\x80")  # a pickle that ends before its first opcode is complete
+    assert main(["evaluate", "--checkpoint", str(truncated), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {truncated}: refused to load") and err.count("\n") == 1, err
+
+
+def test_evaluate_answers_a_near_miss_protocol_in_one_line(tmp_path, capsys):
+    from benchmarks.config import load_suite
+    from benchmarks.runner import build_method, load_suite_data, model_settings, save_model
+
+    config = load_suite("digits")
+    method, settings = build_method(config, "simclr", load_suite_data(config))
+    model = tmp_path / "model.pt"
+    save_model(model, method, {"suite": "digits", "method": "simclr", "seed": 0, "epochs": 1, "backbone": "small_cnn",
+                               "in_channels": 1, "fingerprint": "0" * 12, **model_settings(config, settings)})
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "knnn", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: evaluation.protocols: unknown protocol 'knnn'") and err.count("\n") == 1, err
+    assert "did you mean 'knn'?" in err and not (tmp_path / "out").exists()
+
+
+def test_per_block_protocols_default_to_the_blocks_of_the_backbone():
+    from benchmarks.config import load_suite
+
+    assert load_suite("digits").evaluation.knn_k10.blocks == [2, 3]  # small_cnn: 3 blocks
+    assert load_suite("digits").evaluation.block_classifier.blocks == [2, 3]
+    assert load_suite("cifar10").evaluation.knn_k10.blocks == [2, 3, 4]  # ResNet-18: 4 blocks
+    explicit = load_suite("digits", {"evaluation": {"knn_k10": {"blocks": [3]}}})
+    assert explicit.evaluation.knn_k10.blocks == [3]
+
+
 # ----------------------------------------------------------------------------- data vs. config
 
 def test_wrong_channels(tmp_path, capsys):

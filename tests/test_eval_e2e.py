@@ -124,3 +124,46 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
     (created_file,) = same_run_records(fresh, "digits", "simclr", 1, 0)
     created = json.loads(created_file.read_text())
     assert created["status"] == "completed" and created["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]
+
+
+@pytest.mark.slow
+def test_a_set_only_variant_is_evaluated_later_from_its_model_file_alone(tmp_path, capsys):
+    """Issue 24: `simclr/t05` exists only through --set; its model file carries the settings that built it, so
+    `evaluate` needs neither the --set again nor a suite section (and per-block kNN fits digits' 3-block CNN)."""
+    import torch
+
+    out, work = tmp_path / "results", tmp_path / "runs"
+    common = ["--out", str(out), "--no-progress"]
+    assert main(["run", "--suite", "digits", "--methods", "simclr/t05", "--epochs", "1", "--seeds", "0",
+                 "--no-references", "--no-report", "--work-dir", str(work), *common, "--set",
+                 "methods.simclr/t05.temperature=0.5", "train.online_knn_every=0", "evaluation.protocols=[knn]",
+                 "dataset.options.test_fraction=0.75"]) == 0
+    (record_file,) = same_run_records(out, "digits", "simclr/t05", 1, 0)
+    (model,) = (work / "digits").glob("simclr+t05_e1_s0_*/model.pt")
+    payload = load_model_file(model)
+    assert payload["method_config"]["hparams"]["temperature"] == 0.5
+    assert payload["config"]["methods"]["simclr/t05"] == {"temperature": 0.5}
+
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "knn_k10", *common]) == 0
+    assert same_run_records(out, "digits", "simclr/t05", 1, 0) == [record_file]  # the run's record, same settings
+    record = json.loads(record_file.read_text())
+    assert {"knn_k20", "knn_k10_B2", "knn_k10_B3", "knn_k10_avg"} <= set(record["metrics"])
+    assert record["method_config"]["hparams"]["temperature"] == 0.5
+
+    # the SSL++ block classifier, on the blocks small_cnn has (its budget cut to 1 epoch: other evaluation
+    # settings, so a record of their own)
+    assert main(["evaluate", "--checkpoint", str(model), "--protocols", "block_classifier", *common,
+                 "--set", "evaluation.block_classifier.epochs=1"]) == 0
+    (other,) = [p for p in same_run_records(out, "digits", "simclr/t05", 1, 0) if p != record_file]
+    assert {"block_classifier_B2", "block_classifier_B3"} <= set(json.loads(other.read_text())["metrics"])
+
+    # a model file of an older version (no settings in it) still works as before: the suite plus --set
+    old = tmp_path / "old" / "model.pt"
+    old.parent.mkdir()
+    torch.save({k: v for k, v in payload.items() if k not in ("config", "method_config")}, old)
+    assert main(["evaluate", "--checkpoint", str(old), "--protocols", "knn", "--out", str(tmp_path / "old_out"),
+                 "--no-progress"]) == 2
+    assert "unknown method variant 'simclr/t05'" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(old), "--protocols", "knn", "--out", str(tmp_path / "old_out"),
+                 "--no-progress", "--set", "methods.simclr/t05.temperature=0.5", "train.online_knn_every=0",
+                 "dataset.options.test_fraction=0.75"]) == 0

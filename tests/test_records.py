@@ -267,6 +267,65 @@ def test_disk_full_at_fsync_keeps_the_previous_record(tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+PREDICTIONS = {"labels": np.arange(6, dtype=np.int64), "knn_k20": np.arange(6, dtype=np.int32)}
+
+
+def _record_fsync_fails(monkeypatch):
+    """A full disk for the record's temp file only (its predictions' temp file is written fine)."""
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if ".json." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(records.os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell the temp files apart")
+def test_disk_full_on_a_new_record_leaves_neither_file(tmp_path, monkeypatch):
+    path = tmp_path / "digits" / "simclr_e2_s0.json"
+    _record_fsync_fails(monkeypatch)
+    with pytest.raises(StorageError, match="No space left on device"):
+        write_record(make_record(), path, predictions=PREDICTIONS)
+    assert sorted(p.name for p in path.parent.iterdir()) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell the temp files apart")
+def test_disk_full_on_a_rewritten_record_keeps_the_previous_pair(tmp_path, monkeypatch):
+    path = tmp_path / "digits" / "simclr_e2_s0.json"
+    write_record(make_record(), path, predictions=PREDICTIONS)
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()}
+    _record_fsync_fails(monkeypatch)
+    changed = {k: v + 1 for k, v in PREDICTIONS.items()}
+    with pytest.raises(StorageError):
+        write_record(make_record(wall_time_s=9.0), path, force=True, predictions=changed)
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before
+    monkeypatch.undo()
+    read_predictions(path, read_record(path))  # the pair still agrees (checksum and predictions hash)
+
+
+@pytest.mark.parametrize("previous", [False, True])
+def test_a_record_that_cannot_be_put_in_place_takes_its_predictions_back(tmp_path, monkeypatch, previous):
+    """The predictions are renamed into place first: if the record's rename then fails, they are undone."""
+    path = tmp_path / "digits" / "simclr_e2_s0.json"
+    if previous:
+        write_record(make_record(), path, predictions=PREDICTIONS)
+    before = {p.name: p.read_bytes() for p in path.parent.iterdir()} if previous else {}
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".json"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(records.os, "replace", replace)
+    with pytest.raises(StorageError, match=str(path)):
+        write_record(make_record(wall_time_s=9.0), path, force=True, predictions={k: v + 1 for k, v in
+                                                                                   PREDICTIONS.items()})
+    assert {p.name: p.read_bytes() for p in path.parent.iterdir()} == before
+
+
 def test_disk_full_mid_write_leaves_no_partial_file(tmp_path):
     path = tmp_path / "model.bin"
 

@@ -197,7 +197,8 @@ class _Evaluation:
         stages = len(getattr(self.backbone, "stage_dims", [])) or None
         if stages is not None and block > stages:
             raise ConfigError(f"evaluation.{protocol}.blocks: block {block} does not exist; the backbone has "
-                              f"{stages} blocks")
+                              f"{stages} blocks; use blocks 1 to {stages}, e.g. --set "
+                              f"'evaluation.{protocol}.blocks=[{', '.join(map(str, range(2, stages + 1)))}]'")
 
     def block_pooled(self, split: str, block: int, protocol: str) -> torch.Tensor:
         """Average-pooled features [N, C] of block `block`: from the cached pass over every stage (one forward

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ssl_common.errors import did_you_mean
 from ssl_common.typed import AtLeastOne, Momentum, NonNegativeFloat, PositiveNumber, StrictModel, UnitInterval
 
 PROTOCOLS = ("knn", "linear", "online_linear", "semi", "finetune", "transfer", "clustering", "knn_k10",
@@ -188,7 +189,8 @@ class EvaluationConfig(StrictModel):
     def _protocols(cls, value: list[str]) -> list[str]:
         unknown = [p for p in value if p not in PROTOCOLS]
         if unknown:
-            raise ValueError(f"unknown protocol '{unknown[0]}'; allowed: {', '.join(PROTOCOLS)}")
+            raise ValueError(f"unknown protocol '{unknown[0]}'; allowed: {', '.join(PROTOCOLS)}"
+                             f"{did_you_mean(unknown[0], PROTOCOLS)}")
         if len(set(value)) != len(value):
             raise ValueError(f"a protocol is listed twice in {value}")
         return value
