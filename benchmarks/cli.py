@@ -20,6 +20,7 @@ EPILOG = """examples:
   python -m benchmarks evaluate --checkpoint runs/digits/simclr_e20_s0_<fingerprint>/model.pt --protocols knn clustering
   python -m benchmarks list
   python -m benchmarks config --suite digits --method carl    # resolved settings
+  python -m benchmarks reproduce carl-carp-dissertation --table 5.2 --dry-run   # a paper's table: plan, cost
 """
 
 
@@ -97,6 +98,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     cfg.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="overrides, as for run")
     cfg.add_argument("--schema", action="store_true", help="print the JSON schema of a suite file")
     cfg.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
+
+    from reports.reproduce import add_reproduce_parser  # light: its heavy imports are inside functions
+
+    add_reproduce_parser(sub)
 
     if with_evaluate:
         try:
@@ -282,6 +287,13 @@ def cli_overrides(args) -> dict:
     return overrides
 
 
+def cmd_reproduce(args) -> int:
+    """`reproduce` (reports.reproduce): its missing runs go through cmd_run, exactly as `run` would run them."""
+    from reports.reproduce import reproduce
+
+    return reproduce(args, lambda argv: cmd_run(build_parser(with_evaluate=False).parse_args(argv)))
+
+
 def cmd_config(args) -> int:
     """Print the resolved config of a suite (YAML), or the JSON schema of a suite file."""
     import json
@@ -332,12 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `list` do not need the evaluate command's parser (and its imports: a slow start)
-    parser = build_parser(with_evaluate=command not in ("run", "list", "config"))
+    parser = build_parser(with_evaluate=command not in ("run", "list", "config", "reproduce"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command != "run":  # cmd_run quiets them once it imports them
         quiet_libraries(args.verbose)
-    handlers = {"run": cmd_run, "list": cmd_list, "config": cmd_config}
+    handlers = {"run": cmd_run, "list": cmd_list, "config": cmd_config, "reproduce": cmd_reproduce}
     if args.command == "evaluate":
         from benchmarks.evaluate_cli import cmd_evaluate
 
