@@ -401,6 +401,8 @@ def load_throughput(path: Path = THROUGHPUT_FILE) -> tuple[list[dict], dict]:
         if not entry.get("source"):
             continue  # not measured yet
         source = REPO_ROOT / entry["source"]
+        if not source.is_file():
+            continue  # an installed copy without the repository's results/: no figure, cost "unknown"
         try:
             bench = json.loads(source.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
