@@ -119,6 +119,7 @@ class RowPlan:
     runs: list[PlannedRun] = field(default_factory=list)
     reason: str = ""  # why no suite can reproduce it
     need: str = ""  # what a suite would need
+    protocol: str = ""  # our protocol key and the settings the paper requires, e.g. "linear views=crop_flip"
 
 
 def normalize_table(paper: str, table: str | None, papers) -> list[str]:
@@ -335,6 +336,8 @@ def plan_row(row, suites, seeds: list[int], out: str, cache: _Configs) -> RowPla
         _, base_cells, _ = cache.prospective(base, (), run_epochs)
         sets = tuple(protocol_sets(base, our_key(proto, row, base_cells), proto.settings))
         config, cells, own = cache.prospective(base, sets, run_epochs)
+        key = our_key(proto, row, cells)
+        plan.protocol = " ".join([key, *(f"{k}={_setting_text(v)}" for k, v in proto.settings)])
         cand, reason = pairing_candidates(row, cells)
         if reason:
             reasons.append(f"{base.name}: {reason}")
@@ -507,7 +510,8 @@ def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
 
     lines = [f"# reproduce {paper}: {', '.join(tables)}", ""]
     header = ["table", "method", "pretrain", "eval", "backbone", "epochs", "protocol", "metric", "paper",
-              "suite", "run", "settings", "seeds", "records", "cost of the missing"]
+              "suite", "run", "ours: key and required settings", "--set", "seeds", "records",
+              "cost of the missing"]
     rows = []
     for p in plans:
         r = p.row
@@ -516,7 +520,7 @@ def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
                 DASH if r["epochs"] is None or str(r["epochs"]) == "<NA>" else str(r["epochs"]), r["protocol"],
                 r["metric"], value]
         if not p.runs:
-            rows.append(head + ["cannot reproduce", DASH, DASH, DASH, DASH, DASH])
+            rows.append(head + ["cannot reproduce", DASH, DASH, DASH, DASH, DASH, DASH])
             continue
         for name in dict.fromkeys(run.method for run in p.runs):
             mine = [run for run in p.runs if run.method == name]
@@ -527,7 +531,8 @@ def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
             if len(known) < len(missing):
                 parts.append(f"{len(missing) - len(known)} unknown")
             cost = " + ".join(parts) if missing else DASH
-            rows.append(head + [mine[0].suite, f"{name} e{mine[0].epochs}", " ".join(mine[0].sets) or DASH,
+            rows.append(head + [mine[0].suite, f"{name} e{mine[0].epochs}", p.protocol,
+                                " ".join(mine[0].sets) or DASH,
                                 ",".join(str(run.seed) for run in mine),
                                 f"{len(mine) - len(missing)} of {len(mine)}", cost])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
