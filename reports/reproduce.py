@@ -198,6 +198,7 @@ def prospective_cells(config, names: list[str]):
 
     from benchmarks.config import settings_fingerprint
     from benchmarks.data import dataset_display_name
+    from methods import get_method
     from reports.cells import SUBSET_LABEL, SUBSET_ROLE, values_frame
     from reports.data import Run
 
@@ -205,8 +206,6 @@ def prospective_cells(config, names: list[str]):
     dataset = config.dataset.display_name or dataset_display_name(config.dataset.name)
     for name in names:
         method = config.method(name)
-        from methods import get_method
-
         keys = expected_keys(config, method)
         record = {"suite": config.name, "dataset": dataset, "epochs": method.epochs, "method": name,
                   "method_base": method.method, "method_display": method.display_name,
