@@ -21,6 +21,7 @@ EPILOG = """examples:
   python -m benchmarks list
   python -m benchmarks config --suite digits --method carl    # resolved settings
   python -m benchmarks init-suite --from-folder ~/my_images --out my_suite.yaml   # a suite for your own images
+  python -m benchmarks reproduce carl-carp-dissertation --table 5.2 --dry-run   # a paper's table: plan, cost
 """
 
 
@@ -120,6 +121,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     from benchmarks.init_suite import add_init_suite_parser
 
     add_init_suite_parser(sub)
+
+    from reports.reproduce import add_reproduce_parser  # light: its heavy imports are inside functions
+
+    add_reproduce_parser(sub)
 
     if with_evaluate:
         try:
@@ -352,6 +357,12 @@ def budget_notes(args, methods: list[str]) -> list[str]:
     notes = command_line_budget(method_sections(args), budget)[1]
     return [note for name in methods for note in notes.get(name, [])]
 
+def cmd_reproduce(args) -> int:
+    """`reproduce` (reports.reproduce): its missing runs go through cmd_run, exactly as `run` would run them."""
+    from reports.reproduce import reproduce
+
+    return reproduce(args, lambda argv: cmd_run(build_parser(with_evaluate=False).parse_args(argv)))
+
 
 def cmd_config(args) -> int:
     """Print the resolved config of a suite (YAML), or the JSON schema of a suite file."""
@@ -403,12 +414,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     # `run` and `list` do not need the evaluate command's parser (and its imports: a slow start)
-    parser = build_parser(with_evaluate=command not in ("run", "list", "config", "init-suite"))
+    parser = build_parser(with_evaluate=command not in ("run", "list", "config", "init-suite", "reproduce"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if args.command not in ("run", "init-suite"):  # cmd_run quiets them once it imports them; init-suite needs none
         quiet_libraries(args.verbose)
-    handlers = {"run": cmd_run, "list": cmd_list, "config": cmd_config}
+    handlers = {"run": cmd_run, "list": cmd_list, "config": cmd_config, "reproduce": cmd_reproduce}
     if args.command == "init-suite":
         from benchmarks.init_suite import cmd_init_suite
 

@@ -142,8 +142,17 @@ def _method_filter(row: pd.Series, cells: pd.DataFrame, key: str) -> tuple[pd.Se
     return mask, "" if mask.any() else f"no run of {row['method']} (reference row)"
 
 
-def _candidates(row: pd.Series, cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The cells that fit a CSV row on every criterion, or none and the first criterion that fails."""
+#: the cell columns ``pairing_candidates`` reads: a report cell has them, and so has a planned run's
+#: prospective cell (``reports.reproduce``), so that the report and the planner decide pairing alike
+PAIRING_COLUMNS = ("row", "method_base", "display", "role", "paper_reference", "dataset", "backbone", "epochs",
+                   "key", "settings", "metric", "num_classes")
+
+
+def pairing_candidates(row: pd.Series, cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The one pairing predicate: the cells (suite, method, epochs, protocol key, settings, metric; the
+    columns of ``PAIRING_COLUMNS``) that fit a CSV row on every criterion of the module docstring, or none
+    and the first criterion that fails. The report pairs its cells with it (``pair_with_papers``) and
+    ``python -m benchmarks reproduce`` plans its runs with it, so a plan and its report cannot disagree."""
     proto = protocol_for(row["paper"], row["table"], row["protocol"])
     if proto is None or proto.key is None:
         return cells.iloc[:0], f"protocol {row['protocol']} has no counterpart in this suite"
@@ -220,7 +229,7 @@ def pair_with_papers(cells: pd.DataFrame, papers: pd.DataFrame) -> tuple[pd.Data
     """(pairs: one row per paired cell, unmatched paper rows with ``reason``)."""
     pairs, reasons, taken = [], {}, {}
     for i, row in papers.iterrows():
-        cand, reason = _candidates(row, cells) if not cells.empty else (cells, "no completed run")
+        cand, reason = pairing_candidates(row, cells) if not cells.empty else (cells, "no completed run")
         if reason:
             reasons[i] = reason
             continue
