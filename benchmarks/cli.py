@@ -357,6 +357,7 @@ def budget_notes(args, methods: list[str]) -> list[str]:
     notes = command_line_budget(method_sections(args), budget)[1]
     return [note for name in methods for note in notes.get(name, [])]
 
+
 def cmd_reproduce(args) -> int:
     """`reproduce` (reports.reproduce): its missing runs go through cmd_run, exactly as `run` would run them."""
     from reports.reproduce import reproduce
