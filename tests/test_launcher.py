@@ -183,3 +183,64 @@ def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="--launcher slurm: no Slurm here"):
         submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm")
+
+
+REFUSING_SBATCH = """#!/bin/sh
+echo "sbatch: error: Invalid generic resource (gres) specification" >&2
+exit 1
+"""
+
+
+def test_a_refusing_sbatch_gives_one_line_naming_the_flag_and_leaves_nothing(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(REFUSING_SBATCH)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), os.environ["PATH"]]))
+    specs = [{"key": f"digits/simclr/seed{i}"} for i in range(2)]
+    with pytest.raises(ConfigError) as caught:
+        submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm", gpus_per_node=1)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "sbatch: error: Invalid generic resource (gres) specification" in message and "--slurm-gpus" in message
+    assert list((tmp_path / "submitit").iterdir()) == []  # no half-made submission
+
+
+def test_the_monitor_reports_requeues_and_results_from_the_job_logs(tmp_path, monkeypatch):
+    """watch_slurm_jobs with a queue that says what squeue would: a job that went through two attempts, then
+    finished (its result file), and one that left the queue without a result."""
+    import pickle
+
+    from benchmarks import launcher
+
+    class Paths:
+        def __init__(self, folder, job_id):
+            self.stdout = folder / f"{job_id}_0_log.out"
+            self.stderr = folder / f"{job_id}_0_log.err"
+            self.result_pickle = folder / f"{job_id}_0_result.pkl"
+
+    class Job:
+        def __init__(self, job_id):
+            self.job_id, self.paths = job_id, Paths(tmp_path, job_id)
+
+        def result(self):
+            return pickle.loads(self.paths.result_pickle.read_bytes())
+
+    jobs = [Job("7_0"), Job("7_1")]
+    specs = [{"key": "digits/simclr/seed0"}, {"key": "digits/carl/seed0"}]
+    jobs[0].paths.stdout.write_text(f"{launcher.ATTEMPT_MARK} 1 of x\n{launcher.ATTEMPT_MARK} 2 of x\n")
+    jobs[0].paths.result_pickle.write_bytes(pickle.dumps(({"status": "completed"}, 3.5)))
+    polls = iter([{"7_1": "RUNNING"}, {}, {}, {}])
+    monkeypatch.setattr(launcher, "_queue_states", lambda ids: next(polls))
+    lines: list[str] = []
+    results = launcher.watch_slurm_jobs(jobs, specs, poll_s=0.01, say=lines.append)
+    assert [r.status for r in results] == ["completed", "failed"]
+    assert results[0].result == {"status": "completed"}
+    assert "left the queue without a result" in results[1].reason
+    text = "\n".join(lines)
+    assert "digits/simclr/seed0] requeued by SLURM (1 time so far)" in text
+    assert "finished in 3.5 s after 1 requeue(s)" in text and "digits/carl/seed0 FAILED" in text
+    assert "SLURM jobs: 0 pending, 1 running, 0 requeued, 1 done, 0 failed" in text

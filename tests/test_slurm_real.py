@@ -118,3 +118,18 @@ def test_a_time_limit_far_shorter_than_the_run_is_requeued_until_it_finishes(slu
     assert "Traceback" not in log and "KeyboardInterrupt" not in log
     assert "SLURM auto-requeueing enabled" not in log + next(work.glob("submitit/*/*/*_log.err")).read_text()
     assert done.stdout.count("requeued by SLURM") >= 4
+
+
+def test_a_partition_sbatch_refuses_ends_in_one_error_line_and_no_submission(slurm, tmp_path):
+    work = tmp_path / "work"
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "run", "--suite", "digits", "--methods", "simclr",
+                           "--seeds", "0", "--epochs", "1", "--no-references", "--no-report", "--out",
+                           str(tmp_path / "out"), "--work-dir", str(work), "--launcher", "slurm",
+                           "--slurm-partition", "nosuchpartition"],
+                          cwd=REPO, env=slurm, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --launcher slurm: sbatch refused the job array (sbatch: error:"), last
+    assert "partition" in last.lower() and "--slurm-partition" in last and "Traceback" not in done.stderr
+    assert list((work / "submitit").iterdir()) == []
+    assert not list((tmp_path / "out").rglob("*.json"))
