@@ -75,4 +75,6 @@ def test_cifar10_suite_without_cifar10_stops_within_seconds(tmp_path):
     assert "--download" in err and "https://www.cs.toronto.edu/~kriz/cifar.html" in err  # how to get it
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
-    assert elapsed < 10, f"took {elapsed:.1f} s"
+    # before any training or model build (no out/work folder above); the bound is loose on purpose: the check
+    # itself takes 3-4 s on an idle 2-core machine, more on a busy one, and timings belong to benchmarks
+    assert elapsed < 30, f"took {elapsed:.1f} s"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,30 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
+@pytest.fixture
+def prompt_requeues(slurm):
+    """slurmctld holds a requeued job for about 2 minutes (its begin time is set ahead: Reason=BeginTime); like an
+    admin's `scontrol update StartTime=now`, this lets it start again at once, so a test of many requeues takes
+    minutes, not tens of minutes. Nothing else about the job changes."""
+    stop = threading.Event()
+
+    def release():
+        while not stop.wait(1.0):
+            out = subprocess.run(["squeue", "-h", "-r", "-t", "PENDING", "-o", "%i %r"], env=slurm,
+                                 capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                job, _, reason = line.partition(" ")
+                if reason.strip() == "BeginTime":
+                    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm,
+                                   capture_output=True)
+
+    thread = threading.Thread(target=release, daemon=True)
+    thread.start()
+    yield
+    stop.set()
+    thread.join(timeout=10)
+
+
 def _squeue(env) -> dict[str, str]:
     out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T"], env=env, capture_output=True, text=True).stdout
     return dict(line.split() for line in out.splitlines() if line.strip())
@@ -48,7 +73,7 @@ def _comparable(path: Path) -> dict:
             "predictions": {name: predictions[name].tolist() for name in sorted(predictions.files)}}
 
 
-def test_default_flags_array_with_a_requeue_gives_the_records_of_plain_runs(slurm, tmp_path):
+def test_default_flags_array_with_a_requeue_gives_the_records_of_plain_runs(slurm, prompt_requeues, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     command = [sys.executable, "-m", "benchmarks", "run", "--suite", "digits", "--methods", "simclr", "carl",
                "--seeds", "0", "--epochs", "30", "--no-references", "--no-report", "--out", str(out),
@@ -99,7 +124,7 @@ def test_default_flags_array_with_a_requeue_gives_the_records_of_plain_runs(slur
         assert record["wall_time_s"] > 0
 
 
-def test_a_time_limit_far_shorter_than_the_run_is_requeued_until_it_finishes(slurm, tmp_path):
+def test_a_time_limit_far_shorter_than_the_run_is_requeued_until_it_finishes(slurm, prompt_requeues, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     # 1 minute per job; SLURM signals 45 s before the limit (slurmctld checks time limits every 30 s, so the
     # signal comes 15-45 s into an attempt and the kill at the limit never overlaps it); ~150 s of training
