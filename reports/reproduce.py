@@ -355,17 +355,28 @@ def plan_row(row, suites, seeds: list[int], out: str, cache: _Configs) -> RowPla
 
 
 def planned_run(config, name: str, seed: int, sets: tuple[str, ...], out: str) -> PlannedRun:
-    from benchmarks.config import run_fingerprints
-    from benchmarks.records import read_record, record_path
+    """The run and whether a completed record of it exists. CPU thread counts are part of a record's fingerprint
+    (bitwise results need the same count), but any count measures the same experiment: an existing record counts
+    when its fingerprint is the plan's settings at the record's own thread count."""
+    from benchmarks.config import resolve_threads, run_fingerprints
+    from benchmarks.records import read_record, record_path, same_run_records
 
     method = config.method(name)
-    path = record_path(out, config.name, name, method.epochs, seed, run_fingerprints(config, method, seed)["run"])
+    resolved = resolve_threads(config)  # the count `run` without a launcher would use here
+    path = record_path(out, config.name, name, method.epochs, seed, run_fingerprints(resolved, method, seed)["run"])
     have = False
-    if path.is_file():
+    for candidate in same_run_records(out, config.name, name, method.epochs, seed):
         try:
-            have = read_record(path).get("status") == "completed"
+            record = read_record(candidate, verify_predictions=False)
         except (BenchmarkError, OSError, ValueError):
-            have = False
+            continue
+        threads = record.get("config", {}).get("train", {}).get("threads")
+        if record.get("status") != "completed" or not isinstance(threads, int):
+            continue
+        theirs = config.model_copy(update={"train": config.train.model_copy(update={"threads": threads})})
+        if run_fingerprints(theirs, method, seed)["run"] == record["fingerprints"]["run"]:
+            path, have = candidate, True
+            break
     return PlannedRun(config.name, name, method.epochs, seed, sets, path, have)
 
 

@@ -80,14 +80,14 @@ def test_unknown_table_and_paper_are_named(capsys):
 def test_rows_no_suite_can_reproduce_say_why_and_what_a_suite_needs(capsys, tmp_path):
     csv_path = write_csv(tmp_path / "papers.csv", [
         fixture_row(pretrain_dataset="ImageNet", eval_dataset="ImageNet", backbone="ResNet-50", epochs="800"),
-        fixture_row(pretrain_dataset="MNIST", eval_dataset="MNIST", backbone="ResNet-18"),
+        fixture_row(pretrain_dataset="STL-10", eval_dataset="STL-10", backbone="ResNet-50"),
         fixture_row(method="UIC", protocol="linear_conv5", pretrain_dataset="CIFAR-10", eval_dataset="CIFAR-10",
                     backbone="ResNet-18", paper="uic", table="Table 3"),
     ])
     assert main(["reproduce", "carl-carp-dissertation", "--paper-csv", str(csv_path), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "no suite pretrains on ImageNet; needs a suite file with ImageNet data and a ResNet-50 backbone" in out
-    assert "no suite trains a ResNet-18 on MNIST (suites: mnist small_cnn)" in out
+    assert "no suite trains a ResNet-50 on STL-10" in out
     assert main(["reproduce", "uic", "--paper-csv", str(csv_path), "--dry-run"]) == 0
     assert "protocol linear_conv5 has no counterpart in this suite" in capsys.readouterr().out
 
