@@ -276,6 +276,11 @@ def test_a_base_may_have_a_base_and_names_a_shipped_suite(tmp_path):
     assert config.in_channels == mnist.in_channels == 1 and config.methods == mnist.methods
     # the shipped chain mnist-small -> mnist -> cifar10: a key cifar10 sets and mnist removes stays removed
     assert "queue_start_epoch" not in load_suite("mnist-small").methods["swav"]
+    # what reads the file's sections (the command line's budget notes) sees the inherited ones
+    from benchmarks.config import read_suite_file, suite_path
+
+    sections = read_suite_file(suite_path("cifar100-20"))["methods"]
+    assert sections["self_classifier/reimpl"]["train"] == {"batch_size": 512, "epochs": 800}
 
 
 def test_a_cycle_of_bases_is_one_error_naming_the_file_and_base(tmp_path):
