@@ -13,6 +13,11 @@ section holds the method's hyperparameters plus optional overrides of the suite'
 `augment` (the method's own views, where its paper requires them) and `train` (`batch_size`,
 `epochs`). `config.method(name)` returns the resolved settings (`MethodConfig`).
 
+Inheritance: a suite file may say `base: cifar10` (a shipped suite, or a YAML file relative to it) and hold
+only its differences; `read_suite_file` merges it over its base (`_inherit`: mappings key by key, lists and
+scalars replace, `null` removes a key, `!replace` replaces a mapping whole), a base may have a base, and `name`
+is never inherited.
+
 The canonical dump (`canonical`) is what run records store, and what run fingerprints hash.
 """
 
@@ -25,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, PrivateAttr, SerializeAsAny, field_validator
 
 from benchmarks.augment import ViewSpec
@@ -36,7 +42,7 @@ from ssl_common.typed import (
     NonNegativeInt,
     OptimizerConfig,
     StrictModel,
-    load_yaml,
+    _Yaml12Loader,
     validate,
 )
 
@@ -401,9 +407,60 @@ def suite_path(suite: str) -> Path:
     return candidate
 
 
-def read_suite_file(path: Path) -> dict:
+class Replace(dict):
+    """A mapping tagged `!replace` in a suite file: it replaces its base's mapping instead of merging into it."""
+
+
+class _SuiteLoader(_Yaml12Loader):
+    """The YAML loader of suite files: YAML 1.2 floats plus the `!replace` tag."""
+
+
+_SuiteLoader.add_constructor("!replace", lambda loader, node: Replace(loader.construct_mapping(node, deep=True)))
+
+
+def _plain(value: Any) -> Any:
+    """`value` with every `Replace` turned back into a plain dict (what the models and the YAML dump expect)."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def _inherit(base: dict, extra: dict) -> dict:
+    """`extra` (a suite file) over `base` (its resolved base): mappings merge key by key, lists and scalars
+    replace, `null` removes the key, and a mapping tagged `!replace` replaces the base's mapping whole (its own
+    keys in its own order). A merged mapping keeps the base's key order; keys new to it come after."""
+    result = copy.deepcopy(base)
+    for key, value in extra.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and not isinstance(value, Replace) and isinstance(result.get(key), dict):
+            result[key] = _inherit(result[key], value)
+        else:
+            result[key] = copy.deepcopy(value)
+    return result
+
+
+def _base_path(value: Any, path: Path) -> Path:
+    """The file `base: value` in the suite file `path` names: a shipped suite, or a YAML file relative to `path`."""
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}: base: expected a shipped suite name or a path to a .yaml file, got {value!r}")
+    if Path(value).suffix in (".yaml", ".yml"):
+        candidate = (path.parent / value).resolve()
+        if not candidate.is_file():
+            raise ConfigError(f"{path}: base: no such file {candidate} (a path is relative to the including file)")
+        return candidate
+    candidate = CONFIG_DIR / f"{value}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(f"{path}: base: unknown suite '{value}'; available: {', '.join(available_suites())} "
+                          f"(or a path to a .yaml file, relative to this file){did_you_mean(value, available_suites())}")
+    return candidate
+
+
+def _read_yaml_mapping(path: Path) -> dict:
     try:
-        raw = load_yaml(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_SuiteLoader) or {}  # noqa: S506 (SafeLoader)
     except (UnicodeDecodeError, OSError) as exc:
         raise ConfigError(f"{path}: cannot be read ({exc})") from exc
     except Exception as exc:  # yaml.YAMLError and its subclasses
@@ -411,6 +468,22 @@ def read_suite_file(path: Path) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a suite file is a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def read_suite_file(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """The suite file's mapping with its `base:` chain resolved: the file merged over its base (see `_inherit`).
+    `name` is never inherited: a file without one is named by `load_suite` after its own stem."""
+    raw = _read_yaml_mapping(path)
+    if "base" not in raw:
+        return _plain(raw)
+    resolved = Path(path).resolve()
+    base_path = _base_path(raw.pop("base"), Path(path))
+    if base_path.resolve() in (*_chain, resolved):
+        cycle = " -> ".join(str(p) for p in (*_chain, resolved, base_path.resolve()))
+        raise ConfigError(f"{path}: base: the chain of bases is a cycle ({cycle})")
+    base = read_suite_file(base_path, (*_chain, resolved))
+    base.pop("name", None)
+    return _plain(_inherit(base, raw))
 
 
 def load_suite(suite: str, overrides: dict | None = None) -> SuiteConfig:
@@ -617,6 +690,13 @@ def json_schema() -> dict:
 
     schema = SuiteConfig.model_json_schema()
     schema["title"] = "ssl-cluster-bench suite file"
+    schema["properties"]["base"] = {
+        "type": "string", "title": "Base",
+        "description": "the suite this file holds the differences from: a shipped suite's name (e.g. cifar10) or "
+                       "a path to a .yaml file relative to this file. The file is merged over its base recursively: "
+                       "mappings merge key by key, lists and scalars replace, `null` removes an inherited key, a "
+                       "mapping tagged `!replace` replaces the base's mapping whole; a base may have a base; `name` "
+                       "is never inherited (default: this file's stem)"}
     dataset = schema["$defs"]["DatasetConfig"]["properties"]
     dataset["name"]["description"] = (f"the loader: {', '.join(available_datasets())}. Its files are found under "
                                       "`--data-root` (default $SSL_BENCH_DATA or ./data); imagefolder: your own "

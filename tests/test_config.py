@@ -4,6 +4,7 @@ named variants, the canonical dump and the fingerprints."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -232,3 +233,112 @@ def test_evaluation_fingerprint_follows_the_evaluation_settings_only():
     assert evaluation_fingerprint(load_suite("digits", {"evaluation": {"knn": {"temperature": 0.07}}})) != base
     # which protocols run is not a setting of their results: a record gains the protocols it lacks
     assert evaluation_fingerprint(load_suite("digits", {"evaluation": {"protocols": ["knn"]}})) == base
+
+
+# ----------------------------------------------------------------------------- suite inheritance (base:)
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_a_suite_file_merges_over_its_base_by_the_inheritance_rules(tmp_path):
+    from benchmarks.config import read_suite_file
+
+    _write(tmp_path / "parent.yaml", "name: parent\ndescription: the parent\ndataset: {name: digits}\n"
+           "backbone: small_cnn\nin_channels: 1\nimage_size: 8\n"
+           "train: {epochs: 7, seeds: [0, 1, 2]}\n"
+           "augment: {normalization: {mean: [0.5], std: [0.5]}, views: [{size: 8, count: 2}]}\n"
+           "methods:\n  swav: {num_prototypes: 30, queue_length: 0, queue_start_epoch: 3}\n"
+           "  iic: {num_clusters: 50, sobel: false}\n  carl: {num_prototypes: 100}\n")
+    child = _write(tmp_path / "child.yaml", "base: parent.yaml\ntrain: {seeds: [5]}\n"
+                   "augment: {views: [{size: 8, count: 1}]}\n"
+                   "methods:\n  swav: {num_prototypes: 40, queue_start_epoch: null}\n"
+                   "  iic: !replace {sobel: true, num_clusters: 70}\n  carl: null\n  simclr: {temperature: 0.2}\n")
+    raw = read_suite_file(child)
+    assert "name" not in raw and "base" not in raw  # the base's name is never inherited
+    assert raw["description"] == "the parent" and raw["backbone"] == "small_cnn"
+    assert raw["train"] == {"epochs": 7, "seeds": [5]}  # mappings merge key by key, lists replace
+    assert raw["augment"]["views"] == [{"size": 8, "count": 1}] and raw["augment"]["normalization"]["mean"] == [0.5]
+    # null removes an inherited key; !replace replaces a mapping whole, in its own key order; new keys come last
+    assert raw["methods"] == {"swav": {"num_prototypes": 40, "queue_length": 0},
+                              "iic": {"sobel": True, "num_clusters": 70}, "simclr": {"temperature": 0.2}}
+    assert list(raw["methods"]["iic"]) == ["sobel", "num_clusters"] and type(raw["methods"]["iic"]) is dict
+    config = load_suite(str(child))
+    assert config.name == "child" and config.train.seeds == [5] and config.method("swav").hparams.num_prototypes == 40
+
+
+def test_a_base_may_have_a_base_and_names_a_shipped_suite(tmp_path):
+    _write(tmp_path / "middle.yaml", "base: mnist\nname: middle\ntrain: {epochs: 3}\n")
+    leaf = _write(tmp_path / "leaf.yaml", "base: middle.yaml\ndescription: leaf\n")
+    config, mnist = load_suite(str(leaf)), load_suite("mnist")
+    assert config.name == "leaf" and config.description == "leaf" and config.train.epochs == 3
+    assert config.in_channels == mnist.in_channels == 1 and config.methods == mnist.methods
+    # the shipped chain mnist-small -> mnist -> cifar10: a key cifar10 sets and mnist removes stays removed
+    assert "queue_start_epoch" not in load_suite("mnist-small").methods["swav"]
+    # what reads the file's sections (the command line's budget notes) sees the inherited ones
+    from benchmarks.config import read_suite_file, suite_path
+
+    sections = read_suite_file(suite_path("cifar100-20"))["methods"]
+    assert sections["self_classifier/reimpl"]["train"] == {"batch_size": 512, "epochs": 800}
+
+
+def test_a_cycle_of_bases_is_one_error_naming_the_file_and_base(tmp_path):
+    _write(tmp_path / "a.yaml", "base: b.yaml\n")
+    _write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml: base: the chain of bases is a cycle \(.*a\.yaml -> .*b\.yaml "
+                                          r"-> .*a\.yaml\)"):
+        load_suite(str(tmp_path / "a.yaml"))
+    _write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"self\.yaml: base: the chain of bases is a cycle"):
+        load_suite(str(tmp_path / "self.yaml"))
+
+
+def test_a_missing_base_is_one_error_naming_the_file_and_base(tmp_path):
+    orphan = _write(tmp_path / "orphan.yaml", "base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"orphan\.yaml: base: no such file .*nowhere\.yaml \(a path is relative"):
+        load_suite(str(orphan))
+    _write(orphan, "base: cifar1O\n")
+    with pytest.raises(ConfigError, match=r"orphan\.yaml: base: unknown suite 'cifar1O'; available: .*did you mean"):
+        load_suite(str(orphan))
+    _write(orphan, "base: [cifar10]\n")
+    with pytest.raises(ConfigError, match=r"orphan\.yaml: base: expected a shipped suite name or a path"):
+        load_suite(str(orphan))
+
+
+def test_the_schema_knows_base():
+    from benchmarks.config import json_schema
+
+    assert "shipped suite" in json_schema()["properties"]["base"]["description"]
+
+
+SUITE_RESOLUTIONS = Path(__file__).parent / "suite_resolutions.json"
+
+
+def _suite_resolutions() -> dict:
+    """Per shipped suite: the SHA-256 of `config --suite X`'s output, the launcher section and every method's run
+    fingerprint (seed 0). Regenerate (only when a change to a suite is meant) with `python tests/test_config.py`."""
+    import hashlib
+
+    from benchmarks.config import run_fingerprints
+
+    out = {}
+    for suite in available_suites():
+        config = load_suite(suite)
+        text = yaml.safe_dump(config.canonical(), sort_keys=False, default_flow_style=None, width=110)
+        out[suite] = {"config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                      "launcher": config.launcher.model_dump(mode="json"),
+                      "runs": {name: run_fingerprints(config, config.method(name), config.train.seeds[0])["run"]
+                               for name in config.method_names()}}
+    return out
+
+
+def test_every_shipped_suite_resolves_to_the_committed_resolution():
+    """The shipped suites are written as `base:` + differences; they resolve byte-identically to the files they
+    replaced (tests/suite_resolutions.json was generated from those), so no run fingerprint moved."""
+    expected = json.loads(SUITE_RESOLUTIONS.read_text(encoding="utf-8"))
+    assert _suite_resolutions() == expected
+
+
+if __name__ == "__main__":
+    SUITE_RESOLUTIONS.write_text(json.dumps(_suite_resolutions(), indent=1, sort_keys=True) + "\n", encoding="utf-8")
