@@ -148,7 +148,8 @@ def expected_mutual_information(row_sums, col_sums) -> float:
     ai, bj = ai[pair], bj[pair]
     log_term = np.log(n) + np.log(nij) - np.log(ai) - np.log(bj)
     log_prob = (gammaln(ai + 1) + gammaln(bj + 1) + gammaln(n - ai + 1) + gammaln(n - bj + 1) - gammaln(n + 1)
-                - gammaln(nij + 1) - gammaln(ai - nij + 1) - gammaln(bj - nij + 1) - gammaln(n - ai - bj + nij + 1))
+                - gammaln(nij + 1) - gammaln(ai - nij + 1) - gammaln(bj - nij + 1)
+                - gammaln(n - ai - bj + nij + 1))
     return float(np.sum(nij / n * log_term * np.exp(log_prob)))
 
 
@@ -196,9 +197,9 @@ def batched_scores(tables, metric: str, emi=None) -> np.ndarray:
         raise ValueError(f"unknown clustering metric {metric!r}; known: {', '.join(SCALAR)}")
     # entropies and mutual information from counts: H = log n - sum x log x / n
     logn = np.log(n)
-    ha = logn - _xlogx(a).sum(axis=1) / n
-    hb = logn - _xlogx(b).sum(axis=1) / n
-    mi = np.maximum(0.0, (_xlogx(c).sum(axis=(1, 2)) - _xlogx(a).sum(axis=1) - _xlogx(b).sum(axis=1)) / n + logn)
+    xlogx_a, xlogx_b = _xlogx(a).sum(axis=1), _xlogx(b).sum(axis=1)
+    mi = np.maximum(0.0, (_xlogx(c).sum(axis=(1, 2)) - xlogx_a - xlogx_b) / n + logn)
+    ha, hb = logn - xlogx_a / n, logn - xlogx_b / n
     mean_h = (ha + hb) / 2
     if metric == "nmi":
         with np.errstate(invalid="ignore", divide="ignore"):

@@ -55,7 +55,8 @@ def test_expected_mutual_information_hand_cases():
     assert cm.expected_mutual_information([2, 1], [2, 1]) == pytest.approx(by_hand, abs=1e-15)
     # one cluster on a side, or empty clusters: zero entropy / ignored
     assert cm.expected_mutual_information([5], [2, 3]) == 0.0
-    assert cm.expected_mutual_information([0, 2, 0, 1], [2, 0, 1]) == cm.expected_mutual_information([2, 1], [2, 1])
+    without_empty = cm.expected_mutual_information([2, 1], [2, 1])
+    assert cm.expected_mutual_information([0, 2, 0, 1], [2, 0, 1]) == without_empty
     with pytest.raises(ValueError, match="disagree"):
         cm.expected_mutual_information([2, 2], [1, 1])
 
@@ -95,7 +96,8 @@ def test_labels_are_checked_and_labelled_nmi_skips_unlabelled_items():
 def test_batched_forms_equal_the_scalar_ones_on_each_resample(metric, classes, clusters, n, seed):
     y, p = _labelings(classes, clusters, n, seed)
     resamples = np.random.default_rng(seed).integers(0, n, size=(6, n))
-    tables = cm.resampled_contingencies(y, p, resamples, classes + 2, clusters + 3)  # empty rows / columns too
+    # two more classes and three more clusters than used: empty rows and columns too
+    tables = cm.resampled_contingencies(y, p, resamples, classes + 2, clusters + 3)
     assert tables.shape == (6, classes + 2, clusters + 3)
     batched = cm.batched_scores(tables, metric)  # AMI: each table's own expected mutual information
     scalar = [cm.SCALAR[metric](y[r], p[r]) for r in resamples]
@@ -108,7 +110,8 @@ def test_batched_ami_with_a_shared_expected_mutual_information():
     y, p = _labelings(6, 8, 400, 5)
     tables = cm.resampled_contingencies(y, p, np.arange(400)[None], 6, 8)  # the observed table itself
     emi = cm.expected_mutual_information(np.bincount(y), np.bincount(p))
-    assert cm.batched_scores(tables, "ami", emi) == pytest.approx([adjusted_mutual_info_score(y, p)], abs=1e-10)
+    exact = adjusted_mutual_info_score(y, p)
+    assert cm.batched_scores(tables, "ami", emi) == pytest.approx([exact], abs=1e-10)
 
 
 def test_batched_degenerate_tables_follow_scikit_learn():
