@@ -24,14 +24,14 @@ def tiny_method(name: str, hparams=None, *, num_classes: int = 3, num_train: int
     return get_method(name)(small_cnn(1, width=width), data, hparams)
 
 
-def train_batch(views: list[torch.Tensor], indices: torch.Tensor | None = None, *, epoch: int = 0, step: int = 0,
-                max_epochs: int = 10, generator_seed: int = 0, stage: int = 0) -> TrainBatch:
+def train_batch(views: list[torch.Tensor], indices: torch.Tensor | None = None, *, epoch: int = 0,
+                step: int = 0, max_epochs: int = 10, generator_seed: int = 0, stage: int = 0) -> TrainBatch:
     """A TrainBatch of these views: dataset `indices` (default 0..n-1), no labels, a generator seeded with
     `generator_seed`."""
     if indices is None:
         indices = torch.arange(len(views[0]))
-    return TrainBatch(views, indices, None, epoch, step, max_epochs, torch.Generator().manual_seed(generator_seed),
-                      stage)
+    generator = torch.Generator().manual_seed(generator_seed)
+    return TrainBatch(views, indices, None, epoch, step, max_epochs, generator, stage)
 
 
 def random_batch(n: int = 8, views: int = 2, *, view_seed: int = 0, **batch) -> TrainBatch:

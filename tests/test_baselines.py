@@ -71,7 +71,8 @@ def test_simclr_projection_head_has_no_batch_norm():
 # -- SwAV -------------------------------------------------------------------------------------------------
 
 def _swav(**hparams):
-    return tiny_method("swav", {"num_prototypes": 6, "hidden_dim": 16, "output_dim": 8, **hparams}, num_train=64)
+    hparams = {"num_prototypes": 6, "hidden_dim": 16, "output_dim": 8, **hparams}
+    return tiny_method("swav", hparams, num_train=64)
 
 
 def _train(method, steps, epoch=0, views=2, lr=0.5):
@@ -79,7 +80,8 @@ def _train(method, steps, epoch=0, views=2, lr=0.5):
     prototypes = []
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = method.training_loss(random_batch(views=views, view_seed=1000 + step, step=step, epoch=epoch))
+        batch = random_batch(views=views, view_seed=1000 + step, step=step, epoch=epoch)
+        loss, _ = method.training_loss(batch)
         loss.backward()
         optimizer.step()
         prototypes.append(method.prototypes.heads[0].weight.detach().clone())
