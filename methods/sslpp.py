@@ -83,14 +83,6 @@ def sslpp_loss(rotation_logits: torch.Tensor, rotation_labels: torch.Tensor, pse
     return loss_s + weight * loss_c, loss_s, loss_c
 
 
-def normalized_mutual_info(labels_true: torch.Tensor, labels_pred: torch.Tensor) -> float:
-    """NMI (arithmetic normalisation, scikit-learn) over the labelled entries (label >= 0)."""
-    from sklearn.metrics import normalized_mutual_info_score
-
-    keep = labels_true >= 0
-    return float(normalized_mutual_info_score(labels_true[keep].cpu().numpy(), labels_pred[keep].cpu().numpy()))
-
-
 CLUSTERING, ROTATION = 0, 1  # stage indices
 
 
@@ -193,7 +185,9 @@ class SSLPlusPlus(SSLMethod):
         self.pseudo_labels.copy_(labels.to(self.pseudo_labels.device))
         logs = {"pseudo_label_clusters": float(torch.unique(labels).numel())}
         if ctx.labels is not None and bool((ctx.labels >= 0).any()):
-            logs["pseudo_label_nmi"] = normalized_mutual_info(ctx.labels, labels)
+            from ssl_common.clustering_metrics import labelled_nmi  # scikit-learn: imported when needed
+
+            logs["pseudo_label_nmi"] = labelled_nmi(ctx.labels.cpu().numpy(), labels.cpu().numpy())
         return logs
 
     def training_loss(self, batch: TrainBatch):

@@ -217,12 +217,10 @@ class UIC(SSLMethod):
         if previous is not None:
             logs["label_change"] = float((filled != previous).float().mean())
         if ctx.labels is not None and bool((ctx.labels >= 0).any()):
-            from sklearn.metrics import normalized_mutual_info_score
+            from ssl_common.clustering_metrics import labelled_nmi  # scikit-learn: imported when needed
 
-            keep = ctx.labels >= 0
             # the paper's "NMI t/labels" (Table 1): pseudo-labels vs annotated labels
-            logs["pseudo_label_nmi"] = float(normalized_mutual_info_score(ctx.labels[keep].numpy(),
-                                                                          filled[keep].numpy()))
+            logs["pseudo_label_nmi"] = labelled_nmi(ctx.labels.numpy(), filled.numpy())
         return logs
 
     def epoch_order(self, epoch: int, generator: torch.Generator) -> torch.Tensor | None:

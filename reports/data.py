@@ -42,7 +42,7 @@ HISTORY_SERIES = ("loss", "online_knn_top1")
 #: tolerance (percentage points) between a metric recomputed from the predictions and the recorded one
 METRIC_TOLERANCE = 0.01
 CLUSTER_SOURCES = ("kmeans", "head")
-#: record metric name -> ``reports.stats.CLUSTERING_METRICS`` name (ACC_MANY_TO_ONE: the producer's
+#: record metric name -> ``ssl_common.clustering_metrics.SCALAR`` name (ACC_MANY_TO_ONE: the producer's
 #: ``as_percent_metrics`` spelling of ACC_M2O)
 CLUSTER_METRICS = {"NMI": "nmi", "AMI": "ami", "ARI": "ari", "ACC": "acc", "ACC_M2O": "acc_many_to_one",
                    "ACC_MANY_TO_ONE": "acc_many_to_one"}

@@ -5,7 +5,8 @@
 * Over test images within runs: percentile bootstrap (``bootstrap_interval``, ``accuracy_interval``,
   ``clustering_interval``) and the paired bootstrap test (``paired_bootstrap_test``,
   ``paired_bootstrap_metric_test``, ``not_significantly_different_from_best``).
-* Clustering metrics from a contingency matrix (NMI, AMI, ARI, one-to-one and many-to-one ACC).
+* Clustering metrics (NMI, AMI, ARI, one-to-one and many-to-one ACC; ``ssl_common.clustering_metrics``) in
+  percent, averaged over seeds, and their bootstrap (``clustering_interval``, ``paired_clustering_test``).
 * ``average_ranks`` of methods over metrics and seeds.
 
 Conventions: accuracies and metrics in percent (0-100); arrays of per-image values have the images on
@@ -26,8 +27,8 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from scipy import stats
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics.cluster._expected_mutual_info_fast import expected_mutual_information
+
+from ssl_common import clustering_metrics as cmetrics
 
 LEVEL = 0.95
 N_BOOT = 1000
@@ -285,155 +286,18 @@ def not_significantly_different_from_best(per_method: Mapping, alpha: float = 0.
     return {best} | {name for name, p_o in zip(others, p) if p_o >= alpha}
 
 
-# --------------------------------------------------------------------- clustering metrics from counts
-
-
-def _labels(x) -> np.ndarray:
-    labels = np.asarray(x)
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    if labels.size == 0 or labels.min() < 0:
-        raise ValueError("labels must be non-empty and non-negative (class / cluster indices)")
-    return labels.astype(np.int64)
-
-
-def contingency(labels_true, labels_pred) -> np.ndarray:
-    """Counts [classes, clusters] (float) of class/cluster index pairs; unused indices stay zero rows/columns
-    (every metric below ignores them, as scikit-learn's relabelling does)."""
-    y, p = _labels(labels_true).reshape(-1), _labels(labels_pred).reshape(-1)
-    if len(y) != len(p):
-        raise ValueError(f"labels_true has {len(y)} entries but labels_pred has {len(p)}")
-    k = int(p.max()) + 1
-    return np.bincount(y * k + p, minlength=(int(y.max()) + 1) * k).reshape(-1, k).astype(np.float64)
-
-
-def _used(c) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """The contingency without empty rows/columns, its row and column sums and total."""
-    c = np.asarray(c, dtype=np.float64)
-    c = c[c.sum(axis=1) > 0][:, c.sum(axis=0) > 0]
-    return c, c.sum(axis=1), c.sum(axis=0), float(c.sum())
-
-
-def _entropy(counts: np.ndarray, n: float) -> float:
-    return float(-np.sum(counts / n * (np.log(counts) - math.log(n))))
-
-
-def _mutual_info(c: np.ndarray, a: np.ndarray, b: np.ndarray, n: float) -> float:
-    # By hand from counts (scikit-learn's mutual_info_score wants labels): sum p_ij log(p_ij / (p_i p_j)).
-    if c.shape[0] == 1 or c.shape[1] == 1:
-        return 0.0
-    rows, cols = np.nonzero(c)
-    v = c[rows, cols]
-    return max(0.0, float(np.sum(v / n * (np.log(v) + math.log(n) - np.log(a[rows]) - np.log(b[cols])))))
-
-
-def nmi(c) -> float:
-    """NMI (fraction) from a contingency matrix, normalised by the arithmetic mean of the two entropies
-    (scikit-learn's default); 1 when both sides have one label."""
-    c, a, b, n = _used(c)
-    if c.shape == (1, 1):
-        return 1.0
-    mi = _mutual_info(c, a, b, n)
-    return 0.0 if mi == 0 else mi / ((_entropy(a, n) + _entropy(b, n)) / 2)
-
-
-def ami(c) -> float:
-    """AMI (fraction, arithmetic normalisation) from a contingency matrix; the expected mutual information
-    under the permutation model is scikit-learn's own routine, the rest mirrors its guards."""
-    c, a, b, n = _used(c)
-    if c.shape == (1, 1):
-        return 1.0
-    if 1 in c.shape:
-        return 0.0
-    mi = _mutual_info(c, a, b, n)
-    emi = expected_mutual_information(np.rint(c).astype(np.int64), int(round(n)))
-    eps = np.finfo(np.float64).eps
-    num, den = mi - emi, (_entropy(a, n) + _entropy(b, n)) / 2 - emi
-    num = min(num, -eps) if num < 0 else max(num, eps)
-    den = min(den, -eps) if den < 0 else max(den, eps)
-    return float(num / den)
-
-
-def ari(c) -> float:
-    """ARI (fraction) from a contingency matrix: Hubert & Arabie's adjustment of the pair-counting index."""
-    c, a, b, n = _used(c)
-    # By hand (scikit-learn's adjusted_rand_score wants labels): (index − expected) / (max − expected).
-    index, sa, sb = (float(np.sum(x * (x - 1)) / 2) for x in (c, a, b))
-    if index == sa == sb:
-        return 1.0  # identical partitions (also all-singletons / one cluster), as scikit-learn
-    expected = sa * sb / (n * (n - 1) / 2)
-    return (index - expected) / ((sa + sb) / 2 - expected)
-
-
-def acc_one_to_one(c) -> float:
-    """Hungarian ACC (fraction): best one-to-one matching of clusters to classes; images of unmatched
-    clusters count wrong, as ``benchmarks.evaluation.clustering.hungarian_accuracy``."""
-    c = np.asarray(c, dtype=np.float64)
-    rows, cols = linear_sum_assignment(c, maximize=True)
-    return float(c[rows, cols].sum() / c.sum())
-
-
-def acc_many_to_one(c) -> float:
-    """Many-to-one ACC (fraction): each cluster labelled with its majority class (sum of column maxima / n);
-    the honest ACC for over-clustering heads (K > classes)."""
-    c = np.asarray(c, dtype=np.float64)
-    return float(c.max(axis=0).sum() / c.sum())
-
-
-CLUSTERING_METRICS: dict[str, Callable[[np.ndarray], float]] = {
-    "nmi": nmi, "ami": ami, "ari": ari, "acc": acc_one_to_one, "acc_many_to_one": acc_many_to_one,
-}  # fmt: skip
+# ------------------------------------------------------------------------------- clustering metrics
+# The metrics themselves are ssl_common.clustering_metrics' (scalar: scikit-learn; batched: by hand);
+# here they get seeds, bootstrap replicates and intervals.
 
 
 def clustering_score(labels_true, labels_pred, metric: str = "nmi") -> float:
-    """A clustering metric in percent (not clipped: AMI/ARI may be < 0), from the contingency matrix;
-    ``labels_pred`` [n] or [seeds, n] (mean over seeds)."""
-    score = CLUSTERING_METRICS[metric]
-    preds = np.atleast_2d(labels_pred)
-    return 100.0 * float(np.mean([score(contingency(labels_true, p)) for p in preds]))
-
-
-def _batched_contingencies(y: np.ndarray, p: np.ndarray, block: np.ndarray, classes: int, k: int) -> np.ndarray:
-    """[R, classes, k] contingency matrices of the R resamples of `block` [R, n], in one bincount."""
-    r = block.shape[0]
-    flat = (np.arange(r)[:, None] * classes + y[block]) * k + p[block]
-    return np.bincount(flat.ravel(), minlength=r * classes * k).reshape(r, classes, k).astype(np.float64)
-
-
-def _xlogx(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0, x * np.log(np.where(x > 0, x, 1.0)), 0.0)
-
-
-def _batched_scores(c: np.ndarray, metric: str, emi: float | None) -> np.ndarray:
-    """A metric (fraction) of each contingency matrix of the batch c [R, C, K] (vectorised; the Hungarian
-    matching is solved per matrix). Empty rows/columns contribute nothing, as in the single-matrix functions."""
-    n = c.sum(axis=(1, 2))
-    a, b = c.sum(axis=2), c.sum(axis=1)
-    if metric == "acc_many_to_one":
-        return c.max(axis=1).sum(axis=1) / n
-    if metric == "acc":
-        return np.array([acc_one_to_one(m) for m in c])
-    if metric == "ari":
-        index = (c * (c - 1)).sum(axis=(1, 2)) / 2
-        sa, sb = (a * (a - 1)).sum(axis=1) / 2, (b * (b - 1)).sum(axis=1) / 2
-        expected = sa * sb / (n * (n - 1) / 2)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = (index - expected) / ((sa + sb) / 2 - expected)
-        return np.where((index == sa) & (sa == sb), 1.0, out)
-    # entropies and mutual information from counts: H = log n - sum x log x / n
-    logn = np.log(n)
-    ha = logn - _xlogx(a).sum(axis=1) / n
-    hb = logn - _xlogx(b).sum(axis=1) / n
-    mi = np.maximum(0.0, (_xlogx(c).sum(axis=(1, 2)) - _xlogx(a).sum(axis=1) - _xlogx(b).sum(axis=1)) / n + logn)
-    mean_h = (ha + hb) / 2
-    if metric == "nmi":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(mean_h > 0, mi / mean_h, 1.0)
-    eps = np.finfo(np.float64).eps
-    num, den = mi - emi, mean_h - emi
-    num = np.where(num < 0, np.minimum(num, -eps), np.maximum(num, eps))
-    den = np.where(den < 0, np.minimum(den, -eps), np.maximum(den, eps))
-    return num / den
+    """A clustering metric in percent (not clipped: AMI/ARI may be < 0); ``labels_pred`` [n] or [seeds, n]
+    (mean over seeds). ``metric``: a name of ``ssl_common.clustering_metrics.SCALAR``."""
+    score = cmetrics.SCALAR[metric]
+    y = cmetrics.index_labels(labels_true).reshape(-1)
+    preds = np.atleast_2d(cmetrics.index_labels(labels_pred))
+    return 100.0 * float(np.mean([score(y, p) for p in preds]))
 
 
 def clustering_replicates(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT,
@@ -444,10 +308,10 @@ def clustering_replicates(labels_true, labels_pred, metric: str = "nmi", n_boot:
     (the mean over seeds, as ``clustering_score``).
 
     AMI: each replicate uses the expected mutual information of the observed marginals (hand-made choice:
-    scikit-learn's exact EMI costs ~0.2 ms a replicate, minutes for a report; resampling moves the marginals
-    little, and tests/test_stats.py bounds the difference to the exact per-replicate AMI)."""
-    y = _labels(labels_true).reshape(-1)
-    preds = np.atleast_2d(_labels(labels_pred))
+    an exact EMI costs ~0.2 ms a replicate, minutes for a report; resampling moves the marginals little, and
+    tests/test_stats.py bounds the difference to the exact per-replicate AMI)."""
+    y = cmetrics.index_labels(labels_true).reshape(-1)
+    preds = np.atleast_2d(cmetrics.index_labels(labels_pred))
     # a report asks for the same replicates many times (a column's best row: its interval, then one paired
     # test per contender); they are a pure function of these inputs, so they are computed once
     key = (hashlib.sha256(y.tobytes() + b"|" + preds.tobytes() + repr(preds.shape).encode()).hexdigest(),
@@ -465,15 +329,12 @@ _REPLICATES_KEPT = 512  # n_boot floats each: a few MB at most
 
 def _clustering_replicates(y: np.ndarray, preds: np.ndarray, metric: str, n_boot: int, seed: int) -> np.ndarray:
     classes, k = int(y.max()) + 1, int(preds.max()) + 1
-    emis = []
-    if metric == "ami":
-        for p in preds:
-            used, _, _, n = _used(contingency(y, p))
-            emis.append(float(expected_mutual_information(np.rint(used).astype(np.int64), int(round(n)))))
+    emis = [cmetrics.expected_mutual_information(np.bincount(y), np.bincount(p)) if metric == "ami" else None
+            for p in preds]
     out = []
     for block in _resamples(len(y), n_boot, seed):
-        per_seed = [_batched_scores(_batched_contingencies(y, p, block, classes, k), metric,
-                                    emis[i] if emis else None) for i, p in enumerate(preds)]
+        tables = (cmetrics.resampled_contingencies(y, p, block, classes, k) for p in preds)  # one at a time
+        per_seed = [cmetrics.batched_scores(c, metric, emi) for c, emi in zip(tables, emis)]
         out.append(100.0 * np.mean(per_seed, axis=0))
     return np.concatenate(out)
 
@@ -496,8 +357,8 @@ def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: i
     each replicate is one bincount of the resampled (class, cluster) pairs plus the metric on a small
     matrix; the same resamples as ``bootstrap_interval`` with scikit-learn on the resampled labels.
     Caveat: duplicated images inflate agreement (NMI, AMI, ACC); with ~100 images per class and K = 100
-    the whole interval can lie above the observed value. AMI costs ~5 ms a replicate at K = 10 on
-    10,000 images, ~50 ms at K = 100 (scikit-learn's expected mutual information).
+    the whole interval can lie above the observed value. AMI's replicates share the observed marginals'
+    expected mutual information (``clustering_replicates``).
     """
     reps = clustering_replicates(labels_true, labels_pred, metric, n_boot, seed)
     return Interval(clustering_score(labels_true, labels_pred, metric), *_percentiles(reps, level))

@@ -8,19 +8,8 @@ import math
 import pytest
 import torch
 
-from benchmarks.backbones import small_cnn
-from methods import get_method
-from methods.base import DataInfo, TrainBatch
 from methods.byol import byol_loss
-
-DATA = DataInfo(num_classes=3, num_train=64, in_channels=1, image_size=8)
-
-
-def _batch(n=8, views=2, step=0, epoch=0, generator_seed=0):
-    gen = torch.Generator().manual_seed(1000 + step)
-    return TrainBatch([torch.randn(n, 1, 8, 8, generator=gen) for _ in range(views)], torch.arange(n), None,
-                      epoch, step, 10, torch.Generator().manual_seed(generator_seed))
-
+from tests.helpers import random_batch, tiny_method
 
 # -- BYOL -------------------------------------------------------------------------------------------------
 
@@ -58,11 +47,10 @@ def test_byol_targets_get_no_gradient_and_predictions_get_the_hand_gradient():
 
 
 def test_byol_trains_with_the_papers_loss():
-    torch.manual_seed(0)
-    method = get_method("byol")(small_cnn(1, width=4), DATA, {"hidden_dim": 16, "output_dim": 8})
+    method = tiny_method("byol", {"hidden_dim": 16, "output_dim": 8}, num_train=64)
     assert method.hparams.momentum_base == 0.996  # BYOL sec. 3.2
     method.eval()
-    batch = _batch()
+    batch = random_batch(view_seed=1000)
     loss, _ = method.training_loss(batch)
     x_a, x_b = batch.views
     with torch.no_grad():
@@ -74,7 +62,7 @@ def test_byol_trains_with_the_papers_loss():
 # -- SimCLR -----------------------------------------------------------------------------------------------
 
 def test_simclr_projection_head_has_no_batch_norm():
-    method = get_method("simclr")(small_cnn(1, width=4), DATA, {"hidden_dim": 32, "output_dim": 8})
+    method = tiny_method("simclr", {"hidden_dim": 32, "output_dim": 8}, num_train=64, seed=None)
     layers = list(method.projection_head.layers)
     assert [type(m).__name__ for m in layers] == ["Linear", "ReLU", "Linear"]  # sec. 5.8.2: BN only for the others
     assert (layers[0].in_features, layers[0].out_features, layers[2].out_features) == (16, 32, 8)
@@ -83,9 +71,8 @@ def test_simclr_projection_head_has_no_batch_norm():
 # -- SwAV -------------------------------------------------------------------------------------------------
 
 def _swav(**hparams):
-    torch.manual_seed(0)
-    return get_method("swav")(small_cnn(1, width=4), DATA, {"num_prototypes": 6, "hidden_dim": 16,
-                                                             "output_dim": 8, **hparams})
+    hparams = {"num_prototypes": 6, "hidden_dim": 16, "output_dim": 8, **hparams}
+    return tiny_method("swav", hparams, num_train=64)
 
 
 def _train(method, steps, epoch=0, views=2, lr=0.5):
@@ -93,7 +80,8 @@ def _train(method, steps, epoch=0, views=2, lr=0.5):
     prototypes = []
     for step in range(steps):
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = method.training_loss(_batch(step=step, epoch=epoch, views=views))
+        batch = random_batch(views=views, view_seed=1000 + step, step=step, epoch=epoch)
+        loss, _ = method.training_loss(batch)
         loss.backward()
         optimizer.step()
         prototypes.append(method.prototypes.heads[0].weight.detach().clone())
@@ -124,10 +112,10 @@ def test_swav_queue_fills_newest_first_and_joins_sinkhorn_once_full():
     method = _swav(freeze_prototypes_steps=0, queue_length=16, queue_start_epoch=1)
     method.eval()  # fixed BN statistics: the same batch gives the same embeddings
     before = method.queue.clone()
-    method.training_loss(_batch(step=0, epoch=0))
+    method.training_loss(random_batch(view_seed=1000))
     assert torch.equal(method.queue, before)  # not before queue_start_epoch
     for step in range(3):  # batches of 8: full after two steps
-        batch = _batch(step=step, epoch=1)
+        batch = random_batch(view_seed=1000 + step, step=step, epoch=1)
         with torch.no_grad():
             newest = [method._embed(v) for v in batch.views]
             scores = [method.prototypes.heads[0](z) for z in newest]
@@ -146,7 +134,7 @@ def test_swav_queue_fills_newest_first_and_joins_sinkhorn_once_full():
 
 def test_swav_multi_crop_flag_uses_the_extra_views_as_low_resolution_crops():
     def loss_and_view_grads(method, views):
-        batch = _batch(views=views)
+        batch = random_batch(views=views, view_seed=1000)
         batch.views = [v.requires_grad_() for v in batch.views]
         loss = method.training_loss(batch)[0]
         loss.backward()
@@ -165,4 +153,4 @@ def test_swav_multi_crop_flag_uses_the_extra_views_as_low_resolution_crops():
         scores = [multi.prototypes.heads[0](multi._embed(v)) for v in batch.views]
     assert loss.item() == pytest.approx(multi.criterion(scores[:2], scores[2:]).item(), rel=1e-6)
     with pytest.raises(ValueError, match="methods.swav.multi_crop"):
-        multi.training_loss(_batch(views=2))
+        multi.training_loss(random_batch(view_seed=1000))

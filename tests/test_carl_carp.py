@@ -4,18 +4,19 @@ stop-gradients, partitions, the lambda schedule, the methods."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 
 import pytest
 import torch
 
-from benchmarks.backbones import small_cnn
 from benchmarks.errors import ConfigError
 from methods import get_method
-from methods.base import DataInfo, EpochContext, TrainBatch
+from methods.base import DataInfo, EpochContext
 from methods.carl import carl_loss, consistency_term, kl_weight_schedule
 from methods.carp import carp_loss, carp_loss_reading, random_partition
+from tests.helpers import random_batch, tiny_method, train_batch
 
 SCORES_A = [[1.2, -0.3, 0.4, 0.0], [0.1, 0.9, -1.1, 0.5], [-0.6, 0.2, 0.3, 1.4]]
 SCORES_B = [[0.8, 0.1, -0.2, 0.3], [-0.5, 1.3, 0.2, 0.1], [0.0, -0.4, 0.7, 0.9]]
@@ -230,11 +231,11 @@ def test_carp_method_uses_its_uniformity_reading():
     torch.manual_seed(0)
     method = _method("carp", {"num_prototypes": 24, "block_size": 6, "uniformity": "eq6.6_sum"})
     method.eval()
-    batch = _batch(seed=3)
+    batch = _batch(generator_seed=3)
     scores = [method._scores(v) for v in batch.views]
     partition = random_partition(24, 6, torch.Generator().manual_seed(3))
     want = carp_loss_reading(*scores, partition, method.kl_weight(0), "eq6.6_sum")
-    assert method.training_loss(_batch(seed=3))[0].item() == pytest.approx(want.item(), rel=1e-6)
+    assert method.training_loss(_batch(generator_seed=3))[0].item() == pytest.approx(want.item(), rel=1e-6)
     with pytest.raises(ConfigError, match="methods.carp.uniformity"):
         _method("carp", {"uniformity": "eq6.7"})
 
@@ -268,15 +269,9 @@ def test_carp_stop_gradient():
 
 # -- the methods ------------------------------------------------------------------------------------------------
 
-def _method(name, hparams=None):
-    data = DataInfo(num_classes=10, num_train=100, in_channels=1, image_size=8)
-    return get_method(name)(small_cnn(1, width=8), data, hparams)
-
-
-def _batch(seed=0, epoch=0, n=16):
-    gen = torch.Generator().manual_seed(100)
-    views = [torch.randn(n, 1, 8, 8, generator=gen), torch.randn(n, 1, 8, 8, generator=gen)]
-    return TrainBatch(views, torch.arange(n), None, epoch, 0, 50, torch.Generator().manual_seed(seed))
+# 10 classes, 100 images, width 8 (the tests seed torch themselves); the same 16 images in every batch
+_method = functools.partial(tiny_method, num_classes=10, num_train=100, width=8, seed=None)
+_batch = functools.partial(random_batch, 16, view_seed=100, max_epochs=50)
 
 
 def test_carl_method_heads_schedule_and_logged_lambda():
@@ -299,10 +294,10 @@ def test_carp_method_draws_the_partition_from_the_step_generator():
     assert method.display_name == "CARP"
     assert method.cluster_logits(torch.randn(5, 1, 8, 8)).shape == (5, 24)
     method.eval()  # fixed BN statistics: the loss then depends on the partition only through the seed
-    same = [method.training_loss(_batch(seed=7))[0].item() for _ in range(2)]
-    other = method.training_loss(_batch(seed=8))[0].item()
+    same = [method.training_loss(_batch(generator_seed=7))[0].item() for _ in range(2)]
+    other = method.training_loss(_batch(generator_seed=8))[0].item()
     assert same[0] == same[1] and other != same[0]
-    batch = _batch(seed=7)
+    batch = _batch(generator_seed=7)
     scores = [method._scores(v) for v in batch.views]
     partition = random_partition(24, 6, torch.Generator().manual_seed(7))
     want = carp_loss(*scores, partition, method.kl_weight(0))
@@ -319,12 +314,12 @@ def test_carp_ema_teacher_gives_the_targets_and_follows_the_student():
     plain = _method("carp", {"num_prototypes": 12, "block_size": 4})
     plain.load_state_dict({k: v for k, v in method.state_dict().items() if not k.startswith("teacher.")})
     plain.eval()
-    plain_loss = plain.training_loss(_batch(seed=1))[0].item()
-    assert method.training_loss(_batch(seed=1))[0].item() == pytest.approx(plain_loss, rel=1e-6)
+    plain_loss = plain.training_loss(_batch(generator_seed=1))[0].item()
+    assert method.training_loss(_batch(generator_seed=1))[0].item() == pytest.approx(plain_loss, rel=1e-6)
     # a different teacher changes only the targets: gradients reach the student only
     with torch.no_grad():
         method.teacher["assigner"][3].weight.normal_(0, 5.0)  # peaked targets, unlike the near-uniform student
-    loss, _ = method.training_loss(_batch(seed=1))
+    loss, _ = method.training_loss(_batch(generator_seed=1))
     assert loss.item() != pytest.approx(plain_loss, rel=1e-4)
     loss.backward()
     assert all(p.grad is None for p in method.teacher.parameters())
@@ -354,11 +349,10 @@ def test_suite_sections_of_the_seed_methods_are_valid(suite):
     from benchmarks.config import load_suite
 
     config = load_suite(suite)
-    data = DataInfo(num_classes=config.num_classes, num_train=100, in_channels=1, image_size=8)
     built = {}
     for name in ("self_classifier", "carl", "carp"):
         settings = config.method(name)
-        built[name] = get_method(name)(small_cnn(1, width=8), data, settings.hparams)  # runs check_hparams
+        built[name] = _method(name, settings.hparams, num_classes=config.num_classes)  # runs check_hparams
         assert settings.optimizer.lr > 0
     if suite in ("cifar10", "cifar100", "stl10"):  # the dissertation's K (sec. 5.8.4)
         assert built["carl"].hparams.num_prototypes == (100 if suite == "cifar10" else 300)
@@ -487,8 +481,7 @@ def test_carp_official_variant_has_the_official_head_and_teacher():
     # a training step trains with the teacher's targets and leaves g at 1
     method.train()
     views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
-    loss, logs = method.training_loss(TrainBatch(views, torch.arange(8), None, 0, 0, 1,
-                                                 torch.Generator().manual_seed(0)))
+    loss, logs = method.training_loss(train_batch(views, max_epochs=1))
     loss.backward()
     assert prototypes.weight_v.grad is not None and prototypes.weight_g.grad is None
     assert all(p.grad is None for p in method.teacher.parameters())

@@ -6,24 +6,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from benchmarks.backbones import build_backbone, small_cnn
+from benchmarks.backbones import build_backbone
 from benchmarks.errors import ConfigError
-from methods import get_method
-from methods.base import DataInfo, TrainBatch
 from methods.iic import SobelInput, iic_loss, sobel_filter, with_input_channels
-
-DATA = DataInfo(num_classes=3, num_train=40, in_channels=1, image_size=8)
+from tests.helpers import random_batch, tiny_method
 
 
 def _iic(**hparams):
-    torch.manual_seed(0)
-    return get_method("iic")(small_cnn(1, width=4), DATA, {"num_clusters": 7, "num_heads": 2, **hparams})
-
-
-def _batch(views, epoch=0, n=6):
-    gen = torch.Generator().manual_seed(epoch)
-    return TrainBatch([torch.randn(n, 1, 8, 8, generator=gen) for _ in range(views)], torch.arange(n), None, epoch,
-                      0, 10, torch.Generator().manual_seed(0))
+    return tiny_method("iic", {"num_clusters": 7, "num_heads": 2, **hparams}, num_train=40)
 
 
 def test_two_heads_main_with_k_classes_and_over_clustering_alternate_as_iic():
@@ -49,7 +39,7 @@ def test_two_heads_main_with_k_classes_and_over_clustering_alternate_as_iic():
 def test_an_epoch_trains_only_its_head_with_the_mean_iic_loss_of_its_sub_heads():
     method = _iic(overcluster_epochs=1, main_epochs=2)
     method.eval()  # fixed BN statistics, to recompute the loss by hand
-    batch = _batch(views=2, epoch=1)  # epoch 1: the main head
+    batch = random_batch(6, 2, view_seed=1, epoch=1)  # epoch 1: the main head
     loss, logs = method.training_loss(batch)
     assert logs["iic_overcluster_head"] == 0.0
     with torch.no_grad():
@@ -65,7 +55,7 @@ def test_an_epoch_trains_only_its_head_with_the_mean_iic_loss_of_its_sub_heads()
 def test_weak_view_is_paired_with_every_strong_view_in_one_joint_distribution():
     method = _iic(main_head=False, num_heads=1)
     method.eval()
-    batch = _batch(views=4)  # view 0 weak, views 1-3 strong: 3 pairs per image
+    batch = random_batch(6, 4)  # view 0 weak, views 1-3 strong: 3 pairs per image
     loss, _ = method.training_loss(batch)
     head = method.heads.overcluster.heads[0]
     with torch.no_grad():
@@ -77,7 +67,7 @@ def test_weak_view_is_paired_with_every_strong_view_in_one_joint_distribution():
     separate = sum(iic_loss(weak, s) for s in strong) / 3
     assert want.item() != pytest.approx(separate.item(), rel=1e-4)
     with pytest.raises(ValueError, match="two or more augmented views"):
-        method.training_loss(_batch(views=1))
+        method.training_loss(random_batch(6, 1))
 
 
 def test_sobel_filter_by_hand():
@@ -120,7 +110,7 @@ def test_sobel_input_gives_the_backbone_two_channels_and_keeps_its_interface(bac
 def test_iic_method_with_sobel_trains_on_the_sobel_trunk():
     method = _iic(sobel=True)
     assert isinstance(method.backbone, SobelInput)
-    loss, _ = method.training_loss(_batch(views=2))
+    loss, _ = method.training_loss(random_batch(6, 2))
     loss.backward()
     assert method.backbone.net.stem[0].weight.grad.shape[1] == 2  # the 2-channel input conv trains
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -9,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.backbones import small_cnn
 from benchmarks.errors import ConfigError
 from methods import get_method
-from methods.base import DataInfo, TrainBatch
+from methods.base import DataInfo
 from methods.self_classifier import self_classifier_loss, self_classifier_view_loss
+from tests.helpers import tiny_method, train_batch
 
 
 def hand_view_loss(pred, target, row_tau, col_tau, row_l1_norm):
@@ -163,10 +164,8 @@ def test_no_stop_gradient_both_views_get_the_full_gradient():
                 assert grad[n, y].item() == pytest.approx(numeric, abs=1e-6)
 
 
-def _method(hparams=None, feature_width=8):
-    backbone = small_cnn(1, width=feature_width)
-    data = DataInfo(num_classes=10, num_train=100, in_channels=1, image_size=8)
-    return get_method("self_classifier")(backbone, data, hparams)
+# 10 classes, 100 images, width 8; the tests seed torch themselves
+_method = functools.partial(tiny_method, "self_classifier", num_classes=10, num_train=100, width=8, seed=None)
 
 
 def test_network_fixed_orthonormal_cosine_classifier_and_default_over_clustering():
@@ -216,7 +215,7 @@ def test_training_step_leaves_the_fixed_classifier_unchanged_and_trains_the_rest
     params = [p for p in method.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.1)
     views = [torch.randn(16, 1, 8, 8), torch.randn(16, 1, 8, 8)]
-    batch = TrainBatch(views, torch.arange(16), None, 0, 0, 1, torch.Generator().manual_seed(0))
+    batch = train_batch(views, max_epochs=1)
     loss, _ = method.training_loss(batch)
     loss.backward()
     optimizer.step()
@@ -287,7 +286,7 @@ def test_reimpl_variant_has_the_reimplementations_mlp_and_learned_weight_normali
     before = [(c.weight_v.detach().clone(), c.weight_g.detach().clone()) for c in method.classifiers]
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
     views = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)]
-    loss, _ = method.training_loss(TrainBatch(views, torch.arange(8), None, 0, 0, 1, torch.Generator().manual_seed(0)))
+    loss, _ = method.training_loss(train_batch(views, max_epochs=1))
     loss.backward()
     optimizer.step()
     for c, (v, g) in zip(method.classifiers, before):

@@ -17,11 +17,10 @@ try:
 except ImportError:  # pytest's rootdir-less import mode
     import ddp_harness
 
-from benchmarks.backbones import small_cnn
 from benchmarks.errors import ConfigError
-from methods import get_method
-from methods.base import DataInfo, EpochContext, TrainBatch
+from methods.base import EpochContext
 from methods.sslpp import iic_loss, random_rotation_batch, rotation_batch, sslpp_loss
+from tests.helpers import tiny_method, train_batch
 
 # -- iic_loss ---------------------------------------------------------------------------------
 
@@ -159,16 +158,12 @@ def test_sslpp_loss_adds_the_pseudo_label_ce_with_weight_lambda():
     assert total.item() == pytest.approx(want_s + 0.05 * want_c, abs=1e-6)
 
 
-def _tiny_method(name: str, num_train: int = 12, **hparams):
-    torch.manual_seed(0)
-    data = DataInfo(num_classes=3, num_train=num_train, in_channels=1, image_size=8)
-    return get_method(name)(small_cnn(1, width=4), data, hparams)
-
-
-def _batch(images, indices, epoch, max_epochs=4, step=0, stage=1):
+def _noisy_batch(images, indices, epoch, max_epochs=4, step=0, stage=1):
+    """Two views of the given images: each plus noise, drawn from the step's seed."""
     gen = torch.Generator().manual_seed(step)
     views = [images + 0.1 * torch.randn(images.shape, generator=gen) for _ in range(2)]
-    return TrainBatch(views, indices, None, epoch, step, max_epochs, torch.Generator().manual_seed(step), stage)
+    return train_batch(views, indices, epoch=epoch, step=step, max_epochs=max_epochs, generator_seed=step,
+                       stage=stage)
 
 
 def _context(epoch, images, labels=None, max_epochs=4, stage=1):
@@ -178,12 +173,12 @@ def _context(epoch, images, labels=None, max_epochs=4, stage=1):
 
 
 def test_sslpp_stage2_loss_is_rotation_ce_plus_weighted_pseudo_label_ce_on_every_rotated_copy():
-    method = _tiny_method("sslpp", num_clusters=5, pseudo_label_weight=0.05)
+    method = tiny_method("sslpp", {"num_clusters": 5, "pseudo_label_weight": 0.05})
     images = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     method.pseudo_labels.copy_(torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]))
     method.eval()  # BatchNorm on running statistics: samples are independent, so loops can recompute them
     indices = torch.tensor([3, 7, 10])
-    batch = _batch(images[indices], indices, epoch=2)
+    batch = _noisy_batch(images[indices], indices, epoch=2)
     loss, _ = method.training_loss(batch)
     terms_s, terms_c = [], []
     with torch.no_grad():
@@ -201,8 +196,8 @@ def test_sslpp_stage2_loss_is_rotation_ce_plus_weighted_pseudo_label_ce_on_every
     assert loss_upright.item() == pytest.approx(np.mean(terms_s) + 0.05 * np.mean(terms_c[:3]), abs=1e-5)
     # one random rotation of each view: k drawn from the batch's generator, view by view
     method.hparams = method.hparams.model_copy(update=dict(pseudo_labels_upright_only=False, rotation_copies=1))
-    loss_random, _ = method.training_loss(_batch(images[indices], indices, epoch=2, step=7))
-    batch = _batch(images[indices], indices, epoch=2, step=7)
+    loss_random, _ = method.training_loss(_noisy_batch(images[indices], indices, epoch=2, step=7))
+    batch = _noisy_batch(images[indices], indices, epoch=2, step=7)
     terms_s, terms_c = [], []
     with torch.no_grad():
         for view in batch.views:
@@ -229,7 +224,7 @@ def test_sslpp_stages_come_from_iics_budget_and_the_methods_settings():
     settings = _settings(clustering_epochs=3, clustering_batch_size=6,
                          clustering_views=[{"size": 8, "count": 1, "grayscale_p": 1.0},
                                            {"size": 8, "count": 3, "hflip_p": 0.5}])
-    method = _tiny_method("sslpp", **settings.hparams.model_dump())
+    method = tiny_method("sslpp", settings.hparams.model_dump())
     clustering, rotation = method.stages(settings)
     assert (clustering.name, clustering.epochs, clustering.batch_size) == ("clustering", 3, 6)
     # IIC's Adam, lr 1e-4 by default (here 0.01), no schedule; not the Rotation stage's SGD
@@ -242,7 +237,7 @@ def test_sslpp_stages_come_from_iics_budget_and_the_methods_settings():
     method.hparams = method.hparams.model_copy(update={"clustering_views": [{"size": 8}, {"size": 8, "cnt": 2}]})
     with pytest.raises(ConfigError, match=r"methods\.sslpp\.clustering_views\[1\]\.cnt"):
         method.stages(settings)
-    defaults = _tiny_method("sslpp").hparams
+    defaults = tiny_method("sslpp").hparams
     assert (defaults.num_clusters, defaults.pseudo_label_weight) == (70, 0.05)  # Table XIII, sec. V-A.4
 
 
@@ -250,7 +245,7 @@ def test_sslpp_stages_train_only_their_own_model_and_pseudo_labels_come_from_sta
     from benchmarks.training import build_optimizer  # Lightning: imported here, not in the DDP workers
     from ssl_common.typed import OptimizerConfig
 
-    method = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2)
+    method = tiny_method("sslpp", {"num_clusters": 4, "num_heads": 2}, num_train=20)
     gen = torch.Generator().manual_seed(2)
     images = torch.randn(20, 1, 8, 8, generator=gen)
     true_labels = torch.arange(20) % 3
@@ -268,7 +263,7 @@ def test_sslpp_stages_train_only_their_own_model_and_pseudo_labels_come_from_sta
     def train_step(optimizer, epoch, step, stage):
         optimizer.zero_grad(set_to_none=True)
         idx = torch.arange(step % 3, 20, 3)[:6]
-        loss, _ = method.training_loss(_batch(images[idx], idx, epoch, step=step, stage=stage))
+        loss, _ = method.training_loss(_noisy_batch(images[idx], idx, epoch, step=step, stage=stage))
         loss.backward()
         optimizer.step()
 
@@ -298,7 +293,7 @@ def test_sslpp_stages_train_only_their_own_model_and_pseudo_labels_come_from_sta
     assert not all(torch.equal(before[n], p) for n, p in stage2.items())
 
     # the pseudo-labels are computed once: later epochs (and resumed runs) keep the stored ones
-    resumed = _tiny_method("sslpp", num_train=20, num_clusters=4, num_heads=2)
+    resumed = tiny_method("sslpp", {"num_clusters": 4, "num_heads": 2}, num_train=20)
     resumed.load_state_dict(method.state_dict())
 
     def must_not_predict(fn):
@@ -316,13 +311,13 @@ def test_sslpp_asks_ddp_to_allow_unused_parameters():
     from benchmarks.config import TrainConfig
     from benchmarks.training import ddp_strategy_for
 
-    method = _tiny_method("sslpp")
+    method = tiny_method("sslpp")
     cfg = TrainConfig(strategy="ddp", accelerator="cpu", devices=2, num_nodes=1)
     assert ddp_strategy_for(method, cfg) == "ddp_find_unused_parameters_true"
     assert ddp_strategy_for(method, cfg.model_copy(update={"strategy": "auto"})) == "ddp_find_unused_parameters_true"
     assert ddp_strategy_for(method, cfg.model_copy(update={"strategy": "auto", "devices": 1})) == "auto"
-    assert ddp_strategy_for(_tiny_method("iic"), cfg) == "ddp_find_unused_parameters_true"  # one head per epoch
-    assert ddp_strategy_for(_tiny_method("rotation"), cfg) == "ddp"
+    assert ddp_strategy_for(tiny_method("iic"), cfg) == "ddp_find_unused_parameters_true"  # one head per epoch
+    assert ddp_strategy_for(tiny_method("rotation"), cfg) == "ddp"
 
 
 @pytest.mark.parametrize("name,hparams,key", [
@@ -341,7 +336,7 @@ def test_sslpp_asks_ddp_to_allow_unused_parameters():
 ])
 def test_invalid_hparams_name_the_key(name, hparams, key):
     with pytest.raises(ConfigError, match=rf"methods\.{name}\.{key}"):
-        _tiny_method(name, **hparams)
+        tiny_method(name, hparams)
 
 
 class _Crash(RuntimeError):
@@ -359,7 +354,7 @@ def _run_stages(run_dir, n=32, crash=None, snapshots=None):
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
     settings = _settings()
-    method = _tiny_method("sslpp", num_train=n, **settings.hparams.model_dump())
+    method = tiny_method("sslpp", settings.hparams.model_dump(), num_train=n)
     train_cfg = TrainConfig(accelerator="cpu", devices=1, precision="32")
     original = method.training_loss
 
@@ -448,12 +443,12 @@ def test_the_online_knn_monitor_follows_the_network_the_stage_trains():
     from benchmarks.training import MonitorData, PretrainModule
     from ssl_common.typed import OptimizerConfig
 
-    method = _tiny_method("sslpp")
+    method = tiny_method("sslpp")
     method.set_stage(0)
     assert method.monitored_backbone() is method.clustering.backbone
     method.set_stage(1)
     assert method.monitored_backbone() is method.backbone
-    simclr = _tiny_method("simclr")
+    simclr = tiny_method("simclr")
     assert simclr.monitored_backbone() is simclr.backbone
 
     images = torch.randint(0, 256, (12, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

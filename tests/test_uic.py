@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -11,7 +13,6 @@ except ImportError:  # pytest's rootdir-less import mode
     import ddp_harness
 
 from benchmarks.augment import BatchAugment, Normalization, ViewSpec
-from benchmarks.backbones import small_cnn
 from benchmarks.config import TrainConfig
 from benchmarks.data import ImageDataset
 from benchmarks.errors import ConfigError
@@ -19,6 +20,7 @@ from methods import get_method
 from methods.base import DataInfo, EpochContext, TrainBatch
 from methods.uic import class_balanced_order, fill_empty_classes
 from ssl_common.typed import OptimizerConfig
+from tests.helpers import tiny_method
 
 # -- fill_empty_classes -------------------------------------------------------------------------
 
@@ -84,10 +86,8 @@ def test_class_balanced_order_is_a_shuffled_deterministic_order():
 
 # -- the label store --------------------------------------------------------------------------------
 
-def _tiny_uic(num_train: int, **hparams):
-    torch.manual_seed(0)
-    data = DataInfo(num_classes=2, num_train=num_train, in_channels=1, image_size=8)
-    return get_method("uic")(small_cnn(1, width=4), data, hparams)
+# UIC on a tiny CNN: 2 true classes (DataInfo); its own number of classes K is the hparam num_classes
+_tiny_uic = functools.partial(tiny_method, "uic", num_classes=2)
 
 
 class Spy:
@@ -121,7 +121,7 @@ def test_two_epochs_train_against_the_previous_epochs_predictions(tmp_path):
     n = 48
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
-    method = _tiny_uic(n, num_classes=3, head="linear")
+    method = _tiny_uic({"num_classes": 3, "head": "linear"}, num_train=n)
     spy = Spy(method)
     augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
     module = PretrainModule(method, augment, OptimizerConfig(), dataset, batch_size=8, max_epochs=2, seed=0)
@@ -150,7 +150,7 @@ def test_two_epochs_train_against_the_previous_epochs_predictions(tmp_path):
 def test_first_epoch_labels_come_from_the_initial_network_and_empty_classes_are_filled():
     n = 30
     images = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    method = _tiny_uic(n, num_classes=4, head="linear")
+    method = _tiny_uic({"num_classes": 4, "head": "linear"}, num_train=n)
     with torch.no_grad():
         method.head.bias.copy_(torch.tensor([100.0, 0.0, 0.0, 0.0]))  # the initial network predicts class 0
     method.eval()
@@ -160,7 +160,7 @@ def test_first_epoch_labels_come_from_the_initial_network_and_empty_classes_are_
     assert torch.bincount(method.pseudo_labels, minlength=4).tolist() == [8, 8, 7, 7]
     assert torch.equal(method.next_pseudo_labels, method.pseudo_labels)
 
-    random_method = _tiny_uic(n, num_classes=4, head="linear", init_labels="random")
+    random_method = _tiny_uic({"num_classes": 4, "head": "linear", "init_labels": "random"}, num_train=n)
 
     def must_not_predict(fn):
         raise AssertionError("init_labels=random must not run the network")
@@ -171,12 +171,12 @@ def test_first_epoch_labels_come_from_the_initial_network_and_empty_classes_are_
 
 def test_the_label_store_is_checkpointed_and_restored():
     n = 20
-    method = _tiny_uic(n, num_classes=3)
+    method = _tiny_uic({"num_classes": 3}, num_train=n)
     method.pseudo_labels.copy_(torch.arange(n) % 3)
     method.next_pseudo_labels.copy_((torch.arange(n) + 1) % 3)
     state = method.state_dict()
     assert {"pseudo_labels", "next_pseudo_labels"} <= set(state)
-    resumed = _tiny_uic(n, num_classes=3)
+    resumed = _tiny_uic({"num_classes": 3}, num_train=n)
     resumed.load_state_dict(state)
 
     def must_not_predict(fn):
@@ -186,7 +186,7 @@ def test_the_label_store_is_checkpointed_and_restored():
 
 
 def _uic_ddp_worker(rank: int, world_size: int, images: torch.Tensor, rank_indices: list) -> torch.Tensor:
-    method = _tiny_uic(len(images), num_classes=3, head="linear")
+    method = _tiny_uic({"num_classes": 3, "head": "linear"}, num_train=len(images))
     method.pseudo_labels.copy_(torch.arange(len(images)) % 3)
     method.next_pseudo_labels.copy_(method.pseudo_labels)
     idx = rank_indices[rank]
@@ -202,7 +202,7 @@ def test_label_store_is_identical_on_every_rank_after_an_update_with_different_l
     stores = ddp_harness.run_distributed(_uic_ddp_worker, world_size=2, args=(images, rank_indices))
     assert torch.equal(stores[0], stores[1])
     # the expected store: both ranks' predictions (single process, same weights, same local batches)
-    reference = _tiny_uic(n, num_classes=3, head="linear")
+    reference = _tiny_uic({"num_classes": 3, "head": "linear"}, num_train=n)
     expected = torch.arange(n) % 3
     with torch.no_grad():
         for idx in rank_indices:
@@ -213,7 +213,7 @@ def test_label_store_is_identical_on_every_rank_after_an_update_with_different_l
 
 def test_the_linear_probe_reads_the_mlp_heads_output_as_sec_5_2():
     torch.manual_seed(0)
-    method = _tiny_uic(20, num_classes=3)  # head: official, probe_with_head by default
+    method = _tiny_uic({"num_classes": 3}, num_train=20)  # head: official, probe_with_head by default
     method.eval()
     images = torch.randn(4, 1, 8, 8)
     mlp, classifier = method.head[0], method.head[1]
@@ -222,13 +222,14 @@ def test_the_linear_probe_reads_the_mlp_heads_output_as_sec_5_2():
         torch.testing.assert_close(probed, mlp(method.backbone(images)))  # the MLP's output ...
         torch.testing.assert_close(classifier(probed), method.scores(images))  # ... = the classifier's input
     assert probed.shape == (4, method.backbone.feature_dim)  # full width (the official head)
-    simclr = _tiny_uic(20, num_classes=3, head="simclr")  # the former SimCLR head, probed at 128-d
+    # the former SimCLR head, probed at 128-d
+    simclr = _tiny_uic({"num_classes": 3, "head": "simclr"}, num_train=20)
     assert simclr.eval().probe_features(images).shape == (4, simclr.hparams.mlp_out_dim)
-    off = _tiny_uic(20, num_classes=3, probe_with_head=False)
+    off = _tiny_uic({"num_classes": 3, "probe_with_head": False}, num_train=20)
     off.eval()
     with torch.no_grad():
         torch.testing.assert_close(off.probe_features(images), off.backbone(images))
-    linear = _tiny_uic(20, num_classes=3, head="linear")  # no MLP: the backbone's features
+    linear = _tiny_uic({"num_classes": 3, "head": "linear"}, num_train=20)  # no MLP: the backbone's features
     with torch.no_grad():
         torch.testing.assert_close(linear.eval().probe_features(images), linear.backbone(images))
 
@@ -288,4 +289,4 @@ def test_cifar10_uic_has_the_official_full_width_head_and_probe():
 ])
 def test_invalid_hparams_name_the_key(hparams, key):
     with pytest.raises(ConfigError, match=rf"methods\.uic\.{key}"):
-        _tiny_uic(20, **hparams)
+        _tiny_uic(hparams, num_train=20)

@@ -1,4 +1,5 @@
-"""Clustering quality on the test split: NMI, AMI, ARI (scikit-learn) and ACC (Hungarian matching).
+"""Clustering quality on the test split: NMI, AMI, ARI and ACC (Hungarian matching), as computed by
+ssl_common.clustering_metrics (scikit-learn underneath).
 
 The headline, identical for every method: FAISS k-means on l2-normalised backbone features with
 k = number of classes (`kmeans_assign` + `clustering_metrics`). A method's own head (argmax of
@@ -16,11 +17,9 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
-from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
-from sklearn.metrics.cluster import contingency_matrix
 
 from benchmarks.evaluation.knn import faiss_use_gpu
+from ssl_common import clustering_metrics as scores
 
 log = logging.getLogger("benchmarks")
 
@@ -28,10 +27,7 @@ log = logging.getLogger("benchmarks")
 def _as_labels(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
-    labels = np.asarray(x).reshape(-1)
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
-    return labels.astype(np.int64)
+    return scores.labels_array(x).reshape(-1)
 
 
 def hungarian_accuracy(labels_true, labels_pred) -> float:
@@ -40,10 +36,7 @@ def hungarian_accuracy(labels_true, labels_pred) -> float:
     With more clusters than classes only one cluster per class is matched; the images of the
     unmatched clusters count as wrong (the papers' over-clustering ACC). Returns a fraction.
     """
-    y, p = _as_labels(labels_true), _as_labels(labels_pred)
-    counts = contingency_matrix(y, p)  # [classes, clusters], both relabelled 0..n-1
-    rows, cols = linear_sum_assignment(counts, maximize=True)
-    return float(counts[rows, cols].sum()) / len(y)
+    return scores.acc_one_to_one(_as_labels(labels_true), _as_labels(labels_pred))
 
 
 def many_to_one_accuracy(labels_true, labels_pred) -> float:
@@ -52,29 +45,14 @@ def many_to_one_accuracy(labels_true, labels_pred) -> float:
     The fair ACC of an over-clustering head. It rises with K (K = N scores 1), so it is reported
     only beside K and never compared with a one-to-one ACC.
     """
-    y, p = _as_labels(labels_true), _as_labels(labels_pred)
-    if len(y) != len(p):
-        raise ValueError(f"labels_true has {len(y)} entries but labels_pred has {len(p)}")
-    if len(y) == 0:
-        raise ValueError("no labels to compare")
-    counts = contingency_matrix(y, p)  # [classes, clusters]
-    return float(counts.max(axis=0).sum()) / len(y)
+    return scores.acc_many_to_one(_as_labels(labels_true), _as_labels(labels_pred))
 
 
 def clustering_metrics(labels_true, labels_pred) -> dict[str, float]:
     """{"nmi", "ami", "ari", "acc"} as fractions (NMI/ACC in [0, 1]; AMI/ARI are 0 for chance and
-    may dip slightly below 0 for worse-than-chance assignments, as scikit-learn defines them)."""
-    y, p = _as_labels(labels_true), _as_labels(labels_pred)
-    if len(y) != len(p):
-        raise ValueError(f"labels_true has {len(y)} entries but labels_pred has {len(p)}")
-    if len(y) == 0:
-        raise ValueError("no labels to compare")
-    return {
-        "nmi": float(normalized_mutual_info_score(y, p)),
-        "ami": float(adjusted_mutual_info_score(y, p)),
-        "ari": float(adjusted_rand_score(y, p)),
-        "acc": hungarian_accuracy(y, p),
-    }
+    may dip slightly below 0 for worse-than-chance assignments, as scikit-learn defines them).
+    Computed by ssl_common.clustering_metrics, the one implementation of these metrics."""
+    return scores.clustering_metrics(_as_labels(labels_true), _as_labels(labels_pred))
 
 
 def clustering_metrics_for_head(labels_true, labels_pred, num_classes: int, num_clusters: int) -> dict[str, float]:
