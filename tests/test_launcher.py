@@ -157,15 +157,20 @@ echo "Submitted batch job 4242"
 """
 
 
-def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
-    pytest.importorskip("submitit")
+def _fake_slurm(tmp_path, monkeypatch, sbatch_script: str) -> None:
+    """sbatch (the given script) and srun on PATH, where submitit looks for them."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").write_text(sbatch_script)
     (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
     for tool in ("sbatch", "srun"):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), os.environ["PATH"]]))
+
+
+def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
+    pytest.importorskip("submitit")
+    _fake_slurm(tmp_path, monkeypatch, FAKE_SBATCH)
     monkeypatch.setenv("FAKE_SBATCH_SCRIPT", str(tmp_path / "submitted.sh"))
     specs = [{"key": f"cifar10/simclr/seed{i}"} for i in range(4)]
     jobs = submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm", partition="gpu",
@@ -193,13 +198,7 @@ exit 1
 
 def test_a_refusing_sbatch_gives_one_line_naming_the_flag_and_leaves_nothing(tmp_path, monkeypatch):
     pytest.importorskip("submitit")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text(REFUSING_SBATCH)
-    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
-    for tool in ("sbatch", "srun"):
-        (bin_dir / tool).chmod(0o755)
-    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_dir), os.environ["PATH"]]))
+    _fake_slurm(tmp_path, monkeypatch, REFUSING_SBATCH)
     specs = [{"key": f"digits/simclr/seed{i}"} for i in range(2)]
     with pytest.raises(ConfigError) as caught:
         submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm", gpus_per_node=1)
