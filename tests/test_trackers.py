@@ -17,7 +17,7 @@ def test_a_tiny_run_logged_with_mlflow_has_its_metrics_in_the_local_store(tmp_pa
     code = main(["run", "--suite", "digits", "--methods", "simclr", "--epochs", "2", "--seeds", "0", "--no-references",
                  "--no-report", "--no-progress", "--logger", "mlflow", "--out", str(tmp_path / "out"),
                  "--work-dir", str(tmp_path / "work"), "--set", "dataset.options.test_fraction=0.75",
-                 "evaluation.protocols=[knn]", "train.online_knn_every=1", "train.log_every_n_steps=1"])
+                 "evaluation.protocols=[knn, clustering]", "train.online_knn_every=1", "train.log_every_n_steps=1"])
     assert code == 0
     (record_file,) = iter_record_files(tmp_path / "out")
     record = read_record(record_file)
@@ -39,6 +39,7 @@ def test_a_tiny_run_logged_with_mlflow_has_its_metrics_in_the_local_store(tmp_pa
     assert params["config.train.batch_size"] == str(record["config"]["train"]["batch_size"])
     assert params["method_config.hparams.temperature"] == str(record["method_config"]["hparams"]["temperature"])
     assert params["config.train.threads"] == str(record["config"]["train"]["threads"])
+    assert {"knn_k20", "clustering"} <= set(record["metrics"])
     for key, values in record["metrics"].items():
         for metric, value in values.items():
             assert run.data.metrics[f"eval/{key}/{metric}"] == pytest.approx(value)
