@@ -11,8 +11,9 @@
   (reflected) bootstrap ``[2v - q_hi, 2v - q_lo]``, because resampling duplicates images and inflates
   agreement, so the percentile interval of NMI/AMI/ARI/ACC sits above the estimate.
 * Per column, among non-reference rows: bold = the best mean; a marker for the rows that are not
-  significantly different from it (paired bootstrap over test images on the seeds both rows have, Holm
-  over the column's comparisons, alpha 0.05).
+  significantly different from it (Welch's t-test on the per-seed values: the unit is the run; Holm over
+  the column's comparisons, alpha 0.05); another for rows that cannot be tested (fewer than two seeds on
+  either side, or no spread over the seeds).
 """
 
 from __future__ import annotations
@@ -333,7 +334,8 @@ CELL_COLUMNS = ["suite", "dataset", "epochs", "table", "kind", "row", "method", 
                 "settings_fp", "role", "is_reference", "paper_reference", "backbone", "key", "metric",
                 "settings", "column", "n", "seeds", "values", "mean", "std", "t_low", "t_high", "n_images",
                 "img_value", "img_low", "img_high", "img_method", "img_note", "best", "tied", "p_holm",
-                "test_note", "K", "source", "nonempty", "num_classes"]
+                "test_note", "untestable", "p_raw", "diff", "diff_low", "diff_high", "K", "source", "nonempty",
+                "num_classes"]
 
 
 def _cluster_info(runs: list[Run], idx: list[int], key: str) -> tuple[str, str, str, int | None]:
@@ -378,8 +380,9 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
                         t_low=_clipped(summary.ci_low, max, metric_range(metric)[0]),
                         t_high=_clipped(summary.ci_high, min, metric_range(metric)[1]),
                         img_value=math.nan, img_low=math.nan, img_high=math.nan, img_method="", img_note="",
-                        best=False, tied=False, p_holm=math.nan, test_note="", K="", source="", nonempty="",
-                        num_classes=None)
+                        best=False, tied=False, p_holm=math.nan, test_note="", untestable=False,
+                        p_raw=math.nan, diff=math.nan, diff_low=math.nan, diff_high=math.nan, K="", source="",
+                        nonempty="", num_classes=None)
             if any(p is None for p in parts):
                 cell["img_note"] = "no per-image predictions"
             else:
@@ -416,7 +419,15 @@ def per_seed(model: Model, cell: pd.Series) -> dict[int, PerImage | None]:
 
 
 def _mark_best(model: Model, n_boot: int) -> None:
-    """Bold and the not-significantly-different marker, per column among non-reference rows."""
+    """Bold, the not-significantly-different marker and "not testable", per column among non-reference rows.
+
+    The unit of the test is the run: Welch's t-test on the two cells' per-seed values
+    (``stats.welch_seed_test``), Holm over the column's testable comparisons with its best row, alpha
+    ``ALPHA``. A comparison needs two seeds on each side and some seed-to-seed spread; otherwise the cell
+    is "not testable". ``diff_low``/``diff_high`` is the interval of (row − best) at the level whose
+    exclusion of 0 is exactly the Holm verdict (1 − alpha · p/p_Holm), so a figure of these intervals
+    says what the marks say. ``n_boot`` is unused (kept for the signature)."""
+    del n_boot
     cells = model.cells
     contenders = cells[~cells["is_reference"].astype(bool)]
     for (table, key, metric, settings), group in contenders.groupby(["table", "key", "metric", "settings"],
@@ -427,35 +438,32 @@ def _mark_best(model: Model, n_boot: int) -> None:
         cells.loc[group.index[rounded == rounded.max()], "best"] = True
         order = group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
         best = order.iloc[0]
-        best_seeds = per_seed(model, best)
         details = {"best": best["row"], "comparisons": []}
-        tested, p_values = [], []
+        tested = []
         for j, other in order.iloc[1:].iterrows():
-            theirs = per_seed(model, other)
-            common = sorted(set(best_seeds) & set(theirs))
-            note = ""
-            if any(best_seeds[s] is None or theirs[s] is None for s in common) or not common:
-                note = "not tested: no common seed with the best" if not common else \
-                    "not tested: no per-image predictions"
-            else:
-                a, b = stacked([best_seeds[s] for s in common]), stacked([theirs[s] for s in common])
-                if a is None or b is None or a.labels_id != b.labels_id:
-                    note = "not tested: scored on different test images"
-            if note:
+            test = stats.welch_seed_test(other["values"], best["values"])
+            cells.at[j, "diff"] = test.diff
+            if math.isnan(test.p_value):
+                short = "fewer than 2 seeds" if min(other["n"], best["n"]) < 2 else "no seed-to-seed spread"
+                note = (f"not testable: {short} (n = {other['n']} vs {best['n']} for the best, "
+                        f"{best['row']})")
+                cells.at[j, "untestable"] = True
                 cells.at[j, "test_note"] = note
                 details["comparisons"].append((other["row"], note))
                 continue
-            test = paired_test(a, b, metric, n_boot)
-            tested.append((j, common, test, len(a.labels)))
-            p_values.append(test.p_value)
-        adjusted = stats.holm(p_values) if p_values else []
-        for (j, common, test, n_images), p in zip(tested, adjusted):
-            cells.at[j, "p_holm"] = float(p)
+            tested.append((j, test))
+        adjusted = stats.holm([t.p_value for _, t in tested]) if tested else []
+        for (j, test), p in zip(tested, adjusted):
+            p = float(p)
+            level = 1 - ALPHA * (test.p_value / p if p > 0 else 1.0 / len(tested))
+            again = stats.welch_seed_test(cells.at[j, "values"], best["values"], level=level)
+            cells.at[j, "p_holm"], cells.at[j, "p_raw"] = p, test.p_value
+            cells.at[j, "diff_low"], cells.at[j, "diff_high"] = again.low, again.high
             cells.at[j, "tied"] = bool(p >= ALPHA)
-            seeds = ",".join(str(s) for s in common)
-            delta = f"{-test.diff:+.2f}".replace("-0.00", "+0.00")
-            cells.at[j, "test_note"] = (f"vs best {best['row']}: Δ = {delta} on seeds {seeds} (paired "
-                                        f"bootstrap over {n_images} test images), p = {p:.3g} (Holm)")
+            delta = f"{test.diff:+.2f}".replace("-0.00", "+0.00")
+            cells.at[j, "test_note"] = (f"vs best {best['row']}: Δ = {delta} (means over seeds, n = "
+                                        f"{cells.at[j, 'n']} vs {best['n']}), Welch t-test over seeds p = "
+                                        f"{test.p_value:.3g}, Holm-adjusted over {len(tested)} = {p:.3g}")
             details["comparisons"].append((cells.at[j, "row"], cells.at[j, "test_note"]))
         model.tests[(table, key, metric, settings)] = details
 

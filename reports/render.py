@@ -56,7 +56,8 @@ def to_markdown(title: str, sections: Sequence[Section]) -> str:
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 _TEX_SYMBOLS = {"±": r"$\pm$", "–": "--", "Δ": r"$\Delta$", "→": r"$\rightarrow$", "−": "-",
-                "†": r"$^{\dagger}$", "…": r"\ldots{}", "α": r"$\alpha$", "≥": r"$\geq$", "≤": r"$\leq$",
+                "†": r"$^{\dagger}$", "‡": r"$^{\ddagger}$", "§": r"\S{}", "⟨": r"$\langle$",
+                "⟩": r"$\rangle$", "…": r"\ldots{}", "α": r"$\alpha$", "≥": r"$\geq$", "≤": r"$\leq$",
                 "≠": r"$\neq$", "×": r"$\times$", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 

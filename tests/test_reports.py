@@ -168,7 +168,7 @@ def test_non_utf8_file_via_cli_is_named_on_stderr(tmp_path, capsys):
                  "--format", "md", "--n-boot", "100"])
     assert code == 0
     assert "results/digits/x.json: not a UTF-8 text file" in capsys.readouterr().err
-    assert "90.00 [" in (tmp_path / "out" / "report.md").read_text()
+    assert "90.00 ⟨" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_results_given_as_the_current_folder_keep_the_dots_of_skip_reasons(tmp_path, monkeypatch, capsys):
