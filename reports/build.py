@@ -39,10 +39,13 @@ from reports.render import to_html, to_latex, to_markdown
 from reports.tables import (
     DASH,
     TIED,
+    UNTESTABLE,
+    ZERO_SPREAD,
     Figure,
     Section,
     delta_text,
     fmt,
+    fmt_delta,
     fmt_p,
     grid_table,
     interval,
@@ -59,46 +62,65 @@ TITLE = "Self-supervised representation learning benchmark"
 OUTPUT_MODE = 0o644
 FILE_NAMES = {"md": "report.md", "tex": "report.tex", "html": "report.html"}
 FIGURE_PATTERN = re.compile(r"(forest|bars|curves)_[a-z0-9_.-]+\.png")
-CONVENTIONS = (
-    "Conventions. Values are percent. A table is one suite, dataset and number of pretraining epochs. A row "
-    "is one method or variant with one settings fingerprint (the same experiment over seeds); when one "
-    "method has several, each is its own row, labelled with the settings that differ (from the records' "
-    "method_config, else their config), never pooled. A column is one protocol key and metric under "
-    "identical protocol settings (evaluation[key].settings); values measured under other settings get their "
-    "own column, whose header names the differing settings. Only completed records count, one per run "
-    "identity (suite, method, epochs, seed, training and evaluation fingerprints): the newest by its own "
-    "created timestamp wins (ties: the file at its canonical path, then the first path); the others are "
-    "listed as superseded; files that cannot be read, fail the schema (version 2), their checksum or their "
-    "predictions are skipped by name. Cells: with n >= 2 seeds, mean ± sample std (ddof=1) and the 95% "
-    "Student-t interval over seeds in brackets (clipped to the metric's range); with one seed, the value and in brackets the 95% bootstrap "
-    "interval over the run's test images ({n_boot} resamples of the stored per-image predictions, fixed seed "
-    "{seed}): percentile intervals for accuracies, basic (reflected, 2v − q97.5 to 2v − q2.5, clipped to the "
-    "metric's range) intervals for NMI, AMI, ARI and ACC, whose percentile intervals are biased upward "
-    "because resampling duplicates images and inflates agreement (the basic interval corrects that bias, so "
-    "with few test images or many clusters it can lie below the value, which is itself biased upward). For "
-    "n >= 2 the image bootstrap of the mean over seeds is in the HTML tooltip and under Interval details. "
-    "(n=k) = a cell measured on k of the row's seeds; – = not measured. AMI and ARI can be negative (worse "
-    "than chance) and are shown as computed. Bold = the best mean of its column among non-reference rows "
-    "(same protocol, settings and, for clustering, the same K), when at least two such rows have a value. "
-    f"{TIED} = not significantly different from that best: paired bootstrap over test images on the seeds "
-    "both rows have (per-image correctness, or the clustering metric recomputed on each resample), p-values "
-    f"Holm-adjusted over the column's comparisons, α = {ALPHA}; reference rows (random init, supervised) "
-    "are not contenders. Leaderboard: methods ranked by their average rank over the headline metrics "
-    "present (kNN k=20 top-1, offline linear probe top-1, k-means clustering NMI and ACC; per seed, then "
-    "mean, std, min and max over the seeds all ranked methods share). Clustering: the headline is FAISS "
-    "k-means on backbone features with K = classes (ACC = one-to-one, Hungarian); a method's own head is "
-    "scored in its own table, one row per head K, with ACC (one-to-one) only for K = classes and ACC "
-    f"(many-to-one) for other K. Semi-supervised columns: the random-init row becomes {SUBSET_LABEL} "
-    "(trained from random weights on the labelled images only) and the supervised reference (trained on all "
-    "labels) is left out; with several labelled subsets per run, per-image correctness is the mean over "
-    "subsets. Papers: a cell is paired with a paper number only when method (the record's method_base, and "
-    "its paper_reference equal to the paper), pretraining dataset, evaluation dataset, backbone, "
-    "pretraining epochs, protocol key with its required settings (Protocol mapping below) and metric all "
-    "agree; paper / Δ columns (Δ = ours − paper, 95% interval from stats.delta_interval: "
-    "Welch–Satterthwaite with the paper's std over its runs, else our t-interval shifted) then follow the "
-    "column, and Welch's p is given where the paper reports mean ± std over n runs. Paper rows without a "
-    "like-for-like run are listed with the first criterion that fails."
+HOW_TO_READ = (
+    "Values are percent. A table is one suite, dataset and pretraining budget; a row is one method or "
+    "variant over its seeds; a column is one protocol and metric under one set of protocol settings.",
+    "mean ± std [low, high] = n ≥ 2 seeds: sample std and the 95% t-interval over the seeds. value ⟨low, "
+    "high⟩ = one seed: the 95% bootstrap interval over that run's test images, a narrower quantity (no "
+    "seed-to-seed noise), never comparable with [ ].",
+    f"Bold = best mean of its column (non-reference rows); {TIED} = not significantly different from it; "
+    f"no mark = significantly worse (Welch's t-test over seeds, Holm over the column, α = {ALPHA}); "
+    f"{UNTESTABLE} = not testable (fewer than two seeds on a side, or no spread over the seeds).",
+    f"{ZERO_SPREAD} = a zero-width interval: no variation was observed, which is no certainty. (n=k) = "
+    "measured on k of the row's seeds; – = not measured; rows below the line (random init, supervised) "
+    "are references, not contenders.",
+    "Paper and Δ columns appear only where a paper row matches the run like for like. The details of every "
+    "rule are in the appendix at the end.",
 )
+CONVENTIONS = (
+    "Rows and columns. A row is one method or variant with one settings fingerprint (the same experiment "
+    "over seeds); when one method has several, each is its own row, labelled with the settings that differ "
+    "(from the records' method_config, else their config), never pooled. A column is one protocol key and "
+    "metric under identical protocol settings (evaluation[key].settings); values measured under other "
+    "settings get their own column, whose header names the differing settings.",
+    "Which records count. Only completed records, one per run identity (suite, method, epochs, seed, "
+    "training and evaluation fingerprints): the newest by its own created timestamp wins (ties: the file at "
+    "its canonical path, then the first path); the others are listed as superseded; files that cannot be "
+    "read, fail the schema (version 2), their checksum or their predictions are skipped by name.",
+    "Cells. With n >= 2 seeds: mean ± sample std (ddof=1) and the 95% Student-t interval over seeds in "
+    "square brackets (clipped to the metric's range). With one seed: the value and, in angle brackets, the "
+    "95% bootstrap interval over the run's test images ({n_boot} resamples of the stored per-image "
+    "predictions, fixed seed {seed}): percentile intervals for accuracies, basic (reflected, 2v − q97.5 to "
+    "2v − q2.5) intervals for NMI, AMI, ARI and ACC, whose percentile intervals are biased upward because "
+    "resampling duplicates images. For n >= 2 the image bootstrap of the mean over seeds is in the HTML "
+    "tooltip and under Interval details. AMI and ARI can be negative (worse than chance).",
+    f"Significance (the unit is the run). Bold = the best mean of its column among non-reference rows (same "
+    f"protocol, settings and, for heads, the same K), when two such rows have a value. Every other row is "
+    f"compared with it by Welch's unequal-variance t-test on the two cells' per-seed values "
+    f"(scipy.stats.ttest_ind, equal_var=False); the p-values are Holm-adjusted over the column's testable "
+    f"comparisons, α = {ALPHA}. {TIED} = p_Holm >= α; no mark = significantly worse; {UNTESTABLE} = not "
+    "testable (a side with fewer than two seeds, or both sides without spread). Test-image sampling is not "
+    "part of the test: seed-to-seed variation (initialisation, augmentation, k-means seed) is the larger "
+    "noise. The forest figures draw each row's difference to the best with the interval of this test, at "
+    "the level whose exclusion of 0 is the Holm verdict (1 − α·p/p_Holm).",
+    "Leaderboard. Methods ranked by their average rank over the headline metrics present (kNN k=20 top-1, "
+    "offline linear probe top-1, k-means clustering NMI), each method's mean over its own seeds; the rank "
+    "interval resamples each method's seeds independently (bootstrap, {n_boot} replicates, fixed seed).",
+    "Clustering. The headline is FAISS k-means on backbone features with K = classes (ACC = one-to-one, "
+    "Hungarian); a method's own head is scored in its own table, one row per head K, with ACC (one-to-one) "
+    "only for K = classes and ACC (many-to-one) for other K.",
+    f"Semi-supervised columns. The random-init row becomes {SUBSET_LABEL} (trained from random weights on "
+    "the labelled images only) and the supervised reference (trained on all labels) is left out; with "
+    "several labelled subsets per run, per-image correctness is the mean over subsets.",
+    "Papers. A cell is paired with a paper number only when method (the record's method_base, and its "
+    "paper_reference equal to the paper), pretraining dataset, evaluation dataset, backbone, pretraining "
+    "epochs, protocol key with its required settings (Protocol mapping) and metric all agree. Δ = ours − "
+    "paper with a 95% interval (stats.delta_interval): Welch–Satterthwaite where the paper gives its std "
+    "over n runs (with Welch's p); without a paper std, the prediction interval of one new run of ours "
+    "(the paper's number is one run, not an exact value). Paper rows without a like-for-like run are "
+    "listed with the first criterion that fails.",
+)
+SUMMARY_HEADLINE = (("knn_k20", "top1"), ("linear", "top1"), ("clustering", "NMI"))
 
 
 def _normalize_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -211,6 +233,55 @@ class _Names:
             name, i = f"{stem}-{i}.png", i + 1
         self.taken.add(name)
         return name
+
+
+def _budget_text(model: Model, table: tuple) -> str:
+    """Seeds, epochs and the pretraining wall time of one table's runs (GPU-hours on a GPU)."""
+    suite, dataset, epochs = table
+    runs = [r.record for r in model.runs if (r.record["suite"], r.record["dataset"], r.record["epochs"])
+            == (suite, dataset, epochs)]
+    seeds = sorted({int(r["seed"]) for r in runs})
+    seconds = sum(float(r.get("wall_time_s") or 0.0) for r in runs)
+    on_gpu = any(str(r.get("device", "")).startswith("cuda") for r in runs)
+    cost = f"{seconds / 3600:.2f} GPU-hours" if on_gpu else f"{seconds / 60:.1f} CPU-minutes"
+    return (f"{len(runs)} runs, seeds {', '.join(map(str, seeds))}, {epochs} pretraining epochs, "
+            f"{cost} of pretraining and evaluation wall time in all")
+
+
+def _verdicts(model: Model, table: tuple) -> list[str]:
+    """Per headline metric: the best row, its margin to the runner-up, and whether the seeds support it."""
+    cells = model.cells
+    mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
+    lines = []
+    for key, metric in SUMMARY_HEADLINE:
+        group = mine[(mine["key"] == key) & (mine["metric"] == metric)]
+        if group.empty:
+            continue
+        counts = group.groupby("settings").size()
+        group = group[group["settings"] == sorted(counts.index, key=lambda x: (-counts[x], x))[0]]
+        order = group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
+        best = order.iloc[0]
+        name = f"k-means {best['column']}" if key == "clustering" else best["column"]
+        text = f"{name}: best {best['row']} {value_text(best)} (n = {best['n']})"
+        if len(order) < 2:
+            lines.append(text + "; no other method measured.")
+            continue
+        second = order.iloc[1]
+        text += (f", {fmt_delta(best['mean'] - second['mean'])} over the runner-up {second['row']} "
+                 f"{fmt(second['mean'])} (n = {second['n']}); ")
+        if second["untestable"]:
+            text += f"the seeds cannot test the difference ({second['test_note'].removeprefix('not testable: ')})"
+        elif second["tied"]:
+            text += (f"the seeds do not support the difference (Welch p = {fmt_p(second['p_raw'])}, Holm "
+                     f"{fmt_p(second['p_holm'])})")
+        else:
+            text += (f"the seeds support the difference (Welch p = {fmt_p(second['p_raw'])}, Holm "
+                     f"{fmt_p(second['p_holm'])})")
+        tied = int(order["tied"].sum())
+        if tied:
+            text += f"; {tied} row(s) in all not significantly different from the best"
+        lines.append(text + ".")
+    return lines
 
 
 def _leaderboard_section(model: Model, table: tuple) -> Section:
@@ -489,19 +560,25 @@ def build_report(
     images: dict[str, bytes] = {}
     summary = Section("Summary", 2, [
         f"{len(loaded.completed)} completed run(s) in the tables; {len(loaded.excluded)} run(s) not "
-        f"completed (listed below, not in the tables); {len(loaded.superseded)} record(s) superseded by a "
-        f"newer record of the same run; {len(loaded.skipped)} record file(s) skipped. "
-        + _filters_text(suites, methods, epochs),
-        CONVENTIONS.format(n_boot=n_boot, seed=stats.SEED),
-    ])
+        f"completed; {len(loaded.superseded)} record(s) superseded; {len(loaded.skipped)} record file(s) "
+        "skipped (all listed in the appendix). " + _filters_text(suites, methods, epochs)])
+    for table in sorted(set(model.cells["table"])) if not model.cells.empty else []:
+        summary.blocks.append(f"{heading_of(table)} ({_budget_text(model, table)}):")
+        summary.blocks.append(_verdicts(model, table) or ["no headline metric (kNN k=20, linear, k-means "
+                                                          "NMI) measured"])
     if loaded.skipped:
         summary.blocks.append([str(s) for s in loaded.skipped])
     if not loaded.completed:
         summary.blocks.append("No completed run matches: there is no result table.")
-    sections = [summary, *_table_sections(model, pairs, history, figures, images),
-                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs),
-                _unmatched_section(unmatched), _mapping_section(), _details_section(model),
-                *_record_sections(loaded, model)]
+    how = Section("How to read this", 2, [list(HOW_TO_READ)])
+    appendix = Section("Appendix: how the numbers are made", 2,
+                       [[c.format(n_boot=n_boot, seed=stats.SEED) for c in CONVENTIONS]], collapsible=True)
+    details = [_unmatched_section(unmatched), _mapping_section(), _details_section(model),
+               *_record_sections(loaded, model)]
+    for section in details:
+        section.collapsible = True
+    sections = [summary, how, *_table_sections(model, pairs, history, figures, images),
+                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs), appendix, *details]
 
     figure_paths = [atomic_write_bytes(out_dir / "figures" / name, images[name]) for name in sorted(images)]
     if (out_dir / "figures").is_dir():

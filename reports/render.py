@@ -157,6 +157,8 @@ p.caption { font-size: 12px; color: #555; margin-top: 0; }
 figure { margin: .8em 0 1.5em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 12px; color: #555; }
+details > summary { cursor: pointer; }
+details > summary > .inline { display: inline; }
 """.strip()
 
 
@@ -198,7 +200,11 @@ def to_html(title: str, sections: Sequence[Section], images: Mapping[str, bytes]
              f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
         level = min(section.level, 6)
-        lines.append(f"<h{level}>{html.escape(section.title)}</h{level}>")
+        if section.collapsible:
+            lines += ["<details>", f'<summary><h{level} class="inline">{html.escape(section.title)}</h{level}>'
+                                   "</summary>"]
+        else:
+            lines.append(f"<h{level}>{html.escape(section.title)}</h{level}>")
         for block in section.blocks:
             if isinstance(block, Table):
                 lines += _html_table(block)
@@ -212,5 +218,7 @@ def to_html(title: str, sections: Sequence[Section], images: Mapping[str, bytes]
                 lines += ["<ul>", *(f"<li>{html.escape(item)}</li>" for item in block), "</ul>"]
             else:
                 lines.append(f"<p>{html.escape(block)}</p>")
+        if section.collapsible:
+            lines.append("</details>")
     lines += ["</body>", "</html>"]
     return "\n".join(lines) + "\n"

@@ -112,16 +112,17 @@ def delta_interval(ours, paper_mean, paper_std=None, paper_n=None, level: float 
 
     * paper std and n (n >= 2) given, and >= 2 seeds of ours: Welch–Satterthwaite interval
       Δ ± t_{df} · √(s²/n + s_p²/n_p), consistent with ``welch_test``;
-    * no usable paper std or n (a single reported number, taken as a constant): our mean's t interval
-      shifted, Δ ± t_{n-1} · s/√n;
+    * no usable paper std or n (a single reported number: one run, not an exact value): the prediction
+      interval of one new run of ours, Δ ± t_{n-1} · s · √(1 + 1/n);
     * a single seed of ours: NaN bounds (our run-to-run spread is unknown, whatever the paper reports).
     """
     own = seed_summary(ours, level)
     delta = own.mean - float(paper_mean)
     if own.n < 2:
         return Delta(delta, math.nan, math.nan, math.nan)
-    if _missing(paper_std, paper_n):
-        return Delta(delta, own.ci_low - paper_mean, own.ci_high - paper_mean, float(own.n - 1))
+    if _missing(paper_std, paper_n):  # the paper's number is one run: where one new run of ours would fall
+        half = float(stats.t.ppf((1 + level) / 2, own.n - 1)) * own.std * math.sqrt(1 + 1 / own.n)
+        return Delta(delta, delta - half, delta + half, float(own.n - 1))
     va, vb = own.std**2 / own.n, paper_std**2 / paper_n
     if va + vb == 0:
         return Delta(delta, delta, delta, math.nan)

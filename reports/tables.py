@@ -44,6 +44,7 @@ class Section:
     title: str
     level: int = 2
     blocks: list = field(default_factory=list)  # str (paragraph) | list[str] (bullets) | Table | Figure
+    collapsible: bool = False  # HTML: a <details> element, closed (appendix material)
 
 
 def fmt(value: float) -> str:

@@ -57,10 +57,11 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("verdicts")
     with open(os.devnull, "w") as quiet:
         built = build_report(RESULTS, out, n_boot=100, figures=False, formats=["md"], stderr=quiet)
-    return built["paths"]["md"].read_text()
+    return built["paths"]["md"].read_text(), built["cells"]
 
 
 def test_no_significantly_worse_mark_has_a_seed_level_welch_p_above_0_2(report):
+    report, _ = report
     checked, columns = 0, 0
     for header, rows in grid_tables(report):
         group_of = header.index("K") if "K" in header else None
@@ -95,3 +96,19 @@ def test_cell_parser_reads_the_marks():
     assert parse_cell("**96.76 ± 0.58 [95.3, 98.2]**", 3) == (True, 96.76, 0.58, 3, "")
     assert parse_cell("94.07 ± 3.10 [86.4, 100.00] (n=2)†", 3) == (False, 94.07, 3.10, 2, "†")
     assert parse_cell("75.00 ⟨71.20, 78.10⟩‡", 1) == (False, 75.0, None, 1, "‡")
+
+
+def test_no_long_paragraph_before_the_first_table_and_the_summary_names_the_best(report):
+    md, cells = report
+    head = md.split("\n| ", 1)[0]
+    for block in head.split("\n"):
+        assert len(block.split()) <= 120, f"{len(block.split())} words before the first table: {block[:80]}"
+    summary = md.split("## Summary\n", 1)[1].split("\n## ", 1)[0]
+    knn = cells[(cells["key"] == "knn_k20") & (cells["metric"] == "top1") & ~cells["is_reference"]]
+    best = knn.sort_values("mean", ascending=False).iloc[0]
+    second = knn.sort_values("mean", ascending=False).iloc[1]
+    line = next(x for x in summary.splitlines() if x.startswith("- kNN k=20"))
+    assert f"best {best['row']} {best['mean']:.2f} ± {best['std']:.2f}" in line
+    assert f"{best['mean'] - second['mean']:+.2f} over the runner-up {second['row']}" in line
+    verdict = "do not support" if second["tied"] else "support"
+    assert f"the seeds {verdict} the difference" in line

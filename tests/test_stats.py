@@ -70,9 +70,9 @@ def test_delta_interval_welch_and_constant_paper():
     assert d.delta == pytest.approx(m - paper, abs=1e-12) and d.df == pytest.approx(df, rel=1e-12)
     assert d.ci_low == pytest.approx(m - paper - half, abs=1e-9)
     assert d.ci_high == pytest.approx(m - paper + half, abs=1e-9)
-    # paper number without std: a constant, our t interval shifted (t_{0.975, 2})
+    # paper number without std: one run, so the prediction interval of one new run of ours (t_{0.975, 2})
     c = stats.delta_interval(ours, paper)
-    half = T_975_DF2 * s / math.sqrt(3)
+    half = T_975_DF2 * s * math.sqrt(1 + 1 / 3)
     assert c.ci_low == pytest.approx(m - paper - half, abs=1e-9)
     assert c.ci_high == pytest.approx(m - paper + half, abs=1e-9)
     assert c.df == 2
