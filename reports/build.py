@@ -213,12 +213,21 @@ KIND_NOTES = {
 
 
 def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """What the marks test, per contender: its difference to the column's best and the test's interval."""
     rows = []
-    for _, c in prepared.iterrows():
-        low, high = (c["t_low"], c["t_high"]) if c["n"] >= 2 else (c["img_low"], c["img_high"])
+    contenders = prepared[~prepared["is_reference"].astype(bool)]
+    for _, c in contenders.iterrows():
+        if c["best"]:
+            status, value = "best", 0.0
+        elif c["untestable"]:
+            status, value = "untestable", c["diff"]
+        elif not math.isnan(c["p_holm"]):
+            status, value = ("tied" if c["tied"] else "worse"), c["diff"]
+        else:
+            continue  # alone in its column: nothing compared
         label = f"{c['_row']} (K={c['K']})" if kind == "heads" else c["_row"]
-        rows.append((c["_col"], label, c["mean"], low, high, bool(c["is_reference"])))
-    return pd.DataFrame(rows, columns=["column", "row", "value", "low", "high", "reference"])
+        rows.append((c["_col"], label, value, c["diff_low"], c["diff_high"], status, c["_row_sort"]))
+    return pd.DataFrame(rows, columns=["column", "row", "value", "low", "high", "status", "sort"])
 
 
 class _Names:
@@ -335,21 +344,22 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, wa
             t = grid_table(prepared, my_pairs, info)
             t.caption = table_caption(of_kind, my_pairs, [KIND_NOTES[kind]])
             blocks: list = [t]
-            if want_figures:
+            points = _points(prepared, kind) if want_figures else None
+            if want_figures and not points.empty:
                 name = names(f"forest_{_slug(suite)}_{_slug(dataset)}_e{epochs}_{kind}")
-                points = _points(prepared, kind)
                 col_sort = dict(zip(prepared["_col"], prepared["_col_sort"]))
                 columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
-                row_sort = {}
-                for p, s in zip(points["row"], prepared["_row_sort"]):
-                    row_sort.setdefault(p, s)
+                row_sort: dict = {}
+                for r, key in zip(points["row"], points["sort"]):
+                    row_sort.setdefault(r, key)
                 rows = sorted(row_sort, key=lambda r: (row_sort[r], r))
-                images[name] = figs.forest_plot(points, columns, rows, f"{kind_title(kind)}: {heading}",
-                                                {r: palette.get(r.split(" (K=")[0]) for r in rows})
-                caption = (f"{kind_title(kind)}, {heading}: dot = mean (one seed: the value), line = "
-                           "95% interval (t over seeds for n >= 2, bootstrap over test images for n = 1); "
-                           "square = reference row; axis zoomed to the non-reference rows (a reference row "
-                           "outside it: edge arrow with its value).")
+                images[name] = figs.difference_plot(points, columns, rows, f"{kind_title(kind)}: {heading}",
+                                                    {r: palette.get(r.split(" (K=")[0]) for r in rows})
+                caption = (f"{kind_title(kind)}, {heading}: each method's difference to the best of the column "
+                           "(diamond at 0) with the interval of the table's test (Welch's t over seeds, at the "
+                           f"Holm-consistent level): an interval left of 0 = significantly worse (filled dot), "
+                           f"one that reaches 0 = {TIED} (open dot); x = {UNTESTABLE} not testable (no "
+                           "interval). Reference rows are not contenders and not drawn.")
                 blocks.append(Figure(name, caption))
             sections.append(Section(kind_title(kind), 3, blocks))
         if want_figures:

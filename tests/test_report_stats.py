@@ -252,3 +252,20 @@ def test_a_contender_with_one_seed_is_not_testable_and_a_one_seed_cell_has_no_t_
     assert not byol["tied"] and byol["p_holm"] == pytest.approx(
         scipy_stats.ttest_ind([60, 61, 62], [90, 91, 92], equal_var=False).pvalue)  # one testable comparison
     assert swav["n"] == 1 and np.isnan(swav["t_low"]) and np.isnan(swav["t_high"])
+
+
+def test_figure_points_are_the_tested_differences_and_colours_do_not_depend_on_the_other_rows(seeded):
+    from reports.build import _points
+    from reports.figures import palette_for
+    from reports.tables import prepare
+
+    cells = seeded["cells"]
+    points = _points(prepare(cells[cells["kind"] == "knn"], "knn"), "knn")
+    top1 = points[points["column"] == "kNN k=20 top-1"].set_index("row")
+    assert top1.loc["SimCLR", "status"] == "best" and top1.loc["SimCLR", "value"] == 0.0
+    assert top1.loc["BYOL", "status"] == "worse" and top1.loc["BYOL", "high"] < 0  # left of 0: the mark
+    assert top1.loc["SwAV", "status"] == "tied" and top1.loc["SwAV", "low"] <= 0 <= top1.loc["SwAV", "high"]
+    assert top1.loc["CARL", "status"] == "untestable" and np.isnan(top1.loc["CARL", "low"])
+    byol = cell(cells, "BYOL", "knn_k20")
+    assert top1.loc["BYOL", "value"] == pytest.approx(byol["diff"])
+    assert palette_for(["SimCLR", "BYOL"])["SimCLR"] == palette_for(["SimCLR", "CARL", "SwAV", "x"])["SimCLR"]
