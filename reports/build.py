@@ -293,8 +293,8 @@ def _verdicts(model: Model, table: tuple) -> list[str]:
     return lines
 
 
-def _leaderboard_section(model: Model, table: tuple) -> Section:
-    ranks, columns, unranked = leaderboard(model, table)
+def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
+    ranks, columns, unranked = leaderboard(model, table, n_boot)
     section = Section("Leaderboard", 3)
     if ranks.empty:
         section.blocks.append("Not ranked: fewer than two methods have every headline metric present in this "
@@ -304,23 +304,23 @@ def _leaderboard_section(model: Model, table: tuple) -> Section:
         for i, r in enumerate(ranks.itertuples(index=False), start=1):
             if previous is None or round(r.mean_rank, 9) != previous:  # ties share the better place
                 place, previous = i, round(r.mean_rank, 9)
-            spread = DASH if math.isnan(r.std_rank) else fmt(r.std_rank)
-            rows.append([str(place), r.method, fmt(r.mean_rank), spread,
-                         f"{fmt(r.min_rank)}–{fmt(r.max_rank)}", str(r.n_seeds)])
-        t = plain_table(["Rank", "Method", "mean rank", "std over seeds", "min–max", "seeds"], rows,
-                        numeric_from=2)
-        t.caption = (f"Average rank over {', '.join(columns)} (rank 1 = best, ties share their average "
-                     "rank), per seed, then summarised over the seeds every ranked method has; reference "
-                     "rows are not ranked.")
+            rows.append([str(place), r.method, fmt(r.mean_rank), f"{fmt(r.rank_low)}–{fmt(r.rank_high)}",
+                         str(r.n_seeds) + (UNTESTABLE if r.n_seeds < 2 else "")])
+        t = plain_table(["Rank", "Method", "mean rank", "95% rank interval", "seeds"], rows, numeric_from=2)
+        t.caption = (f"Average rank of each method's mean over its seeds, over {', '.join(columns)} (rank 1 "
+                     "= best, ties share their average rank); the interval resamples each method's seeds "
+                     f"independently ({n_boot} bootstrap replicates, fixed seed), never pairing seed s of "
+                     "one method with seed s of another. Overlapping intervals: the order is not settled. "
+                     f"{UNTESTABLE} = one seed: its value is fixed in the resampling. Reference rows are not "
+                     "ranked.")
         section.blocks.append(t)
     if unranked:
-        section.blocks.append("Not ranked (a headline metric missing on every seed): " + "; ".join(unranked)
-                              + ".")
+        section.blocks.append("Not ranked (a headline metric not measured): " + "; ".join(unranked) + ".")
     return section
 
 
 def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, want_figures: bool,
-                    images: dict[str, bytes]) -> list[Section]:
+                    images: dict[str, bytes], n_boot: int = stats.N_BOOT) -> list[Section]:
     sections: list[Section] = []
     names = _Names()
     cells = model.cells
@@ -333,7 +333,7 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, wa
         if model.row_notes.get(table):
             top.blocks.append("Rows of one method with different settings:")
             top.blocks.append(model.row_notes[table])
-        sections += [top, _leaderboard_section(model, table)]
+        sections += [top, _leaderboard_section(model, table, n_boot)]
         for kind in KINDS:
             of_kind = mine[mine["kind"] == kind]
             if of_kind.empty:
@@ -587,7 +587,7 @@ def build_report(
                *_record_sections(loaded, model)]
     for section in details:
         section.collapsible = True
-    sections = [summary, how, *_table_sections(model, pairs, history, figures, images),
+    sections = [summary, how, *_table_sections(model, pairs, history, figures, images, n_boot),
                 *_layout_sections(papers, model, pairs), _pairs_section(model, pairs), appendix, *details]
 
     figure_paths = [atomic_write_bytes(out_dir / "figures" / name, images[name]) for name in sorted(images)]
@@ -618,6 +618,6 @@ def build_report(
         "skipped": list(loaded.skipped),
         "superseded": list(loaded.superseded) + list(model.superseded),
         "history": history,
-        "leaderboards": {t: leaderboard(model, t)[0] for t in tables},
+        "leaderboards": {t: leaderboard(model, t, n_boot)[0] for t in tables},
         "headline": HEADLINE,
     }

@@ -470,12 +470,14 @@ def _mark_best(model: Model, n_boot: int) -> None:
 
 # ------------------------------------------------------------------------------------------- ranks
 
-HEADLINE = (("knn_k20", "top1"), ("linear", "top1"), ("clustering", "NMI"), ("clustering", "ACC"))
+HEADLINE = (("knn_k20", "top1"), ("linear", "top1"), ("clustering", "NMI"))  # one clustering metric
 
 
-def leaderboard(model: Model, table: tuple) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Average rank over the headline metrics present in the table (stats.average_ranks), with the rows
-    that cannot be ranked (missing a headline metric on every seed) and the columns used."""
+def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str],
+                                                                                list[str]]:
+    """Average rank of the seed means over the headline metrics present in the table, with a bootstrap
+    rank interval resampling each method's seeds independently (stats.rank_of_means), the rows that
+    cannot be ranked (a headline metric not measured) and the columns used."""
     cells = model.cells
     mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
     used = []
@@ -487,7 +489,7 @@ def leaderboard(model: Model, table: tuple) -> tuple[pd.DataFrame, list[str], li
         settings = sorted(counts.index, key=lambda s: (-counts[s], s))[0]
         used.append(group[group["settings"] == settings])
     if not used:
-        return pd.DataFrame(columns=list(stats.RANK_COLUMNS)), [], []
+        return pd.DataFrame(columns=list(stats.RANK_INTERVAL_COLUMNS)), [], []
     columns = [g["column"].iloc[0] for g in used]
     rows = sorted(set(mine["row"]))
     scores = [(r.row, seed, r.column, value) for g in used for r in g.itertuples()
@@ -499,6 +501,6 @@ def leaderboard(model: Model, table: tuple) -> tuple[pd.DataFrame, list[str], li
     unranked = [f"{r} (missing: {', '.join(c for c in columns if c not in measured[r])})"
                 for r in rows if r not in ranked]
     if len(ranked) < 2:
-        return pd.DataFrame(columns=list(stats.RANK_COLUMNS)), columns, unranked
-    ranks = stats.average_ranks(frame[frame["method"].isin(ranked)])
+        return pd.DataFrame(columns=list(stats.RANK_INTERVAL_COLUMNS)), columns, unranked
+    ranks = stats.rank_of_means(frame[frame["method"].isin(ranked)], n_boot=n_boot)
     return ranks, columns, unranked
