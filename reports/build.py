@@ -371,10 +371,15 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, wa
                 hist = hist.assign(method=[labels.get((m, fp), m) for m, fp in zip(hist["method"],
                                                                                    hist["settings_fp"])])
                 order = sorted(set(hist["method"]), key=lambda r: (r.casefold(), r))
-                name = names(f"curves_{_slug(suite)}_{_slug(dataset)}_e{epochs}")
-                images[name] = figs.curves_chart(hist, order, f"Training curves: {heading}", palette)
-                sections.append(Section("Training curves", 3, [Figure(
-                    name, f"Training curves, {heading}: mean over seeds per epoch, band = std over seeds.")]))
+                png = figs.curves_chart(hist, order, f"Training curves: {heading}", palette)
+                if png is not None:
+                    name = names(f"curves_{_slug(suite)}_{_slug(dataset)}_e{epochs}")
+                    images[name] = png
+                    sections.append(Section("Training curves", 3, [Figure(
+                        name, f"Training curves, {heading}: mean over seeds per epoch, band = std over seeds; "
+                              "each method's loss divided by its own first-epoch loss (losses of different "
+                              "methods have different scales); methods with one recorded epoch are not "
+                              "drawn.")]))
     return sections
 
 
@@ -420,8 +425,11 @@ def _layout_sections(papers: pd.DataFrame, model: Model, pairs: pd.DataFrame) ->
     return out
 
 
-def _pairs_section(model: Model, pairs: pd.DataFrame) -> Section:
+def _pairs_section(model: Model, pairs: pd.DataFrame, unrelated: int = 0) -> Section:
     section = Section("Comparison with the papers", 2)
+    if unrelated:
+        section.blocks.append(f"{unrelated} paper number(s) concern other datasets than this report's: not "
+                              "compared, listed in the appendix (Paper rows about other datasets).")
     if pairs.empty:
         section.blocks.append("No cell has a like-for-like paper number.")
         return section
@@ -437,13 +445,7 @@ def _pairs_section(model: Model, pairs: pd.DataFrame) -> Section:
     return section
 
 
-def _unmatched_section(unmatched: pd.DataFrame) -> Section:
-    section = Section("Paper numbers without a matching run", 2)
-    if unmatched.empty:
-        section.blocks.append("Every paper number that concerns the selected runs is paired with a run.")
-        return section
-    section.blocks.append("Listed for reference only, never compared; one line per paper row group, with the "
-                          "first pairing criterion that fails.")
+def _unmatched_rows(unmatched: pd.DataFrame) -> list[list[str]]:
     keys = ["paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol",
             "reason"]
     frame = unmatched.assign(epochs=[DASH if pd.isna(e) else str(int(e)) for e in unmatched["epochs"]])
@@ -453,8 +455,38 @@ def _unmatched_section(unmatched: pd.DataFrame) -> Section:
                            for m, v, s in zip(group["metric"], group["value"], group["std"]))
         *fields, reason = group_key
         rows.append([*fields, values, reason])
-    section.blocks.append(plain_table(["Paper", "Table", "Method", "Pretrain", "Eval", "Backbone", "Epochs",
-                                       "Protocol", "Values", "Why not compared"], rows))
+    return rows
+
+
+UNMATCHED_HEADER = ["Paper", "Table", "Method", "Pretrain", "Eval", "Backbone", "Epochs", "Protocol", "Values",
+                    "Why not compared"]
+
+
+def split_unrelated(unmatched: pd.DataFrame, datasets: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(paper rows about the report's datasets, rows about other datasets only)."""
+    names = {d.casefold() for d in datasets}
+    related = unmatched["pretrain_dataset"].str.casefold().isin(names) | \
+        unmatched["eval_dataset"].str.casefold().isin(names)
+    return unmatched[related], unmatched[~related]
+
+
+def _unmatched_section(unmatched: pd.DataFrame) -> Section:
+    section = Section("Paper numbers without a matching run", 2)
+    if unmatched.empty:
+        section.blocks.append("Every paper number about this report's datasets is paired with a run.")
+        return section
+    section.blocks.append("Listed for reference only, never compared; one line per paper row group, with the "
+                          "first pairing criterion that fails.")
+    section.blocks.append(plain_table(UNMATCHED_HEADER, _unmatched_rows(unmatched)))
+    return section
+
+
+def _unrelated_section(unrelated: pd.DataFrame) -> Section:
+    section = Section("Paper rows about other datasets", 2)
+    if unrelated.empty:
+        section.blocks.append("None.")
+    else:
+        section.blocks.append(plain_table(UNMATCHED_HEADER, _unmatched_rows(unrelated)))
     return section
 
 
@@ -583,12 +615,15 @@ def build_report(
     how = Section("How to read this", 2, [list(HOW_TO_READ)])
     appendix = Section("Appendix: how the numbers are made", 2,
                        [[c.format(n_boot=n_boot, seed=stats.SEED) for c in CONVENTIONS]], collapsible=True)
-    details = [_unmatched_section(unmatched), _mapping_section(), _details_section(model),
-               *_record_sections(loaded, model)]
+    datasets = set(model.cells["dataset"]) if not model.cells.empty else set()
+    related, unrelated = split_unrelated(unmatched, datasets)
+    details = [_unmatched_section(related), _mapping_section(), _details_section(model),
+               *_record_sections(loaded, model), _unrelated_section(unrelated)]
     for section in details:
         section.collapsible = True
     sections = [summary, how, *_table_sections(model, pairs, history, figures, images, n_boot),
-                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs), appendix, *details]
+                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
+                *details]
 
     figure_paths = [atomic_write_bytes(out_dir / "figures" / name, images[name]) for name in sorted(images)]
     if (out_dir / "figures").is_dir():

@@ -31,7 +31,7 @@ RC = {
     "ytick.labelsize": 7,
     "legend.fontsize": 7,
 }
-SERIES_LABELS = {"loss": "training loss", "online_knn_top1": "online kNN top-1 (%)"}
+SERIES_LABELS = {"loss": "training loss / its first-epoch value", "online_knn_top1": "online kNN top-1 (%)"}
 
 
 def render_png(width: float, height: float, draw: Callable[[Figure], None]) -> bytes:
@@ -171,9 +171,31 @@ def difference_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence
     return render_png(width, height * nrows + 0.5, draw)
 
 
+def curve_panels(history: pd.DataFrame) -> pd.DataFrame:
+    """The curves as drawn: per series, only methods with two epochs or more (a one-point line is no curve);
+    the loss of each method divided by its own mean first-epoch loss (losses of different methods live on
+    different scales, a loss near 200 flattened the others to zero), online kNN top-1 as recorded."""
+    if history.empty:
+        return history
+    counts = history.groupby(["series", "method"])["epoch"].nunique()
+    keep = counts[counts >= 2].index
+    data = history.set_index(["series", "method"]).loc[lambda d: d.index.isin(keep)].reset_index()
+    loss = data["series"] == "loss"
+    if loss.any():
+        first = data[loss].groupby("method")["epoch"].min()
+        at_first = data[loss & (data["epoch"] == data["method"].map(first))].groupby("method")["value"].mean()
+        scale = data.loc[loss, "method"].map(at_first)
+        data.loc[loss, "value"] = data.loc[loss, "value"] / scale.where(scale != 0)
+    return data.dropna(subset=["value"])
+
+
 def curves_chart(history: pd.DataFrame, methods: Sequence[str], title: str,
-                 palette: dict[str, tuple] | None = None) -> bytes:
-    """One panel per series (loss, online kNN top-1): mean over seeds per epoch, band = std over seeds."""
+                 palette: dict[str, tuple] | None = None) -> bytes | None:
+    """One panel per series (loss relative to its first epoch, online kNN top-1): mean over seeds per epoch,
+    band = std over seeds; None when no method has two epochs of any series."""
+    history = curve_panels(history)
+    if history.empty:
+        return None
     series = [s for s in SERIES_LABELS if (history["series"] == s).any()]
     present = set(history["method"])
     methods = [m for m in methods if m in present]

@@ -112,3 +112,15 @@ def test_no_long_paragraph_before_the_first_table_and_the_summary_names_the_best
     assert f"{best['mean'] - second['mean']:+.2f} over the runner-up {second['row']}" in line
     verdict = "do not support" if second["tied"] else "support"
     assert f"the seeds {verdict} the difference" in line
+
+
+def test_paper_rows_about_other_datasets_are_a_count_listed_in_the_appendix(report):
+    md, _ = report
+    body, appendix = md.split("## Appendix: how the numbers are made", 1)
+    m = re.search(r"(\d+) paper number\(s\) concern other datasets than this report's", body)
+    assert m and int(m.group(1)) > 0
+    assert "CIFAR-10" not in body.split("## Comparison with the papers", 1)[1]
+    others = appendix.split("## Paper rows about other datasets\n", 1)[1]
+    assert "| CIFAR-10 |" in others
+    related = appendix.split("## Paper numbers without a matching run\n", 1)[1].split("\n## ", 1)[0]
+    assert "| CIFAR-10 | CIFAR-10 |" not in related

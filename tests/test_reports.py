@@ -346,3 +346,29 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
     pixels = list(image.getdata())
     non_white = sum(1 for p in pixels if min(p) < 245) / len(pixels)
     assert len(set(pixels)) > 1 and non_white > 0.01, f"blank page: {non_white:.4f} non-white"
+
+
+def test_build_on_an_empty_folder_warns_naming_it_and_exits_non_zero(tmp_path, capsys):
+    empty = tmp_path / "no-records"
+    empty.mkdir()
+    code = main(["build", "--results", str(empty), "--out", str(tmp_path / "out"), "--no-figures"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"warning: no run record under {empty}" in err
+
+
+def test_curves_drop_one_point_series_and_scale_each_loss_by_its_first_epoch():
+    import pandas as pd
+
+    from reports.figures import curve_panels, curves_chart
+
+    rows = [("a", 0, 1.0, "loss", 200.0), ("a", 0, 2.0, "loss", 100.0), ("a", 1, 1.0, "loss", 220.0),
+            ("a", 1, 2.0, "loss", 110.0), ("b", 0, 1.0, "loss", 2.0), ("b", 0, 2.0, "loss", 1.0),
+            ("c", 0, 1.0, "loss", 5.0), ("c", 0, 1.0, "online_knn_top1", 50.0)]
+    history = pd.DataFrame(rows, columns=["method", "seed", "epoch", "series", "value"])
+    drawn = curve_panels(history)
+    assert set(drawn["method"]) == {"a", "b"}  # c has one epoch: no one-point line, no online-kNN panel
+    a = drawn[(drawn["method"] == "a")].groupby("epoch")["value"].mean()
+    assert a.tolist() == pytest.approx([1.0, 0.5])  # divided by its own mean first-epoch loss (210)
+    b = drawn[(drawn["method"] == "b")].groupby("epoch")["value"].mean()
+    assert b.tolist() == pytest.approx([1.0, 0.5])  # a loss near 200 no longer flattens b's
+    assert curves_chart(history[history["method"] == "c"], ["c"], "t") is None
