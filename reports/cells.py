@@ -175,6 +175,47 @@ def canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def method_section(rec: dict) -> dict | None:
+    """The suite's own `methods.<name>` section of the record's method or variant (as configured), if any."""
+    sections = rec.get("config", {}).get("methods")
+    section = sections.get(rec["method"]) if isinstance(sections, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def paper_of(rec: dict) -> str | None:
+    """The paper a row may be paired with: a variant (an ablation of a method) only when its own section names
+    one (`paper:`); otherwise it would inherit its base method's paper and be compared with numbers measured
+    under other settings."""
+    if rec.get("variant") and "paper" not in (method_section(rec) or {}):
+        return None
+    return rec["paper_reference"]
+
+
+BOOKKEEPING = {"name", "method", "variant", "display_name", "paper", "version"}
+
+
+def variant_differences(rec: dict, base: dict | None) -> list[tuple[str, str]]:
+    """(setting, value) of a variant's settings that differ from its base method's: the resolved
+    `method_config` of a base-method record of the same table when there is one, else the suite's raw
+    `methods.<variant>` section against `methods.<base>` (hyperparameter names without their `hparams.`
+    prefix)."""
+    from reports.data import flatten
+
+    def clean(d: dict) -> dict:
+        return {k: v for k, v in (d or {}).items() if k not in BOOKKEEPING}
+
+    if base is not None:
+        mine, theirs = clean(rec["method_config"]), clean(base["method_config"])
+    else:
+        sections = rec.get("config", {}).get("methods")
+        if not isinstance(sections, dict):
+            return []
+        mine, theirs = clean(sections.get(rec["method"])), clean(sections.get(rec["method_base"]))
+    a, b = flatten(mine), flatten(theirs)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [(k.removeprefix("hparams."), a.get(k, "unset")) for k in keys]
+
+
 def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[str]]:
     """One row per (run, key, metric); the supervised row is dropped from label-subset protocols and the
     random-init row's label-subset values become the "Supervised (labelled subset only)" row."""
@@ -200,7 +241,7 @@ def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[
                 rows.append((rec["suite"], rec["dataset"], rec["epochs"], rec["method"], rec["method_base"],
                              rec["method_display"], rec["is_reference"], rec["fingerprints"]["settings"],
                              role, rec["seed"], key, metric, float(rec["metrics"][key][metric]), settings, i,
-                             run.path, run.created, rec["paper_reference"], rec["backbone"]))
+                             run.path, run.created, paper_of(rec), rec["backbone"]))
     values = pd.DataFrame(rows, columns=VALUE_COLUMNS)
     if values.empty:
         return values, [], dropped
@@ -237,8 +278,24 @@ def row_labels(values: pd.DataFrame, runs: list[Run]) -> tuple[dict[tuple, str],
 
     first = values.drop_duplicates(["method", "settings_fp", "role"])
     labels, notes = {}, []
+    base_records = {}
+    for method, base_name, i in zip(first["method"], first["method_base"], first["run"]):
+        if method == base_name:
+            base_records.setdefault(method, runs[int(i)].record)
     for (method, role), group in first.groupby(["method", "role"], sort=True):
         base = SUBSET_LABEL if role == SUBSET_ROLE else group["display"].iloc[0]
+        rec = runs[int(group["run"].iloc[0])].record
+        if rec.get("variant") and role != SUBSET_ROLE:
+            diff = variant_differences(rec, base_records.get(rec["method_base"]))
+            if diff:
+                words = ", ".join(f"{k} {v}" for k, v in diff[:3]) + (f", … (+{len(diff) - 3})"
+                                                                       if len(diff) > 3 else "")
+                suffix = f" ({rec['variant']})"
+                base = (base[:-len(suffix)] if base.endswith(suffix) else base) + \
+                    f" ({rec['variant']}: {words})"
+                if len(diff) > 3:
+                    notes.append(f"{base}: " + ", ".join(f"{k} {v}" for k, v in diff)
+                                 + f" (differs from {rec['method_base']})")
         if len(group) == 1:
             labels[(method, group["settings_fp"].iloc[0], role)] = base
             continue
