@@ -319,6 +319,44 @@ def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
     return section
 
 
+def _cost_section(model: Model, table: tuple) -> Section:
+    """Per row: the run's recorded wall time (pretraining + evaluation, every attempt), training throughput
+    and peak memory, as means over the row's runs (peak memory: the maximum)."""
+    cells = model.cells
+    mine = cells[(cells["table"] == table) & (cells["role"] == "")]
+    values = model.values
+    rows = []
+    on_gpu = False
+    for (label, method, fp), _ in mine.groupby(["row", "method", "settings_fp"], sort=True):
+        idx = sorted({int(i) for i in values.loc[(values["method"] == method) & (values["settings_fp"] == fp)
+                                                  & (values["suite"] == table[0])
+                                                  & (values["dataset"] == table[1])
+                                                  & (values["epochs"] == table[2]), "run"]})
+        recs = [model.runs[i].record for i in idx]
+        gpu = any(str(r.get("device", "")).startswith("cuda") for r in recs)
+        on_gpu |= gpu
+        wall = [float(r["wall_time_s"]) for r in recs if r.get("wall_time_s") is not None]
+        speed = [float(r["throughput_images_per_s"]) for r in recs if r.get("throughput_images_per_s")]
+        peak = [float(r["peak_memory_mb"]) for r in recs if r.get("peak_memory_mb") is not None]
+        sources = sorted({r.get("peak_memory_source") or ("cuda_max_allocated" if gpu else "not recorded")
+                          for r in recs if r.get("peak_memory_mb") is not None})
+        time_text = DASH if not wall else (f"{sum(wall) / len(wall) / 3600:.3f} GPU-h" if gpu
+                                           else f"{sum(wall) / len(wall):.1f} s")
+        rows.append([label, str(len(recs)), time_text,
+                     DASH if not speed else f"{sum(speed) / len(speed):.0f}",
+                     DASH if not peak else f"{max(peak):.0f}" + (" (RSS)" if sources == ["process_peak_rss"]
+                                                                 else ""),
+                     ", ".join(sorted({str(r.get("device", "?")) for r in recs}))])
+    t = plain_table(["Method", "runs", "wall time per run", "images/s (training)", "peak memory (MB)",
+                     "device"], rows, numeric_from=1)
+    t.caption = ("Cost as recorded: wall time of one run (pretraining and evaluation, every attempt), mean "
+                 "over the row's runs" + (", GPU-hours on a GPU" if on_gpu else "") + "; training throughput "
+                 "(images per second, mean); peak memory = the maximum over the runs of the accelerator's peak "
+                 "allocation, or on CPU the process's peak resident set size (RSS; an upper bound when one "
+                 "process ran several runs); – = not recorded (records written before it was).")
+    return Section("Cost", 3, [t])
+
+
 def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, want_figures: bool,
                     images: dict[str, bytes], n_boot: int = stats.N_BOOT) -> list[Section]:
     sections: list[Section] = []
@@ -333,7 +371,7 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, wa
         if model.row_notes.get(table):
             top.blocks.append("Rows of one method with different settings:")
             top.blocks.append(model.row_notes[table])
-        sections += [top, _leaderboard_section(model, table, n_boot)]
+        sections += [top, _leaderboard_section(model, table, n_boot), _cost_section(model, table)]
         for kind in KINDS:
             of_kind = mine[mine["kind"] == kind]
             if of_kind.empty:
