@@ -127,7 +127,8 @@ def protocol_label(key: str, settings: dict, params: dict) -> str:
         return "online linear (during pretraining)"
     if m := _KNN.fullmatch(key):
         k = int(m.group(1))
-        text = f"kNN k={k}"
+        text = f"kNN k={k}" + (f", T={settings['temperature']:g}" if isinstance(settings.get("temperature"),
+                                                                              (int, float)) else "")
         per_class = params.get("bank_images_per_class_min")
         if isinstance(per_class, (int, float)) and not isinstance(per_class, bool) and k > per_class:
             text += f" (k > {int(per_class)} bank images per class)"
@@ -168,7 +169,7 @@ class Model:
 
 VALUE_COLUMNS = ["suite", "dataset", "epochs", "method", "method_base", "display", "is_reference",
                  "settings_fp", "role", "seed", "key", "metric", "value", "settings", "run", "path",
-                 "created", "paper_reference", "backbone"]
+                 "created", "paper_reference", "backbone", "hparams"]
 
 
 def canonical(obj) -> str:
@@ -241,7 +242,8 @@ def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[
                 rows.append((rec["suite"], rec["dataset"], rec["epochs"], rec["method"], rec["method_base"],
                              rec["method_display"], rec["is_reference"], rec["fingerprints"]["settings"],
                              role, rec["seed"], key, metric, float(rec["metrics"][key][metric]), settings, i,
-                             run.path, run.created, paper_of(rec), rec["backbone"]))
+                             run.path, run.created, paper_of(rec), rec["backbone"],
+                             canonical((rec.get("method_config") or {}).get("hparams") or {})))
     values = pd.DataFrame(rows, columns=VALUE_COLUMNS)
     if values.empty:
         return values, [], dropped
@@ -333,6 +335,8 @@ def column_headers(values: pd.DataFrame, runs: list[Run]) -> dict[tuple, str]:
         split = differing([json.loads(s) for s in variants]) if len(variants) > 1 else []
         if key == "linear":
             split = [k for k in split if k != "views"]  # the label names the views already
+        if _KNN.fullmatch(key):
+            split = [k for k in split if k not in ("k", "temperature")]  # named by the label
         for settings in variants:
             mine = group[group["settings"] == settings]
             params = [runs[int(i)].record["evaluation"][key] for i in mine["run"]]
@@ -392,7 +396,7 @@ CELL_COLUMNS = ["suite", "dataset", "epochs", "table", "kind", "row", "method", 
                 "settings", "column", "n", "seeds", "values", "mean", "std", "t_low", "t_high", "n_images",
                 "img_value", "img_low", "img_high", "img_method", "img_note", "best", "tied", "p_holm",
                 "test_note", "untestable", "p_raw", "diff", "diff_low", "diff_high", "K", "source", "nonempty",
-                "num_classes"]
+                "num_classes", "hparams"]
 
 
 def _cluster_info(runs: list[Run], idx: list[int], key: str) -> tuple[str, str, str, int | None]:
@@ -439,7 +443,7 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
                         img_value=math.nan, img_low=math.nan, img_high=math.nan, img_method="", img_note="",
                         best=False, tied=False, p_holm=math.nan, test_note="", untestable=False,
                         p_raw=math.nan, diff=math.nan, diff_low=math.nan, diff_high=math.nan, K="", source="",
-                        nonempty="", num_classes=None)
+                        nonempty="", num_classes=None, hparams=g["hparams"].iloc[0])
             if any(p is None for p in parts):
                 cell["img_note"] = "no per-image predictions"
             else:

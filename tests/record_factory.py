@@ -80,7 +80,7 @@ def default_settings(key: str) -> dict:
     if key == "linear":
         return {"views": "crop_flip", "epochs": 100, "lr": 0.1}
     if key.startswith("knn_k"):
-        return {"k": int(key[5:].split("_")[0]), "temperature": 0.1}
+        return {"k": int(key[5:].split("_")[0]), "temperature": 0.07}
     if key.startswith("semi_") or key.startswith("finetune_"):
         return {"mode": "finetune", "epochs": 50, "views": "crop_flip"}
     if key.startswith("transfer_linear:"):

@@ -115,7 +115,7 @@ def test_one_seed_rows_are_not_testable_and_a_reference_row_is_no_contender(buil
     knn_cell = next(c.strip() for c in byol_row.split("|") if c.strip().startswith("77.00 ⟨"))
     assert knn_cell.endswith("⟩‡")
     assert "| **100.00 ⟨100.00, 100.00⟩§** |" in byol_row  # top-5: a zero-width interval is flagged
-    assert "‡ Not testable against the best: BYOL (kNN k=20 top-1: fewer than 2 seeds" in md
+    assert "‡ Not testable against the best: BYOL (kNN k=20, T=0.07 top-1: fewer than 2 seeds" in md
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_leaderboard_ranks_seed_means_over_knn_linear_and_nmi(ranked):
     pd.testing.assert_frame_equal(ranks.reset_index(drop=True), stats.rank_of_means(scores, n_boot=100))
     md = ranked["paths"]["md"].read_text()
     board = md.split("### Leaderboard\n", 1)[1].split("\n#", 1)[0]
-    assert "CARL (missing: kNN k=20 top-1, NMI)" in board and "| Rank | Method | mean rank | 95% rank interval |" \
+    assert "CARL (missing: kNN k=20, T=0.07 top-1, NMI)" in board and "| Rank | Method | mean rank | 95% rank interval |" \
         in board
     first = next(line for line in board.splitlines() if line.startswith("| 1 |"))
     assert ranks.iloc[0]["method"] in first
@@ -267,7 +267,7 @@ def test_figure_points_are_the_tested_differences_and_colours_do_not_depend_on_t
 
     cells = seeded["cells"]
     points = _points(prepare(cells[cells["kind"] == "knn"], "knn"), "knn")
-    top1 = points[points["column"] == "kNN k=20 top-1"].set_index("row")
+    top1 = points[points["column"] == "kNN k=20, T=0.07 top-1"].set_index("row")
     assert top1.loc["SimCLR", "status"] == "best" and top1.loc["SimCLR", "value"] == 0.0
     assert top1.loc["BYOL", "status"] == "worse" and top1.loc["BYOL", "high"] < 0  # left of 0: the mark
     assert top1.loc["SwAV", "status"] == "tied" and top1.loc["SwAV", "low"] <= 0 <= top1.loc["SwAV", "high"]

@@ -47,7 +47,7 @@ def make_results(root: Path) -> Path:
     write_run(results, method="carl", seed=0, paper_reference=DISS,
               accuracy={"linear": 75.0, "knn_k20": 64.0},
               settings={"linear": {"views": "none", "epochs": 100, "lr": 0.1},
-                        "knn_k20": {"k": 20, "temperature": 0.07}})
+                        "knn_k20": {"k": 20, "temperature": 0.1}})
     # SimCLR with another learning rate: a row of its own, never pooled with the first
     write_run(results, method="simclr", seed=0, paper_reference=DISS, accuracy={"linear": 50.0},
               method_config={"optimizer": {"lr": 0.001, "name": "sgd"}, "hparams": {"temperature": 0.2}})
@@ -206,17 +206,18 @@ def test_two_settings_fingerprints_give_two_labelled_rows(built):
 def test_a_column_with_two_protocol_settings_splits_and_names_the_key(built):
     cells = built["cells"]
     knn = cells[(cells["key"] == "knn_k20") & (cells["metric"] == "top1")]
-    assert set(knn["column"]) == {"kNN k=20 top-1 [temperature=0.07]", "kNN k=20 top-1 [temperature=0.1]"}
-    assert set(knn.loc[knn["column"].str.contains("0.07"), "row"]) == {"CARL"}
+    # the header names k and T itself: a column per temperature, no bracketed repeat
+    assert set(knn["column"]) == {"kNN k=20, T=0.07 top-1", "kNN k=20, T=0.1 top-1"}
+    assert set(knn.loc[knn["column"].str.contains("T=0.1 "), "row"]) == {"CARL"}
     linear = set(cells.loc[(cells["key"] == "linear") & (cells["metric"] == "top1"), "column"])
     assert linear == {LINEAR, "linear probe (offline, views none) top-1"}
     header = md_rows(md_section(built["paths"]["md"].read_text(), CIFAR, "kNN"))["Method"]
-    assert "kNN k=20 top-1 [temperature=0.07]" in header and "kNN k=20 top-1 [temperature=0.1]" in header
+    assert "kNN k=20, T=0.07 top-1" in header and "kNN k=20, T=0.1 top-1" in header
 
 
 def test_knn_header_says_when_k_exceeds_the_images_per_class(built):
     columns = set(built["cells"]["column"])
-    assert "kNN k=200 (k > 18 bank images per class) top-1" in columns
+    assert "kNN k=200, T=0.07 (k > 18 bank images per class) top-1" in columns
     assert not any("k > " in c for c in columns if c.startswith("kNN k=20 "))
 
 
