@@ -373,3 +373,15 @@ def test_curves_drop_one_point_series_and_scale_each_loss_by_its_first_epoch():
     b = drawn[(drawn["method"] == "b")].groupby("epoch")["value"].mean()
     assert b.tolist() == pytest.approx([1.0, 0.5])  # a loss near 200 no longer flattens b's
     assert curves_chart(history[history["method"] == "c"], ["c"], "t") is None
+
+
+def test_rules_are_a_short_how_to_read_list_and_a_collapsed_appendix(built):
+    md = built["paths"]["md"].read_text()
+    head = md.split("\n| ", 1)[0]  # everything before the first table
+    assert "## Summary" in head and "## How to read this" in head
+    assert max(len(line.split()) for line in head.splitlines()) <= 120
+    assert md.index("## Appendix: how the numbers are made") > md.index("## Comparison with the papers")
+    html = built["paths"]["html"].read_text()
+    appendix = html.split('<details>\n<summary><h2 class="inline">Appendix: how the numbers are made</h2>'
+                          "</summary>", 1)
+    assert len(appendix) == 2 and "Welch" in appendix[1].split("</details>", 1)[0]
