@@ -10,7 +10,9 @@ import json
 import logging
 import os
 import platform
+import resource
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,6 +62,14 @@ log = logging.getLogger("benchmarks")
 
 MODEL_FORMAT = "ssl-bench-model/1"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def process_peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (``resource.getrusage``; ru_maxrss is KiB on Linux,
+    bytes on macOS). On CPU it is the run's peak memory as far as one process can tell: the process may
+    have run earlier runs, so it is an upper bound for this one."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def build_augment(augment: AugmentConfig | SuiteConfig) -> BatchAugment:
@@ -574,7 +584,9 @@ def _attempt(config: SuiteConfig, settings: MethodConfig, seed, method, data, ru
         "devices": world_size,
         "global_batch_size": settings.batch_size * world_size,
         "throughput_images_per_s": round(images_seen / train_seconds, 1) if train_seconds > 0 else None,
-        "peak_memory_mb": round(peak, 1) if peak is not None else None,
+        "peak_memory_mb": round(peak, 1) if peak is not None else round(process_peak_rss_mb(), 1),
+        # what peak_memory_mb measures: the accelerator's peak allocation, or (CPU) the process's peak RSS
+        "peak_memory_source": "cuda_max_allocated" if peak is not None else "process_peak_rss",
         "checkpoint": str(run_dir / "model.pt") if status == "completed" else None,
     })
     if message:

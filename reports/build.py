@@ -39,10 +39,13 @@ from reports.render import to_html, to_latex, to_markdown
 from reports.tables import (
     DASH,
     TIED,
+    UNTESTABLE,
+    ZERO_SPREAD,
     Figure,
     Section,
     delta_text,
     fmt,
+    fmt_delta,
     fmt_p,
     grid_table,
     interval,
@@ -59,46 +62,65 @@ TITLE = "Self-supervised representation learning benchmark"
 OUTPUT_MODE = 0o644
 FILE_NAMES = {"md": "report.md", "tex": "report.tex", "html": "report.html"}
 FIGURE_PATTERN = re.compile(r"(forest|bars|curves)_[a-z0-9_.-]+\.png")
-CONVENTIONS = (
-    "Conventions. Values are percent. A table is one suite, dataset and number of pretraining epochs. A row "
-    "is one method or variant with one settings fingerprint (the same experiment over seeds); when one "
-    "method has several, each is its own row, labelled with the settings that differ (from the records' "
-    "method_config, else their config), never pooled. A column is one protocol key and metric under "
-    "identical protocol settings (evaluation[key].settings); values measured under other settings get their "
-    "own column, whose header names the differing settings. Only completed records count, one per run "
-    "identity (suite, method, epochs, seed, training and evaluation fingerprints): the newest by its own "
-    "created timestamp wins (ties: the file at its canonical path, then the first path); the others are "
-    "listed as superseded; files that cannot be read, fail the schema (version 2), their checksum or their "
-    "predictions are skipped by name. Cells: with n >= 2 seeds, mean ± sample std (ddof=1) and the 95% "
-    "Student-t interval over seeds in brackets (clipped to the metric's range); with one seed, the value and in brackets the 95% bootstrap "
-    "interval over the run's test images ({n_boot} resamples of the stored per-image predictions, fixed seed "
-    "{seed}): percentile intervals for accuracies, basic (reflected, 2v − q97.5 to 2v − q2.5, clipped to the "
-    "metric's range) intervals for NMI, AMI, ARI and ACC, whose percentile intervals are biased upward "
-    "because resampling duplicates images and inflates agreement (the basic interval corrects that bias, so "
-    "with few test images or many clusters it can lie below the value, which is itself biased upward). For "
-    "n >= 2 the image bootstrap of the mean over seeds is in the HTML tooltip and under Interval details. "
-    "(n=k) = a cell measured on k of the row's seeds; – = not measured. AMI and ARI can be negative (worse "
-    "than chance) and are shown as computed. Bold = the best mean of its column among non-reference rows "
-    "(same protocol, settings and, for clustering, the same K), when at least two such rows have a value. "
-    f"{TIED} = not significantly different from that best: paired bootstrap over test images on the seeds "
-    "both rows have (per-image correctness, or the clustering metric recomputed on each resample), p-values "
-    f"Holm-adjusted over the column's comparisons, α = {ALPHA}; reference rows (random init, supervised) "
-    "are not contenders. Leaderboard: methods ranked by their average rank over the headline metrics "
-    "present (kNN k=20 top-1, offline linear probe top-1, k-means clustering NMI and ACC; per seed, then "
-    "mean, std, min and max over the seeds all ranked methods share). Clustering: the headline is FAISS "
-    "k-means on backbone features with K = classes (ACC = one-to-one, Hungarian); a method's own head is "
-    "scored in its own table, one row per head K, with ACC (one-to-one) only for K = classes and ACC "
-    f"(many-to-one) for other K. Semi-supervised columns: the random-init row becomes {SUBSET_LABEL} "
-    "(trained from random weights on the labelled images only) and the supervised reference (trained on all "
-    "labels) is left out; with several labelled subsets per run, per-image correctness is the mean over "
-    "subsets. Papers: a cell is paired with a paper number only when method (the record's method_base, and "
-    "its paper_reference equal to the paper), pretraining dataset, evaluation dataset, backbone, "
-    "pretraining epochs, protocol key with its required settings (Protocol mapping below) and metric all "
-    "agree; paper / Δ columns (Δ = ours − paper, 95% interval from stats.delta_interval: "
-    "Welch–Satterthwaite with the paper's std over its runs, else our t-interval shifted) then follow the "
-    "column, and Welch's p is given where the paper reports mean ± std over n runs. Paper rows without a "
-    "like-for-like run are listed with the first criterion that fails."
+HOW_TO_READ = (
+    "Values are percent. A table is one suite, dataset and pretraining budget; a row is one method or "
+    "variant over its seeds; a column is one protocol and metric under one set of protocol settings.",
+    "mean ± std [low, high] = n ≥ 2 seeds: sample std and the 95% t-interval over the seeds. value ⟨low, "
+    "high⟩ = one seed: the 95% bootstrap interval over that run's test images, a narrower quantity (no "
+    "seed-to-seed noise), never comparable with [ ].",
+    f"Bold = best mean of its column (non-reference rows); {TIED} = not significantly different from it; "
+    f"no mark = significantly worse (Welch's t-test over seeds, Holm over the column, α = {ALPHA}); "
+    f"{UNTESTABLE} = not testable (fewer than two seeds on a side, or no spread over the seeds).",
+    f"{ZERO_SPREAD} = a zero-width interval: no variation was observed, which is no certainty. (n=k) = "
+    "measured on k of the row's seeds; – = not measured; rows below the line (random init, supervised) "
+    "are references, not contenders.",
+    "Paper and Δ columns appear only where a paper row matches the run like for like. The details of every "
+    "rule are in the appendix at the end.",
 )
+CONVENTIONS = (
+    "Rows and columns. A row is one method or variant with one settings fingerprint (the same experiment "
+    "over seeds); when one method has several, each is its own row, labelled with the settings that differ "
+    "(from the records' method_config, else their config), never pooled. A column is one protocol key and "
+    "metric under identical protocol settings (evaluation[key].settings); values measured under other "
+    "settings get their own column, whose header names the differing settings.",
+    "Which records count. Only completed records, one per run identity (suite, method, epochs, seed, "
+    "training and evaluation fingerprints): the newest by its own created timestamp wins (ties: the file at "
+    "its canonical path, then the first path); the others are listed as superseded; files that cannot be "
+    "read, fail the schema (version 2), their checksum or their predictions are skipped by name.",
+    "Cells. With n >= 2 seeds: mean ± sample std (ddof=1) and the 95% Student-t interval over seeds in "
+    "square brackets (clipped to the metric's range). With one seed: the value and, in angle brackets, the "
+    "95% bootstrap interval over the run's test images ({n_boot} resamples of the stored per-image "
+    "predictions, fixed seed {seed}): percentile intervals for accuracies, basic (reflected, 2v − q97.5 to "
+    "2v − q2.5) intervals for NMI, AMI, ARI and ACC, whose percentile intervals are biased upward because "
+    "resampling duplicates images. For n >= 2 the image bootstrap of the mean over seeds is in the HTML "
+    "tooltip and under Interval details. AMI and ARI can be negative (worse than chance).",
+    f"Significance (the unit is the run). Bold = the best mean of its column among non-reference rows (same "
+    f"protocol, settings and, for heads, the same K), when two such rows have a value. Every other row is "
+    f"compared with it by Welch's unequal-variance t-test on the two cells' per-seed values "
+    f"(scipy.stats.ttest_ind, equal_var=False); the p-values are Holm-adjusted over the column's testable "
+    f"comparisons, α = {ALPHA}. {TIED} = p_Holm >= α; no mark = significantly worse; {UNTESTABLE} = not "
+    "testable (a side with fewer than two seeds, or both sides without spread). Test-image sampling is not "
+    "part of the test: seed-to-seed variation (initialisation, augmentation, k-means seed) is the larger "
+    "noise. The forest figures draw each row's difference to the best with the interval of this test, at "
+    "the level whose exclusion of 0 is the Holm verdict (1 − α·p/p_Holm).",
+    "Leaderboard. Methods ranked by their average rank over the headline metrics present (kNN k=20 top-1, "
+    "offline linear probe top-1, k-means clustering NMI), each method's mean over its own seeds; the rank "
+    "interval resamples each method's seeds independently (bootstrap, {n_boot} replicates, fixed seed).",
+    "Clustering. The headline is FAISS k-means on backbone features with K = classes (ACC = one-to-one, "
+    "Hungarian); a method's own head is scored in its own table, one row per head K, with ACC (one-to-one) "
+    "only for K = classes and ACC (many-to-one) for other K.",
+    f"Semi-supervised columns. The random-init row becomes {SUBSET_LABEL} (trained from random weights on "
+    "the labelled images only) and the supervised reference (trained on all labels) is left out; with "
+    "several labelled subsets per run, per-image correctness is the mean over subsets.",
+    "Papers. A cell is paired with a paper number only when method (the record's method_base, and its "
+    "paper_reference equal to the paper), pretraining dataset, evaluation dataset, backbone, pretraining "
+    "epochs, protocol key with its required settings (Protocol mapping) and metric all agree. Δ = ours − "
+    "paper with a 95% interval (stats.delta_interval): Welch–Satterthwaite where the paper gives its std "
+    "over n runs (with Welch's p); without a paper std, the prediction interval of one new run of ours "
+    "(the paper's number is one run, not an exact value). Paper rows without a like-for-like run are "
+    "listed with the first criterion that fails.",
+)
+SUMMARY_HEADLINE = (("knn_k20", "top1"), ("linear", "top1"), ("clustering", "NMI"))
 
 
 def _normalize_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -191,12 +213,21 @@ KIND_NOTES = {
 
 
 def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """What the marks test, per contender: its difference to the column's best and the test's interval."""
     rows = []
-    for _, c in prepared.iterrows():
-        low, high = (c["t_low"], c["t_high"]) if c["n"] >= 2 else (c["img_low"], c["img_high"])
+    contenders = prepared[~prepared["is_reference"].astype(bool)]
+    for _, c in contenders.iterrows():
+        if c["best"]:
+            status, value = "best", 0.0
+        elif c["untestable"]:
+            status, value = "untestable", c["diff"]
+        elif not math.isnan(c["p_holm"]):
+            status, value = ("tied" if c["tied"] else "worse"), c["diff"]
+        else:
+            continue  # alone in its column: nothing compared
         label = f"{c['_row']} (K={c['K']})" if kind == "heads" else c["_row"]
-        rows.append((c["_col"], label, c["mean"], low, high, bool(c["is_reference"])))
-    return pd.DataFrame(rows, columns=["column", "row", "value", "low", "high", "reference"])
+        rows.append((c["_col"], label, value, c["diff_low"], c["diff_high"], status, c["_row_sort"]))
+    return pd.DataFrame(rows, columns=["column", "row", "value", "low", "high", "status", "sort"])
 
 
 class _Names:
@@ -213,8 +244,57 @@ class _Names:
         return name
 
 
-def _leaderboard_section(model: Model, table: tuple) -> Section:
-    ranks, columns, unranked = leaderboard(model, table)
+def _budget_text(model: Model, table: tuple) -> str:
+    """Seeds, epochs and the pretraining wall time of one table's runs (GPU-hours on a GPU)."""
+    suite, dataset, epochs = table
+    runs = [r.record for r in model.runs if (r.record["suite"], r.record["dataset"], r.record["epochs"])
+            == (suite, dataset, epochs)]
+    seeds = sorted({int(r["seed"]) for r in runs})
+    seconds = sum(float(r.get("wall_time_s") or 0.0) for r in runs)
+    on_gpu = any(str(r.get("device", "")).startswith("cuda") for r in runs)
+    cost = f"{seconds / 3600:.2f} GPU-hours" if on_gpu else f"{seconds / 60:.1f} CPU-minutes"
+    return (f"{len(runs)} runs, seeds {', '.join(map(str, seeds))}, {epochs} pretraining epochs, "
+            f"{cost} of pretraining and evaluation wall time in all")
+
+
+def _verdicts(model: Model, table: tuple) -> list[str]:
+    """Per headline metric: the best row, its margin to the runner-up, and whether the seeds support it."""
+    cells = model.cells
+    mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
+    lines = []
+    for key, metric in SUMMARY_HEADLINE:
+        group = mine[(mine["key"] == key) & (mine["metric"] == metric)]
+        if group.empty:
+            continue
+        counts = group.groupby("settings").size()
+        group = group[group["settings"] == sorted(counts.index, key=lambda x: (-counts[x], x))[0]]
+        order = group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
+        best = order.iloc[0]
+        name = f"k-means {best['column']}" if key == "clustering" else best["column"]
+        text = f"{name}: best {best['row']} {value_text(best)} (n = {best['n']})"
+        if len(order) < 2:
+            lines.append(text + "; no other method measured.")
+            continue
+        second = order.iloc[1]
+        text += (f", {fmt_delta(best['mean'] - second['mean'])} over the runner-up {second['row']} "
+                 f"{fmt(second['mean'])} (n = {second['n']}); ")
+        if second["untestable"]:
+            text += f"the seeds cannot test the difference ({second['test_note'].removeprefix('not testable: ')})"
+        elif second["tied"]:
+            text += (f"the seeds do not support the difference (Welch p = {fmt_p(second['p_raw'])}, Holm "
+                     f"{fmt_p(second['p_holm'])})")
+        else:
+            text += (f"the seeds support the difference (Welch p = {fmt_p(second['p_raw'])}, Holm "
+                     f"{fmt_p(second['p_holm'])})")
+        tied = int(order["tied"].sum())
+        if tied:
+            text += f"; {tied} row(s) in all not significantly different from the best"
+        lines.append(text + ".")
+    return lines
+
+
+def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
+    ranks, columns, unranked = leaderboard(model, table, n_boot)
     section = Section("Leaderboard", 3)
     if ranks.empty:
         section.blocks.append("Not ranked: fewer than two methods have every headline metric present in this "
@@ -224,23 +304,61 @@ def _leaderboard_section(model: Model, table: tuple) -> Section:
         for i, r in enumerate(ranks.itertuples(index=False), start=1):
             if previous is None or round(r.mean_rank, 9) != previous:  # ties share the better place
                 place, previous = i, round(r.mean_rank, 9)
-            spread = DASH if math.isnan(r.std_rank) else fmt(r.std_rank)
-            rows.append([str(place), r.method, fmt(r.mean_rank), spread,
-                         f"{fmt(r.min_rank)}–{fmt(r.max_rank)}", str(r.n_seeds)])
-        t = plain_table(["Rank", "Method", "mean rank", "std over seeds", "min–max", "seeds"], rows,
-                        numeric_from=2)
-        t.caption = (f"Average rank over {', '.join(columns)} (rank 1 = best, ties share their average "
-                     "rank), per seed, then summarised over the seeds every ranked method has; reference "
-                     "rows are not ranked.")
+            rows.append([str(place), r.method, fmt(r.mean_rank), f"{fmt(r.rank_low)}–{fmt(r.rank_high)}",
+                         str(r.n_seeds) + (UNTESTABLE if r.n_seeds < 2 else "")])
+        t = plain_table(["Rank", "Method", "mean rank", "95% rank interval", "seeds"], rows, numeric_from=2)
+        t.caption = (f"Average rank of each method's mean over its seeds, over {', '.join(columns)} (rank 1 "
+                     "= best, ties share their average rank); the interval resamples each method's seeds "
+                     f"independently ({n_boot} bootstrap replicates, fixed seed), never pairing seed s of "
+                     "one method with seed s of another. Overlapping intervals: the order is not settled. "
+                     f"{UNTESTABLE} = one seed: its value is fixed in the resampling. Reference rows are not "
+                     "ranked.")
         section.blocks.append(t)
     if unranked:
-        section.blocks.append("Not ranked (a headline metric missing on every seed): " + "; ".join(unranked)
-                              + ".")
+        section.blocks.append("Not ranked (a headline metric not measured): " + "; ".join(unranked) + ".")
     return section
 
 
+def _cost_section(model: Model, table: tuple) -> Section:
+    """Per row: the run's recorded wall time (pretraining + evaluation, every attempt), training throughput
+    and peak memory, as means over the row's runs (peak memory: the maximum)."""
+    cells = model.cells
+    mine = cells[(cells["table"] == table) & (cells["role"] == "")]
+    values = model.values
+    rows = []
+    on_gpu = False
+    for (label, method, fp), _ in mine.groupby(["row", "method", "settings_fp"], sort=True):
+        idx = sorted({int(i) for i in values.loc[(values["method"] == method) & (values["settings_fp"] == fp)
+                                                  & (values["suite"] == table[0])
+                                                  & (values["dataset"] == table[1])
+                                                  & (values["epochs"] == table[2]), "run"]})
+        recs = [model.runs[i].record for i in idx]
+        gpu = any(str(r.get("device", "")).startswith("cuda") for r in recs)
+        on_gpu |= gpu
+        wall = [float(r["wall_time_s"]) for r in recs if r.get("wall_time_s") is not None]
+        speed = [float(r["throughput_images_per_s"]) for r in recs if r.get("throughput_images_per_s")]
+        peak = [float(r["peak_memory_mb"]) for r in recs if r.get("peak_memory_mb") is not None]
+        sources = sorted({r.get("peak_memory_source") or ("cuda_max_allocated" if gpu else "not recorded")
+                          for r in recs if r.get("peak_memory_mb") is not None})
+        time_text = DASH if not wall else (f"{sum(wall) / len(wall) / 3600:.3f} GPU-h" if gpu
+                                           else f"{sum(wall) / len(wall):.1f} s")
+        rows.append([label, str(len(recs)), time_text,
+                     DASH if not speed else f"{sum(speed) / len(speed):.0f}",
+                     DASH if not peak else f"{max(peak):.0f}" + (" (RSS)" if sources == ["process_peak_rss"]
+                                                                 else ""),
+                     ", ".join(sorted({str(r.get("device", "?")) for r in recs}))])
+    t = plain_table(["Method", "runs", "wall time per run", "images/s (training)", "peak memory (MB)",
+                     "device"], rows, numeric_from=1)
+    t.caption = ("Cost as recorded: wall time of one run (pretraining and evaluation, every attempt), mean "
+                 "over the row's runs" + (", GPU-hours on a GPU" if on_gpu else "") + "; training throughput "
+                 "(images per second, mean); peak memory = the maximum over the runs of the accelerator's peak "
+                 "allocation, or on CPU the process's peak resident set size (RSS; an upper bound when one "
+                 "process ran several runs); – = not recorded (records written before it was).")
+    return Section("Cost", 3, [t])
+
+
 def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, want_figures: bool,
-                    images: dict[str, bytes]) -> list[Section]:
+                    images: dict[str, bytes], n_boot: int = stats.N_BOOT) -> list[Section]:
     sections: list[Section] = []
     names = _Names()
     cells = model.cells
@@ -253,7 +371,7 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, wa
         if model.row_notes.get(table):
             top.blocks.append("Rows of one method with different settings:")
             top.blocks.append(model.row_notes[table])
-        sections += [top, _leaderboard_section(model, table)]
+        sections += [top, _leaderboard_section(model, table, n_boot), _cost_section(model, table)]
         for kind in KINDS:
             of_kind = mine[mine["kind"] == kind]
             if of_kind.empty:
@@ -264,21 +382,22 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, wa
             t = grid_table(prepared, my_pairs, info)
             t.caption = table_caption(of_kind, my_pairs, [KIND_NOTES[kind]])
             blocks: list = [t]
-            if want_figures:
+            points = _points(prepared, kind) if want_figures else None
+            if want_figures and not points.empty:
                 name = names(f"forest_{_slug(suite)}_{_slug(dataset)}_e{epochs}_{kind}")
-                points = _points(prepared, kind)
                 col_sort = dict(zip(prepared["_col"], prepared["_col_sort"]))
                 columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
-                row_sort = {}
-                for p, s in zip(points["row"], prepared["_row_sort"]):
-                    row_sort.setdefault(p, s)
+                row_sort: dict = {}
+                for r, key in zip(points["row"], points["sort"]):
+                    row_sort.setdefault(r, key)
                 rows = sorted(row_sort, key=lambda r: (row_sort[r], r))
-                images[name] = figs.forest_plot(points, columns, rows, f"{kind_title(kind)}: {heading}",
-                                                {r: palette.get(r.split(" (K=")[0]) for r in rows})
-                caption = (f"{kind_title(kind)}, {heading}: dot = mean (one seed: the value), line = "
-                           "95% interval (t over seeds for n >= 2, bootstrap over test images for n = 1); "
-                           "square = reference row; axis zoomed to the non-reference rows (a reference row "
-                           "outside it: edge arrow with its value).")
+                images[name] = figs.difference_plot(points, columns, rows, f"{kind_title(kind)}: {heading}",
+                                                    {r: palette.get(r.split(" (K=")[0]) for r in rows})
+                caption = (f"{kind_title(kind)}, {heading}: each method's difference to the best of the column "
+                           "(diamond at 0) with the interval of the table's test (Welch's t over seeds, at the "
+                           f"Holm-consistent level): an interval left of 0 = significantly worse (filled dot), "
+                           f"one that reaches 0 = {TIED} (open dot); x = {UNTESTABLE} not testable (no "
+                           "interval). Reference rows are not contenders and not drawn.")
                 blocks.append(Figure(name, caption))
             sections.append(Section(kind_title(kind), 3, blocks))
         if want_figures:
@@ -290,10 +409,15 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, wa
                 hist = hist.assign(method=[labels.get((m, fp), m) for m, fp in zip(hist["method"],
                                                                                    hist["settings_fp"])])
                 order = sorted(set(hist["method"]), key=lambda r: (r.casefold(), r))
-                name = names(f"curves_{_slug(suite)}_{_slug(dataset)}_e{epochs}")
-                images[name] = figs.curves_chart(hist, order, f"Training curves: {heading}", palette)
-                sections.append(Section("Training curves", 3, [Figure(
-                    name, f"Training curves, {heading}: mean over seeds per epoch, band = std over seeds.")]))
+                png = figs.curves_chart(hist, order, f"Training curves: {heading}", palette)
+                if png is not None:
+                    name = names(f"curves_{_slug(suite)}_{_slug(dataset)}_e{epochs}")
+                    images[name] = png
+                    sections.append(Section("Training curves", 3, [Figure(
+                        name, f"Training curves, {heading}: mean over seeds per epoch, band = std over seeds; "
+                              "each method's loss divided by its own first-epoch loss (losses of different "
+                              "methods have different scales); methods with one recorded epoch are not "
+                              "drawn.")]))
     return sections
 
 
@@ -339,8 +463,11 @@ def _layout_sections(papers: pd.DataFrame, model: Model, pairs: pd.DataFrame) ->
     return out
 
 
-def _pairs_section(model: Model, pairs: pd.DataFrame) -> Section:
+def _pairs_section(model: Model, pairs: pd.DataFrame, unrelated: int = 0) -> Section:
     section = Section("Comparison with the papers", 2)
+    if unrelated:
+        section.blocks.append(f"{unrelated} paper number(s) concern other datasets than this report's: not "
+                              "compared, listed in the appendix (Paper rows about other datasets).")
     if pairs.empty:
         section.blocks.append("No cell has a like-for-like paper number.")
         return section
@@ -356,13 +483,7 @@ def _pairs_section(model: Model, pairs: pd.DataFrame) -> Section:
     return section
 
 
-def _unmatched_section(unmatched: pd.DataFrame) -> Section:
-    section = Section("Paper numbers without a matching run", 2)
-    if unmatched.empty:
-        section.blocks.append("Every paper number that concerns the selected runs is paired with a run.")
-        return section
-    section.blocks.append("Listed for reference only, never compared; one line per paper row group, with the "
-                          "first pairing criterion that fails.")
+def _unmatched_rows(unmatched: pd.DataFrame) -> list[list[str]]:
     keys = ["paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol",
             "reason"]
     frame = unmatched.assign(epochs=[DASH if pd.isna(e) else str(int(e)) for e in unmatched["epochs"]])
@@ -372,8 +493,38 @@ def _unmatched_section(unmatched: pd.DataFrame) -> Section:
                            for m, v, s in zip(group["metric"], group["value"], group["std"]))
         *fields, reason = group_key
         rows.append([*fields, values, reason])
-    section.blocks.append(plain_table(["Paper", "Table", "Method", "Pretrain", "Eval", "Backbone", "Epochs",
-                                       "Protocol", "Values", "Why not compared"], rows))
+    return rows
+
+
+UNMATCHED_HEADER = ["Paper", "Table", "Method", "Pretrain", "Eval", "Backbone", "Epochs", "Protocol", "Values",
+                    "Why not compared"]
+
+
+def split_unrelated(unmatched: pd.DataFrame, datasets: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(paper rows about the report's datasets, rows about other datasets only)."""
+    names = {d.casefold() for d in datasets}
+    related = unmatched["pretrain_dataset"].str.casefold().isin(names) | \
+        unmatched["eval_dataset"].str.casefold().isin(names)
+    return unmatched[related], unmatched[~related]
+
+
+def _unmatched_section(unmatched: pd.DataFrame) -> Section:
+    section = Section("Paper numbers without a matching run", 2)
+    if unmatched.empty:
+        section.blocks.append("Every paper number about this report's datasets is paired with a run.")
+        return section
+    section.blocks.append("Listed for reference only, never compared; one line per paper row group, with the "
+                          "first pairing criterion that fails.")
+    section.blocks.append(plain_table(UNMATCHED_HEADER, _unmatched_rows(unmatched)))
+    return section
+
+
+def _unrelated_section(unrelated: pd.DataFrame) -> Section:
+    section = Section("Paper rows about other datasets", 2)
+    if unrelated.empty:
+        section.blocks.append("None.")
+    else:
+        section.blocks.append(plain_table(UNMATCHED_HEADER, _unmatched_rows(unrelated)))
     return section
 
 
@@ -489,19 +640,28 @@ def build_report(
     images: dict[str, bytes] = {}
     summary = Section("Summary", 2, [
         f"{len(loaded.completed)} completed run(s) in the tables; {len(loaded.excluded)} run(s) not "
-        f"completed (listed below, not in the tables); {len(loaded.superseded)} record(s) superseded by a "
-        f"newer record of the same run; {len(loaded.skipped)} record file(s) skipped. "
-        + _filters_text(suites, methods, epochs),
-        CONVENTIONS.format(n_boot=n_boot, seed=stats.SEED),
-    ])
+        f"completed; {len(loaded.superseded)} record(s) superseded; {len(loaded.skipped)} record file(s) "
+        "skipped (all listed in the appendix). " + _filters_text(suites, methods, epochs)])
+    for table in sorted(set(model.cells["table"])) if not model.cells.empty else []:
+        summary.blocks.append(f"{heading_of(table)} ({_budget_text(model, table)}):")
+        summary.blocks.append(_verdicts(model, table) or ["no headline metric (kNN k=20, linear, k-means "
+                                                          "NMI) measured"])
     if loaded.skipped:
         summary.blocks.append([str(s) for s in loaded.skipped])
     if not loaded.completed:
         summary.blocks.append("No completed run matches: there is no result table.")
-    sections = [summary, *_table_sections(model, pairs, history, figures, images),
-                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs),
-                _unmatched_section(unmatched), _mapping_section(), _details_section(model),
-                *_record_sections(loaded, model)]
+    how = Section("How to read this", 2, [list(HOW_TO_READ)])
+    appendix = Section("Appendix: how the numbers are made", 2,
+                       [[c.format(n_boot=n_boot, seed=stats.SEED) for c in CONVENTIONS]], collapsible=True)
+    datasets = set(model.cells["dataset"]) if not model.cells.empty else set()
+    related, unrelated = split_unrelated(unmatched, datasets)
+    details = [_unmatched_section(related), _mapping_section(), _details_section(model),
+               *_record_sections(loaded, model), _unrelated_section(unrelated)]
+    for section in details:
+        section.collapsible = True
+    sections = [summary, how, *_table_sections(model, pairs, history, figures, images, n_boot),
+                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
+                *details]
 
     figure_paths = [atomic_write_bytes(out_dir / "figures" / name, images[name]) for name in sorted(images)]
     if (out_dir / "figures").is_dir():
@@ -531,6 +691,6 @@ def build_report(
         "skipped": list(loaded.skipped),
         "superseded": list(loaded.superseded) + list(model.superseded),
         "history": history,
-        "leaderboards": {t: leaderboard(model, t)[0] for t in tables},
+        "leaderboards": {t: leaderboard(model, t, n_boot)[0] for t in tables},
         "headline": HEADLINE,
     }

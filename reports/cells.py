@@ -11,8 +11,9 @@
   (reflected) bootstrap ``[2v - q_hi, 2v - q_lo]``, because resampling duplicates images and inflates
   agreement, so the percentile interval of NMI/AMI/ARI/ACC sits above the estimate.
 * Per column, among non-reference rows: bold = the best mean; a marker for the rows that are not
-  significantly different from it (paired bootstrap over test images on the seeds both rows have, Holm
-  over the column's comparisons, alpha 0.05).
+  significantly different from it (Welch's t-test on the per-seed values: the unit is the run; Holm over
+  the column's comparisons, alpha 0.05); another for rows that cannot be tested (fewer than two seeds on
+  either side, or no spread over the seeds).
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def protocol_label(key: str, settings: dict, params: dict) -> str:
         return "online linear (during pretraining)"
     if m := _KNN.fullmatch(key):
         k = int(m.group(1))
-        text = f"kNN k={k}"
+        text = f"kNN k={k}" + (f", T={settings['temperature']:g}" if isinstance(settings.get("temperature"),
+                                                                              (int, float)) else "")
         per_class = params.get("bank_images_per_class_min")
         if isinstance(per_class, (int, float)) and not isinstance(per_class, bool) and k > per_class:
             text += f" (k > {int(per_class)} bank images per class)"
@@ -167,11 +169,52 @@ class Model:
 
 VALUE_COLUMNS = ["suite", "dataset", "epochs", "method", "method_base", "display", "is_reference",
                  "settings_fp", "role", "seed", "key", "metric", "value", "settings", "run", "path",
-                 "created", "paper_reference", "backbone"]
+                 "created", "paper_reference", "backbone", "hparams"]
 
 
 def canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def method_section(rec: dict) -> dict | None:
+    """The suite's own `methods.<name>` section of the record's method or variant (as configured), if any."""
+    sections = rec.get("config", {}).get("methods")
+    section = sections.get(rec["method"]) if isinstance(sections, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def paper_of(rec: dict) -> str | None:
+    """The paper a row may be paired with: a variant (an ablation of a method) only when its own section names
+    one (`paper:`); otherwise it would inherit its base method's paper and be compared with numbers measured
+    under other settings."""
+    if rec.get("variant") and "paper" not in (method_section(rec) or {}):
+        return None
+    return rec["paper_reference"]
+
+
+BOOKKEEPING = {"name", "method", "variant", "display_name", "paper", "version"}
+
+
+def variant_differences(rec: dict, base: dict | None) -> list[tuple[str, str]]:
+    """(setting, value) of a variant's settings that differ from its base method's: the resolved
+    `method_config` of a base-method record of the same table when there is one, else the suite's raw
+    `methods.<variant>` section against `methods.<base>` (hyperparameter names without their `hparams.`
+    prefix)."""
+    from reports.data import flatten
+
+    def clean(d: dict) -> dict:
+        return {k: v for k, v in (d or {}).items() if k not in BOOKKEEPING}
+
+    if base is not None:
+        mine, theirs = clean(rec["method_config"]), clean(base["method_config"])
+    else:
+        sections = rec.get("config", {}).get("methods")
+        if not isinstance(sections, dict):
+            return []
+        mine, theirs = clean(sections.get(rec["method"])), clean(sections.get(rec["method_base"]))
+    a, b = flatten(mine), flatten(theirs)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [(k.removeprefix("hparams."), a.get(k, "unset")) for k in keys]
 
 
 def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[str]]:
@@ -199,7 +242,8 @@ def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[
                 rows.append((rec["suite"], rec["dataset"], rec["epochs"], rec["method"], rec["method_base"],
                              rec["method_display"], rec["is_reference"], rec["fingerprints"]["settings"],
                              role, rec["seed"], key, metric, float(rec["metrics"][key][metric]), settings, i,
-                             run.path, run.created, rec["paper_reference"], rec["backbone"]))
+                             run.path, run.created, paper_of(rec), rec["backbone"],
+                             canonical((rec.get("method_config") or {}).get("hparams") or {})))
     values = pd.DataFrame(rows, columns=VALUE_COLUMNS)
     if values.empty:
         return values, [], dropped
@@ -236,8 +280,24 @@ def row_labels(values: pd.DataFrame, runs: list[Run]) -> tuple[dict[tuple, str],
 
     first = values.drop_duplicates(["method", "settings_fp", "role"])
     labels, notes = {}, []
+    base_records = {}
+    for method, base_name, i in zip(first["method"], first["method_base"], first["run"]):
+        if method == base_name:
+            base_records.setdefault(method, runs[int(i)].record)
     for (method, role), group in first.groupby(["method", "role"], sort=True):
         base = SUBSET_LABEL if role == SUBSET_ROLE else group["display"].iloc[0]
+        rec = runs[int(group["run"].iloc[0])].record
+        if rec.get("variant") and role != SUBSET_ROLE:
+            diff = variant_differences(rec, base_records.get(rec["method_base"]))
+            if diff:
+                words = ", ".join(f"{k} {v}" for k, v in diff[:3]) + (f", … (+{len(diff) - 3})"
+                                                                       if len(diff) > 3 else "")
+                suffix = f" ({rec['variant']})"
+                base = (base[:-len(suffix)] if base.endswith(suffix) else base) + \
+                    f" ({rec['variant']}: {words})"
+                if len(diff) > 3:
+                    notes.append(f"{base}: " + ", ".join(f"{k} {v}" for k, v in diff)
+                                 + f" (differs from {rec['method_base']})")
         if len(group) == 1:
             labels[(method, group["settings_fp"].iloc[0], role)] = base
             continue
@@ -275,6 +335,8 @@ def column_headers(values: pd.DataFrame, runs: list[Run]) -> dict[tuple, str]:
         split = differing([json.loads(s) for s in variants]) if len(variants) > 1 else []
         if key == "linear":
             split = [k for k in split if k != "views"]  # the label names the views already
+        if _KNN.fullmatch(key):
+            split = [k for k in split if k not in ("k", "temperature")]  # named by the label
         for settings in variants:
             mine = group[group["settings"] == settings]
             params = [runs[int(i)].record["evaluation"][key] for i in mine["run"]]
@@ -333,7 +395,8 @@ CELL_COLUMNS = ["suite", "dataset", "epochs", "table", "kind", "row", "method", 
                 "settings_fp", "role", "is_reference", "paper_reference", "backbone", "key", "metric",
                 "settings", "column", "n", "seeds", "values", "mean", "std", "t_low", "t_high", "n_images",
                 "img_value", "img_low", "img_high", "img_method", "img_note", "best", "tied", "p_holm",
-                "test_note", "K", "source", "nonempty", "num_classes"]
+                "test_note", "untestable", "p_raw", "diff", "diff_low", "diff_high", "K", "source", "nonempty",
+                "num_classes", "hparams"]
 
 
 def _cluster_info(runs: list[Run], idx: list[int], key: str) -> tuple[str, str, str, int | None]:
@@ -378,8 +441,9 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
                         t_low=_clipped(summary.ci_low, max, metric_range(metric)[0]),
                         t_high=_clipped(summary.ci_high, min, metric_range(metric)[1]),
                         img_value=math.nan, img_low=math.nan, img_high=math.nan, img_method="", img_note="",
-                        best=False, tied=False, p_holm=math.nan, test_note="", K="", source="", nonempty="",
-                        num_classes=None)
+                        best=False, tied=False, p_holm=math.nan, test_note="", untestable=False,
+                        p_raw=math.nan, diff=math.nan, diff_low=math.nan, diff_high=math.nan, K="", source="",
+                        nonempty="", num_classes=None, hparams=g["hparams"].iloc[0])
             if any(p is None for p in parts):
                 cell["img_note"] = "no per-image predictions"
             else:
@@ -416,7 +480,15 @@ def per_seed(model: Model, cell: pd.Series) -> dict[int, PerImage | None]:
 
 
 def _mark_best(model: Model, n_boot: int) -> None:
-    """Bold and the not-significantly-different marker, per column among non-reference rows."""
+    """Bold, the not-significantly-different marker and "not testable", per column among non-reference rows.
+
+    The unit of the test is the run: Welch's t-test on the two cells' per-seed values
+    (``stats.welch_seed_test``), Holm over the column's testable comparisons with its best row, alpha
+    ``ALPHA``. A comparison needs two seeds on each side and some seed-to-seed spread; otherwise the cell
+    is "not testable". ``diff_low``/``diff_high`` is the interval of (row − best) at the level whose
+    exclusion of 0 is exactly the Holm verdict (1 − alpha · p/p_Holm), so a figure of these intervals
+    says what the marks say. ``n_boot`` is unused (kept for the signature)."""
+    del n_boot
     cells = model.cells
     contenders = cells[~cells["is_reference"].astype(bool)]
     for (table, key, metric, settings), group in contenders.groupby(["table", "key", "metric", "settings"],
@@ -427,47 +499,46 @@ def _mark_best(model: Model, n_boot: int) -> None:
         cells.loc[group.index[rounded == rounded.max()], "best"] = True
         order = group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
         best = order.iloc[0]
-        best_seeds = per_seed(model, best)
         details = {"best": best["row"], "comparisons": []}
-        tested, p_values = [], []
+        tested = []
         for j, other in order.iloc[1:].iterrows():
-            theirs = per_seed(model, other)
-            common = sorted(set(best_seeds) & set(theirs))
-            note = ""
-            if any(best_seeds[s] is None or theirs[s] is None for s in common) or not common:
-                note = "not tested: no common seed with the best" if not common else \
-                    "not tested: no per-image predictions"
-            else:
-                a, b = stacked([best_seeds[s] for s in common]), stacked([theirs[s] for s in common])
-                if a is None or b is None or a.labels_id != b.labels_id:
-                    note = "not tested: scored on different test images"
-            if note:
+            test = stats.welch_seed_test(other["values"], best["values"])
+            cells.at[j, "diff"] = test.diff
+            if math.isnan(test.p_value):
+                short = "fewer than 2 seeds" if min(other["n"], best["n"]) < 2 else "no seed-to-seed spread"
+                note = (f"not testable: {short} (n = {other['n']} vs {best['n']} for the best, "
+                        f"{best['row']})")
+                cells.at[j, "untestable"] = True
                 cells.at[j, "test_note"] = note
                 details["comparisons"].append((other["row"], note))
                 continue
-            test = paired_test(a, b, metric, n_boot)
-            tested.append((j, common, test, len(a.labels)))
-            p_values.append(test.p_value)
-        adjusted = stats.holm(p_values) if p_values else []
-        for (j, common, test, n_images), p in zip(tested, adjusted):
-            cells.at[j, "p_holm"] = float(p)
+            tested.append((j, test))
+        adjusted = stats.holm([t.p_value for _, t in tested]) if tested else []
+        for (j, test), p in zip(tested, adjusted):
+            p = float(p)
+            level = 1 - ALPHA * (test.p_value / p if p > 0 else 1.0 / len(tested))
+            again = stats.welch_seed_test(cells.at[j, "values"], best["values"], level=level)
+            cells.at[j, "p_holm"], cells.at[j, "p_raw"] = p, test.p_value
+            cells.at[j, "diff_low"], cells.at[j, "diff_high"] = again.low, again.high
             cells.at[j, "tied"] = bool(p >= ALPHA)
-            seeds = ",".join(str(s) for s in common)
-            delta = f"{-test.diff:+.2f}".replace("-0.00", "+0.00")
-            cells.at[j, "test_note"] = (f"vs best {best['row']}: Δ = {delta} on seeds {seeds} (paired "
-                                        f"bootstrap over {n_images} test images), p = {p:.3g} (Holm)")
+            delta = f"{test.diff:+.2f}".replace("-0.00", "+0.00")
+            cells.at[j, "test_note"] = (f"vs best {best['row']}: Δ = {delta} (means over seeds, n = "
+                                        f"{cells.at[j, 'n']} vs {best['n']}), Welch t-test over seeds p = "
+                                        f"{test.p_value:.3g}, Holm-adjusted over {len(tested)} = {p:.3g}")
             details["comparisons"].append((cells.at[j, "row"], cells.at[j, "test_note"]))
         model.tests[(table, key, metric, settings)] = details
 
 
 # ------------------------------------------------------------------------------------------- ranks
 
-HEADLINE = (("knn_k20", "top1"), ("linear", "top1"), ("clustering", "NMI"), ("clustering", "ACC"))
+HEADLINE = (("knn_k20", "top1"), ("linear", "top1"), ("clustering", "NMI"))  # one clustering metric
 
 
-def leaderboard(model: Model, table: tuple) -> tuple[pd.DataFrame, list[str], list[str]]:
-    """Average rank over the headline metrics present in the table (stats.average_ranks), with the rows
-    that cannot be ranked (missing a headline metric on every seed) and the columns used."""
+def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str],
+                                                                                list[str]]:
+    """Average rank of the seed means over the headline metrics present in the table, with a bootstrap
+    rank interval resampling each method's seeds independently (stats.rank_of_means), the rows that
+    cannot be ranked (a headline metric not measured) and the columns used."""
     cells = model.cells
     mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
     used = []
@@ -479,7 +550,7 @@ def leaderboard(model: Model, table: tuple) -> tuple[pd.DataFrame, list[str], li
         settings = sorted(counts.index, key=lambda s: (-counts[s], s))[0]
         used.append(group[group["settings"] == settings])
     if not used:
-        return pd.DataFrame(columns=list(stats.RANK_COLUMNS)), [], []
+        return pd.DataFrame(columns=list(stats.RANK_INTERVAL_COLUMNS)), [], []
     columns = [g["column"].iloc[0] for g in used]
     rows = sorted(set(mine["row"]))
     scores = [(r.row, seed, r.column, value) for g in used for r in g.itertuples()
@@ -491,6 +562,6 @@ def leaderboard(model: Model, table: tuple) -> tuple[pd.DataFrame, list[str], li
     unranked = [f"{r} (missing: {', '.join(c for c in columns if c not in measured[r])})"
                 for r in rows if r not in ranked]
     if len(ranked) < 2:
-        return pd.DataFrame(columns=list(stats.RANK_COLUMNS)), columns, unranked
-    ranks = stats.average_ranks(frame[frame["method"].isin(ranked)])
+        return pd.DataFrame(columns=list(stats.RANK_INTERVAL_COLUMNS)), columns, unranked
+    ranks = stats.rank_of_means(frame[frame["method"].isin(ranked)], n_boot=n_boot)
     return ranks, columns, unranked

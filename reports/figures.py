@@ -7,6 +7,7 @@ nothing), at a fixed dpi, with a fixed ``svg.hashsalt`` and without the PNG "Sof
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ RC = {
     "ytick.labelsize": 7,
     "legend.fontsize": 7,
 }
-SERIES_LABELS = {"loss": "training loss", "online_knn_top1": "online kNN top-1 (%)"}
+SERIES_LABELS = {"loss": "training loss / its first-epoch value", "online_knn_top1": "online kNN top-1 (%)"}
 
 
 def render_png(width: float, height: float, draw: Callable[[Figure], None]) -> bytes:
@@ -55,11 +56,12 @@ def _legend_outside(ax) -> None:
 
 
 def palette_for(methods: Sequence[str]) -> dict[str, tuple]:
-    """One colour per method name, the same in every figure of a report (colour-blind friendly)."""
-    names = sorted(set(methods))
-    colors = sns.color_palette("colorblind", max(len(names), 1)) if len(names) <= 10 \
-        else sns.color_palette("husl", len(names))
-    return {name: tuple(color) for name, color in zip(names, colors)}
+    """One colour per row label, keyed by the label itself (not by its position among this report's
+    labels), so a method keeps its colour from one build to the next whatever else is in the report:
+    seaborn's 20-colour "tab20" palette indexed by a stable hash (md5) of the label."""
+    colors = sns.color_palette("tab20", 20)
+    return {name: tuple(colors[int(hashlib.md5(name.encode()).hexdigest(), 16) % len(colors)])
+            for name in sorted(set(methods))}
 
 
 def _zoom(points: pd.DataFrame) -> tuple[float, float]:
@@ -121,9 +123,79 @@ def forest_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence[str
     return render_png(width, height * nrows + 0.5, draw)
 
 
+STATUS_MARKERS = {"best": ("D", True), "worse": ("o", True), "tied": ("o", False), "untestable": ("x", True)}
+STATUS_LABELS = {"best": "best (bold)", "worse": "significantly worse", "tied": "† not significantly different",
+                 "untestable": "‡ not testable (no interval)"}
+
+
+def difference_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence[str], title: str,
+                    palette: dict[str, tuple] | None = None) -> bytes:
+    """One panel per column: each row's difference to the column's best (x = 0) with the interval of the
+    table's test (Welch over seeds, at the Holm-consistent level), so an interval that excludes 0 is
+    exactly a "significantly worse" mark. Marker: filled dot = significantly worse, open dot = †, x = ‡
+    (not testable: drawn without interval), diamond = the best.
+
+    `points` has columns `column`, `row`, `value` (row − best), `low`, `high` and `status` (best, worse,
+    tied, untestable). Hand-written lines: the intervals come from the test, not from raw observations.
+    """
+    rows = [r for r in rows if r in set(points["row"])]
+    columns = [c for c in columns if c in set(points["column"])]
+    ncols = min(3, len(columns))
+    nrows = math.ceil(len(columns) / ncols)
+    height = max(1.6, 0.28 * len(rows) + 0.9)
+
+    def draw(fig: Figure) -> None:
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+        position = {r: i for i, r in enumerate(rows)}
+        for ax, column in zip(axes.flat, columns):
+            mine = points[points["column"] == column]
+            ax.axvline(0.0, color=(0.3, 0.3, 0.3), linewidth=0.8, linestyle="--")
+            for p in mine.itertuples(index=False):
+                y = position[p.row]
+                color = (palette or {}).get(p.row, "C0")
+                if not (math.isnan(p.low) or math.isnan(p.high)):
+                    ax.hlines(y, p.low, p.high, color=color, linewidth=1.0)
+                    ax.vlines([p.low, p.high], y - 0.15, y + 0.15, color=color, linewidth=1.0)
+                marker, filled = STATUS_MARKERS[p.status]
+                ax.plot([p.value], [y], marker=marker, markersize=4.5, color=color,
+                        markerfacecolor=color if filled else "white", markeredgecolor=color)
+            ax.set_yticks(range(len(rows)), rows)
+            ax.set_ylim(len(rows) - 0.5, -0.5)
+            ax.set_title(column, fontsize=8)
+            ax.set_xlabel("difference to the best (points)")
+        for ax in list(axes.flat)[len(columns):]:
+            ax.set_visible(False)
+        fig.suptitle(title, fontsize=9)
+
+    width = min(16.0, 2.2 + 3.6 * ncols + 0.05 * max(len(r) for r in rows))
+    return render_png(width, height * nrows + 0.5, draw)
+
+
+def curve_panels(history: pd.DataFrame) -> pd.DataFrame:
+    """The curves as drawn: per series, only methods with two epochs or more (a one-point line is no curve);
+    the loss of each method divided by its own mean first-epoch loss (losses of different methods live on
+    different scales, a loss near 200 flattened the others to zero), online kNN top-1 as recorded."""
+    if history.empty:
+        return history
+    counts = history.groupby(["series", "method"])["epoch"].nunique()
+    keep = counts[counts >= 2].index
+    data = history.set_index(["series", "method"]).loc[lambda d: d.index.isin(keep)].reset_index()
+    loss = data["series"] == "loss"
+    if loss.any():
+        first = data[loss].groupby("method")["epoch"].min()
+        at_first = data[loss & (data["epoch"] == data["method"].map(first))].groupby("method")["value"].mean()
+        scale = data.loc[loss, "method"].map(at_first)
+        data.loc[loss, "value"] = data.loc[loss, "value"] / scale.where(scale != 0)
+    return data.dropna(subset=["value"])
+
+
 def curves_chart(history: pd.DataFrame, methods: Sequence[str], title: str,
-                 palette: dict[str, tuple] | None = None) -> bytes:
-    """One panel per series (loss, online kNN top-1): mean over seeds per epoch, band = std over seeds."""
+                 palette: dict[str, tuple] | None = None) -> bytes | None:
+    """One panel per series (loss relative to its first epoch, online kNN top-1): mean over seeds per epoch,
+    band = std over seeds; None when no method has two epochs of any series."""
+    history = curve_panels(history)
+    if history.empty:
+        return None
     series = [s for s in SERIES_LABELS if (history["series"] == s).any()]
     present = set(history["method"])
     methods = [m for m in methods if m in present]

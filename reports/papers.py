@@ -11,7 +11,8 @@ the reason a paper row stays unpaired):
    labelled images only, our "Supervised (labelled subset only)" row);
 3. pretraining dataset; 4. backbone (``BACKBONES``); 5. pretraining epochs;
 6. the protocol key (evaluation dataset included: ``transfer_linear:<eval dataset>``);
-7. the required protocol settings (``evaluation[key]["settings"]``); 8. the metric.
+7. the required protocol settings (``evaluation[key]["settings"]``; kNN: k and the temperature T);
+7b. the method hyperparameters the paper row names (``PAPER_HPARAMS``; the cells' ``hparams``); 8. the metric.
 
 Δ = ours − paper with ``stats.delta_interval``; with the paper's std over n runs (``PAPER_RUNS``) and
 n >= 2 seeds of ours, also Welch's p (``stats.welch_test``).
@@ -62,8 +63,10 @@ PROTOCOLS = (
              (("mode", "finetune"), ("epochs", 20)), "Table 6.2: fine-tuned 20 epochs"),
     Protocol("self-classifier", "*", "linear", "linear", (("views", "crop_flip"),),
              "sec. 4.1: standard linear classification protocol on frozen pooled features"),
-    Protocol("self-classifier", "*", "knn_k20", "knn_k20", (), "sec. 4.3: kNN with 20 neighbours"),
-    Protocol("self-classifier", "*", "knn_k200", "knn_k200", (), "sec. 4.3: kNN with 200 neighbours"),
+    Protocol("self-classifier", "*", "knn_k20", "knn_k20", (("temperature", 0.07),),
+             "sec. 4.3: weighted kNN with 20 neighbours, following InstDisc (Wu et al.: T = 0.07)"),
+    Protocol("self-classifier", "*", "knn_k200", "knn_k200", (("temperature", 0.07),),
+             "sec. 4.3: weighted kNN with 200 neighbours, following InstDisc (Wu et al.: T = 0.07)"),
     Protocol("self-classifier", "Table 2", "clustering", "clustering_head_k{3C}", (),
              "sec. 7.2 (CIFAR): fixed output layer of 30 (CIFAR-10) / 60 (CIFAR-100-20) classes, 3x "
              "over-clustering"),
@@ -144,6 +147,15 @@ def _method_filter(row: pd.Series, cells: pd.DataFrame, key: str) -> tuple[pd.Se
 
 #: the cell columns ``pairing_candidates`` reads: a report cell has them, and so has a planned run's
 #: prospective cell (``reports.reproduce``), so that the report and the planner decide pairing alike
+#: The method hyperparameters that define a paper row, where the paper names them: (paper, table, pretraining
+#: dataset) -> (hyperparameter, value). A cell pairs only if its method_config.hparams agree (step 7b).
+PAPER_HPARAMS = {
+    # Table 1's MNIST row: heads 10/20/40/80, row tau 0.1, col tau 0.05 (the CSV note, sec. 3.3)
+    ("self-classifier-reimplementation", "Table 1", "MNIST"): (("row_tau", 0.1), ("col_tau", 0.05)),
+    # Table 1's STL-10 row is its Table 2 ablation tau = (0.07, 0.05), 300 epochs (the CSV note)
+    ("self-classifier-reimplementation", "Table 1", "STL-10"): (("row_tau", 0.07), ("col_tau", 0.05)),
+}
+
 PAIRING_COLUMNS = ("row", "method_base", "display", "role", "paper_reference", "dataset", "backbone", "epochs",
                    "key", "settings", "metric", "num_classes")
 
@@ -198,6 +210,19 @@ def pairing_candidates(row: pd.Series, cells: pd.DataFrame) -> tuple[pd.DataFram
     if same.empty:
         return same, "protocol: " + "; ".join(sorted(mismatches))
     cand = same
+    required = PAPER_HPARAMS.get((row["paper"], row["table"], row["pretrain_dataset"]), ())
+    if required and "hparams" in cand.columns:  # the method settings that define the paper's row
+        keep, mismatches = [], set()
+        for hparams in cand["hparams"]:
+            mine = json.loads(hparams) if isinstance(hparams, str) else {}
+            wrong = [(k, v) for k, v in required if mine.get(k, "\0") != v]
+            keep.append(not wrong)
+            mismatches |= {f"ours {k} {_fmt_setting(mine[k]) if k in mine else 'unset'}, paper "
+                           f"{_fmt_setting(v)}" for k, v in wrong}
+        same = cand[keep]
+        if same.empty:
+            return same, "method settings: " + "; ".join(sorted(mismatches))
+        cand = same
     same = cand[cand["metric"] == row["metric"]]
     if same.empty:
         ours = ", ".join(sorted(set(cand["metric"])))

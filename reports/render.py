@@ -56,7 +56,8 @@ def to_markdown(title: str, sections: Sequence[Section]) -> str:
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 _TEX_SYMBOLS = {"±": r"$\pm$", "–": "--", "Δ": r"$\Delta$", "→": r"$\rightarrow$", "−": "-",
-                "†": r"$^{\dagger}$", "…": r"\ldots{}", "α": r"$\alpha$", "≥": r"$\geq$", "≤": r"$\leq$",
+                "†": r"$^{\dagger}$", "‡": r"$^{\ddagger}$", "§": r"\S{}", "⟨": r"$\langle$",
+                "⟩": r"$\rangle$", "…": r"\ldots{}", "α": r"$\alpha$", "≥": r"$\geq$", "≤": r"$\leq$",
                 "≠": r"$\neq$", "×": r"$\times$", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
@@ -156,6 +157,8 @@ p.caption { font-size: 12px; color: #555; margin-top: 0; }
 figure { margin: .8em 0 1.5em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 12px; color: #555; }
+details > summary { cursor: pointer; }
+details > summary > .inline { display: inline; }
 """.strip()
 
 
@@ -197,7 +200,11 @@ def to_html(title: str, sections: Sequence[Section], images: Mapping[str, bytes]
              f"<h1>{html.escape(title)}</h1>"]
     for section in sections:
         level = min(section.level, 6)
-        lines.append(f"<h{level}>{html.escape(section.title)}</h{level}>")
+        if section.collapsible:
+            lines += ["<details>", f'<summary><h{level} class="inline">{html.escape(section.title)}</h{level}>'
+                                   "</summary>"]
+        else:
+            lines.append(f"<h{level}>{html.escape(section.title)}</h{level}>")
         for block in section.blocks:
             if isinstance(block, Table):
                 lines += _html_table(block)
@@ -211,5 +218,7 @@ def to_html(title: str, sections: Sequence[Section], images: Mapping[str, bytes]
                 lines += ["<ul>", *(f"<li>{html.escape(item)}</li>" for item in block), "</ul>"]
             else:
                 lines.append(f"<p>{html.escape(block)}</p>")
+        if section.collapsible:
+            lines.append("</details>")
     lines += ["</body>", "</html>"]
     return "\n".join(lines) + "\n"

@@ -211,7 +211,9 @@ def prospective_cells(config, names: list[str]):
                   "method_base": method.method, "method_display": method.display_name,
                   "is_reference": bool(get_method(method.method).is_reference),
                   "fingerprints": {"settings": settings_fingerprint(config, method)}, "seed": 0,
-                  "paper_reference": method.paper, "backbone": config.backbone,
+                  "paper_reference": method.paper, "backbone": config.backbone, "variant": method.variant,
+                  # what the report's pairing reads: the method hyperparameters, the variant's own section
+                  "method_config": method.model_dump(mode="json"), "config": {"methods": dict(config.methods)},
                   "metrics": {k: {m: math.nan for m in metrics} for k, _, metrics, _ in keys},
                   "evaluation": {k: {"settings": s} for k, s, _, _ in keys},
                   "clusters": {k: info for k, _, _, info in keys if info is not None}}

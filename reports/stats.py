@@ -113,16 +113,17 @@ def delta_interval(ours, paper_mean, paper_std=None, paper_n=None, level: float 
 
     * paper std and n (n >= 2) given, and >= 2 seeds of ours: Welch–Satterthwaite interval
       Δ ± t_{df} · √(s²/n + s_p²/n_p), consistent with ``welch_test``;
-    * no usable paper std or n (a single reported number, taken as a constant): our mean's t interval
-      shifted, Δ ± t_{n-1} · s/√n;
+    * no usable paper std or n (a single reported number: one run, not an exact value): the prediction
+      interval of one new run of ours, Δ ± t_{n-1} · s · √(1 + 1/n);
     * a single seed of ours: NaN bounds (our run-to-run spread is unknown, whatever the paper reports).
     """
     own = seed_summary(ours, level)
     delta = own.mean - float(paper_mean)
     if own.n < 2:
         return Delta(delta, math.nan, math.nan, math.nan)
-    if _missing(paper_std, paper_n):
-        return Delta(delta, own.ci_low - paper_mean, own.ci_high - paper_mean, float(own.n - 1))
+    if _missing(paper_std, paper_n):  # the paper's number is one run: where one new run of ours would fall
+        half = float(stats.t.ppf((1 + level) / 2, own.n - 1)) * own.std * math.sqrt(1 + 1 / own.n)
+        return Delta(delta, delta - half, delta + half, float(own.n - 1))
     va, vb = own.std**2 / own.n, paper_std**2 / paper_n
     if va + vb == 0:
         return Delta(delta, delta, delta, math.nan)
@@ -393,4 +394,68 @@ def average_ranks(scores: pd.DataFrame, metrics: Sequence[str] | None = None) ->
                         "max_rank": per_seed.max().to_numpy(), "n_seeds": len(per_seed)})
     if per_seed.empty:
         out = pd.DataFrame(columns=list(RANK_COLUMNS))
+    return out.sort_values(["mean_rank", "method"], kind="stable").reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------- over seeds (runs)
+
+
+class SeedTest(NamedTuple):
+    diff: float  # mean(a) - mean(b)
+    low: float  # interval of the difference at ``level`` (Welch–Satterthwaite)
+    high: float
+    df: float
+    p_value: float  # two-sided Welch p (NaN: not testable)
+
+
+def welch_seed_test(values_a, values_b, level: float = LEVEL) -> SeedTest:
+    """Welch's t-test whose unit is the run: the two cells' per-seed values
+    (``scipy.stats.ttest_ind(equal_var=False)``), with the matching interval of the difference of means.
+
+    Not testable (NaN p and bounds) when a side has fewer than two seeds or neither side varies over its
+    seeds (the variance the test needs is then unknown, not zero)."""
+    a = np.asarray(values_a, dtype=np.float64)
+    b = np.asarray(values_b, dtype=np.float64)
+    diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
+    if a.size < 2 or b.size < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
+        return SeedTest(diff, math.nan, math.nan, math.nan, math.nan)
+    res = stats.ttest_ind(a, b, equal_var=False)
+    ci = res.confidence_interval(confidence_level=level)
+    return SeedTest(diff, float(ci.low), float(ci.high), float(res.df), float(res.pvalue))
+
+
+RANK_INTERVAL_COLUMNS = ("method", "mean_rank", "rank_low", "rank_high", "n_seeds")
+
+
+def rank_of_means(scores: pd.DataFrame, n_boot: int = N_BOOT, level: float = LEVEL,
+                  seed: int = SEED) -> pd.DataFrame:
+    """Average rank of each method's seed mean over the metrics, with a bootstrap rank interval.
+
+    ``scores`` has rows (method, seed, metric, value); higher is better. Per metric the methods' means
+    over their own seeds are ranked (``scipy.stats.rankdata``, ties share the average rank, rank 1 =
+    best) and the ranks averaged over the metrics. The interval: each replicate resamples every method's
+    seeds independently (with replacement, per metric, as many as it has; no pairing of seed s of one
+    method with seed s of another), recomputes the average rank; percentile bounds at ``level``. A method
+    with one seed keeps its value in every replicate (its interval reflects the others' spread only).
+    Sorted by mean rank, then name; ``n_seeds`` = the fewest seeds of the method over the metrics.
+    """
+    frame = scores[["method", "seed", "metric", "value"]].dropna()
+    methods = sorted(set(frame["method"]))
+    metrics = sorted(set(frame["metric"]))
+    if not methods or not metrics:
+        return pd.DataFrame(columns=list(RANK_INTERVAL_COLUMNS))
+    groups = {(m, k): g["value"].to_numpy(np.float64) for (m, k), g in frame.groupby(["method", "metric"])}
+    means = np.array([[groups[(m, k)].mean() for m in methods] for k in metrics])  # [metric, method]
+    point = stats.rankdata(-means, axis=1).mean(axis=0)
+    rng = np.random.default_rng(seed)
+    reps = np.empty((n_boot, len(metrics), len(methods)))
+    for i, k in enumerate(metrics):
+        for j, m in enumerate(methods):
+            v = groups[(m, k)]
+            reps[:, i, j] = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    boot = stats.rankdata(-reps, axis=2).mean(axis=1)  # [n_boot, method]
+    low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)], axis=0)
+    n_seeds = [min(len(groups[(m, k)]) for k in metrics) for m in methods]
+    out = pd.DataFrame({"method": methods, "mean_rank": point, "rank_low": low, "rank_high": high,
+                        "n_seeds": n_seeds})
     return out.sort_values(["mean_rank", "method"], kind="stable").reset_index(drop=True)

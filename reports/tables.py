@@ -13,6 +13,8 @@ from reports.data import head_index
 
 DASH = "–"  # nothing measured
 TIED = "†"  # not significantly different from the best of its column
+UNTESTABLE = "‡"  # not testable against the best (fewer than 2 seeds on a side, or no spread over seeds)
+ZERO_SPREAD = "§"  # n >= 2 seeds with identical values: a zero-width interval is no certainty
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class Section:
     title: str
     level: int = 2
     blocks: list = field(default_factory=list)  # str (paragraph) | list[str] (bullets) | Table | Figure
+    collapsible: bool = False  # HTML: a <details> element, closed (appendix material)
 
 
 def fmt(value: float) -> str:
@@ -66,12 +69,20 @@ def interval(low: float, high: float) -> str:
     return f"[{fmt(low)}, {fmt(high)}]"
 
 
+def image_interval_text(low: float, high: float) -> str:
+    """The one-seed interval (bootstrap over test images): angle brackets, never the seeds' square ones."""
+    return f"⟨{fmt(low)}, {fmt(high)}⟩"
+
+
 def value_text(cell) -> str:
-    """n >= 2: mean ± std [t-interval over seeds]; n = 1: value [bootstrap interval over test images]."""
+    """n >= 2: mean ± std [t-interval over seeds] (§ when the seeds agree exactly: zero width);
+    n = 1: value ⟨bootstrap interval over test images⟩ (a different quantity, so different brackets)."""
     if cell['n'] >= 2:
-        return f"{fmt(cell['mean'])} ± {fmt(cell['std'])} {interval(cell['t_low'], cell['t_high'])}"
+        text = f"{fmt(cell['mean'])} ± {fmt(cell['std'])} {interval(cell['t_low'], cell['t_high'])}"
+        return text + ZERO_SPREAD if cell['std'] == 0 else text
     if not math.isnan(cell['img_low']):
-        return f"{fmt(cell['mean'])} {interval(cell['img_low'], cell['img_high'])}"
+        text = f"{fmt(cell['mean'])} {image_interval_text(cell['img_low'], cell['img_high'])}"
+        return text + ZERO_SPREAD if fmt(cell['img_low']) == fmt(cell['img_high']) else text
     return fmt(cell['mean'])
 
 
@@ -80,13 +91,16 @@ def cell_title(cell) -> str:
     parts = [f"{cell['row']}, {cell['column']}: n = {cell['n']} seed(s) ({seeds})"]
     if cell['n'] >= 2:
         parts.append(f"mean {fmt(cell['mean'])}, std {fmt(cell['std'])} (ddof=1), 95% t-interval over seeds "
-                     f"{interval(cell['t_low'], cell['t_high'])}")
+                     f"{interval(cell['t_low'], cell['t_high'])}" + (" (zero spread: the seeds agree exactly, "
+                                                                       "which is no certainty)"
+                                                                       if cell['std'] == 0 else ""))
     else:
         parts.append(f"value {fmt(cell['mean'])}")
     if not math.isnan(cell['img_low']):
         what = "the mean over seeds" if cell['n'] >= 2 else "the run"
+        shown = interval if cell['n'] >= 2 else image_interval_text
         parts.append(f"95% {cell['img_method']} bootstrap over {cell['n_images']} test images of {what} "
-                     f"{interval(cell['img_low'], cell['img_high'])}")
+                     f"{shown(cell['img_low'], cell['img_high'])}")
     elif cell['img_note']:
         parts.append(f"no image bootstrap: {cell['img_note']}")
     if cell['test_note']:
@@ -102,6 +116,8 @@ def render_cell(cell, row_n: int) -> Cell:
         text += f" (n={cell['n']})"
     if cell['tied']:
         text += TIED
+    elif cell['untestable']:
+        text += UNTESTABLE
     return Cell(text, bold=bool(cell['best']), title=cell_title(cell))
 
 
@@ -173,13 +189,17 @@ def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] =
 
 def table_caption(cells: pd.DataFrame, pairs: pd.DataFrame, extra: list[str] | None = None) -> str:
     notes = list(extra or [])
-    if cells["tied"].any():
-        notes.append(f"{TIED} = not significantly different from the bold best of its column (paired "
-                     f"bootstrap over test images, Holm, α = {ALPHA}).")
-    untested = sorted({f"{r} ({c}: {n.removeprefix('not tested: ')})" for r, c, n in
-                       zip(cells["row"], cells["column"], cells["test_note"]) if n.startswith("not tested")})
+    if cells["best"].any():
+        notes.append(f"Bold = best mean of its column; {TIED} = not significantly different from it; no mark "
+                     f"= significantly worse (Welch's t-test over seeds, Holm over the column, α = {ALPHA}); "
+                     f"{UNTESTABLE} = not testable.")
+    untested = sorted({f"{r} ({c}: {n.removeprefix('not testable: ')})" for r, c, n in
+                       zip(cells["row"], cells["column"], cells["test_note"]) if n.startswith("not testable")})
     if untested:
-        notes.append("Not tested against the best: " + "; ".join(untested) + ".")
+        notes.append(f"{UNTESTABLE} Not testable against the best: " + "; ".join(untested) + ".")
+    if any(ZERO_SPREAD in value_text(c) for _, c in cells.iterrows()):
+        notes.append(f"{ZERO_SPREAD} = a zero-width interval (seeds, or resampled test images, that all "
+                     "agree): no certainty, only no observed variation.")
     sources = sorted(set(pairs["source"])) if not pairs.empty else []
     if sources:
         notes.append(f"Paper numbers: {'; '.join(sources)} (Δ = ours − paper, 95% interval).")

@@ -80,7 +80,7 @@ def default_settings(key: str) -> dict:
     if key == "linear":
         return {"views": "crop_flip", "epochs": 100, "lr": 0.1}
     if key.startswith("knn_k"):
-        return {"k": int(key[5:].split("_")[0]), "temperature": 0.1}
+        return {"k": int(key[5:].split("_")[0]), "temperature": 0.07}
     if key.startswith("semi_") or key.startswith("finetune_"):
         return {"mode": "finetune", "epochs": 50, "views": "crop_flip"}
     if key.startswith("transfer_linear:"):
@@ -105,6 +105,8 @@ def make_run(*, suite="cifar10", dataset="CIFAR-10", method="simclr", method_bas
     method_config = method_config or {"optimizer": {"lr": 0.03, "name": "sgd"},
                                       "hparams": {"temperature": 0.2}}
     config = {"name": suite, "backbone": backbone, "method": method_config, "evaluation": {"batch_size": 512}}
+    if variant is not None and paper_reference is not None:  # a variant's own section names its paper
+        config["methods"] = {method: {"paper": paper_reference}}
     predictions: dict[str, np.ndarray] = {"labels": labels}
     metrics, evaluation, cluster_info = {}, {}, {}
     masks = dict(correct or {})

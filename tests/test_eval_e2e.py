@@ -102,12 +102,12 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
 
     # other evaluation settings: a record of their own (its own report column), never mixed into this one
     assert main(["evaluate", "--checkpoint", str(model), "--protocols", "knn", "--set",
-                 "evaluation.knn.temperature=0.07", *common]) == 0
+                 "evaluation.knn.temperature=0.2", *common]) == 0
     others = [p for p in same_run_records(out, "digits", "simclr", 1, 0) if p != record_file]
     assert len(others) == 1 and json.loads(record_file.read_text())["metrics"] == after["metrics"]
     other = json.loads(others[0].read_text())
     assert set(other["metrics"]) == {"knn_k20", "knn_k200"} and other["history"] == before["history"]
-    assert other["evaluation"]["knn_k20"]["settings"]["temperature"] == 0.07
+    assert other["evaluation"]["knn_k20"]["settings"]["temperature"] == 0.2
     assert other["fingerprints"]["training"] == before["fingerprints"]["training"]
     assert other["fingerprints"]["evaluation"] != before["fingerprints"]["evaluation"]
     assert other["provenance"]["pretraining"] == before["provenance"]["pretraining"]

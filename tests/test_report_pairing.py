@@ -158,3 +158,25 @@ def test_digits_only_report_lists_every_layout_as_no_runs_yet(tmp_path):
     layouts = md.split("## Paper tables side by side", 1)[1].split("\n## ", 1)[0]
     assert "\n### " not in layouts and "No runs yet: carl-carp-dissertation Table 5.2;" in layouts
     assert out["pairs"].empty and "no run of SimCLR" not in set(out["unmatched_paper"]["reason"])
+
+
+def test_pairing_requires_the_knn_temperature_and_the_method_settings_a_paper_row_names(tmp_path):
+    results = tmp_path / "results"
+    sc = {"hparams": {"row_tau": 0.1, "col_tau": 0.05}, "optimizer": {"lr": 0.1}}
+    for seed in (0, 1):
+        # Self-Classifier kNN at T = 0.1: sec. 4.3 follows InstDisc's T = 0.07, so no pairing
+        write_run(results, suite="imagenet", method="self_classifier", seed=seed, paper_reference="self-classifier",
+                  dataset="ImageNet", backbone="resnet50", epochs=800, accuracy={"knn_k20": 80.0 + seed},
+                  settings={"knn_k20": {"k": 20, "temperature": 0.1}})
+        # the reimplementation's STL-10 row is its tau = (0.07, 0.05) ablation: row_tau 0.1 does not pair
+        write_run(results, suite="stl10", dataset="STL-10", method="self_classifier/reimpl", variant="reimpl",
+                  seed=seed, epochs=300, paper_reference="self-classifier-reimplementation", method_config=sc,
+                  clusters={"clustering_head_k10": (10, 0.3, seed)})
+    out = build_report(results, tmp_path / "out", n_boot=100, figures=False, formats=["md"], stderr=quiet())
+    u = out["unmatched_paper"]
+    knn = u[(u["paper"] == "self-classifier") & (u["protocol"] == "knn_k20") & (u["pretrain_dataset"] == "ImageNet")]
+    assert not knn.empty
+    assert all("temperature 0.1" in r and "paper 0.07" in r for r in knn["reason"]), set(knn["reason"])
+    stl = u[(u["paper"] == "self-classifier-reimplementation") & (u["pretrain_dataset"] == "STL-10")]
+    assert set(stl["reason"]) == {"method settings: ours row_tau 0.1, paper 0.07"}
+    assert out["pairs"].empty

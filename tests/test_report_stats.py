@@ -73,7 +73,8 @@ def test_one_seed_interval_is_the_bootstrap_over_its_test_images(built):
     assert (byol["img_low"], byol["img_high"]) == (expected.ci_low, expected.ci_high)
     assert byol["n"] == 1 and byol["img_method"] == "percentile"
     md = built["paths"]["md"].read_text()
-    assert f"| BYOL | 1 | **75.00 [{expected.ci_low:.2f}, {expected.ci_high:.2f}]** |" in md  # best linear
+    # best linear; one seed: the image-bootstrap interval in angle brackets (n >= 2: [t over seeds])
+    assert f"| BYOL | 1 | **75.00 ⟨{expected.ci_low:.2f}, {expected.ci_high:.2f}⟩** |" in md
 
 
 def test_three_seed_interval_is_the_closed_form_t_interval(built):
@@ -97,22 +98,60 @@ def test_negative_ami_and_ari_are_shown_as_computed(built):
     ami = cell(built["cells"], "Random init", "clustering", "AMI")
     ari = cell(built["cells"], "Random init", "clustering", "ARI")
     assert ami["mean"] < 0 and ari["mean"] < 0
-    assert f"| {ami['mean']:.2f} [" in built["paths"]["md"].read_text()
+    assert f"| {ami['mean']:.2f} ⟨" in built["paths"]["md"].read_text()
 
 
-def test_planted_better_method_is_significant_and_identical_predictions_are_not(built):
+def test_one_seed_rows_are_not_testable_and_a_reference_row_is_no_contender(built):
     cells = built["cells"]
     simclr, byol, swav = (cell(cells, name, "knn_k20") for name in ("SimCLR", "BYOL", "SwAV"))
     assert simclr["best"] and swav["best"] and not byol["best"]  # SimCLR and SwAV tie on the mean
-    assert swav["tied"] and swav["p_holm"] == 1.0  # identical predictions: no difference
-    assert not byol["tied"] and byol["p_holm"] < 0.05  # 3 points worse on the same images
-    p = stats.paired_bootstrap_test(simclr_correct(built), byol_correct(built), n_boot=N_BOOT).p_value
-    assert byol["p_holm"] == pytest.approx(min(1.0, 2 * p))  # Holm over the column's two comparisons
+    for one_seed in (swav, byol):  # the seed-level test needs two seeds a side: neither verdict is given
+        assert one_seed["untestable"] and not one_seed["tied"] and np.isnan(one_seed["p_holm"])
+        assert one_seed["test_note"].startswith("not testable: fewer than 2 seeds")
     supervised = cell(cells, "Supervised", "knn_k20")
-    assert not supervised["best"] and not supervised["tied"]  # a reference row is no contender
+    assert not supervised["best"] and not supervised["tied"] and not supervised["untestable"]
     md = built["paths"]["md"].read_text()
-    swav_row = md.split("| SwAV | 1 |", 1)[1].split("\n", 1)[0]
-    assert swav_row.startswith(" **80.00 [") and "]†** |" in swav_row
+    byol_row = md.split("### kNN", 1)[1].split("| BYOL | 1 |", 1)[1].split("\n", 1)[0]
+    knn_cell = next(c.strip() for c in byol_row.split("|") if c.strip().startswith("77.00 ⟨"))
+    assert knn_cell.endswith("⟩‡")
+    assert "| **100.00 ⟨100.00, 100.00⟩§** |" in byol_row  # top-5: a zero-width interval is flagged
+    assert "‡ Not testable against the best: BYOL (kNN k=20, T=0.07 top-1: fewer than 2 seeds" in md
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory):
+    root = tmp_path_factory.mktemp("seeded")
+    results = root / "results"
+    per_seed = {"simclr": (90.0, 91.0, 92.0), "byol": (80.0, 81.5, 82.0), "swav": (88.0, 92.5, 90.0),
+                "carl": (85.0,), "carp": (70.0, 70.0)}
+    for method, values in per_seed.items():
+        for seed, value in enumerate(values):
+            write_run(results, method=method, seed=seed, accuracy={"knn_k20": value})
+    out = build_report(results, root / "out", n_boot=N_BOOT, figures=False, formats=["md"], stderr=quiet())
+    return {"per_seed": per_seed, **out}
+
+
+def test_marks_are_welch_over_seeds_with_holm_over_the_column(seeded):
+    cells, per_seed = seeded["cells"], seeded["per_seed"]
+    best = per_seed["simclr"]
+    raw = {m: scipy_stats.ttest_ind(per_seed[m], best, equal_var=False).pvalue for m in ("byol", "swav", "carp")}
+    order = sorted(raw, key=raw.get)  # Holm step-down by hand: p_(i) (m - i), running maximum, capped at 1
+    holm, running = {}, 0.0
+    for i, m in enumerate(order):
+        running = max(running, min(1.0, raw[m] * (len(order) - i)))
+        holm[m] = running
+    for method, label in (("byol", "BYOL"), ("swav", "SwAV"), ("carp", "CARP")):
+        c = cell(cells, label, "knn_k20")
+        assert c["p_raw"] == pytest.approx(raw[method]) and c["p_holm"] == pytest.approx(holm[method])
+        assert c["tied"] == (holm[method] >= 0.05)
+        # the drawn interval of (row - best) excludes 0 exactly when the mark says "significantly worse"
+        assert (c["diff_high"] < 0) == (not c["tied"])
+        assert c["diff"] == pytest.approx(np.mean(per_seed[method]) - np.mean(best))
+    assert not cell(cells, "BYOL", "knn_k20")["tied"] and cell(cells, "SwAV", "knn_k20")["tied"]
+    carl = cell(cells, "CARL", "knn_k20")
+    assert carl["untestable"] and "fewer than 2 seeds" in carl["test_note"]
+    md = seeded["paths"]["md"].read_text()
+    assert "| CARP | 2 | 70.00 ± 0.00 [70.00, 70.00]§ |" in md  # zero spread flagged, tested (p > 0)
 
 
 def simclr_correct(built):
@@ -181,36 +220,58 @@ def ranked(tmp_path_factory):
     return build_report(results, root / "out", n_boot=100, figures=False, formats=["md"], stderr=quiet())
 
 
-def test_leaderboard_is_the_average_rank_over_the_headline_metrics(ranked):
+def test_leaderboard_ranks_seed_means_over_knn_linear_and_nmi(ranked):
     ranks = ranked["leaderboards"][TABLE]
     cells = ranked["cells"]
     used = cells[((cells["key"] == "knn_k20") & (cells["metric"] == "top1"))
                  | ((cells["key"] == "linear") & (cells["metric"] == "top1"))
-                 | ((cells["key"] == "clustering") & cells["metric"].isin(["NMI", "ACC"]))]
+                 | ((cells["key"] == "clustering") & (cells["metric"] == "NMI"))]  # one clustering metric
     used = used[~used["is_reference"] & (used["row"] != "CARL")]
+    means = used.pivot(index="column", columns="row", values="mean")
+    by_hand = pd.Series(scipy_stats.rankdata(-means.to_numpy(), axis=1).mean(axis=0), index=means.columns)
+    for r in ranks.itertuples():
+        assert r.mean_rank == pytest.approx(by_hand[r.method])
+        assert r.rank_low <= r.mean_rank + 1e-9 and r.mean_rank - 1e-9 <= r.rank_high and r.n_seeds == 2
     scores = pd.DataFrame([(r.row, s, r.column, v) for r in used.itertuples()
                            for s, v in zip(r.seeds, r.values)], columns=["method", "seed", "metric", "value"])
-    pd.testing.assert_frame_equal(ranks.reset_index(drop=True), stats.average_ranks(scores))
+    pd.testing.assert_frame_equal(ranks.reset_index(drop=True), stats.rank_of_means(scores, n_boot=100))
     md = ranked["paths"]["md"].read_text()
     board = md.split("### Leaderboard\n", 1)[1].split("\n#", 1)[0]
-    assert "CARL (missing: kNN k=20 top-1, NMI, ACC)" in board and "| Rank | Method | mean rank |" in board
+    assert "CARL (missing: kNN k=20, T=0.07 top-1, NMI)" in board and "| Rank | Method | mean rank | 95% rank interval |" \
+        in board
     first = next(line for line in board.splitlines() if line.startswith("| 1 |"))
     assert ranks.iloc[0]["method"] in first
 
 
-def test_a_comparison_that_cannot_be_tested_does_not_break_the_notes_of_those_that_were(tmp_path):
-    """The best row's seed 2 was scored on other test images: a contender sharing only seed 0 is tested,
-    one sharing all three seeds cannot be (and comes last); a one-seed cell has no t-interval (NaN)."""
+def test_a_contender_with_one_seed_is_not_testable_and_a_one_seed_cell_has_no_t_interval(tmp_path):
     results = tmp_path / "results"
-    labels, other_labels = make_labels(1000), make_labels(900)
+    labels = make_labels(1000)
     for seed in (0, 1, 2):
-        write_run(results, method="simclr", seed=seed, labels=other_labels if seed == 2 else labels,
-                  accuracy={"knn_k20": 90.0 + seed})
-        write_run(results, method="byol", seed=seed, labels=labels, accuracy={"knn_k20": 60.0})
+        write_run(results, method="simclr", seed=seed, labels=labels, accuracy={"knn_k20": 90.0 + seed})
+        write_run(results, method="byol", seed=seed, labels=labels, accuracy={"knn_k20": 60.0 + seed})
     write_run(results, method="swav", seed=0, labels=labels, accuracy={"knn_k20": 80.0})
     out = build_report(results, tmp_path / "out", n_boot=N_BOOT, figures=False, formats=["md"], stderr=quiet())
     cells = out["cells"]
     swav, byol = cell(cells, "SwAV", "knn_k20"), cell(cells, "BYOL", "knn_k20")
-    assert swav["test_note"].startswith("vs best SimCLR: Δ = ") and "over 1000 test images" in swav["test_note"]
-    assert byol["test_note"] == "not tested: scored on different test images"
+    assert swav["test_note"] == "not testable: fewer than 2 seeds (n = 1 vs 3 for the best, SimCLR)"
+    assert byol["test_note"].startswith("vs best SimCLR: Δ = -30.00 (means over seeds, n = 3 vs 3)")
+    assert not byol["tied"] and byol["p_holm"] == pytest.approx(
+        scipy_stats.ttest_ind([60, 61, 62], [90, 91, 92], equal_var=False).pvalue)  # one testable comparison
     assert swav["n"] == 1 and np.isnan(swav["t_low"]) and np.isnan(swav["t_high"])
+
+
+def test_figure_points_are_the_tested_differences_and_colours_do_not_depend_on_the_other_rows(seeded):
+    from reports.build import _points
+    from reports.figures import palette_for
+    from reports.tables import prepare
+
+    cells = seeded["cells"]
+    points = _points(prepare(cells[cells["kind"] == "knn"], "knn"), "knn")
+    top1 = points[points["column"] == "kNN k=20, T=0.07 top-1"].set_index("row")
+    assert top1.loc["SimCLR", "status"] == "best" and top1.loc["SimCLR", "value"] == 0.0
+    assert top1.loc["BYOL", "status"] == "worse" and top1.loc["BYOL", "high"] < 0  # left of 0: the mark
+    assert top1.loc["SwAV", "status"] == "tied" and top1.loc["SwAV", "low"] <= 0 <= top1.loc["SwAV", "high"]
+    assert top1.loc["CARL", "status"] == "untestable" and np.isnan(top1.loc["CARL", "low"])
+    byol = cell(cells, "BYOL", "knn_k20")
+    assert top1.loc["BYOL", "value"] == pytest.approx(byol["diff"])
+    assert palette_for(["SimCLR", "BYOL"])["SimCLR"] == palette_for(["SimCLR", "CARL", "SwAV", "x"])["SimCLR"]

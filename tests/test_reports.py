@@ -47,7 +47,7 @@ def make_results(root: Path) -> Path:
     write_run(results, method="carl", seed=0, paper_reference=DISS,
               accuracy={"linear": 75.0, "knn_k20": 64.0},
               settings={"linear": {"views": "none", "epochs": 100, "lr": 0.1},
-                        "knn_k20": {"k": 20, "temperature": 0.07}})
+                        "knn_k20": {"k": 20, "temperature": 0.1}})
     # SimCLR with another learning rate: a row of its own, never pooled with the first
     write_run(results, method="simclr", seed=0, paper_reference=DISS, accuracy={"linear": 50.0},
               method_config={"optimizer": {"lr": 0.001, "name": "sgd"}, "hparams": {"temperature": 0.2}})
@@ -168,7 +168,7 @@ def test_non_utf8_file_via_cli_is_named_on_stderr(tmp_path, capsys):
                  "--format", "md", "--n-boot", "100"])
     assert code == 0
     assert "results/digits/x.json: not a UTF-8 text file" in capsys.readouterr().err
-    assert "90.00 [" in (tmp_path / "out" / "report.md").read_text()
+    assert "90.00 ⟨" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_results_given_as_the_current_folder_keep_the_dots_of_skip_reasons(tmp_path, monkeypatch, capsys):
@@ -206,17 +206,18 @@ def test_two_settings_fingerprints_give_two_labelled_rows(built):
 def test_a_column_with_two_protocol_settings_splits_and_names_the_key(built):
     cells = built["cells"]
     knn = cells[(cells["key"] == "knn_k20") & (cells["metric"] == "top1")]
-    assert set(knn["column"]) == {"kNN k=20 top-1 [temperature=0.07]", "kNN k=20 top-1 [temperature=0.1]"}
-    assert set(knn.loc[knn["column"].str.contains("0.07"), "row"]) == {"CARL"}
+    # the header names k and T itself: a column per temperature, no bracketed repeat
+    assert set(knn["column"]) == {"kNN k=20, T=0.07 top-1", "kNN k=20, T=0.1 top-1"}
+    assert set(knn.loc[knn["column"].str.contains("T=0.1 "), "row"]) == {"CARL"}
     linear = set(cells.loc[(cells["key"] == "linear") & (cells["metric"] == "top1"), "column"])
     assert linear == {LINEAR, "linear probe (offline, views none) top-1"}
     header = md_rows(md_section(built["paths"]["md"].read_text(), CIFAR, "kNN"))["Method"]
-    assert "kNN k=20 top-1 [temperature=0.07]" in header and "kNN k=20 top-1 [temperature=0.1]" in header
+    assert "kNN k=20, T=0.07 top-1" in header and "kNN k=20, T=0.1 top-1" in header
 
 
 def test_knn_header_says_when_k_exceeds_the_images_per_class(built):
     columns = set(built["cells"]["column"])
-    assert "kNN k=200 (k > 18 bank images per class) top-1" in columns
+    assert "kNN k=200, T=0.07 (k > 18 bank images per class) top-1" in columns
     assert not any("k > " in c for c in columns if c.startswith("kNN k=20 "))
 
 
@@ -346,3 +347,41 @@ def test_html_renders_in_headless_chromium(built, tmp_path):
     pixels = list(image.getdata())
     non_white = sum(1 for p in pixels if min(p) < 245) / len(pixels)
     assert len(set(pixels)) > 1 and non_white > 0.01, f"blank page: {non_white:.4f} non-white"
+
+
+def test_build_on_an_empty_folder_warns_naming_it_and_exits_non_zero(tmp_path, capsys):
+    empty = tmp_path / "no-records"
+    empty.mkdir()
+    code = main(["build", "--results", str(empty), "--out", str(tmp_path / "out"), "--no-figures"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"warning: no run record under {empty}" in err
+
+
+def test_curves_drop_one_point_series_and_scale_each_loss_by_its_first_epoch():
+    import pandas as pd
+
+    from reports.figures import curve_panels, curves_chart
+
+    rows = [("a", 0, 1.0, "loss", 200.0), ("a", 0, 2.0, "loss", 100.0), ("a", 1, 1.0, "loss", 220.0),
+            ("a", 1, 2.0, "loss", 110.0), ("b", 0, 1.0, "loss", 2.0), ("b", 0, 2.0, "loss", 1.0),
+            ("c", 0, 1.0, "loss", 5.0), ("c", 0, 1.0, "online_knn_top1", 50.0)]
+    history = pd.DataFrame(rows, columns=["method", "seed", "epoch", "series", "value"])
+    drawn = curve_panels(history)
+    assert set(drawn["method"]) == {"a", "b"}  # c has one epoch: no one-point line, no online-kNN panel
+    a = drawn[(drawn["method"] == "a")].groupby("epoch")["value"].mean()
+    assert a.tolist() == pytest.approx([1.0, 0.5])  # divided by its own mean first-epoch loss (210)
+    b = drawn[(drawn["method"] == "b")].groupby("epoch")["value"].mean()
+    assert b.tolist() == pytest.approx([1.0, 0.5])  # a loss near 200 no longer flattens b's
+    assert curves_chart(history[history["method"] == "c"], ["c"], "t") is None
+
+
+def test_rules_are_a_short_how_to_read_list_and_a_collapsed_appendix(built):
+    md = built["paths"]["md"].read_text()
+    head = md.split("\n| ", 1)[0]  # everything before the first table
+    assert "## Summary" in head and "## How to read this" in head
+    assert max(len(line.split()) for line in head.splitlines()) <= 120
+    assert md.index("## Appendix: how the numbers are made") > md.index("## Comparison with the papers")
+    html = built["paths"]["html"].read_text()
+    appendix = html.split('<details>\n<summary><h2 class="inline">Appendix: how the numbers are made</h2>'
+                          "</summary>", 1)
+    assert len(appendix) == 2 and "Welch" in appendix[1].split("</details>", 1)[0]

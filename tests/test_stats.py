@@ -71,9 +71,9 @@ def test_delta_interval_welch_and_constant_paper():
     assert d.delta == pytest.approx(m - paper, abs=1e-12) and d.df == pytest.approx(df, rel=1e-12)
     assert d.ci_low == pytest.approx(m - paper - half, abs=1e-9)
     assert d.ci_high == pytest.approx(m - paper + half, abs=1e-9)
-    # paper number without std: a constant, our t interval shifted (t_{0.975, 2})
+    # paper number without std: one run, so the prediction interval of one new run of ours (t_{0.975, 2})
     c = stats.delta_interval(ours, paper)
-    half = T_975_DF2 * s / math.sqrt(3)
+    half = T_975_DF2 * s * math.sqrt(1 + 1 / 3)
     assert c.ci_low == pytest.approx(m - paper - half, abs=1e-9)
     assert c.ci_high == pytest.approx(m - paper + half, abs=1e-9)
     assert c.df == 2
@@ -276,3 +276,21 @@ def test_clustering_replicates_are_computed_once_and_handed_out_as_copies():
     again = stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2)
     assert np.array_equal(again, stats._clustering_replicates(y, np.atleast_2d(p), "nmi", 50, 2))
     assert not np.array_equal(again, stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=3))
+
+
+def test_rank_of_means_ranks_means_and_resamples_each_methods_seeds_independently():
+    rows = [("A", s, m, v) for m in ("x", "y") for s, v in enumerate((90.0, 91.0, 92.0))]
+    rows += [("B", s, m, v) for m in ("x", "y") for s, v in enumerate((80.0, 81.0, 82.0))]
+    rows += [("C", s, "x", v) for s, v in enumerate((88.0, 89.0, 75.0))]  # overlaps B on x, never A
+    rows += [("C", s, "y", v) for s, v in enumerate((70.0, 71.0, 72.0))]
+    out = stats.rank_of_means(pd.DataFrame(rows, columns=["method", "seed", "metric", "value"]), n_boot=500)
+    out = out.set_index("method")
+    # x: means A 91, B 81, C 84 -> ranks 1, 3, 2; y: A 91, B 81, C 71 -> 1, 2, 3
+    assert out["mean_rank"].to_dict() == pytest.approx({"A": 1.0, "B": 2.5, "C": 2.5})
+    assert out.loc["A", "rank_low"] == out.loc["A", "rank_high"] == 1.0  # no resample overtakes A
+    # C's seeds resampled to mostly 75 put it below B on x (P = 7/27 per replicate): both orders occur
+    assert (out.loc["C", "rank_low"], out.loc["C", "rank_high"]) == (2.5, 3.0)
+    assert (out.loc["B", "rank_low"], out.loc["B", "rank_high"]) == (2.0, 2.5)
+    assert (out["n_seeds"] == 3).all()
+    again = stats.rank_of_means(pd.DataFrame(rows, columns=["method", "seed", "metric", "value"]), n_boot=500)
+    pd.testing.assert_frame_equal(again.set_index("method"), out)  # fixed seed: the same numbers

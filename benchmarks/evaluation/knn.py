@@ -124,7 +124,7 @@ def _features(x, what: str) -> torch.Tensor:
 
 
 def knn_classify(train_features, train_labels, test_features, num_classes: int, k: int,
-                 temperature: float = 0.1) -> torch.Tensor:
+                 temperature: float = 0.07) -> torch.Tensor:
     """Class scores [n_test, num_classes]: sum over the k nearest train points of exp(sim / T).
 
     Refuses (ValueError) features with NaN/inf rows: a NaN query matches nothing and would

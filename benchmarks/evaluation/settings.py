@@ -31,7 +31,7 @@ class Budget(StrictModel):
 
 class KnnSettings(StrictModel):
     ks: list[int] = Field(default_factory=lambda: [20, 200])
-    temperature: PositiveNumber = 0.1
+    temperature: PositiveNumber = 0.07  # InstDisc's weighted kNN (Wu et al. 2018), which the papers follow
 
     @field_validator("ks")
     @classmethod
