@@ -290,8 +290,9 @@ def row_labels(values: pd.DataFrame, runs: list[Run]) -> tuple[dict[tuple, str],
         if rec.get("variant") and role != SUBSET_ROLE:
             diff = variant_differences(rec, base_records.get(rec["method_base"]))
             if diff:
-                words = ", ".join(f"{k} {v}" for k, v in diff[:3]) + (f", … (+{len(diff) - 3})"
-                                                                       if len(diff) > 3 else "")
+                # a few differences are the label; more would bury the row's name: counted, listed in the notes
+                words = ", ".join(f"{k} {v}" for k, v in diff) if len(diff) <= 3 else \
+                    f"{len(diff)} settings differ, see above"
                 suffix = f" ({rec['variant']})"
                 base = (base[:-len(suffix)] if base.endswith(suffix) else base) + \
                     f" ({rec['variant']}: {words})"
