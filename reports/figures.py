@@ -64,65 +64,6 @@ def palette_for(methods: Sequence[str]) -> dict[str, tuple]:
             for name in sorted(set(methods))}
 
 
-def _zoom(points: pd.DataFrame) -> tuple[float, float]:
-    """x-range of the non-reference rows' values and intervals (all rows if none), padded by 8%."""
-    mine = points[~points["reference"]] if (~points["reference"]).any() else points
-    values = pd.concat([mine["value"], mine["low"], mine["high"]]).dropna()
-    low, high = float(values.min()), float(values.max())
-    pad = max(0.08 * (high - low), 0.5)
-    return low - pad, high + pad
-
-
-def forest_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence[str], title: str,
-                palette: dict[str, tuple] | None = None) -> bytes:
-    """One panel per column: each row's value (dot) and 95% interval (line), x-axis zoomed to the
-    non-reference rows (reference rows outside that range are edge markers with their value).
-
-    `points` has columns `column`, `row`, `value`, `low`, `high` (NaN = no interval) and `reference`.
-    Drawn with matplotlib lines and markers (hand-written: seaborn's pointplot computes its own intervals
-    from raw observations and cannot take the report's t / bootstrap intervals, and errorbar cannot draw a
-    basic bootstrap interval that lies beside its value).
-    """
-    rows = [r for r in rows if r in set(points["row"])]
-    columns = [c for c in columns if c in set(points["column"])]
-    ncols = min(3, len(columns))
-    nrows = math.ceil(len(columns) / ncols)
-    height = max(1.6, 0.28 * len(rows) + 0.9)
-
-    def draw(fig: Figure) -> None:
-        axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
-        position = {r: i for i, r in enumerate(rows)}
-        for ax, column in zip(axes.flat, columns):
-            mine = points[points["column"] == column]
-            low, high = _zoom(mine)
-            for p in mine.itertuples(index=False):
-                y = position[p.row]
-                color = (0.45, 0.45, 0.45) if p.reference else (palette or {}).get(p.row, "C0")
-                if p.value < low or p.value > high:  # a reference row far off the contenders: an edge marker
-                    edge = low if p.value < low else high
-                    ax.plot([edge], [y], marker="<" if p.value < low else ">", color=color, markersize=5,
-                            clip_on=False)
-                    ax.annotate(f"{p.value:.1f}", (edge, y), xytext=(6 if p.value < low else -6, 4),
-                                textcoords="offset points", ha="left" if p.value < low else "right",
-                                fontsize=6, color=color, annotation_clip=False)
-                    continue
-                if not (math.isnan(p.low) or math.isnan(p.high)):  # the interval as drawn, even if it
-                    ax.hlines(y, p.low, p.high, color=color, linewidth=1.0)  # excludes the value (basic)
-                    ax.vlines([p.low, p.high], y - 0.15, y + 0.15, color=color, linewidth=1.0)
-                ax.plot([p.value], [y], marker="o" if not p.reference else "s", color=color, markersize=4)
-            ax.set_xlim(low, high)
-            ax.set_yticks(range(len(rows)), rows)
-            ax.set_ylim(len(rows) - 0.5, -0.5)
-            ax.set_title(column, fontsize=8)
-            ax.set_xlabel("%")
-        for ax in list(axes.flat)[len(columns):]:
-            ax.set_visible(False)
-        fig.suptitle(title, fontsize=9)
-
-    width = min(16.0, 2.2 + 3.6 * ncols + 0.05 * max(len(r) for r in rows))
-    return render_png(width, height * nrows + 0.5, draw)
-
-
 STATUS_MARKERS = {"best": ("D", True), "worse": ("o", True), "tied": ("o", False), "untestable": ("x", True)}
 STATUS_LABELS = {"best": "best (bold)", "worse": "significantly worse", "tied": "† not significantly different",
                  "untestable": "‡ not testable (no interval)"}
