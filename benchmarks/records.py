@@ -41,7 +41,11 @@ Schema (version 2) -- every key is required unless marked optional:
     git_commit: str | null
     device: str
     cpu: str | null           # processor model: CPU results are bitwise reproducible on the same model only
-    wall_time_s: float
+                              # (and thread count: config.train.threads, provenance.*.threads)
+    wall_time_s: float        # every attempt's time (SLURM requeues, resumes after a kill): `run` records
+    attempts: int             # optional (runs since issue 20): processes that worked on the run
+    devices: int              # optional: DDP ranks of the training run (1 without DDP)
+    global_batch_size: int    # optional: batch_size x devices
     throughput_images_per_s: float | null
     peak_memory_mb: float | null
     checkpoint: str | null    # path of the final model checkpoint
