@@ -359,9 +359,9 @@ class RequeueableJob(Checkpointable):
         self.job_fn, self.threads = job_fn, threads
 
     def __call__(self, spec: dict):
-        # submitit's own INFO lines (loading pickles, "Caught signal ...", "Exiting gracefully ...") say in
-        # several lines what our one requeue line says; its warnings and errors stay
-        logging.getLogger("submitit").setLevel(logging.WARNING)
+        # submitit's own lines (loading pickles, "Caught signal ...", "Bypassing signal SIGTERM", "Exiting
+        # gracefully ...") say in several lines what our one requeue line says; its errors stay
+        logging.getLogger("submitit").setLevel(logging.ERROR)
         limit_threads(self.threads)
         job_id = os.environ.get("SLURM_ARRAY_JOB_ID", os.environ.get("SLURM_JOB_ID", "?"))
         task = os.environ.get("SLURM_ARRAY_TASK_ID")
