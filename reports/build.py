@@ -32,7 +32,16 @@ from benchmarks.errors import BenchmarkError
 from benchmarks.records import atomic_write_text
 from reports import figures as figs
 from reports import stats
-from reports.cells import ALPHA, HEADLINE, KINDS, SUBSET_LABEL, Model, build_model, leaderboard
+from reports.cells import (
+    ALPHA,
+    HEADLINE,
+    KINDS,
+    SUBSET_LABEL,
+    Model,
+    build_model,
+    headline_columns,
+    leaderboard,
+)
 from reports.data import LoadedRecords, history_frame, load_paper_results, load_records
 from reports.papers import LAYOUTS, PROTOCOLS, layout_cells, pair_with_papers, relevant_papers
 from reports.render import to_html, to_latex, to_markdown
@@ -120,7 +129,6 @@ CONVENTIONS = (
     "(the paper's number is one run, not an exact value). Paper rows without a like-for-like run are "
     "listed with the first criterion that fails.",
 )
-SUMMARY_HEADLINE = (("knn_k20", "top1"), ("linear", "top1"), ("clustering", "NMI"))
 
 
 def _normalize_formats(formats: Iterable[str]) -> tuple[str, ...]:
@@ -259,15 +267,9 @@ def _budget_text(model: Model, table: tuple) -> str:
 
 def _verdicts(model: Model, table: tuple) -> list[str]:
     """Per headline metric: the best row, its margin to the runner-up, and whether the seeds support it."""
-    cells = model.cells
-    mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
     lines = []
-    for key, metric in SUMMARY_HEADLINE:
-        group = mine[(mine["key"] == key) & (mine["metric"] == metric)]
-        if group.empty:
-            continue
-        counts = group.groupby("settings").size()
-        group = group[group["settings"] == sorted(counts.index, key=lambda x: (-counts[x], x))[0]]
+    for group in headline_columns(model, table)[1]:
+        key = group["key"].iloc[0]
         order = group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
         best = order.iloc[0]
         name = f"k-means {best['column']}" if key == "clustering" else best["column"]

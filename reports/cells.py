@@ -535,11 +535,9 @@ def _mark_best(model: Model, n_boot: int) -> None:
 HEADLINE = (("knn_k20", "top1"), ("linear", "top1"), ("clustering", "NMI"))  # one clustering metric
 
 
-def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str],
-                                                                                list[str]]:
-    """Average rank of the seed means over the headline metrics present in the table, with a bootstrap
-    rank interval resampling each method's seeds independently (stats.rank_of_means), the rows that
-    cannot be ranked (a headline metric not measured) and the columns used."""
+def headline_columns(model: Model, table: tuple) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
+    """The table's contender (non-reference) cells, and per HEADLINE metric present one column of them: the
+    cells of that key and metric under its most common protocol settings (ties: the first settings)."""
     cells = model.cells
     mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
     used = []
@@ -550,6 +548,15 @@ def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple
         counts = group.groupby("settings").size()
         settings = sorted(counts.index, key=lambda s: (-counts[s], s))[0]
         used.append(group[group["settings"] == settings])
+    return mine, used
+
+
+def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str],
+                                                                                list[str]]:
+    """Average rank of the seed means over the headline metrics present in the table, with a bootstrap
+    rank interval resampling each method's seeds independently (stats.rank_of_means), the rows that
+    cannot be ranked (a headline metric not measured) and the columns used."""
+    mine, used = headline_columns(model, table)
     if not used:
         return pd.DataFrame(columns=list(stats.RANK_INTERVAL_COLUMNS)), [], []
     columns = [g["column"].iloc[0] for g in used]
