@@ -535,10 +535,9 @@ def _attempt(config: SuiteConfig, settings: MethodConfig, seed, method, data, ru
             last = index == len(stages) - 1
             method.set_stage(index)
             module = PretrainModule(method, build_augment(stage.augment or settings.augment), stage.optimizer,
-                                    pretrain_set,
-                                    PretrainSettings(stage.batch_size, stage.epochs, seed, stage=index,
-                                                     channels_last=channels_last,
-                                                     divergence_check_every=20 if on_gpu else 1),
+                                    pretrain_set, PretrainSettings(stage.batch_size, stage.epochs, seed, stage=index,
+                                                                   channels_last=channels_last,
+                                                                   divergence_check_every=20 if on_gpu else 1),
                                     MonitorData(_cap(data.train, train_cfg.online_knn_max_bank), data.test,
                                                 data.num_classes, train_cfg.online_knn_every),
                                     online_probe=probe if last else None)
