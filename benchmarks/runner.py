@@ -55,7 +55,7 @@ from benchmarks.records import (
     write_record,
 )
 from benchmarks.suite_data import SuiteData, check_data_matches, load_suite_data  # noqa: F401  (re-exported)
-from benchmarks.training import MonitorData, OnlineProbe, PretrainModule, Tracker, fit
+from benchmarks.training import MonitorData, OnlineProbe, PretrainModule, PretrainSettings, Tracker, fit
 from methods import get_method
 from methods.base import DataInfo, SSLMethod, Stage
 
@@ -537,11 +537,12 @@ def _attempt(config: SuiteConfig, settings: MethodConfig, seed, method, data, ru
             last = index == len(stages) - 1
             method.set_stage(index)
             module = PretrainModule(method, build_augment(stage.augment or settings.augment), stage.optimizer,
-                                    pretrain_set, stage.batch_size, stage.epochs, seed,
+                                    pretrain_set, PretrainSettings(stage.batch_size, stage.epochs, seed, stage=index,
+                                                                   channels_last=channels_last,
+                                                                   divergence_check_every=20 if on_gpu else 1),
                                     MonitorData(_cap(data.train, train_cfg.online_knn_max_bank), data.test,
                                                 data.num_classes, train_cfg.online_knn_every),
-                                    channels_last=channels_last, divergence_check_every=20 if on_gpu else 1,
-                                    stage=index, online_probe=probe if last else None)
+                                    online_probe=probe if last else None)
             # one stage: the run folder itself; several: a folder (and an epoch checkpoint) per stage
             stage_dir = run_dir if len(stages) == 1 else run_dir / f"stage{index + 1}-{stage.name}"
             stage_fp = fingerprints["training"] if len(stages) == 1 else f"{fingerprints['training']}-{index}"
