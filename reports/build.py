@@ -42,8 +42,16 @@ from reports.cells import (
     headline_columns,
     leaderboard,
 )
-from reports.data import LoadedRecords, history_frame, load_paper_results, load_records
-from reports.papers import LAYOUTS, PROTOCOLS, layout_cells, pair_with_papers, relevant_papers
+from reports.data import LoadedRecords, device_of, history_frame, load_paper_results, load_records
+from reports.papers import (
+    LAYOUTS,
+    PROTOCOLS,
+    describe,
+    layout_cells,
+    layout_measured,
+    pair_with_papers,
+    relevant_papers,
+)
 from reports.render import to_html, to_latex, to_markdown
 from reports.tables import (
     DASH,
@@ -259,7 +267,7 @@ def _budget_text(model: Model, table: tuple) -> str:
             == (suite, dataset, epochs)]
     seeds = sorted({int(r["seed"]) for r in runs})
     seconds = sum(float(r.get("wall_time_s") or 0.0) for r in runs)
-    on_gpu = any(str(r.get("device", "")).startswith("cuda") for r in runs)
+    on_gpu = any(device_of(r).startswith("cuda") for r in runs)
     cost = f"{seconds / 3600:.2f} GPU-hours" if on_gpu else f"{seconds / 60:.1f} CPU-minutes"
     return (f"{len(runs)} runs, seeds {', '.join(map(str, seeds))}, {epochs} pretraining epochs, "
             f"{cost} of pretraining and evaluation wall time in all")
@@ -269,10 +277,10 @@ def _verdicts(model: Model, table: tuple) -> list[str]:
     """Per headline metric: the best row, its margin to the runner-up, and whether the seeds support it."""
     lines = []
     for group in headline_columns(model, table)[1]:
-        key = group["key"].iloc[0]
+        protocol = group["protocol"].iloc[0]
         order = group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
         best = order.iloc[0]
-        name = f"k-means {best['column']}" if key == "clustering" else best["column"]
+        name = f"k-means {best['column']}" if protocol == "clustering" else best["column"]
         text = f"{name}: best {best['row']} {value_text(best)} (n = {best['n']})"
         if len(order) < 2:
             lines.append(text + "; no other method measured.")
@@ -335,7 +343,7 @@ def _cost_section(model: Model, table: tuple) -> Section:
                                                   & (values["dataset"] == table[1])
                                                   & (values["epochs"] == table[2]), "run"]})
         recs = [model.runs[i].record for i in idx]
-        gpu = any(str(r.get("device", "")).startswith("cuda") for r in recs)
+        gpu = any(device_of(r).startswith("cuda") for r in recs)
         on_gpu |= gpu
         wall = [float(r["wall_time_s"]) for r in recs if r.get("wall_time_s") is not None]
         speed = [float(r["throughput_images_per_s"]) for r in recs if r.get("throughput_images_per_s")]
@@ -348,7 +356,7 @@ def _cost_section(model: Model, table: tuple) -> Section:
                      DASH if not speed else f"{sum(speed) / len(speed):.0f}",
                      DASH if not peak else f"{max(peak):.0f}" + (" (RSS)" if sources == ["process_peak_rss"]
                                                                  else ""),
-                     ", ".join(sorted({str(r.get("device", "?")) for r in recs}))])
+                     ", ".join(sorted({device_of(r) for r in recs}))])
     t = plain_table(["Method", "runs", "wall time per run", "images/s (training)", "peak memory (MB)",
                      "device"], rows, numeric_from=1)
     t.caption = ("Cost as recorded: wall time of one run (pretraining and evaluation, every attempt), mean "
@@ -433,9 +441,7 @@ def _layout_sections(papers: pd.DataFrame, model: Model, pairs: pd.DataFrame) ->
         grid = layout_cells(layout, papers, pairs)
         # shown when a run fills a cell, or (per-block layouts) when runs measured its protocols at all: then
         # the paper's numbers stand beside ours' "–" and the unmatched list says why they are not compared
-        measured = layout.col_fields == ("protocol",) and not cells.empty and bool(
-            (cells["key"].isin([c[0] for c in layout.cols])
-             & cells["dataset"].isin({r[0] for r in layout.rows})).any())
+        measured = layout_measured(layout, cells)
         if not measured and not any(c for row in grid for _, c in row):
             empty.append(f"{layout.paper} {layout.table}")
             continue
@@ -531,9 +537,9 @@ def _unrelated_section(unrelated: pd.DataFrame) -> Section:
 
 
 def _mapping_section() -> Section:
-    rows = [[p.paper, p.table, p.protocol, p.key or "none",
+    rows = [[p.paper, p.table, p.protocol, describe(p.ours, dict(p.place)) if p.ours else "none",
              ", ".join(f"{k}={v}" for k, v in p.settings) or "–", p.source] for p in PROTOCOLS]
-    t = plain_table(["Paper", "Table", "CSV protocol", "Our key", "Required settings", "Where the paper says "
+    t = plain_table(["Paper", "Table", "CSV protocol", "Ours", "Required settings", "Where the paper says "
                                                                                        "so"],
                     rows)
     t.caption = ("{eval} = the evaluation dataset, {C} = its number of classes, {3C} = three times that. "

@@ -76,17 +76,35 @@ def clustering_metrics(labels: np.ndarray, assign: np.ndarray, k: int) -> dict[s
     return out
 
 
+def protocol_of(key: str) -> str:
+    """The protocol of a schema-2 key as the evaluation records it (the fixtures name evaluations by key)."""
+    for prefix, protocol in (("knn_k10_", "knn_k10"), ("knn_k", "knn"), ("semi_", "semi"), ("finetune_", "finetune"),
+                             ("transfer_linear:", "transfer"), ("clustering_head_", "clustering_head"),
+                             ("block_classifier_", "block_classifier"), ("linear_", "linear")):
+        if key.startswith(prefix):
+            return protocol
+    return key
+
+
 def default_settings(key: str) -> dict:
-    if key == "linear":
+    protocol = protocol_of(key)
+    if protocol == "linear":
         return {"views": "crop_flip", "epochs": 100, "lr": 0.1}
-    if key.startswith("knn_k"):
+    if protocol == "knn":
         return {"k": int(key[5:].split("_")[0]), "temperature": 0.07}
-    if key.startswith("semi_") or key.startswith("finetune_"):
+    if protocol == "semi":
+        size = key[len("semi_"):]
+        return {"mode": "finetune", "epochs": 50, "views": "crop_flip",
+                **({"per_class": int(size[:-len("perclass")])} if size.endswith("perclass")
+                   else {"fraction": round(float(size[:-len("pct")]) / 100, 6)})}
+    if protocol == "finetune":
         return {"mode": "finetune", "epochs": 50, "views": "crop_flip"}
-    if key.startswith("transfer_linear:"):
+    if protocol == "transfer":
         return {"epochs": 50, "lr": 0.1}
-    if key == "clustering":
+    if protocol == "clustering":
         return {"niter": 100, "nredo": 5}
+    if protocol == "clustering_head":
+        return {"source": "head", "k": int(key[len("clustering_head_k"):].split("_")[0])}
     return {}
 
 
@@ -143,7 +161,8 @@ def make_run(*, suite="cifar10", dataset="CIFAR-10", method="simclr", method_bas
     metrics.update(extra_metrics or {})
     for key in metrics:
         chosen = (settings or {}).get(key, default_settings(key))
-        evaluation[key] = {"protocol": key.split(":")[0], "settings": chosen, **(params or {}).get(key, {})}
+        target = {"target": key.partition(":")[2]} if protocol_of(key) == "transfer" else {}
+        evaluation[key] = {"protocol": protocol_of(key), "settings": chosen, **target, **(params or {}).get(key, {})}
     training = {"suite": suite, "method": method, "method_config": method_config, "backbone": backbone,
                 "epochs": epochs}
     fps = {"training": fingerprint({**training, "seed": seed}), "settings": fingerprint(training),
