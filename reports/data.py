@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.data import dataset_display_name
 from benchmarks.errors import BenchmarkError, RecordError
-from benchmarks.records import iter_record_files, read_predictions, read_record, record_path
+from benchmarks.records import iter_record_files, provenance_of, read_predictions, read_record, record_path
 from reports import stats
 
 PAPER_CSV = Path(__file__).resolve().parent / "paper_results.csv"
@@ -49,35 +49,6 @@ CLUSTER_METRICS = {"NMI": "nmi", "AMI": "ami", "ARI": "ari", "ACC": "acc", "ACC_
 TOPK = {"top1": 1, "top5": 5}
 #: the entry settings that place an entry (not protocol settings a column compares)
 PLACE = ("block", "head", "dataset")
-
-
-# --- STAND-IN until benchmarks.records converts schema-2 records on load (SCHEMA3_SPEC.md); delete then ----
-_S2_BLOCK = re.compile(r"_B(\d+)$")
-_S2_HEAD = re.compile(r"^clustering_head_k\d+_h(\d+)$")
-
-
-def _upgrade(record: dict) -> dict:
-    from benchmarks.data import dataset_display_name
-
-    if record.get("schema_version") != 2:
-        return record
-    entries = []
-    for key, values in record["metrics"].items():
-        details = record["evaluation"].get(key)
-        if not isinstance(details, dict) or not isinstance(details.get("settings"), dict):
-            raise RecordError(f"evaluation['{key}']['settings'] must be an object (the protocol's settings)")
-        block, head = _S2_BLOCK.search(key), _S2_HEAD.match(key)
-        place = {"block": int(block.group(1)) if block else ("avg" if key.endswith("_avg") else None),
-                 "head": int(head.group(1)) if head else None,
-                 "dataset": dataset_display_name(details["target"]) if details.get("target") else None}
-        settings = {**details["settings"], **{k: v for k, v in place.items() if v is not None}}
-        entries += [{"protocol": details["protocol"], "settings": settings, "metric": metric, "value": value,
-                     "key": key} for metric, value in values.items()]
-    top = ("versions", "git_commit", "device", "cpu")
-    pretraining = {**{k: record[k] for k in top if k in record}, **record["provenance"].get("pretraining", {})}
-    return {**{k: v for k, v in record.items() if k not in top}, "schema_version": 3, "metrics": entries,
-            "provenance": {**record["provenance"], "pretraining": pretraining}}
-# --- end of the stand-in ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -137,7 +108,7 @@ def evaluations(record: dict) -> dict[str, dict]:
 
 
 def device_of(record: dict) -> str:
-    return str(record["provenance"]["pretraining"].get("device", "?"))
+    return str(provenance_of(record).get("device", "?"))
 
 
 def shown_path(path: Path, results_dir: Path) -> str:
@@ -313,7 +284,7 @@ def _derive_block_averages(record: dict, out: dict) -> None:
 
 
 def _read_one(path: Path, root: Path) -> Run:
-    record = _upgrade(read_record(path))
+    record = read_record(path)  # schema 2 converted on load
     check_fields(record)
     run = Run(shown_path(path, root), record, parse_created(record["created"]))
     if record["status"] == "completed":
@@ -417,9 +388,11 @@ def entries_frame(runs: list[Run]) -> pd.DataFrame:
         common = {**run_columns(rec), "run": i, "path": run.path, "created": run.created}
         for e in rec["metrics"]:
             info = rec["clusters"].get(e["key"]) if e["protocol"] in CLUSTERING_PROTOCOLS else None
+            settings = e["settings"]
+            if "dataset" in settings:  # a transfer target by its loader name (schema-2 conversion): as displayed
+                settings = {**settings, "dataset": dataset_display_name(settings["dataset"])}
             rows.append({**common, "protocol": e["protocol"], "key": e["key"], "metric": e["metric"],
-                         "value": float(e["value"]), "settings": canonical(e["settings"]),
-                         "entry": e["settings"], "num_clusters": (info or {}).get("num_clusters"),
+                         "value": float(e["value"]), "settings": canonical(settings), "entry": settings, "num_clusters": (info or {}).get("num_clusters"),
                          "num_classes": (info or {}).get("num_classes")})
     columns = [*RUN_COLUMNS, "run", "path", "created", "protocol", "key", "metric", "value",
                "settings", "entry", "num_clusters", "num_classes"]

@@ -434,12 +434,11 @@ def load_throughput(path: Path = THROUGHPUT_FILE) -> tuple[list[dict], dict]:
 
 def _records_by_run(out: str) -> dict[tuple[str, str], list[dict]]:
     from benchmarks.records import iter_record_files, read_record
-    from reports.data import _upgrade  # STAND-IN until read_record converts schema 2
 
     found: dict[tuple[str, str], list[dict]] = {}
     for path in iter_record_files(out):
         try:
-            rec = _upgrade(read_record(path, verify_predictions=False))
+            rec = read_record(path, verify_predictions=False)
         except (BenchmarkError, OSError, ValueError):
             continue
         if rec.get("status") == "completed" and rec.get("wall_time_s") and rec.get("epochs"):
@@ -452,6 +451,7 @@ def estimate_costs(runs: list[PlannedRun], out: str) -> None:
     existing records of the same suite and method (scaled by epochs, on their device), else the table's CPU
     figure, else unknown."""
     from benchmarks.config import load_suite
+    from benchmarks.records import provenance_of
 
     entries, sizes = load_throughput()
     records = _records_by_run(out)
@@ -468,7 +468,7 @@ def estimate_costs(runs: list[PlannedRun], out: str) -> None:
             run.device, run.basis = "GPU", f"GPU: {gpu[0]['device_name']} ({gpu[0]['source']})"
         elif recs:
             per_epoch = sorted(r["wall_time_s"] / r["epochs"] for r in recs)[len(recs) // 2]
-            where = [r["provenance"]["pretraining"] for r in recs]
+            where = [provenance_of(r) for r in recs]
             devices = sorted({w.get("device", "?") + (f" ({w['cpu']})" if w.get("cpu") and w.get("device") == "cpu"
                                                       else "") for w in where})
             run.hours = per_epoch * run.epochs / 3600
