@@ -519,13 +519,10 @@ def _hours(value: float | None) -> str:
     return f"{value:.2f} h" if value >= 0.01 else f"{value * 3600:.0f} s"
 
 
-def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
+def _plan_rows(plans: list[RowPlan]) -> list[list[str]]:
+    """One line per CSV row and method planned for it (or the row alone, when no suite can reproduce it)."""
     from reports.tables import DASH, fmt
 
-    lines = [f"# reproduce {paper}: {', '.join(tables)}", ""]
-    header = ["table", "method", "pretrain", "eval", "backbone", "epochs", "protocol", "metric", "paper",
-              "suite", "run", "ours: key and required settings", "--set", "seeds", "records",
-              "cost of the missing"]
     rows = []
     for p in plans:
         r = p.row
@@ -549,6 +546,15 @@ def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
                                 " ".join(mine[0].sets) or DASH,
                                 ",".join(str(run.seed) for run in mine),
                                 f"{len(mine) - len(missing)} of {len(mine)}", cost])
+    return rows
+
+
+def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
+    lines = [f"# reproduce {paper}: {', '.join(tables)}", ""]
+    header = ["table", "method", "pretrain", "eval", "backbone", "epochs", "protocol", "metric", "paper",
+              "suite", "run", "ours: protocol and required settings", "--set", "seeds", "records",
+              "cost of the missing"]
+    rows = _plan_rows(plans)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
