@@ -158,7 +158,7 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
 
     add_init_suite_parser(sub)
 
-    from reports.reproduce import add_reproduce_parser  # light: its heavy imports are inside functions
+    from benchmarks.reproduce import add_reproduce_parser  # light: its heavy imports are inside functions
 
     add_reproduce_parser(sub)
 
@@ -426,8 +426,8 @@ def budget_notes(args, methods: list[str]) -> list[str]:
 
 
 def cmd_reproduce(args) -> int:
-    """`reproduce` (reports.reproduce): its missing runs go through cmd_run, exactly as `run` would run them."""
-    from reports.reproduce import reproduce
+    """`reproduce` (benchmarks.reproduce): its missing runs go through cmd_run, exactly as `run` would run them."""
+    from benchmarks.reproduce import reproduce
 
     return reproduce(args, lambda argv: cmd_run(build_parser(with_evaluate=False).parse_args(argv)))
 

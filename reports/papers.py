@@ -163,7 +163,7 @@ PAPER_HPARAMS = {
 }
 
 #: the cell columns ``pairing_candidates`` reads: a report cell has them, and so has a planned run's
-#: prospective cell (``reports.reproduce``), so that the report and the planner decide pairing alike
+#: prospective cell (``benchmarks.reproduce``), so that the report and the planner decide pairing alike
 PAIRING_COLUMNS = ("row", "method_base", "display", "role", "paper_reference", "dataset", "backbone", "epochs",
                    "protocol", "entry", "key", "settings", "metric", "num_classes")
 

@@ -17,7 +17,7 @@ missing runs through `run`'s own code path and builds the table in the paper's l
 with Δ (Markdown, LaTeX, HTML).
 
 The planner predicts which protocol keys a run records from its suite's ``evaluation`` section
-(``expected_keys``); of the methods' own clustering heads it knows the heads a method lists in its
+(``expected_entries``); of the methods' own clustering heads it knows the heads a method lists in its
 ``heads`` hyperparameter (Self-Classifier), the only heads a paper row pairs with.
 """
 
