@@ -12,11 +12,12 @@ reference); a spec is a plain dict with at least a unique "key" (e.g. "digits/si
 that is run again must resume from its own epoch checkpoint (run_one does): that is what makes a
 requeue after a Slurm pre-emption or time-out simply "call it again with the same spec".
 
-Local jobs start from a fork server (multiprocessing's "forkserver" start method) that has imported
-the heavy modules (torch, Lightning, the job's module) once, so a job costs a fork, not a fresh
-interpreter importing torch (measured on 2 cores: 0.05-0.07 s per job after a one-off ~6 s fork-server
-start, instead of 5.5-6.5 s per job; see `launch_local`). As with any multiprocessing start method but
-"fork", a script that calls `launch_local` must guard its top level with `if __name__ == "__main__":`.
+Local jobs run in concurrent.futures process pools, one per job, whose workers come from a fork server
+(multiprocessing's "forkserver" start method) that has imported the heavy modules (torch, Lightning, the
+job's module) once, so a job costs a fork, not a fresh interpreter importing torch (measured on 2 busy
+cores: ~0.13 s per job after a one-off 6-11 s fork-server start, instead of 8-10 s per job; see
+`launch_local`). As with any multiprocessing start method but "fork", a script that calls `launch_local`
+must guard its top level with `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
@@ -286,8 +287,11 @@ def launch_local(job_fn: JobFn, specs: Sequence[dict], jobs: int, log_dir: str |
       the reason and its log; the others go on. Ctrl+C (KeyboardInterrupt) stops every running job
       (SIGTERM, then SIGKILL after 10 s) and is raised again.
     - `preload`: modules the fork server imports once (default: torch, torchvision, Lightning and
-      job_fn's module), so a job starts as a cheap fork. Measured on 2 cores (no-op job in a module that
-      imports torch + Lightning, 8 jobs one at a time): MEASURED.
+      job_fn's module), so a job starts as a cheap fork. Measured on 2 cores shared with other work (no-op
+      job in a module that imports torch + Lightning, 8 jobs one at a time, 9 runs): 0.06-0.27 s per job,
+      median 0.13 s (the earlier Process-and-Pipe launcher, runs interleaved: 0.06-0.18 s, median 0.12 s),
+      after a one-off 5.8-10.8 s while the fork server imports; 8.2-10 s per job with preload=[] (each job
+      imports them itself). So ~30 short jobs cost ~10 s of start-up instead of ~4 minutes.
     - `progress`: called with one line per finished job ("[3/33] digits/simclr/seed0 finished in
       12.3 s"); default: the "benchmarks.launcher" logger at INFO.
     """
@@ -463,23 +467,6 @@ class ArraySettings:
             params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
         return {**params, **(self.extra or {})}
 
-    def job_threads(self, cluster: str, jobs: int) -> int | None:
-        threads = self.threads if self.threads is not None else self.cpus_per_task
-        if threads is None and cluster == "local":  # every local job runs at once: share the cores
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-        return threads
-
-
-def _check_cluster(cluster: str) -> None:
-    if submitit is None:
-        raise ConfigError(f"--launcher {cluster}: the submitit package is not installed; "
-                          "pip install submitit")
-    if cluster not in ("local", "slurm", "debug"):
-        raise ConfigError(f"--launcher: unknown cluster '{cluster}'; allowed: local, slurm, debug")
-    if cluster == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
-        raise ConfigError("--launcher slurm: no Slurm here (sbatch/srun are not on PATH); run on a Slurm "
-                          "login node, or use --launcher local")
-
 
 def submit_array(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
                  cluster: Literal["local", "slurm", "debug"] = "slurm",
@@ -493,7 +480,14 @@ def submit_array(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
     the submission fails).
     """
     specs = _check_specs(specs)
-    _check_cluster(cluster)
+    if submitit is None:
+        raise ConfigError(f"--launcher {cluster}: the submitit package is not installed; "
+                          "pip install submitit")
+    if cluster not in ("local", "slurm", "debug"):
+        raise ConfigError(f"--launcher: unknown cluster '{cluster}'; allowed: local, slurm, debug")
+    if cluster == "slurm" and (shutil.which("sbatch") is None or shutil.which("srun") is None):
+        raise ConfigError("--launcher slurm: no Slurm here (sbatch/srun are not on PATH); run on a Slurm "
+                          "login node, or use --launcher local")
     if not specs:
         return []
     settings = settings or ArraySettings()
@@ -511,8 +505,11 @@ def submit_array(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
             executor.update_parameters(**settings.executor_parameters(cluster))
         except (NameError, AssertionError, ValueError) as exc:  # submitit's ways of refusing a parameter
             raise ConfigError(f"launcher: submitit refused the job parameters ({_exception_line(exc)})") from exc
+        threads = settings.threads if settings.threads is not None else settings.cpus_per_task
+        if threads is None and cluster == "local":  # every local job runs at once: share the cores
+            threads = max(1, (os.cpu_count() or 1) // len(specs))
         try:
-            return executor.map_array(RequeueableJob(job_fn, settings.job_threads(cluster, len(specs))), specs)
+            return executor.map_array(RequeueableJob(job_fn, threads), specs)
         except Exception as exc:  # submitit's FailedJobError / FailedSubmissionError / CalledProcessError
             raise ConfigError(sbatch_refusal(str(exc))) from None
     except BaseException:
