@@ -163,7 +163,7 @@ def _job_main(job_fn: JobFn, spec: dict, env: dict, threads: int, log_path: str)
         traceback.print_exc()
         sys.stdout.flush()
         sys.stderr.flush()
-        code = exc.code if isinstance(exc, SystemExit) else 1
+        code = exc.code if isinstance(exc, SystemExit) else 1  # sys.exit(code)'s status; 1 when stopped
         os._exit(0 if code is None else code & 0xFF if isinstance(code, int) else 1)
 
 
@@ -264,6 +264,7 @@ class _LocalJob:
 
 def _start_job(index: int, spec: dict, log_path: Path, run: partial, base_context, gpu: int | None) -> _LocalJob:
     context = _WorkerContext(base_context)
+    # its worker is no daemon (Python >= 3.9), so a job may start processes of its own (DataLoader workers)
     pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
     started = time.perf_counter()
     env = {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}
