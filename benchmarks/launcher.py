@@ -14,9 +14,8 @@ requeue after a Slurm pre-emption or time-out simply "call it again with the sam
 
 Local jobs run in concurrent.futures process pools, one per job, whose workers come from a fork server
 (multiprocessing's "forkserver" start method) that has imported the heavy modules (torch, Lightning, the
-job's module) once, so a job costs a fork, not a fresh interpreter importing torch (measured on 2 busy
-cores: ~0.13 s per job after a one-off 6-11 s fork-server start, instead of 8-10 s per job; see
-`launch_local`). As with any multiprocessing start method but "fork", a script that calls `launch_local`
+job's module) once, so a job costs a fork, not a fresh interpreter importing torch (measured on 2 cores:
+0.06-0.08 s per job after a one-off ~4 s fork-server start, instead of ~4 s per job; see `launch_local`). As with any multiprocessing start method but "fork", a script that calls `launch_local`
 must guard its top level with `if __name__ == "__main__":`.
 """
 
@@ -288,11 +287,12 @@ def launch_local(job_fn: JobFn, specs: Sequence[dict], jobs: int, log_dir: str |
       the reason and its log; the others go on. Ctrl+C (KeyboardInterrupt) stops every running job
       (SIGTERM, then SIGKILL after 10 s) and is raised again.
     - `preload`: modules the fork server imports once (default: torch, torchvision, Lightning and
-      job_fn's module), so a job starts as a cheap fork. Measured on 2 cores shared with other work (no-op
-      job in a module that imports torch + Lightning, 8 jobs one at a time, 9 runs): 0.06-0.27 s per job,
-      median 0.13 s (the earlier Process-and-Pipe launcher, runs interleaved: 0.06-0.18 s, median 0.12 s),
-      after a one-off 5.8-10.8 s while the fork server imports; 8.2-10 s per job with preload=[] (each job
-      imports them itself). So ~30 short jobs cost ~10 s of start-up instead of ~4 minutes.
+      job_fn's module), so a job starts as a cheap fork. Measured on 2 cores (no-op job in a module that
+      imports torch + Lightning, 8 jobs one at a time, runs interleaved with the earlier Process-and-Pipe
+      launcher): 0.06-0.08 s per job (that launcher: 0.05-0.08 s) after a one-off 3.6-4.0 s while the fork
+      server imports; 3.9-4.3 s per job with preload=[] (each job imports them itself). On the same cores
+      busy with other work (load ~8): 0.06-0.27 s per job, median 0.13 s (that launcher: median 0.12 s),
+      8-10 s with preload=[]. So ~30 short jobs cost ~6 s of start-up instead of ~2 minutes.
     - `progress`: called with one line per finished job ("[3/33] digits/simclr/seed0 finished in
       12.3 s"); default: the "benchmarks.launcher" logger at INFO.
     """
