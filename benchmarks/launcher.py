@@ -12,18 +12,17 @@ reference); a spec is a plain dict with at least a unique "key" (e.g. "digits/si
 that is run again must resume from its own epoch checkpoint (run_one does): that is what makes a
 requeue after a Slurm pre-emption or time-out simply "call it again with the same spec".
 
-Local jobs start from a fork server (multiprocessing's "forkserver" start method) that has imported
-the heavy modules (torch, Lightning, the job's module) once, so a job costs a fork, not a fresh
-interpreter importing torch (measured on 2 cores: 0.05-0.07 s per job after a one-off ~6 s fork-server
-start, instead of 5.5-6.5 s per job; see `launch_local`). As with any multiprocessing start method but
-"fork", a script that calls `launch_local` must guard its top level with `if __name__ == "__main__":`.
+Local jobs run in concurrent.futures process pools, one per job, whose workers come from a fork server
+(multiprocessing's "forkserver" start method) that has imported the heavy modules (torch, Lightning, the
+job's module) once, so a job costs a fork, not a fresh interpreter importing torch (measured on 2 cores:
+0.06-0.08 s per job after a one-off ~4 s fork-server start, instead of ~4 s per job; see `launch_local`). As with any multiprocessing start method but "fork", a script that calls `launch_local`
+must guard its top level with `if __name__ == "__main__":`.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
-import multiprocessing.connection
 import os
 import re
 import shutil
@@ -33,8 +32,12 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -135,8 +138,9 @@ def limit_threads(threads: int | None) -> None:
 
 # ----------------------------------------------------------------------------- local jobs
 
-def _job_main(job_fn: JobFn, spec: dict, env: dict, threads: int, log_path: str, conn) -> None:
-    """Body of one job process: log to its file, set threads and GPU, run, send the result back."""
+def _job_main(job_fn: JobFn, spec: dict, env: dict, threads: int, log_path: str) -> tuple[str, object]:
+    """Body of one job, in its pool's one worker process: log to its file, set threads and GPU, run.
+    Returns ("ok", result) or ("error", the exception's line); sys.exit() and Ctrl+C end the process."""
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)  # fd level, so C libraries' and child processes' output lands in the log too
     os.dup2(fd, 2)
@@ -145,26 +149,25 @@ def _job_main(job_fn: JobFn, spec: dict, env: dict, threads: int, log_path: str,
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
     os.environ.update(env)
     limit_threads(threads)
-
-    def _terminated(signum, frame):  # the parent stops us (Ctrl+C): unwind, so the job's finally blocks run
-        raise KeyboardInterrupt(f"stopped by the launcher ({signal.Signals(signum).name})")
-
     signal.signal(signal.SIGTERM, _terminated)
     print(f"== job {spec['key']} (pid {os.getpid()}, {threads} thread(s)"
           + (f", CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in env else "")
           + ")", flush=True)
     try:
-        result = job_fn(spec)
+        return "ok", job_fn(spec)
     except Exception as exc:
         traceback.print_exc()
-        conn.send(("error", _exception_line(exc)))
-        sys.exit(1)
-    try:
-        conn.send(("ok", result))
-    except Exception as exc:  # e.g. a result that cannot be pickled
+        return "error", _exception_line(exc)
+    except BaseException as exc:  # the pool's worker would catch these and live on: end it as a process would
         traceback.print_exc()
-        conn.send(("error", f"the job's result cannot be sent back ({_exception_line(exc)})"))
-        sys.exit(1)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        code = exc.code if isinstance(exc, SystemExit) else 1  # sys.exit(code)'s status; 1 when stopped
+        os._exit(0 if code is None else code & 0xFF if isinstance(code, int) else 1)
+
+
+def _terminated(signum, frame):  # the launcher stops us (Ctrl+C): unwind, so the job's finally blocks run
+    raise KeyboardInterrupt(f"stopped by the launcher ({signal.Signals(signum).name})")
 
 
 def _exception_line(exc: BaseException) -> str:
@@ -183,17 +186,6 @@ def _exit_reason(exitcode: int | None) -> str:
     return f"exited with status {exitcode}"
 
 
-@dataclass
-class _Running:
-    index: int
-    process: multiprocessing.process.BaseProcess
-    conn: multiprocessing.connection.Connection
-    started: float
-    gpu: int | None
-    message: tuple | None = None
-    conn_open: bool = True
-
-
 def _mp_context(preload: Sequence[str]):
     if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows
         return multiprocessing.get_context("spawn")
@@ -203,12 +195,89 @@ def _mp_context(preload: Sequence[str]):
     return ctx
 
 
+class _WorkerContext:
+    """The shared multiprocessing context (fork server), keeping the processes it starts for one job's pool:
+    ProcessPoolExecutor has no public handle on its workers, and the launcher needs the exit status of a worker
+    that died (a signal, os._exit) and to stop the worker on Ctrl+C."""
+
+    def __init__(self, base):
+        self.base = base
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+
+    def Process(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+        self.processes.append(self.base.Process(*args, **kwargs))
+        return self.processes[-1]
+
+    def __getattr__(self, name):  # queues, locks, the start method: the shared context's
+        return getattr(self.base, name)
+
+
+class _GpuTurns:
+    """The GPU a starting job sees: the free one that is next in turn, else the least busy (None: no GPUs)."""
+
+    def __init__(self, gpus: Sequence[int] | None):
+        self.load = {int(g): 0 for g in gpus or ()}
+        self.turn = 0
+
+    def take(self) -> int | None:
+        if not self.load:
+            return None
+        ids = list(self.load)
+        gpu = min(ids[self.turn:] + ids[:self.turn], key=self.load.__getitem__)
+        self.load[gpu] += 1
+        self.turn = (ids.index(gpu) + 1) % len(ids)
+        return gpu
+
+    def give_back(self, gpu: int | None) -> None:
+        if gpu is not None:
+            self.load[gpu] -= 1
+
+
+@dataclass
+class _LocalJob:
+    """A running local job: a pool of its own with one worker, so a worker that dies breaks no other job's pool."""
+
+    index: int
+    gpu: int | None
+    context: _WorkerContext
+    pool: ProcessPoolExecutor
+    future: Future
+    started: float
+
+    def result(self, key: str, log_path: Path) -> JobResult:
+        """The finished job's JobResult; shuts its pool down first (joining the worker: its exit status is known)."""
+        try:
+            kind, payload = self.future.result()
+        except BrokenProcessPool as exc:  # the worker died (its exit status says how), or its result was unreadable
+            kind, payload = "error", "the job's result cannot be read back" if exc.__cause__ else None
+        except Exception as exc:  # the spec could not be pickled to the worker, or the result back
+            kind, payload = "error", f"the job's spec or result cannot be pickled ({_exception_line(exc)})"
+        self.pool.shutdown(wait=True)
+        seconds = time.perf_counter() - self.started
+        exitcode = self.context.processes[0].exitcode if self.context.processes else None
+        if kind == "ok":  # a crash while the worker shuts down does not undo a result already sent
+            note = None if exitcode in (0, None) else f"{_exit_reason(exitcode)} after its result"
+            return JobResult(key, "completed", payload, seconds, log_path, note)
+        return JobResult(key, "failed", None, seconds, log_path, payload or _exit_reason(exitcode))
+
+
+def _start_job(index: int, spec: dict, log_path: Path, run: partial, base_context, gpu: int | None) -> _LocalJob:
+    context = _WorkerContext(base_context)
+    # its worker is no daemon (Python >= 3.9), so a job may start processes of its own (DataLoader workers)
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=context)
+    started = time.perf_counter()
+    env = {"CUDA_VISIBLE_DEVICES": str(gpu)} if gpu is not None else {}
+    return _LocalJob(index, gpu, context, pool, pool.submit(run, spec, env, log_path=str(log_path)), started)
+
+
 def launch_local(job_fn: JobFn, specs: Sequence[dict], jobs: int, log_dir: str | Path,
                  cpus: int | None = None, gpus: Sequence[int] | None = None,
                  preload: Sequence[str] | None = None,
                  progress: Progress | None = None) -> list[JobResult]:
     """Run `job_fn(spec)` for every spec, `jobs` at a time, each in its own process. Results in spec order.
 
+    - Processes: each job gets a concurrent.futures ProcessPoolExecutor of its own with one worker, forked by
+      the fork server all jobs share; a worker that dies breaks only its own job's pool.
     - Threads: each job gets max(1, cpus // concurrent jobs) CPU threads (torch.set_num_threads and
       OMP/MKL_NUM_THREADS); `cpus` defaults to os.cpu_count(); concurrent = min(jobs, len(specs)).
     - GPUs: with `gpus`, each job sees one (CUDA_VISIBLE_DEVICES), the free one that is next in turn
@@ -219,9 +288,11 @@ def launch_local(job_fn: JobFn, specs: Sequence[dict], jobs: int, log_dir: str |
       (SIGTERM, then SIGKILL after 10 s) and is raised again.
     - `preload`: modules the fork server imports once (default: torch, torchvision, Lightning and
       job_fn's module), so a job starts as a cheap fork. Measured on 2 cores (no-op job in a module that
-      imports torch + Lightning, 8 jobs one at a time): 0.05-0.07 s per job with the default preload,
-      after a one-off 5.7-7.3 s while the fork server imports; 5.5-6.5 s per job with preload=[]
-      (each job imports them itself). So ~30 short jobs cost ~8 s of start-up instead of ~3 minutes.
+      imports torch + Lightning, 8 jobs one at a time, runs interleaved with the earlier Process-and-Pipe
+      launcher): 0.06-0.08 s per job (that launcher: 0.05-0.08 s) after a one-off 3.6-4.0 s while the fork
+      server imports; 3.9-4.3 s per job with preload=[] (each job imports them itself). On the same cores
+      busy with other work (load ~8): 0.06-0.27 s per job, median 0.13 s (that launcher: median 0.12 s),
+      8-10 s with preload=[]. So ~30 short jobs cost ~6 s of start-up instead of ~2 minutes.
     - `progress`: called with one line per finished job ("[3/33] digits/simclr/seed0 finished in
       12.3 s"); default: the "benchmarks.launcher" logger at INFO.
     """
@@ -231,111 +302,62 @@ def launch_local(job_fn: JobFn, specs: Sequence[dict], jobs: int, log_dir: str |
     if gpus is not None and not gpus:
         raise ConfigError("launcher: an empty GPU list was given; list the GPU ids to use, or none for CPU "
                           "jobs")
-    say = progress or log.info
-    log_dir = Path(log_dir)
-    try:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"{log_dir}: cannot create the job log folder ({exc.strerror}); choose another "
-                           "folder or fix its permissions") from exc
+    _make_log_dir(Path(log_dir))
     if not specs:
         return []
-    concurrent = min(jobs, len(specs))
-    threads = max(1, (cpus or os.cpu_count() or 1) // concurrent)
-    if preload is None:
-        preload = (*DEFAULT_PRELOAD, job_fn.__module__)
-    ctx = _mp_context(preload)
-    log_paths = [log_dir / name for name in log_names([s["key"] for s in specs])]
-    gpu_load = {int(g): 0 for g in gpus} if gpus is not None else None
-    gpu_turn = 0
+    threads = max(1, (cpus or os.cpu_count() or 1) // min(jobs, len(specs)))
+    base_context = _mp_context((*DEFAULT_PRELOAD, job_fn.__module__) if preload is None else preload)
+    run, gpu_turns = partial(_job_main, job_fn, threads=threads), _GpuTurns(gpus)
+    log_paths = [Path(log_dir) / name for name in log_names([s["key"] for s in specs])]
     results: list[JobResult | None] = [None] * len(specs)
-    running: dict[int, _Running] = {}
-    waiting = list(range(len(specs)))[::-1]  # a stack: pop() gives the next spec in order
-    finished = 0
-
-    def start(index: int) -> None:
-        nonlocal gpu_turn
-        env, gpu = {}, None
-        if gpu_load is not None:
-            ids = list(gpu_load)
-            order = ids[gpu_turn:] + ids[:gpu_turn]
-            gpu = min(order, key=lambda g: gpu_load[g])  # the first free one in turn; else the least busy
-            gpu_load[gpu] += 1
-            gpu_turn = (ids.index(gpu) + 1) % len(ids)
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
-        recv_end, send_end = ctx.Pipe(duplex=False)
-        # not a daemon: a job may start processes of its own (DataLoader workers), which daemons cannot
-        process = ctx.Process(target=_job_main, name=f"job-{specs[index]['key']}", daemon=False,
-                              args=(job_fn, specs[index], env, threads, str(log_paths[index]), send_end))
-        started = time.perf_counter()
-        process.start()
-        send_end.close()  # the child holds the only write end now: EOF here means it is gone
-        running[process.sentinel] = _Running(index, process, recv_end, started, gpu)
-
-    def finish(job: _Running) -> None:
-        nonlocal finished
-        job.process.join()
-        if job.conn_open and job.message is None and job.conn.poll(0):
-            _receive(job)
-        job.conn.close()
-        if gpu_load is not None:
-            gpu_load[job.gpu] -= 1
-        seconds = time.perf_counter() - job.started
-        spec = specs[job.index]
-        exitcode, log_path = job.process.exitcode, log_paths[job.index]
-        kind, payload = job.message or ("error", _exit_reason(exitcode))
-        if kind == "ok":  # a crash while the interpreter shuts down does not undo a result already sent
-            note = None if exitcode == 0 else f"{_exit_reason(exitcode)} after its result"
-            results[job.index] = JobResult(spec["key"], "completed", payload, seconds, log_path, note)
-        else:
-            results[job.index] = JobResult(spec["key"], "failed", None, seconds, log_path, payload)
-        finished += 1
-        r = results[job.index]
-        if r.ok:
-            say(f"[{finished}/{len(specs)}] {r.key} finished in {seconds:.1f} s")
-        else:
-            say(f"[{finished}/{len(specs)}] {r.key} FAILED after {seconds:.1f} s: {r.reason} "
-                f"(log: {r.log_path})")
-
+    running: dict[Future, _LocalJob] = {}
+    waiting = deque(range(len(specs)))
     try:
         while waiting or running:
             while waiting and len(running) < jobs:
-                start(waiting.pop())
-            conns = {job.conn: job for job in running.values() if job.conn_open and job.message is None}
-            ready = multiprocessing.connection.wait([*conns, *running])
-            for obj in ready:  # read results first: a large result blocks the child until it is read
-                if obj in conns:
-                    _receive(conns[obj])
-            for obj in ready:
-                if obj in running:
-                    finish(running.pop(obj))
+                i = waiting.popleft()
+                job = _start_job(i, specs[i], log_paths[i], run, base_context, gpu_turns.take())
+                running[job.future] = job
+            for job in sorted((running.pop(f) for f in wait(running, return_when=FIRST_COMPLETED).done),
+                              key=lambda job: job.index):
+                results[job.index] = job.result(specs[job.index]["key"], log_paths[job.index])
+                gpu_turns.give_back(job.gpu)
+                finished = sum(result is not None for result in results)
+                (progress or log.info)(_progress_line(results[job.index], finished, len(specs)))
     except BaseException:
         _stop_all(list(running.values()))
         raise
     return results  # type: ignore[return-value]
 
 
-def _receive(job: _Running) -> None:
+def _make_log_dir(log_dir: Path) -> None:
     try:
-        job.message = job.conn.recv()
-    except (EOFError, OSError):
-        job.conn_open = False
-    except Exception as exc:  # a result the parent cannot unpickle
-        job.message = ("error", f"the job's result cannot be read back ({_exception_line(exc)})")
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"{log_dir}: cannot create the job log folder ({exc.strerror}); choose another "
+                           "folder or fix its permissions") from exc
 
 
-def _stop_all(jobs: list[_Running]) -> None:
-    """SIGTERM every running job, give them TERMINATE_GRACE_S to unwind, then SIGKILL."""
-    for job in jobs:
-        if job.process.is_alive():
-            job.process.terminate()
+def _progress_line(r: JobResult, finished: int, total: int) -> str:
+    if r.ok:
+        return f"[{finished}/{total}] {r.key} finished in {r.seconds:.1f} s"
+    return f"[{finished}/{total}] {r.key} FAILED after {r.seconds:.1f} s: {r.reason} (log: {r.log_path})"
+
+
+def _stop_all(jobs: list[_LocalJob]) -> None:
+    """SIGTERM every running job, give them TERMINATE_GRACE_S to unwind, then SIGKILL; then close their pools."""
+    processes = [process for job in jobs for process in job.context.processes]
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
     deadline = time.monotonic() + TERMINATE_GRACE_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+            process.join(5)
     for job in jobs:
-        job.process.join(max(0.0, deadline - time.monotonic()))
-        if job.process.is_alive():
-            job.process.kill()
-            job.process.join(5)
-        job.conn.close()
+        job.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------- submitit (Slurm)
@@ -413,24 +435,50 @@ def sbatch_refusal(message: str) -> str:
     return f"--launcher slurm: sbatch refused the job array ({said[:400]}); change {flag}"
 
 
+@dataclass(frozen=True)
+class ArraySettings:
+    """submit_array's settings (what `--slurm-*` / launcher.slurm give), each mapped onto submitit's parameter
+    (time_min -> timeout_min; partition, account, array_parallelism, signal_delay_s -> slurm_<name>). `extra`:
+    further `executor.update_parameters` keywords, passed as they are (e.g. {"slurm_qos": "high",
+    "slurm_constraint": "a100", "slurm_additional_parameters": {...}}). `threads`: CPU threads of each job
+    (default: cpus_per_task)."""
+
+    partition: str | None = None
+    time_min: int = 60
+    gpus_per_node: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    account: str | None = None
+    array_parallelism: int | None = None
+    name: str = "ssl-bench"
+    max_requeues: int = 100
+    signal_delay_s: int | None = None
+    threads: int | None = None
+    extra: dict | None = None
+
+    def executor_parameters(self, cluster: str) -> dict:
+        """submitit's `update_parameters` keywords: the ones set, and no slurm_* ones off SLURM."""
+        # no GPU: no --gpus-per-node line at all (a cluster without GPUs may refuse any gres request, even of 0)
+        params = {"name": self.name, "timeout_min": int(self.time_min), "gpus_per_node": self.gpus_per_node or None,
+                  "cpus_per_task": self.cpus_per_task, "mem_gb": self.mem_gb, "slurm_partition": self.partition,
+                  "slurm_account": self.account, "slurm_array_parallelism": self.array_parallelism,
+                  "slurm_signal_delay_s": self.signal_delay_s}
+        params = {k: v for k, v in params.items() if v is not None}
+        if cluster != "slurm":
+            params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        return {**params, **(self.extra or {})}
+
+
 def submit_array(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
-                 cluster: Literal["local", "slurm", "debug"] = "slurm", *, partition: str | None = None,
-                 time_min: int = 60, gpus_per_node: int | None = None, cpus_per_task: int | None = None,
-                 mem_gb: float | None = None, account: str | None = None,
-                 array_parallelism: int | None = None, name: str = "ssl-bench", max_requeues: int = 100,
-                 signal_delay_s: int | None = None, threads: int | None = None,
-                 extra: dict | None = None) -> list:
+                 cluster: Literal["local", "slurm", "debug"] = "slurm",
+                 settings: ArraySettings | None = None) -> list:
     """Submit every spec as one submitit job array (no waiting); returns the submitit jobs in spec order.
 
-    The options map onto submitit's (timeout_min, gpus_per_node, cpus_per_task, mem_gb,
-    slurm_partition, slurm_account, slurm_array_parallelism, slurm_signal_delay_s); `extra` holds further
-    `executor.update_parameters` keywords, passed as they are (e.g. {"slurm_qos": "high",
-    "slurm_constraint": "a100", "slurm_additional_parameters": {...}}). submitit asks SLURM for a
-    USR2 signal `signal_delay_s` (default 90) s before the time limit and on pre-emption; RequeueableJob
-    then requeues the job, at most `max_requeues` times. A refusal by sbatch (or a submitit failure) raises
-    ConfigError with sbatch's message and the flag to change, and leaves no file of the submission behind
-    (every submission gets a folder of its own under `folder`, removed when the submission fails).
-    `threads`: CPU threads of each job (default: cpus_per_task).
+    submitit asks SLURM for a USR2 signal `settings.signal_delay_s` (default 90) s before the time limit and on
+    pre-emption; RequeueableJob then requeues the job, at most `settings.max_requeues` times. A refusal by
+    sbatch (or a submitit failure) raises ConfigError with sbatch's message and the flag to change, and leaves
+    no file of the submission behind (every submission gets a folder of its own under `folder`, removed when
+    the submission fails).
     """
     specs = _check_specs(specs)
     if submitit is None:
@@ -443,6 +491,7 @@ def submit_array(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
                           "login node, or use --launcher local")
     if not specs:
         return []
+    settings = settings or ArraySettings()
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -452,21 +501,12 @@ def submit_array(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
                            "--work-dir") from exc
     try:
         executor = submitit.AutoExecutor(folder=str(submission / "%j"), cluster=cluster,
-                                         slurm_max_num_timeout=max_requeues)
-        # no GPU: no --gpus-per-node line at all (a cluster without GPUs may refuse any gres request, even of 0)
-        params = {"name": name, "timeout_min": int(time_min), "gpus_per_node": gpus_per_node or None,
-                  "cpus_per_task": cpus_per_task, "mem_gb": mem_gb, "slurm_partition": partition,
-                  "slurm_account": account, "slurm_array_parallelism": array_parallelism,
-                  "slurm_signal_delay_s": signal_delay_s}
-        params = {k: v for k, v in params.items() if v is not None}
-        if cluster != "slurm":
-            params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+                                         slurm_max_num_timeout=settings.max_requeues)
         try:
-            executor.update_parameters(**params, **(extra or {}))
+            executor.update_parameters(**settings.executor_parameters(cluster))
         except (NameError, AssertionError, ValueError) as exc:  # submitit's ways of refusing a parameter
             raise ConfigError(f"launcher: submitit refused the job parameters ({_exception_line(exc)})") from exc
-        if threads is None:
-            threads = cpus_per_task
+        threads = settings.threads if settings.threads is not None else settings.cpus_per_task
         if threads is None and cluster == "local":  # every local job runs at once: share the cores
             threads = max(1, (os.cpu_count() or 1) // len(specs))
         try:
@@ -611,7 +651,8 @@ def watch_slurm_jobs(jobs: list, specs: Sequence[dict], poll_s: float, say: Prog
 def launch_submitit(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
                     cluster: Literal["local", "slurm", "debug"] = "slurm", *, poll_s: float = 10.0,
                     progress: Progress | None = None, stream=None, **options) -> list[JobResult]:
-    """Submit every spec as one job array (submit_array, same options), wait for all, results in spec order.
+    """Submit every spec as one job array (submit_array; `options` are ArraySettings' fields), wait for all,
+    results in spec order.
 
     cluster: "slurm" (sbatch), "local" (submitit's LocalExecutor: every job at once on this machine,
     mainly to try the path; `launch_local` limits concurrency) or "debug" (in this process, one after
@@ -624,10 +665,11 @@ def launch_submitit(job_fn: JobFn, specs: Sequence[dict], folder: str | Path,
     specs = _check_specs(specs)
     say = progress or log.info
     submitted = time.perf_counter()
-    jobs = submit_array(job_fn, specs, folder, cluster, **options)
+    settings = ArraySettings(**options)
+    jobs = submit_array(job_fn, specs, folder, cluster, settings)
     if cluster == "slurm" and jobs:
         array_id = str(jobs[0].job_id).split("_")[0]
-        at_once = min(len(specs), options.get("array_parallelism") or 256)
+        at_once = min(len(specs), settings.array_parallelism or 256)
         say(f"submitted SLURM job array {array_id} ({len(specs)} jobs, at most {at_once} at a time as SLURM "
             f"schedules them); logs: {Path(jobs[0].paths.stdout).parent.parent}/<job id>/; cancel with "
             f"`scancel {array_id}`")

@@ -31,7 +31,7 @@ def toy_job(spec: dict) -> dict:
 
 
 def failing_job(spec: dict) -> dict:
-    """toy_job, except for specs that ask to fail: raise, SIGKILL itself, or wait to be stopped."""
+    """toy_job, except for specs that ask to fail: raise, SIGKILL itself, exit, or wait to be stopped."""
     mode = spec.get("fail")
     if mode == "raise":
         print("about to fail", flush=True)
@@ -41,6 +41,8 @@ def failing_job(spec: dict) -> dict:
         os.kill(os.getpid(), signal.SIGKILL)
     if mode == "exit":
         sys.exit(3)
+    if mode == "os_exit":  # no Python unwinding: the process is simply gone
+        os._exit(4)
     if mode == "hang":
         with open(spec["pid_file"], "w") as f:
             f.write(str(os.getpid()))

@@ -14,6 +14,7 @@ import pytest
 
 from benchmarks.errors import ConfigError
 from benchmarks.launcher import (
+    ArraySettings,
     RequeueableJob,
     launch_local,
     launch_submitit,
@@ -87,6 +88,21 @@ def test_failed_jobs_are_reported_with_their_logs_and_the_others_complete(tmp_pa
     assert f"f/kill: killed by SIGKILL (log: {by_key['f/kill'].log_path})" in text
     assert "f/ok1" not in text
     assert sum("FAILED" in line for line in lines) == 3
+
+
+def test_a_worker_that_dies_fails_only_its_own_job_while_another_runs_on(tmp_path):
+    """Each job has a process pool of its own: a SIGKILLed or os._exit-ed worker breaks that one (a pool shared
+    by all jobs would break for every job), the job running beside it completes, and the waiting jobs start."""
+    specs = [{"key": "d/slow", "sleep": 5.0, "timing": True}, {"key": "d/kill", "fail": "sigkill"},
+             {"key": "d/os_exit", "fail": "os_exit"}, {"key": "d/after", "x": 4, "timing": True}]
+    results, lines = run_local(launcher_jobs.failing_job, specs, tmp_path, jobs=2)
+    slow, kill, os_exit, after = results
+    assert [r.status for r in results] == ["completed", "failed", "failed", "completed"], [r.reason for r in results]
+    assert kill.reason == "killed by SIGKILL" and os_exit.reason == "exited with status 4"
+    assert after.result == {"key": "d/after", "square": 16, "pid": after.result["pid"],
+                            "started": after.result["started"], "ended": after.result["ended"]}
+    assert after.result["ended"] < slow.result["ended"], "the slow job did not run beside the ones that died"
+    assert lines[-1].startswith("[4/4] d/slow finished in")
 
 
 def test_ctrl_c_stops_the_running_jobs_and_is_raised_again(tmp_path):
@@ -173,10 +189,9 @@ def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
     _fake_slurm(tmp_path, monkeypatch, FAKE_SBATCH)
     monkeypatch.setenv("FAKE_SBATCH_SCRIPT", str(tmp_path / "submitted.sh"))
     specs = [{"key": f"cifar10/simclr/seed{i}"} for i in range(4)]
-    jobs = submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm", partition="gpu",
-                        time_min=90, gpus_per_node=1, cpus_per_task=8, mem_gb=32, account="lab",
-                        array_parallelism=2,
-                        extra={"slurm_qos": "high"})
+    settings = ArraySettings(partition="gpu", time_min=90, gpus_per_node=1, cpus_per_task=8, mem_gb=32,
+                             account="lab", array_parallelism=2, extra={"slurm_qos": "high"})
+    jobs = submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm", settings)
     assert [job.job_id for job in jobs] == [f"4242_{i}" for i in range(4)]
     script = (tmp_path / "submitted.sh").read_text()
     for line in ("--array=0-3%2", "--partition=gpu", "--time=90", "--gpus-per-node=1", "--cpus-per-task=8",
@@ -184,7 +199,7 @@ def test_slurm_options_reach_the_sbatch_script(tmp_path, monkeypatch):
         assert f"#SBATCH {line}\n" in script, line
     with pytest.raises(ConfigError, match="submitit refused the job parameters"):
         submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm",
-                     extra={"slurm_qqos": "high"})
+                     ArraySettings(extra={"slurm_qqos": "high"}))
     monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
     with pytest.raises(ConfigError, match="--launcher slurm: no Slurm here"):
         submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm")
@@ -201,7 +216,7 @@ def test_a_refusing_sbatch_gives_one_line_naming_the_flag_and_leaves_nothing(tmp
     _fake_slurm(tmp_path, monkeypatch, REFUSING_SBATCH)
     specs = [{"key": f"digits/simclr/seed{i}"} for i in range(2)]
     with pytest.raises(ConfigError) as caught:
-        submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm", gpus_per_node=1)
+        submit_array(launcher_jobs.toy_job, specs, tmp_path / "submitit", "slurm", ArraySettings(gpus_per_node=1))
     message = str(caught.value)
     assert "\n" not in message
     assert "sbatch: error: Invalid generic resource (gres) specification" in message and "--slurm-gpus" in message
