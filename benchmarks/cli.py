@@ -205,8 +205,10 @@ def cmd_run(args) -> int:
 
 
 def run_summary(record: dict) -> str:
-    knn = record["metrics"].get("knn_k20", {}).get("top1")
-    nmi = record["metrics"].get("clustering", {}).get("NMI")
+    from benchmarks.records import metric_value
+
+    knn = metric_value(record, "knn", "top1", k=20)
+    nmi = metric_value(record, "clustering", "NMI")
     summary = f"status {record['status']}"
     if knn is not None:
         summary += f", kNN(k=20) top-1 {knn:.1f}%"

@@ -144,7 +144,8 @@ def _evaluate(args, payload: dict) -> int:
     out_path = record_path(args.out, suite, method_name, epochs, seed, run_fp)
     existing = read_record(out_path) if out_path.exists() else None
     if existing is not None and not args.force:
-        held = sorted(k for k in existing["metrics"] if protocol_of(k, existing["evaluation"]) in protocols)
+        held = sorted({e["key"] for e in existing["metrics"] if protocol_of(e["key"], existing["evaluation"])
+                       in protocols})
         if held:
             raise RecordExistsError(f"{out_path} already holds {', '.join(held)}; pass --force to replace them")
 
@@ -171,7 +172,7 @@ def _evaluate(args, payload: dict) -> int:
     base = existing or source
     if base is not None:
         if existing is None:  # other evaluation settings: a record of its own, with this evaluation only
-            base = {**copy.deepcopy(source), "metrics": {}, "evaluation": {}, "clusters": {}, "predictions": None,
+            base = {**copy.deepcopy(source), "metrics": [], "evaluation": {}, "clusters": {}, "predictions": None,
                     "provenance": {"pretraining": copy.deepcopy(source.get("provenance", {}).get("pretraining", {})),
                                    "evaluations": []}}
         record, predictions = merge_evaluation(base, out_path if existing is not None else None, result, protocols,

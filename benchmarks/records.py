@@ -1,58 +1,11 @@
 """Run records: one JSON file per run (suite, method or variant, epochs, seed, settings fingerprint),
 written atomically, with its per-test-image predictions in a compact file beside it.
 
-Schema (version 2) -- every key is required unless marked optional:
-
-    schema_version: 2
-    status: "completed" | "diverged" | "failed"
-    suite: str                # suite name, e.g. "digits", "cifar10"
-    dataset: str              # display name, e.g. "CIFAR-10" (matches paper_results.csv)
-    method: str               # method or named variant: "simclr", "self_classifier/reimpl"
-    method_base: str          # its registry name: "self_classifier"
-    variant: str | null       # "reimpl"
-    method_display: str       # name used in tables, e.g. "Self-Classifier (reimpl)"
-    paper_reference: str | null  # the paper (first column of paper_results.csv) this method/variant follows
-    is_reference: bool        # random-init / supervised rows, kept apart in tables
-    seed: int
-    epochs: int               # pretraining epochs (the last stage's, for methods with several stages)
-    backbone: str             # registry name, e.g. "resnet18_cifar", "small_cnn", "nin"
-    batch_size: int
-    fingerprints: {training, settings, evaluation, run}
-        # 12 hex digits each (benchmarks.config.fingerprint of the canonical dumps): training = everything
-        # that decides the trained weights, seed included (names the checkpoint folder); settings = the
-        # same without the seed (one row of a table: the same experiment over seeds); evaluation = the
-        # evaluation section; run = training + evaluation (part of the file name)
-    config: dict              # the canonical dump of the resolved suite config
-    method_config: dict       # the resolved settings of the method (hparams, optimizer, views, budget)
-    metrics: {protocol key: {metric: float}}
-        # percent, as in the papers' tables; AMI/ARI may be negative (worse than chance): [-100, 100].
-        # Keys: knn_k<k>, linear, online_linear, semi_<p>pct / semi_<n>perclass, finetune_100pct,
-        # transfer_linear:<Dataset> -> top1/top5; clustering (FAISS k-means, K = classes) -> NMI/AMI/ARI/ACC;
-        # clustering_head_k<K> (a method's head) -> NMI/AMI/ARI + ACC (K = classes) or ACC_M2O (many-to-one,
-        # K != classes); per block: knn_k20_B<i>, linear_B<i>, knn_k10_B<i>, block_classifier_B<i> (+ _avg)
-    evaluation: {protocol key: {...parameters used..., protocol: str, settings: dict}}
-        # `settings`: the protocol's settings (what a table column must agree on)
-    clusters: {clustering key: {num_clusters, num_nonempty, num_classes, source: kmeans|head, acc}}
-    predictions: {file, sha256, format} | null
-        # the per-test-image predictions (numpy .npz beside the record, see write_predictions)
-    history: [{epoch: int, loss: float, online_knn_top1?: float, stage?: int, ...}]  # per-epoch curve
-    provenance: {pretraining: {...}, evaluations: [{command, protocols, git_commit, versions, device, created}]}
-    versions: {package: version}
-    git_commit: str | null
-    device: str
-    cpu: str | null           # processor model: CPU results are bitwise reproducible on the same model only
-                              # (and thread count: config.train.threads, provenance.*.threads)
-    wall_time_s: float        # every attempt's time (SLURM requeues, resumes after a kill): `run` records
-    attempts: int             # optional (runs since issue 20): processes that worked on the run
-    devices: int              # optional: DDP ranks of the training run (1 without DDP)
-    global_batch_size: int    # optional: batch_size x devices
-    throughput_images_per_s: float | null
-    peak_memory_mb: float | null
-    checkpoint: str | null    # path of the final model checkpoint
-    created: str              # ISO-8601 UTC
-    message: str | null       # optional; required (non-empty) when status is diverged/failed
-    checksum: str             # SHA-256 of the record without this key (canonical JSON); it covers the
-                              # predictions through predictions.sha256, so an edited copy is refused
+The schema (version 3) is the pydantic model `RunRecord` below; its fields' comments are the documentation.
+Metrics are typed entries (`MetricEntry`): the protocol, that protocol's settings, the metric and the value, so
+nothing downstream decodes string keys. Records of schema 2 (metrics as `{key: {metric: value}}`, provenance
+also at the top level) are still read: `read_record` verifies them as written and converts them on load
+(`upgrade_record`); the key suffixes are read in that one converter (`metric_entries`) and nowhere else.
 """
 
 from __future__ import annotations
@@ -63,55 +16,133 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from benchmarks.errors import BenchmarkError, RecordError, RecordExistsError, StorageError, first_line
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (2, 3)  # 2 is converted on load
 STATUSES = ("completed", "diverged", "failed")
 PREDICTIONS_FORMAT = "ssl-bench-predictions/1"
 PREDICTIONS_SUFFIX = ".predictions.npz"
 FINGERPRINTS = ("training", "settings", "evaluation", "run")
+METRICS = ("top1", "top5", "NMI", "AMI", "ARI", "ACC", "ACC_MANY_TO_ONE")
 
-# key -> accepted python types (None allowed where listed)
-_REQUIRED: dict[str, tuple[type, ...]] = {
-    "schema_version": (int,),
-    "status": (str,),
-    "suite": (str,),
-    "dataset": (str,),
-    "method": (str,),
-    "method_base": (str,),
-    "variant": (str, type(None)),
-    "method_display": (str,),
-    "paper_reference": (str, type(None)),
-    "is_reference": (bool,),
-    "seed": (int,),
-    "epochs": (int,),
-    "backbone": (str,),
-    "batch_size": (int,),
-    "fingerprints": (dict,),
-    "config": (dict,),
-    "method_config": (dict,),
-    "metrics": (dict,),
-    "evaluation": (dict,),
-    "clusters": (dict,),
-    "predictions": (dict, type(None)),
-    "history": (list,),
-    "provenance": (dict,),
-    "versions": (dict,),
-    "git_commit": (str, type(None)),
-    "device": (str,),
-    "cpu": (str, type(None)),
-    "wall_time_s": (int, float),
-    "throughput_images_per_s": (int, float, type(None)),
-    "peak_memory_mb": (int, float, type(None)),
-    "checkpoint": (str, type(None)),
-    "created": (str,),
-    "checksum": (str,),
-}
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class MetricEntry(_Strict):
+    """One number of a run: which protocol, under which settings, which metric, and its value."""
+
+    protocol: str      # knn, linear, online_linear, semi, finetune, transfer, clustering, clustering_head,
+    #                    knn_k10, block_classifier (benchmarks.evaluation.protocols)
+    settings: dict[str, Any]  # what a table column must agree on (k, temperature, fraction / per_class, the
+    #                    probe's budget, ...) plus the entry's place: `block` (int, or "avg" for the mean over
+    #                    blocks), `head` (a second head with the same K), `dataset` (a transfer target)
+    metric: str        # top1, top5 (percent correct); NMI, AMI, ARI, ACC, ACC_MANY_TO_ONE (percent)
+    value: float       # percent, as in the papers' tables; AMI/ARI may be negative (worse than chance)
+    key: str           # the evaluation's name: links the entry to `evaluation[key]`, `clusters[key]` and the
+    #                    predictions' arrays. An identifier: nothing parses it.
+
+    @field_validator("value")
+    @classmethod
+    def _percent(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value!r}")
+        if not -100.0 <= value <= 100.0:
+            raise ValueError(f"= {value} is outside -100..100 (percent)")
+        return value
+
+
+class Fingerprints(_Strict):
+    """12 hex digits each (benchmarks.config.fingerprint of the canonical dumps): training = everything that
+    decides the trained weights, seed included (names the checkpoint folder); settings = the same without the
+    seed (one row of a table: the same experiment over seeds); evaluation = the evaluation section; run =
+    training + evaluation (part of the file name)."""
+
+    training: str
+    settings: str
+    evaluation: str
+    run: str
+
+    @field_validator("training", "settings", "evaluation", "run")
+    @classmethod
+    def _hex12(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{12}", value):
+            raise ValueError(f"must be 12 hex digits, got {value!r}")
+        return value
+
+
+class PredictionsFile(_Strict):
+    """The per-test-image predictions (numpy .npz beside the record, see write_predictions)."""
+
+    file: str
+    sha256: str
+    format: str = PREDICTIONS_FORMAT
+
+
+class HistoryPoint(BaseModel):
+    """One epoch of the training curve: {epoch, loss, online_knn_top1?, stage?, ...}."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    epoch: int
+    loss: float
+
+
+class RunRecord(_Strict):
+    """A run record, schema 3. Every field is required unless it has a default."""
+
+    schema_version: Literal[3]
+    status: Literal["completed", "diverged", "failed"]
+    suite: str                 # suite name, e.g. "digits", "cifar10"
+    dataset: str               # display name, e.g. "CIFAR-10" (matches paper_results.csv)
+    method: str                # method or named variant: "simclr", "self_classifier/reimpl"
+    method_base: str           # its registry name: "self_classifier"
+    variant: str | None        # "reimpl"
+    method_display: str        # name used in tables, e.g. "Self-Classifier (reimpl)"
+    paper_reference: str | None  # the paper (first column of paper_results.csv) this method/variant follows
+    is_reference: bool         # random-init / supervised rows, kept apart in tables
+    seed: int
+    epochs: int                # pretraining epochs (the last stage's, for methods with several stages)
+    backbone: str              # registry name, e.g. "resnet18_cifar", "small_cnn", "nin"
+    batch_size: int
+    fingerprints: Fingerprints
+    config: dict[str, Any]     # the canonical dump of the resolved suite config
+    method_config: dict[str, Any]  # the resolved settings of the method (hparams, optimizer, views, budget)
+    metrics: list[MetricEntry]
+    evaluation: dict[str, dict[str, Any]]  # evaluation key -> parameters used, with `protocol` and `settings`
+    clusters: dict[str, dict[str, Any]]  # clustering key -> {num_clusters, num_nonempty, num_classes, source, acc}
+    predictions: PredictionsFile | None
+    history: list[HistoryPoint]  # per-epoch curve
+    provenance: dict[str, Any]  # {pretraining: {cpu, device, git_commit, versions, threads, created},
+    #                             evaluations: [{command, protocols, git_commit, versions, device, cpu, created}]}
+    #                             CPU results are bitwise reproducible on the same CPU model and thread count only
+    wall_time_s: float         # every attempt's time (SLURM requeues, resumes after a kill)
+    attempts: int | None = None  # processes that worked on the run (runs since issue 20)
+    devices: int | None = None   # DDP ranks of the training run (1 without DDP)
+    global_batch_size: int | None = None  # batch_size x devices
+    throughput_images_per_s: float | None
+    peak_memory_mb: float | None
+    peak_memory_source: str | None = None  # "process_peak_rss" (CPU) or "cuda_max_allocated"
+    checkpoint: str | None     # path of the final model checkpoint
+    created: str               # ISO-8601 UTC
+    message: str | None = None  # required (non-empty) when status is diverged/failed
+    checksum: str              # SHA-256 of the record without this key (canonical JSON); it covers the
+    #                            predictions through predictions.sha256, so an edited copy is refused
+
+    @model_validator(mode="after")
+    def _failure_says_why(self) -> RunRecord:
+        if self.status in ("diverged", "failed") and not self.message:
+            raise ValueError(f"a {self.status} record needs a 'message' saying why")
+        return self
 
 
 def method_slug(method: str) -> str:
@@ -144,68 +175,140 @@ def record_checksum(record: dict) -> str:
     return hashlib.sha256(canonical_json({k: v for k, v in record.items() if k != "checksum"}).encode()).hexdigest()
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _where(loc: tuple) -> str:
+    """A pydantic error location as the record's own path: metrics[3].value, fingerprints.training."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
-def validate_record(record: Any) -> None:
-    """Raise RecordError naming every problem found in `record` (the checksum is checked by read_record)."""
-    problems: list[str] = []
+def _problem(error: dict) -> str:
+    where, kind = _where(error["loc"]), error["type"]
+    if kind == "missing":
+        return f"missing key '{where}'"
+    if kind == "extra_forbidden":
+        return f"unknown key '{where}'"
+    if kind == "value_error":  # our validators' messages, pydantic's "Value error, " prefix removed
+        message = str(error["ctx"]["error"])
+        return f"'{where}' {message}" if message.startswith(("must", "=")) else message
+    got = type(error["input"]).__name__ if "input" in error else "?"
+    return f"'{where}': {error['msg'].lower()}, got {got}"
+
+
+def validate_record(record: Any) -> RunRecord:
+    """Validate a schema-3 record (the checksum is checked by read_record); raise RecordError naming every
+    problem found. Returns the typed record."""
     if not isinstance(record, dict):
         raise RecordError(f"a record must be a JSON object, got {type(record).__name__}")
     version = record.get("schema_version")
     if version != SCHEMA_VERSION:
-        hint = " (written by an older version of the suite: rerun the run to regenerate it)" \
-            if isinstance(version, int) and version < SCHEMA_VERSION else ""
-        raise RecordError(f"schema_version is {version!r}, this suite reads version {SCHEMA_VERSION}{hint}")
-    for key, types in _REQUIRED.items():
-        if key not in record:
-            problems.append(f"missing key '{key}'")
-        elif not isinstance(record[key], types) or (isinstance(record[key], bool) and bool not in types):
-            names = "/".join("null" if t is type(None) else t.__name__ for t in types)
-            problems.append(f"'{key}' must be {names}, got {type(record[key]).__name__}")
-    if record.get("status") not in STATUSES:
-        problems.append(f"'status' must be one of {', '.join(STATUSES)}, got {record.get('status')!r}")
-    fingerprints = record.get("fingerprints")
-    if isinstance(fingerprints, dict):
-        for key in FINGERPRINTS:
-            value = fingerprints.get(key)
-            if not isinstance(value, str) or len(value) != 12 or any(c not in "0123456789abcdef" for c in value):
-                problems.append(f"fingerprints['{key}'] must be 12 hex digits, got {value!r}")
-    metrics = record.get("metrics")
-    if isinstance(metrics, dict):
-        for protocol, values in metrics.items():
-            if not isinstance(values, dict):
-                problems.append(f"metrics['{protocol}'] must map metric names to numbers")
-                continue
-            for metric, value in values.items():
-                if not _is_number(value) or not math.isfinite(value):
-                    problems.append(f"metrics['{protocol}']['{metric}'] must be a finite number, got {value!r}")
-                elif not -100.0 <= value <= 100.0:
-                    problems.append(f"metrics['{protocol}']['{metric}'] = {value} is outside -100..100 (percent)")
-    predictions = record.get("predictions")
-    if isinstance(predictions, dict) and not (isinstance(predictions.get("file"), str)
-                                              and isinstance(predictions.get("sha256"), str)):
-        problems.append("'predictions' must name its 'file' and 'sha256'")
-    history = record.get("history")
-    if isinstance(history, list):
-        for i, entry in enumerate(history):
-            if not isinstance(entry, dict) or isinstance(entry.get("epoch"), bool) \
-                    or not isinstance(entry.get("epoch"), int) or not _is_number(entry.get("loss")):
-                problems.append(f"history[{i}] must be an object with an integer 'epoch' and a numeric 'loss'")
-                break
-    if "message" in record and not isinstance(record["message"], (str, type(None))):
-        problems.append(f"'message' must be str/null, got {type(record['message']).__name__}")
-    if record.get("status") in ("diverged", "failed") and not record.get("message"):
-        problems.append(f"a {record.get('status')} record needs a 'message' saying why")
-    if problems:
-        raise RecordError("; ".join(problems))
+        readable = "" if version in READABLE_SCHEMAS else \
+            f" (written by {'an older' if isinstance(version, int) and version < 2 else 'another'} version " \
+            "of the suite: rerun the run to regenerate it)"
+        raise RecordError(f"schema_version is {version!r}, this suite writes version {SCHEMA_VERSION} and reads "
+                          f"{' and '.join(map(str, READABLE_SCHEMAS))}{readable}")
+    try:
+        return RunRecord.model_validate(record)
+    except ValidationError as exc:
+        raise RecordError("; ".join(_problem(e) for e in exc.errors())) from None
+
+
+# Schema 2 named an evaluation's place in its key only: `<base>_B<i>` (block i), `<base>_avg` (the mean over
+# blocks), `clustering_head_k<K>_h<i>` (another head with the same K). Read here, in the converter, only.
+_SCHEMA2_BLOCK = re.compile(r"_B(\d+)$")
+_SCHEMA2_HEAD = re.compile(r"^clustering_head_k\d+_h(\d+)$")
+
+
+def entry_settings(protocol: str, settings: dict, *, block: int | str | None = None, head: int | None = None,
+                   dataset: str | None = None) -> dict:
+    """An entry's settings: the protocol's settings plus its place (block, head, transfer dataset)."""
+    place = {"block": block, "head": head, "dataset": dataset}
+    return {**settings, **{name: value for name, value in place.items() if value is not None}}
+
+
+def metric_entries(metrics: dict, evaluation: dict) -> list[dict]:
+    """Schema 2's `metrics` ({key: {metric: value}}, with `evaluation[key]` giving protocol and settings) as
+    schema-3 entries, in the same order."""
+    entries = []
+    for key, values in metrics.items():
+        details = evaluation.get(key)
+        if not isinstance(details, dict) or "protocol" not in details:
+            raise RecordError(f"metrics['{key}'] has no evaluation['{key}'] naming its protocol and settings")
+        block = _SCHEMA2_BLOCK.search(key)
+        head = _SCHEMA2_HEAD.match(key)
+        settings = entry_settings(
+            details["protocol"], details.get("settings", {}),
+            block=int(block.group(1)) if block else ("avg" if key.endswith("_avg") else None),
+            head=int(head.group(1)) if head else None,
+            dataset=details.get("target") if details["protocol"] == "transfer" else None)
+        entries.extend({"protocol": details["protocol"], "settings": settings, "metric": metric,
+                        "value": value, "key": key} for metric, value in values.items())
+    return entries
+
+
+_TOP_LEVEL_PROVENANCE = ("versions", "git_commit", "device", "cpu")
+
+
+def upgrade_record(record: dict) -> dict:
+    """A schema-2 record as schema 3: metrics as entries, provenance only under `provenance` (the top-level
+    copies are dropped; where the pretraining provenance lacks one, it is kept there). The checksum is
+    recomputed for the converted content (the file's own was checked before)."""
+    if record.get("schema_version") != 2:
+        return record
+    upgraded = {k: v for k, v in record.items() if k not in _TOP_LEVEL_PROVENANCE}
+    upgraded["schema_version"] = SCHEMA_VERSION
+    upgraded["metrics"] = metric_entries(record.get("metrics", {}), record.get("evaluation", {}))
+    provenance = dict(record.get("provenance") or {})
+    pretraining = dict(provenance.get("pretraining") or {})
+    for key in _TOP_LEVEL_PROVENANCE:
+        if key in record:
+            pretraining.setdefault(key, record[key])
+    upgraded["provenance"] = {**provenance, "pretraining": pretraining}
+    upgraded["checksum"] = record_checksum(upgraded)
+    return upgraded
+
+
+def entry_table(record: dict) -> dict[str, dict[str, float]]:
+    """{key: {metric: value}}: a record's entries for display and tests; tables group entries by protocol,
+    settings and metric instead (keys are names, not data)."""
+    table: dict[str, dict[str, float]] = {}
+    for entry in record["metrics"]:
+        table.setdefault(entry["key"], {})[entry["metric"]] = entry["value"]
+    return table
+
+
+_PLACE = ("block", "head", "dataset")
+
+
+def metric_value(record: dict, protocol: str, metric: str, **settings) -> float | None:
+    """The value of the first entry of `protocol` and `metric` whose settings include `settings` (an entry with
+    a block, head or dataset only when one is asked for); None if the record has none."""
+    for entry in record["metrics"]:
+        given = entry["settings"]
+        if entry["protocol"] == protocol and entry["metric"] == metric \
+                and all(given.get(k) == v for k, v in settings.items()) \
+                and not any(k in given and k not in settings for k in _PLACE):
+            return entry["value"]
+    return None
+
+
+def provenance_of(record: dict) -> dict:
+    """Where the run was trained: cpu, device, git_commit, versions, threads (`provenance.pretraining`)."""
+    return record["provenance"].get("pretraining") or {}
+
+
+def _check_checksum(record: dict) -> None:
+    if record_checksum(record) != record.get("checksum"):
+        raise RecordError("its checksum does not match its content (the file was edited or damaged after it was "
+                          "written); rerun the run to regenerate it")
 
 
 def read_record(path: str | Path, verify_predictions: bool = True) -> dict:
     """Read, validate and verify one record: its checksum, and the hash of its predictions file (unless
-    `verify_predictions` is False). Errors name the file and what is wrong; any file, also one that is not
-    UTF-8 or not JSON, raises RecordError, never something else."""
+    `verify_predictions` is False). A schema-2 file is verified as written, then returned converted to schema 3.
+    Errors name the file and what is wrong; any file, also one that is not UTF-8 or not JSON, raises
+    RecordError, never something else."""
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
@@ -220,12 +323,13 @@ def read_record(path: str | Path, verify_predictions: bool = True) -> dict:
     except (ValueError, RecursionError) as exc:
         raise RecordError(f"{path}: not valid JSON ({exc})") from exc
     try:
+        if isinstance(record, dict) and record.get("schema_version") == 2:
+            _check_checksum(record)  # as written, before the conversion changes the content
+            record = upgrade_record(record)
         validate_record(record)
+        _check_checksum(record)
     except RecordError as exc:
         raise RecordError(f"{path}: {exc}") from exc
-    if record_checksum(record) != record["checksum"]:
-        raise RecordError(f"{path}: its checksum does not match its content (the file was edited or damaged "
-                          "after it was written); rerun the run to regenerate it")
     if verify_predictions and record["predictions"] is not None:
         file = path.parent / record["predictions"]["file"]
         try:

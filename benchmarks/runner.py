@@ -47,6 +47,7 @@ from benchmarks.launcher import limit_threads
 from benchmarks.records import (
     SCHEMA_VERSION,
     atomic_write,
+    metric_entries,
     read_record,
     record_path,
     record_stem,
@@ -426,14 +427,15 @@ def merge_evaluation(record: dict, record_file: Path | None, result, protocols: 
 
     merged = copy.deepcopy(record)
     evaluation = merged.get("evaluation", {})
-    gone = {k for k in set(merged["metrics"]) | set(evaluation) if protocol_of(k, evaluation) in protocols}
-    merged["metrics"] = {k: v for k, v in merged["metrics"].items() if k not in gone}
+    keys = {e["key"] for e in merged["metrics"]} | set(evaluation)
+    gone = {k for k in keys if protocol_of(k, evaluation) in protocols}
+    merged["metrics"] = [e for e in merged["metrics"] if e["key"] not in gone]
     merged["evaluation"] = {k: v for k, v in evaluation.items() if k not in gone}
     merged["clusters"] = {k: v for k, v in merged.get("clusters", {}).items() if k not in gone}
-    kept = set(merged["metrics"]) | {"labels"}
+    kept = {e["key"] for e in merged["metrics"]} | {"labels"}
     old = read_predictions(record_file, record) if record_file is not None and record.get("predictions") else {}
     predictions = {k: v for k, v in old.items() if k in kept or k.removesuffix(":labels") in kept}
-    merged["metrics"].update(result.metrics)
+    merged["metrics"] += metric_entries(result.metrics, result.evaluation)
     merged["evaluation"].update(result.evaluation)
     merged["clusters"].update(result.clusters)
     predictions.update(result.predictions)
@@ -611,7 +613,7 @@ def device_name(device: torch.device) -> str:
 def build_record(config: SuiteConfig, settings: MethodConfig, seed: int, data: SuiteData, method: SSLMethod,
                  fingerprints: dict, status: str, eval_result, history: list, device: torch.device,
                  command: str) -> dict:
-    """A schema-2 record (benchmarks.records) of one run; timing fields are filled in by the caller."""
+    """A schema-3 record (benchmarks.records.RunRecord) of one run; timing fields are filled in by the caller."""
     cls = type(method)
     protocols = list(config.evaluation.protocols) if eval_result is not None else []
     entry = provenance_entry(command, protocols, device)
@@ -633,7 +635,7 @@ def build_record(config: SuiteConfig, settings: MethodConfig, seed: int, data: S
         "fingerprints": fingerprints,
         "config": config.canonical(),
         "method_config": settings.model_dump(mode="json"),
-        "metrics": eval_result.metrics if eval_result else {},
+        "metrics": metric_entries(eval_result.metrics, eval_result.evaluation) if eval_result else [],
         "evaluation": eval_result.evaluation if eval_result else {},
         "clusters": eval_result.clusters if eval_result else {},
         "predictions": None,
@@ -641,10 +643,6 @@ def build_record(config: SuiteConfig, settings: MethodConfig, seed: int, data: S
         "provenance": {"pretraining": {k: entry[k] for k in ("git_commit", "versions", "device", "cpu", "threads",
                                                              "created")},
                        "evaluations": [entry] if eval_result is not None else []},
-        "versions": entry["versions"],
-        "git_commit": entry["git_commit"],
-        "device": entry["device"],
-        "cpu": entry["cpu"],
         "wall_time_s": 0.0,
         "throughput_images_per_s": None,
         "peak_memory_mb": None,

@@ -31,18 +31,25 @@ from benchmarks.records import (
 REPO = Path(__file__).resolve().parent.parent
 
 
+def entry(protocol: str, metric: str, value: float, key: str | None = None, **settings) -> dict:
+    return {"protocol": protocol, "settings": settings, "metric": metric, "value": value, "key": key or protocol}
+
+
 def make_record(**changes) -> dict:
     record = {
-        "schema_version": 2, "status": "completed", "suite": "digits", "dataset": "digits", "method": "simclr",
+        "schema_version": 3, "status": "completed", "suite": "digits", "dataset": "digits", "method": "simclr",
         "method_base": "simclr", "variant": None, "method_display": "SimCLR", "paper_reference": None,
         "is_reference": False, "seed": 0, "epochs": 2, "backbone": "small_cnn", "batch_size": 128,
         "fingerprints": {"training": "a" * 12, "settings": "b" * 12, "evaluation": "c" * 12, "run": "d" * 12},
         "config": {"train": {"epochs": 2}}, "method_config": {"name": "simclr"},
-        "metrics": {"knn_k20": {"top1": 91.5, "top5": 99.0}, "clustering": {"AMI": -1.5, "ARI": -0.2}},
-        "evaluation": {"knn_k20": {"k": 20}}, "clusters": {}, "predictions": None,
+        "metrics": [entry("knn", "top1", 91.5, "knn_k20", k=20), entry("knn", "top5", 99.0, "knn_k20", k=20),
+                    entry("clustering", "AMI", -1.5), entry("clustering", "ARI", -0.2)],
+        "evaluation": {"knn_k20": {"k": 20, "protocol": "knn", "settings": {"k": 20}},
+                       "clustering": {"protocol": "clustering", "settings": {}}}, "clusters": {}, "predictions": None,
         "history": [{"epoch": 1, "loss": 4.2}, {"epoch": 2, "loss": 3.1, "online_knn_top1": 90.0}],
-        "provenance": {"pretraining": {}, "evaluations": []}, "versions": {"torch": "2.5"}, "git_commit": None,
-        "device": "cpu", "cpu": None, "wall_time_s": 3.5, "throughput_images_per_s": 1000.0, "peak_memory_mb": None,
+        "provenance": {"pretraining": {"versions": {"torch": "2.5"}, "git_commit": None, "device": "cpu",
+                                       "cpu": None}, "evaluations": []},
+        "wall_time_s": 3.5, "throughput_images_per_s": 1000.0, "peak_memory_mb": None,
         "checkpoint": "runs/digits/simclr_e2_s0/model.pt", "created": "2025-01-01T00:00:00+00:00", "checksum": "",
     }
     record.update(changes)
@@ -91,7 +98,7 @@ def test_an_edited_record_fails_its_checksum(tmp_path):
     path = tmp_path / "digits" / "simclr_e2_s0_dddddddddddd.json"
     write_record(make_record(), path)
     edited = json.loads(path.read_text())
-    edited["metrics"]["knn_k20"]["top1"] = 99.9  # a hand-edited number
+    edited["metrics"][0]["value"] = 99.9  # a hand-edited number
     path.write_text(json.dumps(edited))
     with pytest.raises(RecordError, match="checksum does not match its content"):
         read_record(path)
@@ -104,7 +111,7 @@ def test_any_unreadable_file_is_a_record_error_that_names_it(tmp_path):
         read_record(binary)
     old = tmp_path / "old.json"
     old.write_text(json.dumps({**make_record(), "schema_version": 1}))
-    with pytest.raises(RecordError, match="schema_version is 1, this suite reads version 2 .*rerun the run"):
+    with pytest.raises(RecordError, match="schema_version is 1, this suite writes version 3 .*rerun the run"):
         read_record(old)
 
 
@@ -135,18 +142,22 @@ def test_a_failing_torch_save_is_a_storage_error_and_keeps_the_previous_file(tmp
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"schema_version": 3}, "schema_version is 3, this suite reads version 2"),
-    ({"fingerprints": {"training": "xyz"}}, "fingerprints['training'] must be 12 hex digits"),
-    ({"status": "done"}, "'status' must be one of completed, diverged, failed"),
-    ({"seed": "0"}, "'seed' must be int, got str"),
-    ({"is_reference": 1}, "'is_reference' must be bool, got int"),
-    ({"epochs": True}, "'epochs' must be int, got bool"),
-    ({"metrics": {"knn_k20": {"top1": 0.915 * 1000}}}, "metrics['knn_k20']['top1'] = 915.0 is outside -100..100"),
-    ({"metrics": {"knn_k20": {"top1": float("nan")}}}, "metrics['knn_k20']['top1'] must be a finite number"),
-    ({"metrics": {"knn_k20": 91.5}}, "metrics['knn_k20'] must map metric names to numbers"),
-    ({"history": [{"epoch": 1}]}, "history[0] must be an object with an integer 'epoch' and a numeric 'loss'"),
+    ({"schema_version": 4}, "schema_version is 4, this suite writes version 3 and reads 2 and 3"),
+    ({"fingerprints": {"training": "xyz", "settings": "b" * 12, "evaluation": "c" * 12, "run": "d" * 12}},
+     "'fingerprints.training' must be 12 hex digits, got 'xyz'"),
+    ({"status": "done"}, "'status': input should be 'completed', 'diverged' or 'failed', got str"),
+    ({"seed": "0"}, "'seed': input should be a valid integer, got str"),
+    ({"is_reference": 1}, "'is_reference': input should be a valid boolean, got int"),
+    ({"epochs": True}, "'epochs': input should be a valid integer, got bool"),
+    ({"metrics": [entry("knn", "top1", 0.915 * 1000, k=20)]}, "'metrics[0].value' = 915.0 is outside -100..100"),
+    ({"metrics": [entry("knn", "top1", float("nan"), k=20)]}, "'metrics[0].value' must be a finite number"),
+    ({"metrics": {"knn_k20": {"top1": 91.5}}}, "'metrics': input should be a valid list, got dict"),
+    ({"metrics": [{"protocol": "knn", "metric": "top1", "value": 1.0, "key": "knn_k20"}]},
+     "missing key 'metrics[0].settings'"),
+    ({"history": [{"epoch": 1}]}, "missing key 'history[0].loss'"),
     ({"status": "diverged"}, "a diverged record needs a 'message' saying why"),
-    ({"message": 3}, "'message' must be str/null, got int"),
+    ({"message": 3}, "'message': input should be a valid string, got int"),
+    ({"cpu": "x"}, "unknown key 'cpu'"),
 ])
 def test_schema_violations_are_named(change, expected):
     with pytest.raises(RecordError) as info:
@@ -156,8 +167,8 @@ def test_schema_violations_are_named(change, expected):
 
 def test_missing_keys_are_all_listed():
     record = make_record()
-    del record["device"], record["created"]
-    with pytest.raises(RecordError, match="missing key 'device'; missing key 'created'"):
+    del record["suite"], record["created"]
+    with pytest.raises(RecordError, match="missing key 'suite'; missing key 'created'"):
         validate_record(record)
 
 
@@ -183,7 +194,7 @@ def test_read_names_the_file_and_the_problem(tmp_path):
         read_record(broken)
     wrong = tmp_path / "wrong.json"
     wrong.write_text(json.dumps(make_record(seed=-1.5)))  # (the schema is checked before the checksum)
-    with pytest.raises(RecordError, match=r"wrong\.json: 'seed' must be int, got float"):
+    with pytest.raises(RecordError, match=r"wrong\.json: 'seed': input should be a valid integer, got float"):
         read_record(wrong)
     with pytest.raises(RecordError, match=r"absent\.json: cannot be read"):
         read_record(tmp_path / "absent.json")
@@ -382,3 +393,69 @@ def test_two_concurrent_runs_write_separate_valid_records(tmp_path):
     # different seeds train differently: the two processes did not share or swap state
     assert recs[0]["history"] != recs[1]["history"]
     assert leftovers(out) == [] and leftovers(work) == []
+
+
+# ----------------------------------------------------------------------------- schema 2, converted on load
+
+def schema2_record() -> dict:
+    """A schema-2 record as the suite wrote them before schema 3: metrics under string keys, whose place
+    (block, head, transfer target) was only in the key."""
+    record = make_record(schema_version=2, versions={"torch": "2.5"}, git_commit="abc", device="cpu", cpu="EPYC")
+    record["provenance"] = {"pretraining": {"threads": 1}, "evaluations": []}
+    record["metrics"] = {"knn_k20": {"top1": 91.5, "top5": 99.0}, "knn_k20_B2": {"top1": 80.0, "top5": 95.0},
+                         "block_classifier_avg": {"top1": 70.0}, "clustering_head_k10_h2": {"NMI": 50.0},
+                         "transfer_linear:cifar100": {"top1": 40.0}}
+    record["evaluation"] = {
+        "knn_k20": {"protocol": "knn", "settings": {"k": 20, "temperature": 0.07}},
+        "knn_k20_B2": {"protocol": "knn", "settings": {"k": 20, "temperature": 0.07}},
+        "block_classifier_avg": {"protocol": "block_classifier", "settings": {"epochs": 5}},
+        "clustering_head_k10_h2": {"protocol": "clustering_head", "settings": {"k": 10, "source": "head"}},
+        "transfer_linear:cifar100": {"protocol": "transfer", "settings": {"epochs": 3}, "target": "cifar100"}}
+    record["checksum"] = record_checksum(record)
+    return record
+
+
+def test_schema2_metrics_become_entries_with_their_place():
+    converted = records.upgrade_record(schema2_record())
+    assert converted["schema_version"] == 3
+    assert converted["metrics"] == [
+        entry("knn", "top1", 91.5, "knn_k20", k=20, temperature=0.07),
+        entry("knn", "top5", 99.0, "knn_k20", k=20, temperature=0.07),
+        entry("knn", "top1", 80.0, "knn_k20_B2", k=20, temperature=0.07, block=2),
+        entry("knn", "top5", 95.0, "knn_k20_B2", k=20, temperature=0.07, block=2),
+        entry("block_classifier", "top1", 70.0, "block_classifier_avg", epochs=5, block="avg"),
+        entry("clustering_head", "NMI", 50.0, "clustering_head_k10_h2", k=10, source="head", head=2),
+        entry("transfer", "top1", 40.0, "transfer_linear:cifar100", epochs=3, dataset="cifar100")]
+    # provenance once: the top-level copies move under provenance.pretraining (what it already held stays)
+    assert not {"versions", "git_commit", "device", "cpu"} & set(converted)
+    assert converted["provenance"]["pretraining"] == {"threads": 1, "versions": {"torch": "2.5"},
+                                                      "git_commit": "abc", "device": "cpu", "cpu": "EPYC"}
+    validate_record(converted)
+    assert records.entry_table(converted) == schema2_record()["metrics"]  # nothing lost or renamed
+
+
+def test_schema2_files_are_verified_as_written_then_read_as_schema3(tmp_path):
+    path = tmp_path / "digits" / "old.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(schema2_record()))
+    record = read_record(path)
+    assert record["schema_version"] == 3 and record == records.upgrade_record(schema2_record())
+    edited = schema2_record()
+    edited["metrics"]["knn_k20"]["top1"] = 99.9  # a hand edit of the old file is still refused
+    path.write_text(json.dumps(edited))
+    with pytest.raises(RecordError, match="old.json: its checksum does not match"):
+        read_record(path)
+
+
+def test_a_metric_without_its_evaluation_is_named():
+    record = schema2_record()
+    del record["evaluation"]["knn_k20"]
+    with pytest.raises(RecordError, match=r"metrics\['knn_k20'\] has no evaluation\['knn_k20'\]"):
+        records.upgrade_record(record)
+
+
+def test_metric_value_picks_by_protocol_settings_and_place():
+    record = records.upgrade_record(schema2_record())
+    assert records.metric_value(record, "knn", "top1", k=20) == 91.5  # not the block-2 entry
+    assert records.metric_value(record, "knn", "top1", k=20, block=2) == 80.0
+    assert records.metric_value(record, "knn", "top1", k=200) is None
