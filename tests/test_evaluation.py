@@ -435,3 +435,41 @@ def test_knn_k10_scores_each_blocks_pooled_maps_with_the_plurality_vote():
         expected.append(100.0 * (predicted == data.test.labels).float().mean().item())
         assert result.table()[f"knn_k5_B{block}"]["top1"] == pytest.approx(expected[-1])
     assert result.table()["knn_k5_avg"]["top1"] == pytest.approx(sum(expected) / 2)
+
+
+class TwoHeadMethod(TinyMethod):
+    """Two cluster heads with the same K: the second is told apart by its head number."""
+
+    def __init__(self):
+        super().__init__(with_head=True)
+        self.head2 = nn.Linear(self.backbone.feature_dim, 12)
+
+    def cluster_logits(self, images):
+        features = self.backbone(images)
+        return [self.head(features), self.head2(features)]
+
+
+def test_entries_are_exactly_the_schema2_conversion_of_the_same_evaluation(tmp_path):
+    """The entries an evaluation produces (protocol, settings with block / head / dataset, metric, value, key)
+    equal what records.metric_entries gives for the schema-2 form ({key: {metric: value}} + evaluation) of the
+    same evaluation: the same settings dicts, in the same order, for every kind of place."""
+    from benchmarks.config import load_suite
+    from benchmarks.records import metric_entries
+
+    cfg = {**EVAL, "protocols": ["knn", "linear", "clustering", "semi", "transfer", "knn_k10", "block_classifier"],
+           "knn_k10": {"k": 5, "blocks": [1, 2]},
+           "block_classifier": {"blocks": [1, 2], "epochs": 1, "batch_size": 64, "milestones": [1]},
+           "transfer": {"targets": ["digits"], "epochs": 1, "batch_size": 256}}
+    context = EvalContext(seed=0, config=load_suite("digits"), results_dir=tmp_path, progress=False,
+                          suite="synthetic")
+    result = evaluate_model(TwoHeadMethod(), FakeData(), preprocess, cfg, context)
+    schema2 = result.table()  # the {key: {metric: value}} form, in the order the evaluation made it
+    assert json.dumps(metric_entries(schema2, result.evaluation)) == json.dumps(result.entries)
+    places = {e["key"]: {k: e["settings"][k] for k in ("block", "head", "dataset") if k in e["settings"]}
+              for e in result.entries}
+    assert places["knn_k20_B2"] == {"block": 2} and places["linear_B3"] == {"block": 3}
+    assert places["knn_k5_B1"] == {"block": 1} and places["knn_k5_avg"] == {"block": "avg"}
+    assert places["block_classifier_B2"] == {"block": 2} and places["block_classifier_avg"] == {"block": "avg"}
+    assert places["clustering_head_k12"] == {} and places["clustering_head_k12_h2"] == {"head": 2}
+    assert places["transfer_linear:digits"] == {"dataset": "digits"}
+    assert places["knn_k5"] == places["clustering"] == places["semi_10pct"] == {}
