@@ -277,7 +277,7 @@ def test_nan_loss_stops_the_run_with_a_diverged_record(tmp_path, capsys, nan_met
     assert record["status"] == "diverged"
     assert record["message"].startswith("the loss became nan in epoch 2 (optimizer step 4)")
     assert [h["epoch"] for h in record["history"]] == [1]  # the finished epoch is kept
-    assert record["metrics"] == {} and record["checkpoint"] is None
+    assert record["metrics"] == [] and record["checkpoint"] is None
     run_dir = tmp_path / "work" / "digits" / f"{nan_method}_e3_s0_{record['fingerprints']['training']}"
     assert run_dir.is_dir() and not (run_dir / "model.pt").exists()
 

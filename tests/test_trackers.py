@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.cli import main
-from benchmarks.records import iter_record_files, read_record
+from benchmarks.records import entry_table, iter_record_files, read_record
 
 
 @pytest.mark.slow
@@ -39,8 +39,8 @@ def test_a_tiny_run_logged_with_mlflow_has_its_metrics_in_the_local_store(tmp_pa
     assert params["config.train.batch_size"] == str(record["config"]["train"]["batch_size"])
     assert params["method_config.hparams.temperature"] == str(record["method_config"]["hparams"]["temperature"])
     assert params["config.train.threads"] == str(record["config"]["train"]["threads"])
-    assert {"knn_k20", "clustering"} <= set(record["metrics"])
-    for key, values in record["metrics"].items():
+    assert {"knn_k20", "clustering"} <= set(entry_table(record))
+    for key, values in entry_table(record).items():
         for metric, value in values.items():
             assert run.data.metrics[f"eval/{key}/{metric}"] == pytest.approx(value)
 
@@ -63,7 +63,7 @@ def test_tensorboard_gets_the_settings_and_the_evaluation_metrics(tmp_path):
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for key in ("knn_k20", "clustering"):
-        for metric, value in record["metrics"][key].items():
+        for metric, value in entry_table(record)[key].items():
             tag = f"eval/{key}/{metric}"
             assert tag in scalars
             assert events.Scalars(tag)[-1].value == pytest.approx(value, rel=1e-6)
