@@ -36,19 +36,8 @@ def _suite_names() -> list[str]:
     return sorted(p.stem for p in (Path(__file__).parent / "configs").glob("*.yaml"))
 
 
-def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description="Benchmark self-supervised methods under one protocol: pretrain, evaluate, record, report.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-v", "--verbose", action="store_true", help="show Lightning's and the libraries' logs")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    run = sub.add_parser("run", help="pretrain and evaluate methods on a suite, write run records",
-                         description="Pretrain each method for each seed on the suite's data, evaluate it with "
-                         "the suite's protocols and write one record per run under --out. Finished runs are "
-                         "skipped (records are never overwritten without --force); interrupted runs resume "
-                         "from their last epoch checkpoint under --work-dir.")
+def _add_run_selection_args(run: argparse.ArgumentParser) -> None:
+    """`run`: what runs (suite, methods, seeds, budget) on which data."""
     run.add_argument("--suite", required=True, help=f"suite name ({', '.join(_suite_names())}) or a path to a "
                      "suite YAML file (`init-suite --from-folder DIR` writes one for a folder of your own images)")
     run.add_argument("--methods", nargs="+", metavar="NAME", help="registered method names or named variants "
@@ -62,6 +51,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     run.add_argument("--data-root", help="folder holding the dataset (default: $SSL_BENCH_DATA or ./data); for an "
                      "imagefolder suite, the folder ROOT of ROOT/<split>/<class>/<image>")
     run.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
+
+
+def _add_run_output_args(run: argparse.ArgumentParser) -> None:
+    """`run`: where records and checkpoints go, and which runs are redone."""
     run.add_argument("--out", default="results", help="folder for run records (default: results)")
     run.add_argument("--work-dir", default="runs", help="folder for checkpoints and logs (default: runs)")
     run.add_argument("--no-references", action="store_true", help="skip the random-init and supervised rows")
@@ -69,6 +62,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                      "and overwrite it; a finished checkpoint is reused, so only the evaluation reruns")
     run.add_argument("--restart", action="store_true", help="delete the run's epoch checkpoint and train from "
                      "scratch instead of resuming (replaces the record of the same settings)")
+
+
+def _add_run_setting_args(run: argparse.ArgumentParser) -> None:
+    """`run`: device, precision, threads, protocols, tracker and overrides of the suite."""
     run.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], help="device (default: auto)")
     run.add_argument("--devices", help="number of devices, or 'auto'")
     run.add_argument("--precision", help="32, bf16-mixed, 16-mixed or auto (bf16 on GPU)")
@@ -84,6 +81,10 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                      help="override any suite key, e.g. --set train.batch_size=128 methods.simclr.temperature=0.5")
     run.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE",
                      help="import a module (dotted name or .py path) that registers your own methods")
+
+
+def _add_run_launcher_args(run: argparse.ArgumentParser) -> None:
+    """`run`: how the runs go (in this process, local workers, a SLURM job array)."""
     run.add_argument("--launcher", choices=["none", "local", "slurm"], help="how the runs go: one after another "
                      "in this process (none, the default), --jobs N at a time in local worker processes (local: "
                      "threads split between them, one GPU each where there are GPUs), or as a SLURM job array "
@@ -100,14 +101,36 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
                      "pre-empted) is requeued to resume from its checkpoint (launcher.slurm.max_requeues, "
                      "default 100)")
     run.add_argument("--slurm-account", help="SLURM account to charge")
+
+
+def _add_run_report_args(run: argparse.ArgumentParser) -> None:
+    """`run`: the report rebuilt at the end, and the progress bars."""
     run.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
     run.add_argument("--report-dir", default=None, help="where the report goes (default: <out>/report, or the "
                      "repository's reports/generated when --out is the repository's results/)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+
+def _add_run_parser(sub) -> None:
+    """`run`: its arguments in the order --help lists them."""
+    run = sub.add_parser("run", help="pretrain and evaluate methods on a suite, write run records",
+                         description="Pretrain each method for each seed on the suite's data, evaluate it with "
+                         "the suite's protocols and write one record per run under --out. Finished runs are "
+                         "skipped (records are never overwritten without --force); interrupted runs resume "
+                         "from their last epoch checkpoint under --work-dir.")
+    _add_run_selection_args(run)
+    _add_run_output_args(run)
+    _add_run_setting_args(run)
+    _add_run_launcher_args(run)
+    _add_run_report_args(run)
+
+
+def _add_list_parser(sub) -> None:
     lst = sub.add_parser("list", help="list registered methods, suites (with their methods) and datasets")
     lst.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
 
+
+def _add_config_parser(sub) -> None:
     cfg = sub.add_parser("config", help="print a suite's resolved config (YAML) or the suite-file JSON schema",
                          description="Resolve a suite file plus --set overrides exactly as `run` does and print "
                          "the result as YAML (every default filled in), or one method's resolved settings "
@@ -118,11 +141,24 @@ def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
     cfg.add_argument("--schema", action="store_true", help="print the JSON schema of a suite file")
     cfg.add_argument("--import", dest="imports", nargs="+", default=[], metavar="MODULE")
 
+
+def build_parser(with_evaluate: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark self-supervised methods under one protocol: pretrain, evaluate, record, report.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Lightning's and the libraries' logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    _add_run_parser(sub)
+    _add_list_parser(sub)
+    _add_config_parser(sub)
+
     from benchmarks.init_suite import add_init_suite_parser
 
     add_init_suite_parser(sub)
 
-    from reports.reproduce import add_reproduce_parser  # light: its heavy imports are inside functions
+    from benchmarks.reproduce import add_reproduce_parser  # light: its heavy imports are inside functions
 
     add_reproduce_parser(sub)
 
@@ -145,15 +181,40 @@ def cmd_run(args) -> int:
     from benchmarks.suite_data import load_suite_data
 
     config = load_suite(args.suite, deep_update(parse_set(args.set), cli_overrides(args)))
+    methods = run_methods(args, config)
+    runs = [(seed, name) for seed in config.train.seeds for name in methods]
+    at_once = min(config.launcher.jobs, len(runs)) if config.launcher.name == "local" else 1
+    config = resolve_threads(config, at_once)
+    data_root = default_data_root(args.data_root)
+    notes = check_run_settings(args, config, methods)
+    report_dir = None if args.no_report else report_dir_for(args.out, args.report_dir)
+    check_output_folders(args.out, args.work_dir, report_dir)
+    data = load_suite_data(config, data_root, args.download)
+
+    quiet_libraries(args.verbose)
+    failed, rank_zero = execute_runs(args, config, methods, runs, data, data_root, notes)
+    if report_dir is not None and rank_zero:
+        from reports.build import build_report
+
+        build_report(args.out, report_dir)
+        print(f"report written to {report_dir}/")
+    return 1 if failed else 0
+
+
+def run_methods(args, config) -> list[str]:
+    """The methods `run` runs: --methods, else the suite's methods_to_run; then the reference rows (random init,
+    supervised) unless --no-references."""
     methods = args.methods or config.methods_to_run
     if not methods:
         raise ConfigError("--methods: none given and the suite has no methods_to_run")
     if not args.no_references:
         methods = list(methods) + [r for r in config.references if r not in methods]
-    runs = [(seed, name) for seed in config.train.seeds for name in methods]
-    at_once = min(config.launcher.jobs, len(runs)) if config.launcher.name == "local" else 1
-    config = resolve_threads(config, at_once)
-    data_root = default_data_root(args.data_root)
+    return methods
+
+
+def check_run_settings(args, config, methods: list[str]) -> list[str]:
+    """The checks of `run` that need the methods and the config (before any data is loaded); returns the notes on
+    what --epochs / --batch-size replace."""
     from benchmarks.runner import check_devices, check_method_settings, check_no_pretraining
     from benchmarks.training import check_tracker
 
@@ -165,14 +226,16 @@ def cmd_run(args) -> int:
     if config.launcher.name == "none" and config.launcher.jobs > 1:
         raise ConfigError(f"--jobs {config.launcher.jobs}: needs --launcher local (or slurm); runs go one after "
                           "another without a launcher")
-    report_dir = None if args.no_report else report_dir_for(args.out, args.report_dir)
-    check_output_folders(args.out, args.work_dir, report_dir)
-    data = load_suite_data(config, data_root, args.download)
+    return notes
 
-    quiet_libraries(args.verbose)
+
+def execute_runs(args, config, methods: list[str], runs: list[tuple[int, str]], data, data_root: str,
+                        notes: list[str]) -> tuple[int, bool]:
+    """Every run (in this process, or through the launcher); returns the number of failed runs and whether this
+    process is DDP rank 0 (the one that writes)."""
     from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-    from benchmarks.runner import preflight, run_one
+    from benchmarks.runner import preflight
 
     # DDP ranks > 0 (Lightning reruns this command for them) train along but stay silent and write nothing
     rank_zero = getattr(rank_zero_only, "rank", 0) == 0
@@ -184,24 +247,26 @@ def cmd_run(args) -> int:
     started = time.perf_counter()
     launcher = config.launcher
     if launcher.name == "none":
-        for seed, name in runs:
-            t0 = time.perf_counter()
-            say(f"[{config.name}] {name} seed {seed}: pretraining {config.method(name).epochs} epochs "
-                f"({config.train.threads} CPU thread(s)) ...", flush=True)
-            record = run_one(config, name, seed, args.out, args.work_dir, data=data, data_root=data_root,
-                             force=args.force, restart=args.restart, progress=not args.no_progress, say=say)
-            say(f"[{config.name}] {name} seed {seed}: {run_summary(record)} ({time.perf_counter() - t0:.1f} s)",
-                flush=True)
+        run_in_process(args, config, runs, data, data_root, say)
         failed = 0
     else:
         failed = launch_runs(args, config, runs, data_root, say)
     say(f"{len(runs)} runs in {time.perf_counter() - started:.1f} s; records under {args.out}/{config.name}/")
-    if report_dir is not None and rank_zero:
-        from reports.build import build_report
+    return failed, rank_zero
 
-        build_report(args.out, report_dir)
-        print(f"report written to {report_dir}/")
-    return 1 if failed else 0
+
+def run_in_process(args, config, runs: list[tuple[int, str]], data, data_root: str, say) -> None:
+    """The runs one after another in this process (no launcher), each said before and after."""
+    from benchmarks.runner import run_one
+
+    for seed, name in runs:
+        t0 = time.perf_counter()
+        say(f"[{config.name}] {name} seed {seed}: pretraining {config.method(name).epochs} epochs "
+            f"({config.train.threads} CPU thread(s)) ...", flush=True)
+        record = run_one(config, name, seed, args.out, args.work_dir, data=data, data_root=data_root,
+                         force=args.force, restart=args.restart, progress=not args.no_progress, say=say)
+        say(f"[{config.name}] {name} seed {seed}: {run_summary(record)} ({time.perf_counter() - t0:.1f} s)",
+            flush=True)
 
 
 def run_summary(record: dict) -> str:
@@ -361,8 +426,8 @@ def budget_notes(args, methods: list[str]) -> list[str]:
 
 
 def cmd_reproduce(args) -> int:
-    """`reproduce` (reports.reproduce): its missing runs go through cmd_run, exactly as `run` would run them."""
-    from reports.reproduce import reproduce
+    """`reproduce` (benchmarks.reproduce): its missing runs go through cmd_run, exactly as `run` would run them."""
+    from benchmarks.reproduce import reproduce
 
     return reproduce(args, lambda argv: cmd_run(build_parser(with_evaluate=False).parse_args(argv)))
 

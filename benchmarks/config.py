@@ -395,15 +395,24 @@ def available_suites() -> list[str]:
 
 
 def suite_path(suite: str) -> Path:
-    path = Path(suite)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"--suite: no such file {path.resolve()}")
-        return path
-    candidate = CONFIG_DIR / f"{suite}.yaml"
+    """The suite file `--suite` names: a shipped suite, or a YAML file (relative to the working directory)."""
+    return _suite_file(suite, "--suite")
+
+
+def _suite_file(value: str, where: str, including_file: Path | None = None) -> Path:
+    """The file a suite reference names: a shipped suite name (configs/<name>.yaml), or a .yaml path -- as given
+    for --suite, relative to `including_file`'s folder (resolved) for its `base:`. Errors start with `where`."""
+    if Path(value).suffix in (".yaml", ".yml"):
+        candidate = Path(value) if including_file is None else (including_file.parent / value).resolve()
+        if not candidate.is_file():
+            hint = "" if including_file is None else " (a path is relative to the including file)"
+            raise ConfigError(f"{where}: no such file {candidate.resolve()}{hint}")
+        return candidate
+    candidate = CONFIG_DIR / f"{value}.yaml"
     if not candidate.is_file():
-        raise ConfigError(f"--suite: unknown suite '{suite}'; available: {', '.join(available_suites())} "
-                          f"(or a path to a .yaml file){did_you_mean(suite, available_suites())}")
+        relative = "" if including_file is None else ", relative to this file"
+        raise ConfigError(f"{where}: unknown suite '{value}'; available: {', '.join(available_suites())} "
+                          f"(or a path to a .yaml file{relative}){did_you_mean(value, available_suites())}")
     return candidate
 
 
@@ -446,16 +455,7 @@ def _base_path(value: Any, path: Path) -> Path:
     """The file `base: value` in the suite file `path` names: a shipped suite, or a YAML file relative to `path`."""
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{path}: base: expected a shipped suite name or a path to a .yaml file, got {value!r}")
-    if Path(value).suffix in (".yaml", ".yml"):
-        candidate = (path.parent / value).resolve()
-        if not candidate.is_file():
-            raise ConfigError(f"{path}: base: no such file {candidate} (a path is relative to the including file)")
-        return candidate
-    candidate = CONFIG_DIR / f"{value}.yaml"
-    if not candidate.is_file():
-        raise ConfigError(f"{path}: base: unknown suite '{value}'; available: {', '.join(available_suites())} "
-                          f"(or a path to a .yaml file, relative to this file){did_you_mean(value, available_suites())}")
-    return candidate
+    return _suite_file(value, f"{path}: base", including_file=path)
 
 
 def _read_yaml_mapping(path: Path) -> dict:

@@ -684,42 +684,49 @@ IMAGEFOLDER_OPTION_HELP = {
 }
 
 
-@register_loader("imagefolder", splits=IMAGEFOLDER_SPLITS, option_help=IMAGEFOLDER_OPTION_HELP)
-def load_imagefolder(split: str, root: Path | None = None, download: bool = False, image_size: int = 32,
-                     channels: int = 3, in_memory: bool = False, verify: bool = True, storage: str = "memory"
-                     ) -> ImageDataset:
-    """Images in ROOT/<split>/<class>/<file>; decoded lazily unless `in_memory`.
+def imagefolder_classes(root: Path) -> list[str]:
+    """The class names of the ImageFolder at `root`: the sorted union of the class folders over all splits
+    present, so label indices agree between train, val and test."""
+    return sorted({d.name for s in IMAGEFOLDER_SPLITS if (root / s).is_dir() for d in _class_dirs(root / s)})
 
-    Options: `image_size` (output side; shorter side resized, then centre crop), `channels` (3 = RGB,
-    1 = grey), `in_memory` (decode every image now), `verify` (check every file with PIL now, so a
-    broken file fails before training). Class names are the sorted union of class folders over all
-    splits present, so label indices agree between train, val and test.
-    """
+
+def _check_imagefolder_options(image_size: int, channels: int, storage: str) -> None:
     if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size <= 0:
         raise ConfigError(f"imagefolder option image_size must be a positive int, got {image_size!r}")
     if channels not in (1, 3):
         raise ConfigError(f"imagefolder option channels must be 1 or 3, got {channels!r}")
     if storage not in ("memory", "stream", "auto"):
         raise ConfigError(f"dataset.options.storage: got {storage!r}; allowed: memory, stream, auto")
-    root = _resolve_root(root)
-    if storage != "memory":
-        from benchmarks.streaming import EncodedImageFolder, choose_storage
 
-        folder = EncodedImageFolder(root, split, image_size=image_size)
-        chosen = storage if storage == "stream" else choose_storage(len(folder), (channels, image_size, image_size))
-        if chosen == "stream":
-            if channels != 3:
-                raise ConfigError("dataset.options.storage: streaming decodes RGB images; set channels: 3 or "
-                                  "storage: memory")
-            return folder
+
+def _streamed_imagefolder(root: Path, split: str, image_size: int, channels: int, storage: str):
+    """The split as a streamed EncodedImageFolder when `storage` asks for it (stream; auto: when the decoded
+    split would not fit in memory), else None: the images are decoded as usual."""
+    if storage == "memory":
+        return None
+    from benchmarks.streaming import EncodedImageFolder, choose_storage
+
+    folder = EncodedImageFolder(root, split, image_size=image_size)
+    chosen = storage if storage == "stream" else choose_storage(len(folder), (channels, image_size, image_size))
+    if chosen != "stream":
+        return None
+    if channels != 3:
+        raise ConfigError("dataset.options.storage: streaming decodes RGB images; set channels: 3 or "
+                          "storage: memory")
+    return folder
+
+
+def _imagefolder_files(root: Path, split: str) -> tuple[list[str], list[Path], list[int]]:
+    """The classes (over all splits), the split's image files and their labels; a missing split, a split
+    without class folders or images, and an empty class folder are refused, naming the folder."""
+    layout = IMAGEFOLDER_LAYOUT.replace("ROOT", str(root))
     split_dir = root / split
     if not split_dir.is_dir():
-        raise _not_found("ImageFolder data", [split_dir], IMAGEFOLDER_LAYOUT.replace("ROOT", str(root)), None)
+        raise _not_found("ImageFolder data", [split_dir], layout, None)
     class_dirs = _class_dirs(split_dir)
     if not class_dirs:
-        raise DatasetCorruptError(f"{split_dir}: no class folders. Expected layout:\n"
-                                  + IMAGEFOLDER_LAYOUT.replace("ROOT", str(root)))
-    classes = sorted({d.name for s in IMAGEFOLDER_SPLITS if (root / s).is_dir() for d in _class_dirs(root / s)})
+        raise DatasetCorruptError(f"{split_dir}: no class folders. Expected layout:\n" + layout)
+    classes = imagefolder_classes(root)
     index = {name: i for i, name in enumerate(classes)}
     files: list[Path] = []
     labels: list[int] = []
@@ -732,13 +739,32 @@ def load_imagefolder(split: str, root: Path | None = None, download: bool = Fals
             labels.append(index[d.name])
     if not files:
         raise DatasetCorruptError(f"{split_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its class "
-                                  f"folders. Expected layout:\n" + IMAGEFOLDER_LAYOUT.replace("ROOT", str(root)))
+                                  f"folders. Expected layout:\n" + layout)
     if empty:
+        more = f", nor do {len(empty) - 1} more" if len(empty) > 1 else ""
         raise DatasetCorruptError(f"{empty[0]}: the class folder '{empty[0].name}' holds no image files "
-                                  f"({', '.join(IMAGE_EXTENSIONS)})" + (f", nor do {len(empty) - 1} more" if len(empty) > 1
-                                                                        else "")
-                                  + "; add its images or remove the folder (an empty class is a class that can be "
-                                  "neither learnt nor tested)")
+                                  f"({', '.join(IMAGE_EXTENSIONS)}){more}; add its images or remove the folder "
+                                  "(an empty class is a class that can be neither learnt nor tested)")
+    return classes, files, labels
+
+
+@register_loader("imagefolder", splits=IMAGEFOLDER_SPLITS, option_help=IMAGEFOLDER_OPTION_HELP)
+def load_imagefolder(split: str, root: Path | None = None, download: bool = False, image_size: int = 32,
+                     channels: int = 3, in_memory: bool = False, verify: bool = True, storage: str = "memory"
+                     ) -> ImageDataset:
+    """Images in ROOT/<split>/<class>/<file>; decoded lazily unless `in_memory`.
+
+    Options: `image_size` (output side; shorter side resized, then centre crop), `channels` (3 = RGB,
+    1 = grey), `in_memory` (decode every image now), `verify` (check every file with PIL now, so a
+    broken file fails before training). Class names are the sorted union of class folders over all
+    splits present, so label indices agree between train, val and test.
+    """
+    _check_imagefolder_options(image_size, channels, storage)
+    root = _resolve_root(root)
+    streamed = _streamed_imagefolder(root, split, image_size, channels, storage)
+    if streamed is not None:
+        return streamed
+    classes, files, labels = _imagefolder_files(root, split)
     if verify:
         for f in files:
             _verify_image(f)

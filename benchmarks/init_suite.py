@@ -17,6 +17,7 @@ inferred from the images so that it runs without edits:
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.errors import ConfigError
@@ -76,12 +77,10 @@ def _split_files(root: Path, split: str, classes: list[str]) -> tuple[list[Path]
     return files, labels
 
 
-def infer_suite(root: Path, name: str) -> tuple[dict, str]:
-    """The suite mapping for the ImageFolder at `root`, and a summary of what was inferred."""
-    import numpy as np
-    from PIL import Image
-
-    from benchmarks.data import IMAGEFOLDER_LAYOUT, IMAGEFOLDER_SPLITS, ImageFolderReader, _class_dirs
+def _inferred_splits(root: Path) -> tuple[list[str], list[Path], list[Path], str]:
+    """The classes, the train and test image files and the test split's name (test, else val) of the ImageFolder
+    at `root`; a folder without train/, a test split, 2 classes or images in both splits is refused."""
+    from benchmarks.data import IMAGEFOLDER_LAYOUT, imagefolder_classes
 
     layout = IMAGEFOLDER_LAYOUT.replace("ROOT", str(root))
     if not (root / "train").is_dir():
@@ -90,15 +89,38 @@ def infer_suite(root: Path, name: str) -> tuple[dict, str]:
     if test_split is None:
         raise ConfigError(f"--from-folder {root}: no test/ (or val/) folder to evaluate on; move some images of each "
                           f"class there. Expected layout:\n{layout}")
-    classes = sorted({d.name for s in IMAGEFOLDER_SPLITS if (root / s).is_dir() for d in _class_dirs(root / s)})
-    train_files, train_labels = _split_files(root, "train", classes)
+    classes = imagefolder_classes(root)
+    train_files, _ = _split_files(root, "train", classes)
     test_files, _ = _split_files(root, test_split, classes)
     if len(classes) < 2 or not train_files or not test_files:
         raise ConfigError(f"--from-folder {root}: needs at least 2 class folders with images in train/ and "
                           f"{test_split}/ (found {len(classes)} classes, {len(train_files)} train and "
                           f"{len(test_files)} {test_split} images). Expected layout:\n{layout}")
-    step = max(1, len(train_files) // SAMPLE_IMAGES)
-    sample = train_files[::step][:SAMPLE_IMAGES]
+    return classes, train_files, test_files, test_split
+
+
+@dataclass
+class ImageStats:
+    """What init-suite measures on the sampled images."""
+
+    size: int  # the median shorter side (at most MAX_IMAGE_SIZE)
+    grey: bool
+    mean: list[float]  # per channel, of the images decoded as the loader decodes them, in [0, 1]
+    std: list[float]
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grey else 3
+
+
+def _measure_images(root: Path, sample: list[Path]) -> ImageStats:
+    """Size, greyness and per-channel mean/std of the `sample` images (size from the files' headers, the rest from
+    the images decoded at that size)."""
+    import numpy as np
+    from PIL import Image
+
+    from benchmarks.data import ImageFolderReader
+
     sides = []
     for path in sample:
         try:
@@ -113,10 +135,19 @@ def infer_suite(root: Path, name: str) -> tuple[dict, str]:
     reader = ImageFolderReader(sample, size, channels=3)
     pixels = np.stack([reader(i).numpy() for i in range(len(sample))]).astype(np.float64) / 255.0  # [N, 3, S, S]
     grey = bool(np.all(pixels[:, 0] == pixels[:, 1]) and np.all(pixels[:, 1] == pixels[:, 2]))
-    channels = 1 if grey else 3
     pixels = pixels[:, :1] if grey else pixels
     mean = [round(float(m), 4) for m in pixels.mean(axis=(0, 2, 3))]
     std = [max(round(float(s), 4), 1e-3) for s in pixels.std(axis=(0, 2, 3))]
+    return ImageStats(size, grey, mean, std)
+
+
+def infer_suite(root: Path, name: str) -> tuple[dict, str]:
+    """The suite mapping for the ImageFolder at `root`, and a summary of what was inferred."""
+    classes, train_files, test_files, test_split = _inferred_splits(root)
+    step = max(1, len(train_files) // SAMPLE_IMAGES)
+    sample = train_files[::step][:SAMPLE_IMAGES]
+    stats = _measure_images(root, sample)
+    size, grey, channels = stats.size, stats.grey, stats.channels
     backbone = "small_cnn" if size < 32 else ("resnet18_cifar" if size <= 64 else "resnet18")
     view = {"size": size, "count": 2, "scale": [0.5, 1.0] if size < 32 else [0.2, 1.0]}
     if grey:
@@ -137,13 +168,13 @@ def infer_suite(root: Path, name: str) -> tuple[dict, str]:
         "num_classes": len(classes),
         "methods_to_run": ["simclr", "byol"],
         "train": {"epochs": 100, "batch_size": min(256, n_train), "seeds": [0, 1, 2]},
-        "augment": {"normalization": {"mean": mean, "std": std}, "views": [view]},
+        "augment": {"normalization": {"mean": stats.mean, "std": stats.std}, "views": [view]},
         "evaluation": {"protocols": ["knn", "linear", "clustering"], "knn": {"ks": ks}},
     }
     summary = (f"{root}: {len(classes)} classes ({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''}), "
                f"{n_train} train / {len(test_files)} {test_split} images; from {len(sample)} of them: "
-               f"{'grey' if grey else 'colour'} ({channels} channel(s)), {size} px, mean {mean}, std {std}; "
-               f"backbone {backbone}")
+               f"{'grey' if grey else 'colour'} ({channels} channel(s)), {size} px, mean {stats.mean}, "
+               f"std {stats.std}; backbone {backbone}")
     return suite, summary
 
 

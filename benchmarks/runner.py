@@ -63,7 +63,7 @@ from benchmarks.records import (
     write_record,
 )
 from benchmarks.suite_data import SuiteData, check_data_matches, load_suite_data  # noqa: F401  (re-exported)
-from benchmarks.training import MonitorData, OnlineProbe, PretrainModule, Tracker, fit
+from benchmarks.training import MonitorData, OnlineProbe, PretrainModule, PretrainSettings, Tracker, fit
 from methods import get_method
 from methods.base import DataInfo, SSLMethod, Stage
 
@@ -648,11 +648,12 @@ def _pretrain(plan: RunPlan, method: SSLMethod, data: SuiteData, context: RunCon
         last = index == len(stages) - 1
         method.set_stage(index)
         module = PretrainModule(method, build_augment(stage.augment or settings.augment), stage.optimizer,
-                                pretrain_set, stage.batch_size, stage.epochs, plan.seed,
+                                pretrain_set, PretrainSettings(stage.batch_size, stage.epochs, plan.seed, stage=index,
+                                                               channels_last=channels_last,
+                                                               divergence_check_every=20 if on_gpu else 1),
                                 MonitorData(_cap(data.train, train_cfg.online_knn_max_bank), data.test,
                                             data.num_classes, train_cfg.online_knn_every),
-                                channels_last=channels_last, divergence_check_every=20 if on_gpu else 1,
-                                stage=index, online_probe=probe if last else None)
+                                online_probe=probe if last else None)
         # one stage: the run folder itself; several: a folder (and an epoch checkpoint) per stage
         stage_dir = plan.run_dir / f"stage{index + 1}-{stage.name}" if several else plan.run_dir
         stage_fp = f"{plan.fingerprints['training']}-{index}" if several else plan.fingerprints["training"]

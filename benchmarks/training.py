@@ -191,18 +191,29 @@ class MonitorData:
     every: int = 1
 
 
+@dataclass(frozen=True)
+class PretrainSettings:
+    """How one pretraining (or one stage of a multi-stage method) runs, for a PretrainModule."""
+
+    batch_size: int  # per device
+    max_epochs: int
+    seed: int  # the run's seed
+    stage: int = 0  # the stage's index (method.stages)
+    channels_last: bool = False  # the views in channels-last memory format (faster convolutions on GPU)
+    divergence_check_every: int = 1  # steps between checks that the loss is finite (each check syncs the device)
+
+
 class PretrainModule(pl.LightningModule):
     def __init__(self, method: SSLMethod, augment: BatchAugment, optimizer: OptimizerConfig, pretrain: ImageDataset,
-                 batch_size: int, max_epochs: int, seed: int, monitor: MonitorData | None = None,
-                 channels_last: bool = False, divergence_check_every: int = 1, stage: int = 0,
+                 settings: PretrainSettings, monitor: MonitorData | None = None,
                  online_probe: OnlineProbe | None = None):
         super().__init__()
-        self.method, self.augment, self.optim_cfg = method, augment, optimizer
-        self.pretrain, self.batch_size, self.max_epochs, self.seed = pretrain, batch_size, max_epochs, seed
+        self.method, self.augment, self.optim_cfg, self.pretrain = method, augment, optimizer, pretrain
+        self.batch_size, self.max_epochs, self.seed = settings.batch_size, settings.max_epochs, settings.seed
         # the seed of the sample orders and views: the run's for the first stage, a stage-specific one after,
         # so that two stages never draw the same views at the same step
-        self.stage = stage
-        self.stream_seed = seed if stage == 0 else seed * 1_009 + 7_919 * stage
+        self.stage = settings.stage
+        self.stream_seed = self.seed if self.stage == 0 else self.seed * 1_009 + 7_919 * self.stage
         # the online linear probe: a zero-initialised linear classifier on the stop-gradient features of the
         # backbone's first forward pass of each step (no extra forward, no global RNG drawn: the method
         # trains exactly as without it)
@@ -214,8 +225,8 @@ class PretrainModule(pl.LightningModule):
             nn.init.zeros_(self.online_probe.bias)
             self._captured = None
             self._hook = method.backbone.register_forward_hook(self._capture_features)
-        self.monitor, self.channels_last = monitor, channels_last
-        self.divergence_check_every = divergence_check_every
+        self.monitor, self.channels_last = monitor, settings.channels_last
+        self.divergence_check_every = settings.divergence_check_every
         self.history: list[dict] = []
         self._epoch_loss = None
         self._epoch_steps = 0
@@ -774,27 +785,26 @@ def cluster_plugins() -> list:
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
-def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerprint: str, restart: bool = False,
-        progress: bool = True, tracker: Tracker | None = None) -> FitResult:
-    """Train `module` for module.max_epochs epochs; resumes from run_dir/checkpoints/last.ckpt."""
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
+def _resume_point(last: Path, fingerprint: str, restart: bool, max_epochs: int) -> tuple[bool, int, int | None]:
+    """Whether training resumes from the epoch checkpoint `last`, after how many epochs, and at which global step
+    (None: from scratch). --restart deletes it; a foreign or damaged one is refused before any work."""
     if restart and last.exists():
         last.unlink()
-    for stale in ckpt_dir.glob(".*.tmp"):  # left by a process killed while writing (the caller holds the run lock)
+    for stale in last.parent.glob(".*.tmp"):  # left by a process killed while writing (the caller holds the run lock)
         stale.unlink(missing_ok=True)
-    resume = last.exists()
-    epochs_done, resume_step = 0, None
-    if resume:  # refuse a foreign or damaged checkpoint before any work (mmap: reads only what it checks)
-        payload = load_checkpoint_file(last, mmap=True)
-        epochs_done = len(check_resume_payload(payload, fingerprint, last)["history"])
-        resume_step = int(payload.get("global_step", 0))
-        log.warning("resuming from %s after epoch %d of %d (pass --restart to train from scratch)", last,
-                    epochs_done, module.max_epochs)
-        del payload
-    module.fingerprint = fingerprint
-    module.num_workers = train_cfg.num_workers
+    if not last.exists():
+        return False, 0, None
+    payload = load_checkpoint_file(last, mmap=True)  # mmap: reads only what it checks
+    epochs_done = len(check_resume_payload(payload, fingerprint, last)["history"])
+    resume_step = int(payload.get("global_step", 0))
+    log.warning("resuming from %s after epoch %d of %d (pass --restart to train from scratch)", last,
+                epochs_done, max_epochs)
+    return True, epochs_done, resume_step
+
+
+def _build_trainer(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, last: Path,
+                   resume_step: int | None, progress: bool, tracker: Tracker | None) -> pl.Trainer:
+    """The Trainer of `fit`: the epoch checkpoint `last`, the loggers (from `resume_step`), the progress bar."""
     accelerator = train_cfg.accelerator
     precision = resolve_precision(train_cfg.precision, accelerator)
     # CPU runs are bitwise reproducible (and resume bitwise); on GPU deterministic kernels cost too much speed
@@ -802,12 +812,12 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
     loggers = build_loggers(train_cfg.logger, run_dir, resume_step, tracker)
     # one file, last.ckpt, rewritten after every epoch (save_last=True with save_top_k=0 would only write it
     # when training ends: nothing to resume from after a crash)
-    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), filename=last.stem, save_top_k=1, save_last=False,
+    checkpoint = ModelCheckpoint(dirpath=str(last.parent), filename=last.stem, save_top_k=1, save_last=False,
                                  every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
     callbacks = [checkpoint, EpochTimeEstimate()]
     if progress:
         callbacks.append(TimedProgressBar(refresh_rate=max(1, train_cfg.log_every_n_steps)))
-    trainer = pl.Trainer(
+    return pl.Trainer(
         max_epochs=module.max_epochs, accelerator=accelerator, devices=train_cfg.devices,
         strategy=ddp_strategy_for(module.method, train_cfg), num_nodes=train_cfg.num_nodes, precision=precision,
         deterministic=train_cfg.deterministic and on_cpu,
@@ -815,12 +825,15 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
         enable_progress_bar=progress, log_every_n_steps=train_cfg.log_every_n_steps, limit_val_batches=0,
         num_sanity_val_steps=0, default_root_dir=str(run_dir), plugins=[SafeCheckpointIO(), *cluster_plugins()],
     )
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+
+
+def _train(trainer: pl.Trainer, module: PretrainModule, checkpoint: Path | None) -> None:
+    """trainer.fit, resuming from `checkpoint` if given; out of device memory and Ctrl+C come back as errors the
+    command line explains (a ConfigError, a KeyboardInterrupt)."""
     previous_sigint = signal.getsignal(signal.SIGINT)
     was_deterministic = torch.are_deterministic_algorithms_enabled()  # Lightning turns it on for good
     try:
-        trainer.fit(module, ckpt_path=str(last) if resume else None, weights_only=True)
+        trainer.fit(module, ckpt_path=str(checkpoint) if checkpoint is not None else None, weights_only=True)
     except torch.OutOfMemoryError as exc:
         raise ConfigError(f"train.batch_size: out of device memory at batch size {module.batch_size} "
                           f"({(str(exc).splitlines() or [''])[0]}); lower --batch-size or use --precision "
@@ -838,6 +851,20 @@ def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerpri
         raise KeyboardInterrupt from None
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+
+
+def fit(module: PretrainModule, train_cfg: TrainConfig, run_dir: Path, fingerprint: str, restart: bool = False,
+        progress: bool = True, tracker: Tracker | None = None) -> FitResult:
+    """Train `module` for module.max_epochs epochs; resumes from run_dir/checkpoints/last.ckpt."""
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume, epochs_done, resume_step = _resume_point(last, fingerprint, restart, module.max_epochs)
+    module.fingerprint = fingerprint
+    module.num_workers = train_cfg.num_workers
+    trainer = _build_trainer(module, train_cfg, run_dir, last, resume_step, progress, tracker)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _train(trainer, module, last if resume else None)
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     return FitResult(module.history, module.images_seen, module.train_seconds, str(trainer.strategy.root_device),
                      peak, extra={"resumed_after_epochs": epochs_done, "global_rank": trainer.global_rank,

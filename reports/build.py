@@ -24,7 +24,9 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import pandas as pd
 
@@ -42,8 +44,16 @@ from reports.cells import (
     headline_columns,
     leaderboard,
 )
-from reports.data import LoadedRecords, history_frame, load_paper_results, load_records
-from reports.papers import LAYOUTS, PROTOCOLS, layout_cells, pair_with_papers, relevant_papers
+from reports.data import LoadedRecords, device_of, history_frame, load_paper_results, load_records
+from reports.papers import (
+    LAYOUTS,
+    PROTOCOLS,
+    describe,
+    layout_cells,
+    layout_measured,
+    pair_with_papers,
+    relevant_papers,
+)
 from reports.render import to_html, to_latex, to_markdown
 from reports.tables import (
     DASH,
@@ -238,20 +248,6 @@ def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["column", "row", "value", "low", "high", "status", "sort"])
 
 
-class _Names:
-    """Unique, deterministic figure file names."""
-
-    def __init__(self) -> None:
-        self.taken: set[str] = set()
-
-    def __call__(self, stem: str) -> str:
-        name, i = f"{stem}.png", 2
-        while name in self.taken:
-            name, i = f"{stem}-{i}.png", i + 1
-        self.taken.add(name)
-        return name
-
-
 def _budget_text(model: Model, table: tuple) -> str:
     """Seeds, epochs and the pretraining wall time of one table's runs (GPU-hours on a GPU)."""
     suite, dataset, epochs = table
@@ -259,7 +255,7 @@ def _budget_text(model: Model, table: tuple) -> str:
             == (suite, dataset, epochs)]
     seeds = sorted({int(r["seed"]) for r in runs})
     seconds = sum(float(r.get("wall_time_s") or 0.0) for r in runs)
-    on_gpu = any(str(r.get("device", "")).startswith("cuda") for r in runs)
+    on_gpu = any(device_of(r).startswith("cuda") for r in runs)
     cost = f"{seconds / 3600:.2f} GPU-hours" if on_gpu else f"{seconds / 60:.1f} CPU-minutes"
     return (f"{len(runs)} runs, seeds {', '.join(map(str, seeds))}, {epochs} pretraining epochs, "
             f"{cost} of pretraining and evaluation wall time in all")
@@ -269,10 +265,10 @@ def _verdicts(model: Model, table: tuple) -> list[str]:
     """Per headline metric: the best row, its margin to the runner-up, and whether the seeds support it."""
     lines = []
     for group in headline_columns(model, table)[1]:
-        key = group["key"].iloc[0]
+        protocol = group["protocol"].iloc[0]
         order = group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
         best = order.iloc[0]
-        name = f"k-means {best['column']}" if key == "clustering" else best["column"]
+        name = f"k-means {best['column']}" if protocol == "clustering" else best["column"]
         text = f"{name}: best {best['row']} {value_text(best)} (n = {best['n']})"
         if len(order) < 2:
             lines.append(text + "; no other method measured.")
@@ -335,7 +331,7 @@ def _cost_section(model: Model, table: tuple) -> Section:
                                                   & (values["dataset"] == table[1])
                                                   & (values["epochs"] == table[2]), "run"]})
         recs = [model.runs[i].record for i in idx]
-        gpu = any(str(r.get("device", "")).startswith("cuda") for r in recs)
+        gpu = any(device_of(r).startswith("cuda") for r in recs)
         on_gpu |= gpu
         wall = [float(r["wall_time_s"]) for r in recs if r.get("wall_time_s") is not None]
         speed = [float(r["throughput_images_per_s"]) for r in recs if r.get("throughput_images_per_s")]
@@ -348,7 +344,7 @@ def _cost_section(model: Model, table: tuple) -> Section:
                      DASH if not speed else f"{sum(speed) / len(speed):.0f}",
                      DASH if not peak else f"{max(peak):.0f}" + (" (RSS)" if sources == ["process_peak_rss"]
                                                                  else ""),
-                     ", ".join(sorted({str(r.get("device", "?")) for r in recs}))])
+                     ", ".join(sorted({device_of(r) for r in recs}))])
     t = plain_table(["Method", "runs", "wall time per run", "images/s (training)", "peak memory (MB)",
                      "device"], rows, numeric_from=1)
     t.caption = ("Cost as recorded: wall time of one run (pretraining and evaluation, every attempt), mean "
@@ -359,20 +355,76 @@ def _cost_section(model: Model, table: tuple) -> Section:
     return Section("Cost", 3, [t])
 
 
-def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, want_figures: bool,
-                    images: dict[str, bytes], n_boot: int = stats.N_BOOT) -> list[Section]:
-    sections: list[Section] = []
-    names = _Names()
-    cells = model.cells
-    palette = figs.palette_for(sorted(set(cells["row"])))
-    for table in sorted(set(cells["table"])):
-        suite, dataset, epochs = table
-        mine = cells[cells["table"] == table]
+class _Figures:
+    """The report's PNG figures: drawn only when wanted, under unique deterministic names, kept by name."""
+
+    def __init__(self, wanted: bool, cells: pd.DataFrame) -> None:
+        self.wanted, self.images, self.taken = wanted, {}, set()
+        self.palette = figs.palette_for(sorted(set(cells["row"]))) if wanted else {}
+
+    def add(self, stem: str, png: bytes | None, caption: str) -> list[Figure]:
+        if png is None:
+            return []
+        name, i = f"{stem}.png", 2
+        while name in self.taken:
+            name, i = f"{stem}-{i}.png", i + 1
+        self.taken.add(name)
+        self.images[name] = png
+        return [Figure(name, caption)]
+
+    def forest(self, prepared: pd.DataFrame, kind: str, table: tuple) -> list[Figure]:
+        """Each contender's difference to its column's best with the interval of the table's test."""
+        points = _points(prepared, kind) if self.wanted else None
+        if points is None or points.empty:
+            return []
+        col_sort = dict(zip(prepared["_col"], prepared["_col_sort"]))
+        columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
+        row_sort = points.drop_duplicates("row").set_index("row")["sort"].to_dict()
+        rows = sorted(row_sort, key=lambda r: (row_sort[r], r))
+        title = f"{kind_title(kind)}: {heading_of(table)}"
+        png = figs.difference_plot(points, columns, rows, title, {r: self.palette.get(r.split(" (K=")[0]) for r in rows})
+        caption = (f"{kind_title(kind)}, {heading_of(table)}: each method's difference to the best of the column "
+                   "(diamond at 0) with the interval of the table's test (Welch's t over seeds, at the "
+                   f"Holm-consistent level): an interval left of 0 = significantly worse (filled dot), "
+                   f"one that reaches 0 = {TIED} (open dot); x = {UNTESTABLE} not testable (no "
+                   "interval). Reference rows are not contenders and not drawn.")
+        return self.add(f"forest_{_stem(table)}_{kind}", png, caption)
+
+    def curves(self, history: pd.DataFrame, mine: pd.DataFrame, table: tuple) -> list[Section]:
+        """The training curves of one table's runs, labelled as their rows."""
+        hist = history[(history["suite"] == table[0]) & (history["dataset"] == table[1])
+                       & (history["epochs"] == table[2])]
+        if not self.wanted or hist.empty:
+            return []
+        labels = {(m, fp): r for m, fp, r, role in zip(mine["method"], mine["settings_fp"], mine["row"], mine["role"])
+                  if not role}
+        hist = hist.assign(method=[labels.get((m, fp), m) for m, fp in zip(hist["method"], hist["settings_fp"])])
+        order = sorted(set(hist["method"]), key=lambda r: (r.casefold(), r))
         heading = heading_of(table)
-        top = Section(heading, 2)
+        png = figs.curves_chart(hist, order, f"Training curves: {heading}", self.palette)
+        figure = self.add(f"curves_{_stem(table)}", png,
+                          f"Training curves, {heading}: mean over seeds per epoch, band = std over seeds; each "
+                          "method's loss divided by its own first-epoch loss (losses of different methods have "
+                          "different scales); methods with one recorded epoch are not drawn.")
+        return [Section("Training curves", 3, figure)] if figure else []
+
+
+def _stem(table: tuple) -> str:
+    suite, dataset, epochs = table
+    return f"{_slug(suite)}_{_slug(dataset)}_e{epochs}"
+
+
+def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, figures: _Figures,
+                    n_boot: int = stats.N_BOOT) -> list[Section]:
+    """Per table: its heading and row notes, leaderboard, cost, one grid per kind of protocol (with its forest
+    figure) and the training curves."""
+    sections: list[Section] = []
+    cells = model.cells
+    for table in sorted(set(cells["table"])):
+        mine = cells[cells["table"] == table]
+        top = Section(heading_of(table), 2)
         if model.row_notes.get(table):
-            top.blocks.append("Rows of one method with different settings:")
-            top.blocks.append(model.row_notes[table])
+            top.blocks += ["Rows of one method with different settings:", model.row_notes[table]]
         sections += [top, _leaderboard_section(model, table, n_boot), _cost_section(model, table)]
         for kind in KINDS:
             of_kind = mine[mine["kind"] == kind]
@@ -383,43 +435,8 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, wa
             my_pairs = pairs[pairs["cell"].isin(of_kind.index)]
             t = grid_table(prepared, my_pairs, info)
             t.caption = table_caption(of_kind, my_pairs, [KIND_NOTES[kind]])
-            blocks: list = [t]
-            points = _points(prepared, kind) if want_figures else None
-            if want_figures and not points.empty:
-                name = names(f"forest_{_slug(suite)}_{_slug(dataset)}_e{epochs}_{kind}")
-                col_sort = dict(zip(prepared["_col"], prepared["_col_sort"]))
-                columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
-                row_sort: dict = {}
-                for r, key in zip(points["row"], points["sort"]):
-                    row_sort.setdefault(r, key)
-                rows = sorted(row_sort, key=lambda r: (row_sort[r], r))
-                images[name] = figs.difference_plot(points, columns, rows, f"{kind_title(kind)}: {heading}",
-                                                    {r: palette.get(r.split(" (K=")[0]) for r in rows})
-                caption = (f"{kind_title(kind)}, {heading}: each method's difference to the best of the column "
-                           "(diamond at 0) with the interval of the table's test (Welch's t over seeds, at the "
-                           f"Holm-consistent level): an interval left of 0 = significantly worse (filled dot), "
-                           f"one that reaches 0 = {TIED} (open dot); x = {UNTESTABLE} not testable (no "
-                           "interval). Reference rows are not contenders and not drawn.")
-                blocks.append(Figure(name, caption))
-            sections.append(Section(kind_title(kind), 3, blocks))
-        if want_figures:
-            hist = history[(history["suite"] == suite) & (history["dataset"] == dataset)
-                           & (history["epochs"] == epochs)]
-            if not hist.empty:
-                labels = {(m, fp): r for m, fp, r, role in
-                          zip(mine["method"], mine["settings_fp"], mine["row"], mine["role"]) if not role}
-                hist = hist.assign(method=[labels.get((m, fp), m) for m, fp in zip(hist["method"],
-                                                                                   hist["settings_fp"])])
-                order = sorted(set(hist["method"]), key=lambda r: (r.casefold(), r))
-                png = figs.curves_chart(hist, order, f"Training curves: {heading}", palette)
-                if png is not None:
-                    name = names(f"curves_{_slug(suite)}_{_slug(dataset)}_e{epochs}")
-                    images[name] = png
-                    sections.append(Section("Training curves", 3, [Figure(
-                        name, f"Training curves, {heading}: mean over seeds per epoch, band = std over seeds; "
-                              "each method's loss divided by its own first-epoch loss (losses of different "
-                              "methods have different scales); methods with one recorded epoch are not "
-                              "drawn.")]))
+            sections.append(Section(kind_title(kind), 3, [t, *figures.forest(prepared, kind, table)]))
+        sections += figures.curves(history, mine, table)
     return sections
 
 
@@ -433,9 +450,7 @@ def _layout_sections(papers: pd.DataFrame, model: Model, pairs: pd.DataFrame) ->
         grid = layout_cells(layout, papers, pairs)
         # shown when a run fills a cell, or (per-block layouts) when runs measured its protocols at all: then
         # the paper's numbers stand beside ours' "–" and the unmatched list says why they are not compared
-        measured = layout.col_fields == ("protocol",) and not cells.empty and bool(
-            (cells["key"].isin([c[0] for c in layout.cols])
-             & cells["dataset"].isin({r[0] for r in layout.rows})).any())
+        measured = layout_measured(layout, cells)
         if not measured and not any(c for row in grid for _, c in row):
             empty.append(f"{layout.paper} {layout.table}")
             continue
@@ -531,9 +546,9 @@ def _unrelated_section(unrelated: pd.DataFrame) -> Section:
 
 
 def _mapping_section() -> Section:
-    rows = [[p.paper, p.table, p.protocol, p.key or "none",
+    rows = [[p.paper, p.table, p.protocol, describe(p.ours, dict(p.place)) if p.ours else "none",
              ", ".join(f"{k}={v}" for k, v in p.settings) or "–", p.source] for p in PROTOCOLS]
-    t = plain_table(["Paper", "Table", "CSV protocol", "Our key", "Required settings", "Where the paper says "
+    t = plain_table(["Paper", "Table", "CSV protocol", "Ours", "Required settings", "Where the paper says "
                                                                                        "so"],
                     rows)
     t.caption = ("{eval} = the evaluation dataset, {C} = its number of classes, {3C} = three times that. "
@@ -593,57 +608,44 @@ def _record_sections(loaded: LoadedRecords, model: Model) -> list[Section]:
     return sections
 
 
-def build_report(
-    results_dir: str | Path = "results",
-    out_dir: str | Path = "reports/generated",
-    suites: Sequence[str] | None = None,
-    methods: Sequence[str] | None = None,
-    epochs: Sequence[int] | None = None,
-    formats: Iterable[str] = FORMATS,
-    *,
-    paper_csv: str | Path | None = None,
-    figures: bool = True,
-    stderr=None,
-    n_boot: int = stats.N_BOOT,
-) -> dict:
-    """Build the report; return written paths and the data behind the tables.
+@dataclass
+class BuildOptions:
+    """What ``build_report`` builds: filters (None = all), formats, the papers' CSV, figures, where progress
+    goes and the bootstrap resamples."""
 
-    Returns a dict with ``paths`` ({format: Path}), ``figures`` (PNG Paths), ``cells`` (one row per cell,
-    see ``reports.cells.CELL_COLUMNS``; also under ``aggregated``), ``values`` (one row per seed), ``pairs``
-    (paired cells with Δ and Welch p), ``unmatched_paper`` (paper rows not compared, with ``reason``),
-    ``excluded`` (runs not completed), ``skipped`` (``Skipped``), ``superseded`` (``Superseded``),
-    ``history`` and ``leaderboards`` ({table: ranks}).
-    """
-    stderr = sys.stderr if stderr is None else stderr
-    formats = _normalize_formats(formats)
-    results_dir, out_dir = Path(results_dir), Path(out_dir)
-    if not results_dir.is_dir():
-        raise BenchmarkError(f"results folder {results_dir} does not exist or is not a folder; pass "
-                             "--results DIR (the folder of run records that `python -m benchmarks run` "
-                             "writes)")
-    check_out_dir(out_dir, figures)
-    suites = None if suites is None else sorted({str(s) for s in suites})
-    methods = None if methods is None else sorted({str(m) for m in methods})
-    epochs = None if epochs is None else sorted({int(e) for e in epochs})
+    suites: Sequence[str] | None = None
+    methods: Sequence[str] | None = None
+    epochs: Sequence[int] | None = None
+    formats: Iterable[str] = FORMATS
+    paper_csv: str | Path | None = None
+    figures: bool = True
+    stderr: TextIO | None = None
+    n_boot: int = stats.N_BOOT
 
-    loaded = load_records(results_dir, suites, methods, epochs)
+    def __post_init__(self) -> None:
+        self.formats = _normalize_formats(self.formats)
+        self.suites = None if self.suites is None else sorted({str(s) for s in self.suites})
+        self.methods = None if self.methods is None else sorted({str(m) for m in self.methods})
+        self.epochs = None if self.epochs is None else sorted({int(e) for e in self.epochs})
+        self.stderr = sys.stderr if self.stderr is None else self.stderr
+
+
+def _load(results_dir: Path, opts: BuildOptions) -> LoadedRecords:
+    loaded = load_records(results_dir, opts.suites, opts.methods, opts.epochs)
     if loaded.skipped:
         count = len(loaded.skipped)
         print(f"skipped {count} record file{'s' if count != 1 else ''} (the build goes on without "
-              f"{'them' if count != 1 else 'it'}):", file=stderr)
+              f"{'them' if count != 1 else 'it'}):", file=opts.stderr)
         for skipped in loaded.skipped:
-            print(f"  {skipped}", file=stderr)
-    model = build_model(loaded.completed, n_boot)
-    history = history_frame(loaded.completed)
-    papers = relevant_papers(load_paper_results(paper_csv), loaded.completed + loaded.excluded, suites,
-                             methods, epochs)
-    pairs, unmatched = pair_with_papers(model.cells, papers)
+            print(f"  {skipped}", file=opts.stderr)
+    return loaded
 
-    images: dict[str, bytes] = {}
+
+def _summary_section(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> Section:
     summary = Section("Summary", 2, [
         f"{len(loaded.completed)} completed run(s) in the tables; {len(loaded.excluded)} run(s) not "
         f"completed; {len(loaded.superseded)} record(s) superseded; {len(loaded.skipped)} record file(s) "
-        "skipped (all listed in the appendix). " + _filters_text(suites, methods, epochs)])
+        "skipped (all listed in the appendix). " + _filters_text(opts.suites, opts.methods, opts.epochs)])
     for table in sorted(set(model.cells["table"])) if not model.cells.empty else []:
         summary.blocks.append(f"{heading_of(table)} ({_budget_text(model, table)}):")
         summary.blocks.append(_verdicts(model, table) or ["no headline metric (kNN k=20, linear, k-means "
@@ -652,47 +654,71 @@ def build_report(
         summary.blocks.append([str(s) for s in loaded.skipped])
     if not loaded.completed:
         summary.blocks.append("No completed run matches: there is no result table.")
-    how = Section("How to read this", 2, [list(HOW_TO_READ)])
+    return summary
+
+
+def _write(out_dir: Path, sections: list[Section], images: dict[str, bytes], formats) -> tuple[dict, list]:
+    """The figures (stale ones of earlier builds removed) and the report in each format."""
+    figure_paths = [atomic_write_bytes(out_dir / "figures" / name, images[name]) for name in sorted(images)]
+    if (out_dir / "figures").is_dir():
+        for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
+            if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
+                stale.unlink()
+    writers = {"md": lambda: to_markdown(TITLE, sections), "tex": lambda: to_latex(TITLE, sections),
+               "html": lambda: to_html(TITLE, sections, images)}
+    paths: dict[str, Path] = {}
+    for fmt_ in formats:
+        paths[fmt_] = atomic_write_text(out_dir / FILE_NAMES[fmt_], writers[fmt_]())
+        os.chmod(paths[fmt_], OUTPUT_MODE)  # mkstemp creates 0600; a report is meant to be read by others
+    return paths, figure_paths
+
+
+def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[list[Section], dict, dict]:
+    """Every section of the report in order, the figures' PNG bytes, and the data behind the paper tables."""
+    history = history_frame(loaded.completed)
+    papers = relevant_papers(load_paper_results(opts.paper_csv), loaded.completed + loaded.excluded, opts.suites,
+                             opts.methods, opts.epochs)
+    pairs, unmatched = pair_with_papers(model.cells, papers)
+    figures = _Figures(opts.figures, model.cells)
     appendix = Section("Appendix: how the numbers are made", 2,
-                       [[c.format(n_boot=n_boot, seed=stats.SEED) for c in CONVENTIONS]], collapsible=True)
+                       [[c.format(n_boot=opts.n_boot, seed=stats.SEED) for c in CONVENTIONS]], collapsible=True)
     datasets = set(model.cells["dataset"]) if not model.cells.empty else set()
     related, unrelated = split_unrelated(unmatched, datasets)
     details = [_unmatched_section(related), _mapping_section(), _details_section(model),
                *_record_sections(loaded, model), _unrelated_section(unrelated)]
     for section in details:
         section.collapsible = True
-    sections = [summary, how, *_table_sections(model, pairs, history, figures, images, n_boot),
+    sections = [_summary_section(loaded, model, opts), Section("How to read this", 2, [list(HOW_TO_READ)]),
+                *_table_sections(model, pairs, history, figures, opts.n_boot),
                 *_layout_sections(papers, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
                 *details]
+    return sections, figures.images, {"pairs": pairs, "unmatched_paper": unmatched, "history": history}
 
-    figure_paths = [atomic_write_bytes(out_dir / "figures" / name, images[name]) for name in sorted(images)]
-    if (out_dir / "figures").is_dir():
-        for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
-            if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
-                stale.unlink()
-    paths: dict[str, Path] = {}
-    for fmt_ in formats:
-        if fmt_ == "md":
-            text = to_markdown(TITLE, sections)
-        elif fmt_ == "tex":
-            text = to_latex(TITLE, sections)
-        else:
-            text = to_html(TITLE, sections, images)
-        paths[fmt_] = atomic_write_text(out_dir / FILE_NAMES[fmt_], text)
-        os.chmod(paths[fmt_], OUTPUT_MODE)  # mkstemp creates 0600; a report is meant to be read by others
+
+def build_report(results_dir: str | Path = "results", out_dir: str | Path = "reports/generated",
+                 **options) -> dict:
+    """Build the report; return written paths and the data behind the tables. `options`: the fields of
+    ``BuildOptions`` (suites, methods, epochs, formats, paper_csv, figures, stderr, n_boot).
+
+    Returns a dict with ``paths`` ({format: Path}), ``figures`` (PNG Paths), ``cells`` (one row per cell,
+    see ``reports.cells.build_model``; also under ``aggregated``), ``values`` (one row per seed), ``pairs``
+    (paired cells with Δ and Welch p), ``unmatched_paper`` (paper rows not compared, with ``reason``),
+    ``excluded`` (runs not completed), ``skipped`` (``Skipped``), ``superseded`` (``Superseded``),
+    ``history`` and ``leaderboards`` ({table: ranks}).
+    """
+    opts = BuildOptions(**options)
+    results_dir, out_dir = Path(results_dir), Path(out_dir)
+    if not results_dir.is_dir():
+        raise BenchmarkError(f"results folder {results_dir} does not exist or is not a folder; pass "
+                             "--results DIR (the folder of run records that `python -m benchmarks run` "
+                             "writes)")
+    check_out_dir(out_dir, opts.figures)
+    loaded = _load(results_dir, opts)
+    model = build_model(loaded.completed, opts.n_boot)
+    sections, images, data = _sections(loaded, model, opts)
+    paths, figure_paths = _write(out_dir, sections, images, opts.formats)
     tables = sorted(set(model.cells["table"])) if not model.cells.empty else []
-    return {
-        "paths": paths,
-        "figures": figure_paths,
-        "cells": model.cells,
-        "aggregated": model.cells,
-        "values": model.values,
-        "pairs": pairs,
-        "unmatched_paper": unmatched,
-        "excluded": loaded.excluded,
-        "skipped": list(loaded.skipped),
-        "superseded": list(loaded.superseded) + list(model.superseded),
-        "history": history,
-        "leaderboards": {t: leaderboard(model, t, n_boot)[0] for t in tables},
-        "headline": HEADLINE,
-    }
+    return {"paths": paths, "figures": figure_paths, "cells": model.cells, "aggregated": model.cells,
+            "values": model.values, **data, "excluded": loaded.excluded, "skipped": list(loaded.skipped),
+            "superseded": list(loaded.superseded) + list(model.superseded),
+            "leaderboards": {t: leaderboard(model, t, opts.n_boot)[0] for t in tables}, "headline": HEADLINE}

@@ -1,18 +1,17 @@
-"""Records in, tidy data out: reading (schema v2 of ``benchmarks.records``), one record per run identity,
-per-image predictions, and the papers' CSV.
-
-Everything here is data handling without rendering, so each rule can be tested on its own:
+"""Records in, one tidy frame out: reading (``benchmarks.records``), one record per run identity, per-image
+predictions, the tidy frame of metric entries, and the papers' CSV.
 
 * ``load_records`` reads every record file with ``benchmarks.records.read_record`` (schema, checksum and
-  predictions hash), then checks the fields the report reads beyond the schema (``evaluation[key]
-  ["settings"]``, ``clusters[key]``, the predictions' arrays against the recorded metrics). A file that
-  fails any check is ``Skipped`` by name with the reason; the build never stops for one file.
+  predictions hash), then checks the fields the report reads beyond the schema (``clusters[key]``, the
+  predictions' arrays against the recorded metrics). A file that fails any check is ``Skipped`` by name with
+  the reason; the build never stops for one file.
 * One record per run identity (suite, method, epochs, seed, training and evaluation fingerprints): the
   newest by its own ``created`` wins, ties go to the file at its canonical path
   (``benchmarks.records.record_path``), then to the first path in sorted order; the others are
   ``Superseded``.
-* ``per_image`` turns a record's predictions into per-image correctness (classification keys) or cluster
-  assignments (clustering keys), after checking that they reproduce the recorded metrics.
+* ``entries_frame``: one row per (run, metric entry) with the run's identity and the entry's protocol,
+  settings, metric and value -- the report's one source of numbers. An entry's ``key`` only names the
+  predictions' arrays and ``clusters[key]``; nothing reads meaning out of it.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,8 +27,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks.data import dataset_display_name
 from benchmarks.errors import BenchmarkError, RecordError
-from benchmarks.records import iter_record_files, read_predictions, read_record, record_path
+from benchmarks.records import iter_record_files, provenance_of, read_predictions, read_record, record_path
 from reports import stats
 
 PAPER_CSV = Path(__file__).resolve().parent / "paper_results.csv"
@@ -42,28 +41,14 @@ HISTORY_SERIES = ("loss", "online_knn_top1")
 #: tolerance (percentage points) between a metric recomputed from the predictions and the recorded one
 METRIC_TOLERANCE = 0.01
 CLUSTER_SOURCES = ("kmeans", "head")
+CLUSTERING_PROTOCOLS = ("clustering", "clustering_head")
 #: record metric name -> ``ssl_common.clustering_metrics.SCALAR`` name (ACC_MANY_TO_ONE: the producer's
 #: ``as_percent_metrics`` spelling of ACC_M2O)
 CLUSTER_METRICS = {"NMI": "nmi", "AMI": "ami", "ARI": "ari", "ACC": "acc", "ACC_M2O": "acc_many_to_one",
                    "ACC_MANY_TO_ONE": "acc_many_to_one"}
 TOPK = {"top1": 1, "top5": 5}
-_HEAD = re.compile(r"clustering_head_k(\d+)(?:_h(\d+))?")  # _h<i>: a second head with the same K
-_BLOCK = re.compile(r"(.+)_B(\d+)")
-
-
-def is_clustering_key(key: str) -> bool:
-    return key == "clustering" or _HEAD.fullmatch(key) is not None
-
-
-def head_k(key: str) -> int | None:
-    match = _HEAD.fullmatch(key)
-    return int(match.group(1)) if match else None
-
-
-def head_index(key: str) -> int | None:
-    """`clustering_head_k30_h2` -> 2 (several heads of one K); None for the first head of a K."""
-    match = _HEAD.fullmatch(key)
-    return int(match.group(2)) if match and match.group(2) else None
+#: the entry settings that place an entry (not protocol settings a column compares)
+PLACE = ("block", "head", "dataset")
 
 
 @dataclass(frozen=True)
@@ -117,8 +102,13 @@ class LoadedRecords:
     superseded: list[Superseded] = field(default_factory=list)
 
 
-def _casefold_set(values: Iterable[str] | None) -> set[str] | None:
-    return None if values is None else {str(v).strip().casefold() for v in values}
+def evaluations(record: dict) -> dict[str, dict]:
+    """key -> the entry's protocol and settings (one per evaluation; the key names its arrays)."""
+    return {e["key"]: e for e in record["metrics"]}
+
+
+def device_of(record: dict) -> str:
+    return str(provenance_of(record).get("device", "?"))
 
 
 def shown_path(path: Path, results_dir: Path) -> str:
@@ -129,6 +119,10 @@ def shown_path(path: Path, results_dir: Path) -> str:
     except ValueError:
         return path.as_posix()
     return (Path(name) / rel).as_posix() if name else rel.as_posix()
+
+
+def _casefold_set(values: Iterable[str] | None) -> set[str] | None:
+    return None if values is None else {str(v).strip().casefold() for v in values}
 
 
 def selected(record: dict, suites=None, methods=None, epochs=None) -> bool:
@@ -151,39 +145,32 @@ def parse_created(text: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
 
 
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def _cluster_problems(key: str, entry: dict, info) -> list[str]:
+    if not isinstance(info, dict):
+        return [f"clusters['{key}'] is missing"]
+    problems = [f"clusters['{key}']['{name}'] must be a positive integer, got {info.get(name)!r}"
+                for name in ("num_clusters", "num_nonempty", "num_classes")
+                if not (isinstance(info.get(name), int) and not isinstance(info.get(name), bool))
+                or info[name] < 1]
+    if info.get("source") not in CLUSTER_SOURCES:
+        problems.append(f"clusters['{key}']['source'] must be kmeans or head, got {info.get('source')!r}")
+    k = entry["settings"].get("k") if entry["protocol"] == "clustering_head" else None
+    if k is not None and info.get("num_clusters") != k:
+        problems.append(f"clusters['{key}']['num_clusters'] is {info.get('num_clusters')!r}, the entry "
+                        f"says k = {k}")
+    return problems
 
 
 def check_fields(record: dict) -> None:
     """The fields the report reads beyond ``validate_record``: raise RecordError naming each problem."""
-    problems = []
     parse_created(record["created"])
-    for key in sorted(record["metrics"]):
-        entry = record["evaluation"].get(key)
-        if not isinstance(entry, dict):
-            problems.append(f"evaluation['{key}'] is missing (each metric key needs its protocol parameters)")
-        elif not isinstance(entry.get("settings"), dict):
-            problems.append(f"evaluation['{key}']['settings'] must be an object (the protocol's settings)")
-        if not is_clustering_key(key):
-            continue
-        info = record["clusters"].get(key)
-        if not isinstance(info, dict):
-            problems.append(f"clusters['{key}'] is missing")
-            continue
-        for name in ("num_clusters", "num_nonempty", "num_classes"):
-            if not _int(info.get(name)) or info[name] < 1:
-                problems.append(f"clusters['{key}']['{name}'] must be a positive integer, got "
-                                f"{info.get(name)!r}")
-        if info.get("source") not in CLUSTER_SOURCES:
-            problems.append(f"clusters['{key}']['source'] must be kmeans or head, got {info.get('source')!r}")
-        k = head_k(key)
-        if k is not None and info.get("num_clusters") != k:
-            problems.append(f"clusters['{key}']['num_clusters'] is {info.get('num_clusters')!r}, the key "
-                            f"says {k}")
-        for metric in record["metrics"][key]:
-            if metric not in CLUSTER_METRICS:
-                problems.append(f"metrics['{key}'] has an unknown clustering metric '{metric}'")
+    problems = []
+    for key, entry in sorted(evaluations(record).items()):
+        if entry["protocol"] in CLUSTERING_PROTOCOLS:
+            problems += _cluster_problems(key, entry, record["clusters"].get(key))
+    problems += [f"metrics['{e['key']}'] has an unknown clustering metric '{e['metric']}'"
+                 for e in record["metrics"]
+                 if e["protocol"] in CLUSTERING_PROTOCOLS and e["metric"] not in CLUSTER_METRICS]
     if problems:
         raise RecordError("; ".join(problems))
 
@@ -216,73 +203,88 @@ def _check_value(key: str, metric: str, recomputed: float, recorded: float) -> N
                           f"regenerate both")
 
 
+def _clusters_per_image(record: dict, key: str, pred: np.ndarray, labels: np.ndarray, values: dict) -> dict:
+    if pred.shape != labels.shape or pred.min() < 0:
+        raise RecordError(f"predictions '{key}' must be non-negative cluster indices [{len(labels)}], got "
+                          f"{list(pred.shape)}")
+    nonempty, info = len(np.unique(pred)), record["clusters"][key]
+    if nonempty != info["num_nonempty"]:
+        raise RecordError(f"mismatched predictions file: {key} has {nonempty} non-empty clusters, "
+                          f"clusters['{key}'] says {info['num_nonempty']}")
+    out = {}
+    for metric in sorted(values):
+        _check_value(key, metric, stats.clustering_score(labels, pred, CLUSTER_METRICS[metric]), values[metric])
+        out[(key, metric)] = PerImage("clustering", labels, pred.astype(np.int64), _digest(labels))
+    return out
+
+
+def _accuracy_per_image(key: str, pred: np.ndarray, labels: np.ndarray, values: dict) -> dict:
+    if pred.ndim not in (1, 2, 3) or pred.shape[-1 if pred.ndim == 1 else -2] != len(labels):
+        raise RecordError(f"predictions '{key}' must be [n], [n, 5] or [subsets, n, 5] with n = "
+                          f"{len(labels)}, got {list(pred.shape)}")
+    out = {}
+    for metric in sorted(values):
+        k = TOPK.get(metric)
+        if k is None or (pred.ndim == 1 and k > 1):
+            continue  # no per-image form of this metric (e.g. top-5 from top-1 predictions only)
+        correct = _correctness(pred, labels, k)
+        _check_value(key, metric, 100.0 * float(correct.mean()), values[metric])
+        out[(key, metric)] = PerImage("accuracy", labels, correct, _digest(labels))
+    return out
+
+
 def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
     """Per-image data of every (key, metric) the predictions cover, each checked against the metric."""
     if not arrays:
         return {}
     if "labels" not in arrays:
         raise RecordError("predictions file has no 'labels' array")
+    values: dict[str, dict[str, float]] = {}
+    for e in record["metrics"]:
+        values.setdefault(e["key"], {})[e["metric"]] = e["value"]
     out: dict[tuple[str, str], PerImage] = {}
-    for key in sorted(record["metrics"]):
+    for key, entry in sorted(evaluations(record).items()):
         if key not in arrays:
             continue
         labels = _labels_array(arrays, f"{key}:labels" if f"{key}:labels" in arrays else "labels")
         pred = np.asarray(arrays[key])
         if pred.dtype.kind not in "iu":
             raise RecordError(f"predictions '{key}' must be integers, got {pred.dtype}")
-        metrics = record["metrics"][key]
-        if is_clustering_key(key):
-            if pred.shape != labels.shape or pred.min() < 0:
-                raise RecordError(f"predictions '{key}' must be non-negative cluster indices "
-                                  f"[{len(labels)}], got {list(pred.shape)}")
-            nonempty = len(np.unique(pred))
-            if nonempty != record["clusters"][key]["num_nonempty"]:
-                raise RecordError(f"mismatched predictions file: {key} has {nonempty} non-empty clusters, "
-                                  f"clusters['{key}'] says {record['clusters'][key]['num_nonempty']}")
-            for metric in sorted(metrics):
-                name = CLUSTER_METRICS[metric]
-                _check_value(key, metric, stats.clustering_score(labels, pred, name), metrics[metric])
-                out[(key, metric)] = PerImage("clustering", labels, pred.astype(np.int64), _digest(labels))
-            continue
-        if pred.ndim not in (1, 2, 3) or pred.shape[-1 if pred.ndim == 1 else -2] != len(labels):
-            raise RecordError(f"predictions '{key}' must be [n], [n, 5] or [subsets, n, 5] with n = "
-                              f"{len(labels)}, got {list(pred.shape)}")
-        for metric in sorted(metrics):
-            k = TOPK.get(metric)
-            if k is None or (pred.ndim == 1 and k > 1):
-                continue  # no per-image form of this metric (e.g. top-5 from top-1 predictions only)
-            correct = _correctness(pred, labels, k)
-            _check_value(key, metric, 100.0 * float(correct.mean()), metrics[metric])
-            out[(key, metric)] = PerImage("accuracy", labels, correct, _digest(labels))
+        if entry["protocol"] in CLUSTERING_PROTOCOLS:
+            out.update(_clusters_per_image(record, key, pred, labels, values[key]))
+        else:
+            out.update(_accuracy_per_image(key, pred, labels, values[key]))
     _derive_block_averages(record, out)
     return out
 
 
+def _unplaced(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in ("block", "blocks")}
+
+
 def _derive_block_averages(record: dict, out: dict) -> None:
-    """`<probe>_avg` (SSL++: mean over blocks) has no predictions of its own: its per-image correctness is
-    the mean over the blocks' when the blocks' mean reproduces the recorded average (all blocks, or blocks
-    2 and up as in SSL++'s tables); otherwise it has none."""
-    for key in sorted(record["metrics"]):
-        if not key.endswith("_avg"):
+    """An entry with block "avg" (SSL++: mean over blocks) has no predictions of its own: its per-image
+    correctness is the mean over the blocks' (same protocol and settings) when that mean reproduces the
+    recorded average (all blocks, or blocks 2 and up as in SSL++'s tables); otherwise it has none."""
+    for avg in sorted(record["metrics"], key=lambda e: (e["key"], e["metric"])):
+        if avg["settings"].get("block") != "avg" or (avg["key"], avg["metric"]) in out:
             continue
-        prefix = key[: -len("_avg")]
-        for metric, value in sorted(record["metrics"][key].items()):
-            if (key, metric) in out:
+        blocks = sorted((e["settings"]["block"], e["key"]) for e in record["metrics"]
+                        if e["protocol"] == avg["protocol"] and e["metric"] == avg["metric"]
+                        and isinstance(e["settings"].get("block"), int) and (e["key"], e["metric"]) in out
+                        and _unplaced(e["settings"]) == _unplaced(avg["settings"]))
+        for chosen in (blocks, [b for b in blocks if b[0] >= 2]):
+            parts = [out[(k, avg["metric"])] for _, k in chosen]
+            if len(parts) < 2 or len({p.labels_id for p in parts}) != 1:
                 continue
-            blocks = sorted((int(m.group(2)), k) for (k, mt) in out if mt == metric
-                            and (m := _BLOCK.fullmatch(k)) and m.group(1) == prefix)
-            for chosen in (blocks, [b for b in blocks if b[0] >= 2]):
-                parts = [out[(k, metric)] for _, k in chosen]
-                if len(parts) < 2 or len({p.labels_id for p in parts}) != 1:
-                    continue
-                mean = np.mean([p.data for p in parts], axis=0)
-                if abs(100.0 * float(mean.mean()) - value) <= METRIC_TOLERANCE:
-                    out[(key, metric)] = PerImage("accuracy", parts[0].labels, mean, parts[0].labels_id)
-                    break
+            mean = np.mean([p.data for p in parts], axis=0)
+            if abs(100.0 * float(mean.mean()) - avg["value"]) <= METRIC_TOLERANCE:
+                out[(avg["key"], avg["metric"])] = PerImage("accuracy", parts[0].labels, mean, parts[0].labels_id)
+                break
 
 
 def _read_one(path: Path, root: Path) -> Run:
-    record = read_record(path)
+    record = read_record(path)  # schema 2 converted on load
     check_fields(record)
     run = Run(shown_path(path, root), record, parse_created(record["created"]))
     if record["status"] == "completed":
@@ -290,21 +292,15 @@ def _read_one(path: Path, root: Path) -> Run:
     return run
 
 
-def _reason(exc: Exception, path: Path) -> str:
-    message = str(exc)
-    prefix = f"{path}: "
-    message = message[len(prefix):] if message.startswith(prefix) else message
+def _reason(exc: Exception, path: Path, root: Path) -> str:
+    """A skip reason without the file's own path, with the results folder as the report shows it."""
+    message = str(exc).removeprefix(f"{path}: ")
     if not isinstance(exc, RecordError):  # a check of ours that did not expect this content
         message = f"cannot be used ({type(exc).__name__}: {message})"
-    return message
-
-
-def _shown_reason(reason: str, root: Path) -> str:
-    """A skip reason with the results folder as the report shows it (no absolute path, as shown_path)."""
     name = root.name or root.resolve().name
-    reason = reason.replace(str(root.resolve()), name)
+    message = message.replace(str(root.resolve()), name)
     # `--results .`: str(root) is "." -- replacing it would strip every dot of the message
-    return reason.replace(str(root), name) if root.name else reason
+    return message.replace(str(root), name) if root.name else message
 
 
 def identity(record: dict) -> tuple:
@@ -313,16 +309,14 @@ def identity(record: dict) -> tuple:
             fp["evaluation"])
 
 
-def _is_canonical(run: Run, root: Path) -> bool:
-    r = run.record
-    canonical = record_path(root, r["suite"], r["method"], r["epochs"], r["seed"], r["fingerprints"]["run"])
-    return run.path == shown_path(canonical, root)
-
-
 def newest_first(runs: list[Run], root: Path) -> list[Run]:
     """Newest `created` first; ties: the file at its canonical path, then sorted path order."""
-    by_path = sorted(runs, key=lambda r: r.path)
-    by_canonical = sorted(by_path, key=lambda r: not _is_canonical(r, root))
+    def canonical(run: Run) -> bool:
+        r = run.record
+        path = record_path(root, r["suite"], r["method"], r["epochs"], r["seed"], r["fingerprints"]["run"])
+        return run.path == shown_path(path, root)
+
+    by_canonical = sorted(sorted(runs, key=lambda r: r.path), key=lambda r: not canonical(r))
     return sorted(by_canonical, key=lambda r: r.created, reverse=True)
 
 
@@ -335,21 +329,82 @@ def load_records(results_dir: str | Path, suites=None, methods=None, epochs=None
         try:
             run = _read_one(path, root)
         except Exception as exc:  # noqa: BLE001 -- one unreadable file of any kind must not stop the build
-            reason = _shown_reason(_reason(exc, path), root)
-            out.skipped.append(Skipped(shown_path(path, root), reason))
+            out.skipped.append(Skipped(shown_path(path, root), _reason(exc, path, root)))
             continue
         if selected(run.record, suites, methods, epochs):
             groups.setdefault(identity(run.record), []).append(run)
     for key in sorted(groups, key=repr):
         winner, *others = newest_first(groups[key], root)
-        for other in others:
-            out.superseded.append(Superseded(other.path, other.record["created"], winner.path,
-                                             winner.record["created"]))
+        out.superseded += [Superseded(o.path, o.record["created"], winner.path, winner.record["created"])
+                           for o in others]
         (out.completed if winner.record["status"] == "completed" else out.excluded).append(winner)
     out.completed.sort(key=lambda r: r.path)
     out.excluded.sort(key=lambda r: r.path)
     out.superseded.sort(key=lambda s: (s.path, s.what))
     return out
+
+
+def canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def method_section(rec: dict) -> dict | None:
+    """The suite's own `methods.<name>` section of the record's method or variant (as configured), if any."""
+    sections = rec.get("config", {}).get("methods")
+    section = sections.get(rec["method"]) if isinstance(sections, dict) else None
+    return section if isinstance(section, dict) else None
+
+
+def paper_of(rec: dict) -> str | None:
+    """The paper a row may be paired with: a variant (an ablation of a method) only when its own section names
+    one (`paper:`); otherwise it would inherit its base method's paper and be compared with numbers measured
+    under other settings."""
+    if rec.get("variant") and "paper" not in (method_section(rec) or {}):
+        return None
+    return rec["paper_reference"]
+
+
+RUN_COLUMNS = ("suite", "dataset", "epochs", "method", "method_base", "display", "is_reference", "settings_fp",
+               "seed", "paper_reference", "backbone", "hparams")
+
+
+def run_columns(rec: dict) -> dict:
+    """The columns of a run (``RUN_COLUMNS``) that every one of its entries' rows carries."""
+    return {"suite": rec["suite"], "dataset": rec["dataset"], "epochs": rec["epochs"], "method": rec["method"],
+            "method_base": rec["method_base"], "display": rec["method_display"],
+            "is_reference": rec["is_reference"], "settings_fp": rec["fingerprints"]["settings"],
+            "seed": rec["seed"], "paper_reference": paper_of(rec), "backbone": rec["backbone"],
+            "hparams": canonical((rec.get("method_config") or {}).get("hparams") or {})}
+
+
+def entries_frame(runs: list[Run]) -> pd.DataFrame:
+    """The tidy frame: one row per (run, metric entry) -- the run's identity (``run_columns``, ``run`` = its
+    index in `runs`, ``path``, ``created``), the entry's ``protocol``, ``settings`` (canonical JSON; the
+    dict as ``entry``), ``metric``, ``value`` and ``key``, and the number of clusters and classes of
+    clustering entries."""
+    rows = []
+    for i, run in enumerate(runs):
+        rec = run.record
+        common = {**run_columns(rec), "run": i, "path": run.path, "created": run.created}
+        for e in rec["metrics"]:
+            info = rec["clusters"].get(e["key"]) if e["protocol"] in CLUSTERING_PROTOCOLS else None
+            settings = e["settings"]
+            if "dataset" in settings:  # a transfer target by its loader name (schema-2 conversion): as displayed
+                settings = {**settings, "dataset": dataset_display_name(settings["dataset"])}
+            rows.append({**common, "protocol": e["protocol"], "key": e["key"], "metric": e["metric"],
+                         "value": float(e["value"]), "settings": canonical(settings), "entry": settings, "num_clusters": (info or {}).get("num_clusters"),
+                         "num_classes": (info or {}).get("num_classes")})
+    columns = [*RUN_COLUMNS, "run", "path", "created", "protocol", "key", "metric", "value",
+               "settings", "entry", "num_clusters", "num_classes"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def at_place(frame: pd.DataFrame, protocol: str, place: dict) -> pd.Series:
+    """Rows of `frame` (with ``protocol`` and ``entry``) of `protocol` at exactly `place`: its block, head or
+    transfer dataset as given, none of those that `place` does not name (plus any other setting in `place`)."""
+    fits = [all(e.get(k) == v for k, v in place.items()) and not any(k in e and k not in place for k in PLACE)
+            for e in frame["entry"]]
+    return (frame["protocol"] == protocol) & pd.Series(fits, index=frame.index, dtype=bool)
 
 
 def flatten(obj, prefix: str = "") -> dict[str, str]:
@@ -375,13 +430,12 @@ def history_frame(runs: list[Run]) -> pd.DataFrame:
     for run in runs:
         rec = run.record
         for entry in rec["history"]:
-            epoch = entry.get("epoch")
             for series in HISTORY_SERIES:
                 value = entry.get(series)
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     continue
                 rows.append((rec["suite"], rec["dataset"], rec["epochs"], rec["method"],
-                             rec["fingerprints"]["settings"], rec["seed"], float(epoch), series,
+                             rec["fingerprints"]["settings"], rec["seed"], float(entry.get("epoch")), series,
                              float(value)))
     return pd.DataFrame(rows, columns=["suite", "dataset", "epochs", "method", "settings_fp", "seed", "epoch",
                                        "series", "value"])
@@ -398,9 +452,7 @@ def load_paper_results(path: str | Path | None = None) -> pd.DataFrame:
     if missing:
         raise BenchmarkError(f"{path}: missing column(s) {', '.join(missing)}; expected "
                              f"{','.join(PAPER_COLUMNS)}")
-    papers = papers[list(PAPER_COLUMNS)].copy()
-    for column in PAPER_COLUMNS:
-        papers[column] = papers[column].str.strip()
+    papers = papers[list(PAPER_COLUMNS)].apply(lambda column: column.str.strip())
     try:
         papers["epochs"] = pd.array([int(v) if v else None for v in papers["epochs"]], dtype="Int64")
         papers["value"] = [float(v) for v in papers["value"]]

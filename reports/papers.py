@@ -27,61 +27,66 @@ from dataclasses import dataclass
 import pandas as pd
 
 from reports import stats
-from reports.cells import SUBSET_ROLE, is_subset_key
+from reports.cells import SUBSET_PROTOCOLS, SUBSET_ROLE
+from reports.data import at_place
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """A CSV protocol of one paper (table "*" = every table) -> our key and the settings it requires."""
+    """A CSV protocol of one paper (table "*" = every table) -> our protocol, the place of its entry (k, block,
+    head K, transfer dataset: {eval} = the evaluation dataset, {C} = its number of classes, {3C} = three times
+    it) and the protocol settings it requires."""
 
     paper: str
     table: str
     protocol: str
-    key: str | None  # {eval} = the evaluation dataset, {C} = its number of classes, {3C} = three times it
+    ours: str | None  # our protocol (a metric entry's), None: no counterpart
+    place: tuple[tuple[str, object], ...]
     settings: tuple[tuple[str, object], ...]
     source: str  # where the paper says so
 
 
+def _sslpp(table: str, protocol: str, ours: str, source: str) -> tuple[Protocol, ...]:
+    return tuple(Protocol("sslpp", table, f"{protocol}_{'avg' if b == 'avg' else f'B{b}'}", ours, (("block", b),), (),
+                          source) for b in (2, 3, 4, "avg"))
+
+
+_DISS, _SC = "carl-carp-dissertation", "self-classifier"
+_FT50, _FT20 = (("mode", "finetune"), ("epochs", 50)), (("mode", "finetune"), ("epochs", 20))
+_CROP_FLIP = (("views", "crop_flip"),)
+_INSTDISC = "weighted kNN with {} neighbours, following InstDisc (Wu et al.: T = 0.07)"
 #: The one mapping from the papers' protocols to ours (checked against the papers in seeds/).
 PROTOCOLS = (
-    Protocol("carl-carp-dissertation", "*", "linear", "linear", (("views", "crop_flip"),),
+    Protocol(_DISS, "*", "linear", "linear", (), _CROP_FLIP,
              "sec. 5.6, 5.7.1, 5.8: linear evaluation protocol of He et al. (MoCo): linear classifier "
              "on frozen features, trained on random crop + flip views"),
-    Protocol("carl-carp-dissertation", "*", "transfer_linear", "transfer_linear:{eval}", (("epochs", 50),),
+    Protocol(_DISS, "*", "transfer_linear", "transfer", (("dataset", "{eval}"),), (("epochs", 50),),
              "sec. 5.7.2: frozen encoder, linear classifier trained 50 epochs on the target dataset"),
-    Protocol("carl-carp-dissertation", "Table 5.3", "semi_1pct", "semi_1pct",
-             (("mode", "finetune"), ("epochs", 50)),
+    Protocol(_DISS, "Table 5.3", "semi_1pct", "semi", (("fraction", 0.01),), _FT50,
              "sec. 5.7.3: encoder fine-tuned 50 epochs on 1% of the labels"),
-    Protocol("carl-carp-dissertation", "Table 5.3", "semi_10pct", "semi_10pct",
-             (("mode", "finetune"), ("epochs", 50)), "sec. 5.7.3: encoder fine-tuned 50 epochs on 10% of the "
-                                                     "labels"),
-    Protocol("carl-carp-dissertation", "Table 5.3", "finetune_100pct", "finetune_100pct", (("epochs", 50),),
+    Protocol(_DISS, "Table 5.3", "semi_10pct", "semi", (("fraction", 0.1),), _FT50,
+             "sec. 5.7.3: encoder fine-tuned 50 epochs on 10% of the labels"),
+    Protocol(_DISS, "Table 5.3", "finetune_100pct", "finetune", (), (("epochs", 50),),
              "sec. 5.7.4: encoder fine-tuned 50 epochs on all labels"),
-    Protocol("carl-carp-dissertation", "Table 6.2", "semi_1pct", "semi_1pct",
-             (("mode", "finetune"), ("epochs", 20)), "Table 6.2: fine-tuned 20 epochs"),
-    Protocol("carl-carp-dissertation", "Table 6.2", "semi_10pct", "semi_10pct",
-             (("mode", "finetune"), ("epochs", 20)), "Table 6.2: fine-tuned 20 epochs"),
-    Protocol("self-classifier", "*", "linear", "linear", (("views", "crop_flip"),),
+    Protocol(_DISS, "Table 6.2", "semi_1pct", "semi", (("fraction", 0.01),), _FT20, "Table 6.2: fine-tuned 20 epochs"),
+    Protocol(_DISS, "Table 6.2", "semi_10pct", "semi", (("fraction", 0.1),), _FT20, "Table 6.2: fine-tuned 20 epochs"),
+    Protocol(_SC, "*", "linear", "linear", (), _CROP_FLIP,
              "sec. 4.1: standard linear classification protocol on frozen pooled features"),
-    Protocol("self-classifier", "*", "knn_k20", "knn_k20", (("temperature", 0.07),),
-             "sec. 4.3: weighted kNN with 20 neighbours, following InstDisc (Wu et al.: T = 0.07)"),
-    Protocol("self-classifier", "*", "knn_k200", "knn_k200", (("temperature", 0.07),),
-             "sec. 4.3: weighted kNN with 200 neighbours, following InstDisc (Wu et al.: T = 0.07)"),
-    Protocol("self-classifier", "Table 2", "clustering", "clustering_head_k{3C}", (),
+    Protocol(_SC, "*", "knn_k20", "knn", (("k", 20),), (("temperature", 0.07),), "sec. 4.3: " + _INSTDISC.format(20)),
+    Protocol(_SC, "*", "knn_k200", "knn", (("k", 200),), (("temperature", 0.07),),
+             "sec. 4.3: " + _INSTDISC.format(200)),
+    Protocol(_SC, "Table 2", "clustering", "clustering_head", (("k", "{3C}"),), (),
              "sec. 7.2 (CIFAR): fixed output layer of 30 (CIFAR-10) / 60 (CIFAR-100-20) classes, 3x "
              "over-clustering"),
-    Protocol("self-classifier-reimplementation", "Table 1", "clustering", "clustering_head_k{C}", (),
+    Protocol("self-classifier-reimplementation", "Table 1", "clustering", "clustering_head", (("k", "{C}"),), (),
              "sec. 3.3, 5.1: heads of C, 2C, 4C, 8C classes; Table 1 scores the K = classes head "
              "(NMI/AMI/ARI, Hungarian ACC)"),
-    Protocol("uic", "*", "linear", "linear", (("views", "crop_flip"),),
+    Protocol("uic", "*", "linear", "linear", (), _CROP_FLIP,
              "sec. 4: linear probe trained with random crop + horizontal flip"),
-    Protocol("uic", "*", "linear_conv5", None, (), "AlexNet conv5 linear probe: no such probe in this suite"),
-    *(Protocol("sslpp", "Table III", f"block_classifier_{b}", f"block_classifier_{b}", (),
-               "Table III: NIN block classifier on frozen block feature maps") for b in ("B2", "B3", "B4",
-                                                                                         "avg")),
-    *(Protocol("sslpp", "Table V", f"knn_k10_{b}", f"knn_k10_{b}", (),
-               "Table V: kNN, K = 10, plurality vote on pooled block features") for b in ("B2", "B3", "B4",
-                                                                                          "avg")),
+    Protocol("uic", "*", "linear_conv5", None, (), (), "AlexNet conv5 linear probe: no such probe in this suite"),
+    *_sslpp("Table III", "block_classifier", "block_classifier",
+            "Table III: NIN block classifier on frozen block feature maps"),
+    *_sslpp("Table V", "knn_k10", "knn_k10", "Table V: kNN, K = 10, plurality vote on pooled block features"),
 )
 #: registry backbone -> the CSV's name (small_cnn has no paper counterpart)
 BACKBONES = {"resnet18_cifar": "ResNet-18", "resnet18": "ResNet-18", "resnet50": "ResNet-50", "nin": "NIN"}
@@ -104,49 +109,50 @@ def protocol_for(paper: str, table: str, protocol: str) -> Protocol | None:
     return None
 
 
-def our_key(proto: Protocol, row: pd.Series, cells: pd.DataFrame) -> str:
+def place_of(proto: Protocol, row: pd.Series, cells: pd.DataFrame) -> dict:
+    """The place (k, block, head K, transfer dataset) of our entry that the CSV row's protocol names."""
     classes = DATASET_CLASSES.get(row["eval_dataset"])
     if classes is None:  # a dataset the table above does not know: as the records say
         same = cells["dataset"].str.casefold() == row["eval_dataset"].casefold()
         known = cells.loc[same, "num_classes"].dropna()
         classes = int(known.iloc[0]) if len(known) else 0
-    return proto.key.format(eval=row["eval_dataset"], C=classes, **{"3C": 3 * classes})
+    given = {"{eval}": row["eval_dataset"], "{C}": classes, "{3C}": 3 * classes}
+    return {k: given.get(v, v) if isinstance(v, str) else v for k, v in proto.place}
+
+
+def describe(protocol: str, place: dict) -> str:
+    """Our evaluation in words: its protocol and place, e.g. "knn k=20"."""
+    return " ".join([protocol, *(f"{k}={_fmt_setting(v)}" for k, v in place.items())])
 
 
 def _fmt_setting(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def _method_filter(row: pd.Series, cells: pd.DataFrame, key: str) -> tuple[pd.Series, str]:
+def _method_filter(row: pd.Series, cells: pd.DataFrame, subset: bool) -> tuple[pd.Series, str]:
     """Cells of the CSV row's method (see the module docstring), and the reason when there are none."""
     name = row["method"].casefold()
-    if name in ("random", "random init"):
-        mask = (cells["method_base"] == "random_init") & (cells["role"] == "")
-    elif name == "supervised":
-        if is_subset_key(key):
-            mask = (cells["method_base"] == "random_init") & (cells["role"] == SUBSET_ROLE)
-        else:
-            mask = (cells["method_base"] == "supervised") & (cells["role"] == "")
-    else:
-        bases = {b for b, d in BASE_DISPLAY.items() if d.casefold() == name}
-        bases |= set(cells.loc[cells["display"].str.casefold() == name, "method_base"])
-        same = cells["method_base"].isin(bases)
-        mask = same & (cells["paper_reference"] == row["paper"])
-        if not mask.any():
-            refs = sorted({r for r in cells.loc[same, "paper_reference"] if isinstance(r, str)})
-            if same.any():
-                ours = f"follow {', '.join(refs)}" if refs else "name no paper"
-                if refs and cells.loc[same, "paper_reference"].isna().any():
-                    ours += " or none"
-                return mask, (f"our {row['method']} runs {ours} (paper_reference), this row is from "
-                              f"{row['paper']}")
-            return mask, f"no run of {row['method']} (following {row['paper']})"
+    if name in ("random", "random init", "supervised"):
+        base, role = "random_init", ""
+        if name == "supervised":  # in label-subset protocols: the network trained on the labelled images only
+            base, role = ("random_init", SUBSET_ROLE) if subset else ("supervised", "")
+        mask = (cells["method_base"] == base) & (cells["role"] == role)
+        return mask, "" if mask.any() else f"no run of {row['method']} (reference row)"
+    bases = {b for b, d in BASE_DISPLAY.items() if d.casefold() == name}
+    bases |= set(cells.loc[cells["display"].str.casefold() == name, "method_base"])
+    same = cells["method_base"].isin(bases)
+    mask = same & (cells["paper_reference"] == row["paper"])
+    if mask.any():
         return mask, ""
-    return mask, "" if mask.any() else f"no run of {row['method']} (reference row)"
+    if not same.any():
+        return mask, f"no run of {row['method']} (following {row['paper']})"
+    refs = sorted({r for r in cells.loc[same, "paper_reference"] if isinstance(r, str)})
+    ours = f"follow {', '.join(refs)}" if refs else "name no paper"
+    if refs and cells.loc[same, "paper_reference"].isna().any():
+        ours += " or none"
+    return mask, f"our {row['method']} runs {ours} (paper_reference), this row is from {row['paper']}"
 
 
-#: the cell columns ``pairing_candidates`` reads: a report cell has them, and so has a planned run's
-#: prospective cell (``reports.reproduce``), so that the report and the planner decide pairing alike
 #: The method hyperparameters that define a paper row, where the paper names them: (paper, table, pretraining
 #: dataset) -> (hyperparameter, value). A cell pairs only if its method_config.hparams agree (step 7b).
 PAPER_HPARAMS = {
@@ -156,32 +162,18 @@ PAPER_HPARAMS = {
     ("self-classifier-reimplementation", "Table 1", "STL-10"): (("row_tau", 0.07), ("col_tau", 0.05)),
 }
 
+#: the cell columns ``pairing_candidates`` reads: a report cell has them, and so has a planned run's
+#: prospective cell (``benchmarks.reproduce``), so that the report and the planner decide pairing alike
 PAIRING_COLUMNS = ("row", "method_base", "display", "role", "paper_reference", "dataset", "backbone", "epochs",
-                   "key", "settings", "metric", "num_classes")
+                   "protocol", "entry", "key", "settings", "metric", "num_classes")
 
 
-def pairing_candidates(row: pd.Series, cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The one pairing predicate: the cells (suite, method, epochs, protocol key, settings, metric; the
-    columns of ``PAIRING_COLUMNS``) that fit a CSV row on every criterion of the module docstring, or none
-    and the first criterion that fails. The report pairs its cells with it (``pair_with_papers``) and
-    ``python -m benchmarks reproduce`` plans its runs with it, so a plan and its report cannot disagree."""
-    proto = protocol_for(row["paper"], row["table"], row["protocol"])
-    if proto is None or proto.key is None:
-        return cells.iloc[:0], f"protocol {row['protocol']} has no counterpart in this suite"
-    key = our_key(proto, row, cells)
-    transfer = key.startswith("transfer_linear:")
-    if not transfer and row["eval_dataset"].casefold() != row["pretrain_dataset"].casefold():
-        return cells.iloc[:0], (f"evaluated on {row['eval_dataset']} after pretraining on "
-                                f"{row['pretrain_dataset']}")
-    mask, reason = _method_filter(row, cells, key)
-    if reason:
-        return cells.iloc[:0], reason
-    cand = cells[mask]
+def _run_filters(row: pd.Series, cand: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Steps 3-5: pretraining dataset, backbone, epochs."""
     names = ", ".join(sorted(set(cand["row"])))
     same = cand[cand["dataset"].str.casefold() == row["pretrain_dataset"].casefold()]
     if same.empty:
-        return same, (f"no run of {names} on {row['pretrain_dataset']} (ours: "
-                      f"{', '.join(sorted(set(cand['dataset'])))})")
+        return same, f"no run of {names} on {row['pretrain_dataset']} (ours: {', '.join(sorted(set(cand['dataset'])))})"
     cand = same
     same = cand[[BACKBONES.get(b) == row["backbone"] for b in cand["backbone"]]]
     if same.empty:
@@ -191,43 +183,61 @@ def pairing_candidates(row: pd.Series, cells: pd.DataFrame) -> tuple[pd.DataFram
     if same.empty:
         ours = ", ".join(str(e) for e in sorted(set(cand["epochs"])))
         return same, f"our runs have {ours} epochs, the paper {row['epochs']}"
-    cand = same
-    same = cand[cand["key"] == key]
-    if same.empty:
-        kind = sorted({k for k in cand["key"] if k.split("_")[0] == key.split("_")[0]})
-        return same, f"{key} not measured in our runs" + (f" (ours: {', '.join(kind)})" if kind else "")
-    cand = same
-    keep = []
-    mismatches = set()
-    for settings in cand["settings"]:
-        mine = json.loads(settings)
-        wrong = [(k, v) for k, v in proto.settings if mine.get(k, "\0") != v]
+    return same, ""
+
+
+def _agreeing(cand: pd.DataFrame, column: str, required: tuple, what) -> tuple[pd.DataFrame, str]:
+    """The candidates whose `column` (a dict, or JSON of one) has every required (name, value); else the
+    mismatches, each worded by `what(cell, name, ours)`."""
+    keep, mismatches = [], set()
+    for (_, cell), given in zip(cand.iterrows(), cand[column]):
+        mine = json.loads(given) if isinstance(given, str) else (given if isinstance(given, dict) else {})
+        wrong = [(k, v) for k, v in required if mine.get(k, "\0") != v]
         keep.append(not wrong)
-        for k, v in wrong:
-            ours = _fmt_setting(mine[k]) if k in mine else "unset"
-            mismatches.add(f"ours {key} ({k} {ours}), paper {_fmt_setting(v)}")
-    same = cand[keep]
+        mismatches |= {f"{what(cell, k, _fmt_setting(mine[k]) if k in mine else 'unset')}, paper {_fmt_setting(v)}"
+                       for k, v in wrong}
+    return cand[keep], "; ".join(sorted(mismatches))
+
+
+def _evaluation_filters(row: pd.Series, proto: Protocol, cand: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """Steps 6-8: our protocol at the place the paper names, its required settings, the method settings the
+    paper row names, the metric."""
+    place = place_of(proto, row, cand)
+    same = cand[at_place(cand, proto.ours, place)]
     if same.empty:
-        return same, "protocol: " + "; ".join(sorted(mismatches))
-    cand = same
+        kind = sorted(set(cand.loc[cand["protocol"] == proto.ours, "key"]))
+        return same, f"{describe(proto.ours, place)} not measured in our runs" + (
+            f" (ours: {', '.join(kind)})" if kind else "")
+    same, why = _agreeing(same, "settings", proto.settings, lambda c, k, v: f"ours {c['key']} ({k} {v})")
+    if same.empty:
+        return same, f"protocol: {why}"
     required = PAPER_HPARAMS.get((row["paper"], row["table"], row["pretrain_dataset"]), ())
-    if required and "hparams" in cand.columns:  # the method settings that define the paper's row
-        keep, mismatches = [], set()
-        for hparams in cand["hparams"]:
-            mine = json.loads(hparams) if isinstance(hparams, str) else {}
-            wrong = [(k, v) for k, v in required if mine.get(k, "\0") != v]
-            keep.append(not wrong)
-            mismatches |= {f"ours {k} {_fmt_setting(mine[k]) if k in mine else 'unset'}, paper "
-                           f"{_fmt_setting(v)}" for k, v in wrong}
-        same = cand[keep]
+    if required and "hparams" in same.columns:  # the method settings that define the paper's row
+        same, why = _agreeing(same, "hparams", required, lambda c, k, v: f"ours {k} {v}")
         if same.empty:
-            return same, "method settings: " + "; ".join(sorted(mismatches))
-        cand = same
-    same = cand[cand["metric"] == row["metric"]]
+            return same, f"method settings: {why}"
+    cand, same = same, same[same["metric"] == row["metric"]]
     if same.empty:
         ours = ", ".join(sorted(set(cand["metric"])))
-        return same, f"metric {row['metric']} not in our {key} (ours: {ours})"
+        return same, f"metric {row['metric']} not in our {cand['key'].iloc[0]} (ours: {ours})"
     return same, ""
+
+
+def pairing_candidates(row: pd.Series, cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The one pairing predicate: the cells (suite, method, epochs, protocol, settings, metric; the columns
+    of ``PAIRING_COLUMNS``) that fit a CSV row on every criterion of the module docstring, or none and the
+    first criterion that fails. The report pairs its cells with it (``pair_with_papers``) and ``python -m
+    benchmarks reproduce`` plans its runs with it, so a plan and its report cannot disagree."""
+    proto = protocol_for(row["paper"], row["table"], row["protocol"])
+    if proto is None or proto.ours is None:
+        return cells.iloc[:0], f"protocol {row['protocol']} has no counterpart in this suite"
+    if proto.ours != "transfer" and row["eval_dataset"].casefold() != row["pretrain_dataset"].casefold():
+        return cells.iloc[:0], f"evaluated on {row['eval_dataset']} after pretraining on {row['pretrain_dataset']}"
+    mask, reason = _method_filter(row, cells, proto.ours in SUBSET_PROTOCOLS)
+    if reason:
+        return cells.iloc[:0], reason
+    cand, reason = _run_filters(row, cells[mask])
+    return (cand, reason) if reason else _evaluation_filters(row, proto, cand)
 
 
 def relevant_papers(papers: pd.DataFrame, runs, suites=None, methods=None, epochs=None) -> pd.DataFrame:
@@ -343,6 +353,16 @@ def _matches(papers: pd.DataFrame, fields: tuple[str, ...], values: tuple) -> pd
         mask &= (papers[f].astype(object) == v) if f != "epochs" else \
             (papers[f] == v).fillna(False).astype(bool)
     return mask
+
+
+def layout_measured(layout: Layout, cells: pd.DataFrame) -> bool:
+    """Whether our runs measured a per-protocol layout's protocols on its datasets at all."""
+    if layout.col_fields != ("protocol",) or cells.empty:
+        return False
+    places = [(p.ours, dict(p.place)) for col in layout.cols
+              if (p := protocol_for(layout.paper, layout.table, col[0])) is not None]
+    on_dataset = cells["dataset"].isin({r[0] for r in layout.rows})
+    return any((on_dataset & at_place(cells, ours, place)).any() for ours, place in places)
 
 
 def layout_cells(layout: Layout, papers: pd.DataFrame, pairs: pd.DataFrame) -> list[list[tuple]]:

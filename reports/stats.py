@@ -2,12 +2,11 @@
 
 * Over seeds: ``seed_summary`` (mean, sample std, Student-t interval), ``welch_test`` and
   ``delta_interval`` (ours vs a paper's mean ± std over its runs).
-* Over test images within runs: percentile bootstrap (``bootstrap_interval``, ``accuracy_interval``,
-  ``clustering_interval``) and the paired bootstrap test (``paired_bootstrap_test``,
-  ``paired_bootstrap_metric_test``, ``not_significantly_different_from_best``).
+* Over test images within runs: percentile bootstrap (``accuracy_interval``, ``clustering_interval``).
 * Clustering metrics (NMI, AMI, ARI, one-to-one and many-to-one ACC; ``ssl_common.clustering_metrics``) in
-  percent, averaged over seeds, and their bootstrap (``clustering_interval``, ``paired_clustering_test``).
-* ``average_ranks`` of methods over metrics and seeds.
+  percent, averaged over seeds, and their bootstrap replicates (``clustering_replicates``).
+* Between cells, the unit being the run: ``welch_seed_test`` and ``holm``; ``rank_of_means`` of methods over
+  metrics with a bootstrap over each method's seeds.
 
 Conventions: accuracies and metrics in percent (0-100); arrays of per-image values have the images on
 the last axis, with an optional leading seed axis ([seeds, n]); every run of a suite is scored on the
@@ -20,8 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from functools import partial
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -48,13 +46,6 @@ class Interval(NamedTuple):
     value: float  # the statistic on the data as observed
     ci_low: float
     ci_high: float
-
-
-class PairedTest(NamedTuple):
-    diff: float  # a - b
-    ci_low: float
-    ci_high: float
-    p_value: float
 
 
 class WelchTest(NamedTuple):
@@ -145,41 +136,14 @@ def _resamples(n: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
         yield rng.integers(0, n, size=(min(rows, n_boot - start), n))
 
 
-def _n_images(arrays: Sequence[np.ndarray]) -> int:
-    sizes = {np.shape(a)[-1] for a in arrays}
-    if len(sizes) != 1:
-        raise ValueError(f"arrays disagree on the number of test images (last axis): {sorted(sizes)}")
-    return sizes.pop()
-
-
 def _percentiles(reps: np.ndarray, level: float) -> tuple[float, float]:
     low, high = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
 
 
-def _boot_reps(statistic: Callable, arrays: Sequence[np.ndarray], n_boot: int, seed: int) -> np.ndarray:
-    arrays = [np.asarray(a) for a in arrays]
-    reps = [statistic(*(a[..., i] for a in arrays))
-            for block in _resamples(_n_images(arrays), n_boot, seed) for i in block]
-    return np.asarray(reps, dtype=np.float64)
-
-
 def _boot_means(score: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     """Bootstrap replicates of score.mean() (score: [n]), vectorised over a block of resamples."""
     return np.concatenate([score[block].mean(axis=1) for block in _resamples(len(score), n_boot, seed)])
-
-
-def bootstrap_interval(statistic: Callable, arrays: Sequence, n_boot: int = N_BOOT, level: float = LEVEL,
-                       seed: int = SEED) -> Interval:
-    """Percentile bootstrap interval of ``statistic(*arrays)`` over test images.
-
-    Each replicate resamples the image indices with replacement and applies the same indices to the last
-    axis of every array (pairs of labels/predictions stay together; all seeds see the same images). The
-    percentile interval needs no normality and stays within the statistic's range (e.g. 0-100).
-    """
-    arrays = [np.asarray(a) for a in arrays]
-    reps = _boot_reps(statistic, arrays, n_boot, seed)
-    return Interval(float(statistic(*arrays)), *_percentiles(reps, level))
 
 
 def _per_image_accuracy(correct) -> np.ndarray:
@@ -196,54 +160,10 @@ def accuracy_interval(correct, n_boot: int = N_BOOT, level: float = LEVEL, seed:
 
     ``correct`` is bool [n] or [seeds, n]; the same resampled images serve every seed (the test images are
     shared), so the interval reflects the test-set sampling only. Vectorised; same resamples as
-    ``bootstrap_interval`` with the same seed.
+    the generic bootstrap (a statistic on every resample; tests/test_stats.py) with the same seed.
     """
     score = _per_image_accuracy(correct)
     return Interval(float(score.mean()), *_percentiles(_boot_means(score, n_boot, seed), level))
-
-
-def _paired(diff: float, reps: np.ndarray, level: float) -> PairedTest:
-    # Shift method (hand-written; no library has it): the centred replicates reps - diff approximate the
-    # null distribution of the difference, p = (1 + #{|reps - diff| >= |diff|}) / (n_boot + 1).
-    extreme = int(np.count_nonzero(np.abs(reps - diff) >= abs(diff)))
-    return PairedTest(float(diff), *_percentiles(reps, level), (1 + extreme) / (len(reps) + 1))
-
-
-def paired_bootstrap_test(correct_a, correct_b, n_boot: int = N_BOOT, level: float = LEVEL,
-                          seed: int = SEED) -> PairedTest:
-    """Paired bootstrap test of the accuracy difference a − b, in points (mean over seeds).
-
-    Pairing over images (one resample for both methods and all seeds) removes the image-difficulty
-    variance the two methods share, so it is far more sensitive than comparing two separate intervals.
-    Inputs are bool [n] or [seeds, n] of equal shape, rows matched by seed value: the caller aligns the
-    seeds and, if the methods have different seeds, passes only the common ones. The interval is the
-    percentile interval of the replicates; the two-sided p-value is (1 + #{b: |d*_b − d| >= |d|}) /
-    (n_boot + 1), with d the observed difference and d*_b the replicates (the bootstrap distribution
-    centred on d stands in for the null; the +1 keeps p > 0). p is 1 for identical predictions.
-    """
-    a, b = np.asarray(correct_a), np.asarray(correct_b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired inputs need the same shape (common seeds only): {a.shape} vs {b.shape}")
-    score = _per_image_accuracy(a) - _per_image_accuracy(b)
-    return _paired(float(score.mean()), _boot_means(score, n_boot, seed), level)
-
-
-def paired_bootstrap_metric_test(statistic: Callable, arrays_a: Sequence, arrays_b: Sequence,
-                                 n_boot: int = N_BOOT, level: float = LEVEL, seed: int = SEED) -> PairedTest:
-    """``paired_bootstrap_test`` for any metric: d = statistic(*arrays_a) − statistic(*arrays_b).
-
-    E.g. ``partial(clustering_score, metric="nmi")`` with ``(labels, pred_a)`` and ``(labels, pred_b)``.
-    Each replicate applies one resample of the images to every array of both methods; same interval and
-    p-value construction as ``paired_bootstrap_test``.
-    """
-    arrays_a, arrays_b = [np.asarray(x) for x in arrays_a], [np.asarray(x) for x in arrays_b]
-    k = len(arrays_a)
-
-    def difference(*arrays):
-        return statistic(*arrays[:k]) - statistic(*arrays[k:])
-
-    arrays = [*arrays_a, *arrays_b]
-    return _paired(float(difference(*arrays)), _boot_reps(difference, arrays, n_boot, seed), level)
 
 
 def holm(p_values) -> np.ndarray:
@@ -255,36 +175,6 @@ def holm(p_values) -> np.ndarray:
     out = np.empty_like(p)
     out[order] = adjusted
     return out
-
-
-def not_significantly_different_from_best(per_method: Mapping, alpha: float = 0.05, statistic=None,
-                                          correction: str = "holm", n_boot: int = N_BOOT,
-                                          seed: int = SEED) -> set[str]:
-    """Methods whose paired-bootstrap difference from the best is not significant (the best included).
-
-    ``per_method``: name -> bool [seeds, n] (accuracy; ``paired_bootstrap_test``) or, with ``statistic``,
-    name -> tuple of arrays passed to it (``paired_bootstrap_metric_test``, e.g. clustering NMI). The
-    best has the highest point estimate (ties: first name in sorted order). A method differs when its
-    p-value < alpha after ``correction``: "holm" (default) controls the family-wise error over the
-    m − 1 comparisons of one table column, "none" is per-comparison. Every comparison uses the same
-    resamples (same seed).
-    """
-    if correction not in ("holm", "none"):
-        raise ValueError(f"correction must be 'holm' or 'none', got {correction!r}")
-    names = sorted(per_method)
-    if statistic is None:
-        point = {name: float(_per_image_accuracy(per_method[name]).mean()) for name in names}
-    else:
-        point = {name: float(statistic(*per_method[name])) for name in names}
-    best = max(names, key=lambda name: point[name])  # max keeps the first of equal values
-    others = [name for name in names if name != best]
-    if statistic is None:
-        test = paired_bootstrap_test
-    else:
-        test = partial(paired_bootstrap_metric_test, statistic)
-    p = [test(per_method[best], per_method[other], n_boot, seed=seed).p_value for other in others]
-    p = holm(p) if correction == "holm" else np.asarray(p)
-    return {best} | {name for name, p_o in zip(others, p) if p_o >= alpha}
 
 
 # ------------------------------------------------------------------------------- clustering metrics
@@ -304,7 +194,7 @@ def clustering_score(labels_true, labels_pred, metric: str = "nmi") -> float:
 def clustering_replicates(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT,
                           seed: int = SEED) -> np.ndarray:
     """Bootstrap replicates (percent) of a clustering metric over test images: the same resamples as
-    ``bootstrap_interval`` with the same seed, each replicate's contingency matrices made in one bincount
+    the generic bootstrap (a statistic on every resample; tests/test_stats.py) with the same seed, each replicate's contingency matrices made in one bincount
     for a block of resamples and the metric vectorised over the block; `labels_pred` [n] or [seeds, n]
     (the mean over seeds, as ``clustering_score``).
 
@@ -340,23 +230,13 @@ def _clustering_replicates(y: np.ndarray, preds: np.ndarray, metric: str, n_boot
     return np.concatenate(out)
 
 
-def paired_clustering_test(labels_true, pred_a, pred_b, metric: str = "nmi", n_boot: int = N_BOOT,
-                           level: float = LEVEL, seed: int = SEED) -> PairedTest:
-    """``paired_bootstrap_metric_test`` for a clustering metric of two methods on the same test images
-    (one resample for both), vectorised as ``clustering_replicates``."""
-    diff = clustering_score(labels_true, pred_a, metric) - clustering_score(labels_true, pred_b, metric)
-    reps = (clustering_replicates(labels_true, pred_a, metric, n_boot, seed)
-            - clustering_replicates(labels_true, pred_b, metric, n_boot, seed))
-    return _paired(float(diff), reps, level)
-
-
 def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT,
                         level: float = LEVEL, seed: int = SEED) -> Interval:
     """Percentile bootstrap interval (percent) of a clustering metric over test images.
 
     Resampling images with replacement only reweights the contingency matrix (multinomial weights), so
     each replicate is one bincount of the resampled (class, cluster) pairs plus the metric on a small
-    matrix; the same resamples as ``bootstrap_interval`` with scikit-learn on the resampled labels.
+    matrix; the same resamples as the generic bootstrap (a statistic on every resample; tests/test_stats.py) with scikit-learn on the resampled labels.
     Caveat: duplicated images inflate agreement (NMI, AMI, ACC); with ~100 images per class and K = 100
     the whole interval can lie above the observed value. AMI's replicates share the observed marginals'
     expected mutual information (``clustering_replicates``).
@@ -366,36 +246,6 @@ def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: i
 
 
 # ------------------------------------------------------------------------------------------------ ranks
-
-RANK_COLUMNS = ("method", "mean_rank", "std_rank", "min_rank", "max_rank", "n_seeds")
-
-
-def average_ranks(scores: pd.DataFrame, metrics: Sequence[str] | None = None) -> pd.DataFrame:
-    """Mean rank of each method over seeds (rank 1 = best; higher values are better).
-
-    ``scores`` has rows (method, seed, metric, value). Per (seed, metric) the methods are ranked with
-    ``scipy.stats.rankdata`` (ties share the average rank), the ranks are averaged over ``metrics``
-    (default: all) per (method, seed), then summarised over seeds: mean, std (ddof=1; NaN for one seed),
-    min, max, n_seeds; sorted by mean rank, then name. Seeds are matched by value. A (seed, metric) that
-    any method lacks (or has NaN) is skipped for every method, so all ranks compare the same methods; a
-    seed left with no metric is dropped.
-    """
-    frame = scores[["method", "seed", "metric", "value"]]
-    if metrics is not None:
-        frame = frame[frame["metric"].isin(list(metrics))]
-    if frame.duplicated(["method", "seed", "metric"]).any():
-        raise ValueError("scores has more than one value for some (method, seed, metric)")
-    wide = frame.pivot(index=["seed", "metric"], columns="method", values="value").dropna()
-    ranks = pd.DataFrame(stats.rankdata(-wide.to_numpy(dtype=np.float64), axis=1),
-                         index=wide.index, columns=wide.columns)
-    per_seed = ranks.groupby(level="seed").mean()  # [seed, method]
-    out = pd.DataFrame({"method": per_seed.columns, "mean_rank": per_seed.mean().to_numpy(),
-                        "std_rank": per_seed.std(ddof=1).to_numpy(), "min_rank": per_seed.min().to_numpy(),
-                        "max_rank": per_seed.max().to_numpy(), "n_seeds": len(per_seed)})
-    if per_seed.empty:
-        out = pd.DataFrame(columns=list(RANK_COLUMNS))
-    return out.sort_values(["mean_rank", "method"], kind="stable").reset_index(drop=True)
-
 
 # ------------------------------------------------------------------------------------- over seeds (runs)
 

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from reports.cells import ALPHA, DECIMALS, KIND_TITLES, METRIC_ORDER, key_order, metric_label
-from reports.data import head_index
+from reports.cells import ALPHA, DECIMALS, KIND_TITLES, METRIC_ORDER, column_order, metric_label
 
 DASH = "–"  # nothing measured
 TIED = "†"  # not significantly different from the best of its column
@@ -149,8 +148,8 @@ def row_sort_key(label: str, is_reference: bool) -> tuple:
     return (is_reference, label.casefold(), label)
 
 
-def column_sort_key(key: str, metric: str, settings: str) -> tuple:
-    return (key_order(key), METRIC_ORDER.get(metric, 9), metric, settings)
+def column_sort_key(protocol: str, entry: dict, metric: str, settings: str) -> tuple:
+    return (column_order(protocol, entry), METRIC_ORDER.get(metric, 9), metric, settings)
 
 
 INFO_HEADERS = {"K": "K", "source": "source", "nonempty": "non-empty clusters"}
@@ -210,22 +209,22 @@ def prepare(cells: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Row and column labels and sort keys of one kind's cells (heads: one row per method and K, grouped by K:
     only rows of one K are compared)."""
     if kind == "heads":
-        suffix = [c["column"][len(metric_label(c["key"], c["metric"])):]
-                  + (f" [head {head_index(c['key'])}]" if head_index(c["key"]) else "")
+        suffix = [c["column"][len(metric_label(c["protocol"], c["metric"])):]
+                  + (f" [head {c['entry']['head']}]" if c["entry"].get("head") else "")
                   for _, c in cells.iterrows()]
         return cells.assign(
             _rid=[f"{r}|{k}|{s}" for r, k, s in zip(cells["row"], cells["key"], suffix)],
             _row=[f"{r}{s}" if s else r for r, s in zip(cells["row"], suffix)],
             _row_sort=[(bool(ref), int(k) if str(k).isdigit() else 0, row_sort_key(r, bool(ref)), s)
                        for r, ref, k, s in zip(cells["row"], cells["is_reference"], cells["K"], suffix)],
-            _col=[metric_label(k, m) for k, m in zip(cells["key"], cells["metric"])],
+            _col=[metric_label(p, m) for p, m in zip(cells["protocol"], cells["metric"])],
             _col_sort=[(METRIC_ORDER.get(m, 9), m) for m in cells["metric"]])
     return cells.assign(
         _rid=cells["row"], _row=cells["row"],
         _row_sort=[row_sort_key(r, bool(ref)) for r, ref in zip(cells["row"], cells["is_reference"])],
         _col=cells["column"],
-        _col_sort=[column_sort_key(k, m, s) for k, m, s in
-                   zip(cells["key"], cells["metric"], cells["settings"])])
+        _col_sort=[column_sort_key(p, e, m, s) for p, e, m, s in
+                   zip(cells["protocol"], cells["entry"], cells["metric"], cells["settings"])])
 
 
 def kind_title(kind: str) -> str:

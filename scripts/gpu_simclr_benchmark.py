@@ -58,6 +58,7 @@ from benchmarks.runner import SuiteData, build_augment, build_method  # noqa: E4
 from benchmarks.training import (  # noqa: E402
     EpochBatchSampler,
     PretrainModule,
+    PretrainSettings,
     build_optimizer,
     resolve_precision,
     warmup_cosine,
@@ -172,8 +173,10 @@ def suite_module(config, data: ImageDataset, device: torch.device, seed: int = S
     train_cfg = config.train
     on_gpu = device.type == "cuda"
     channels_last = on_gpu if train_cfg.channels_last == "auto" else bool(train_cfg.channels_last)
-    module = PretrainModule(method, build_augment(settings.augment), settings.optimizer, data, settings.batch_size, 1,
-                            seed, monitor=None, channels_last=channels_last, divergence_check_every=20 if on_gpu else 1)
+    module = PretrainModule(method, build_augment(settings.augment), settings.optimizer, data,
+                            PretrainSettings(settings.batch_size, 1, seed, channels_last=channels_last,
+                                             divergence_check_every=20 if on_gpu else 1),
+                            monitor=None)
     if train_cfg.compile:
         method.backbone = torch.compile(method.backbone)
     module.num_workers = train_cfg.num_workers
@@ -256,10 +259,10 @@ def prepare_cpu_augment_run(config, data: ImageDataset, steps: int, device: torc
     template = suite_module(config, data, device, seed)
     norm = config.augment.normalization
     views = PerImageViews(data, config.augment.views[0], norm.mean, norm.std)
-    module = CpuAugmentModule(template.method, PrecomputedViews(), template.optim_cfg, data, template.batch_size,
-                              1, seed, monitor=None, channels_last=template.channels_last,
-                              divergence_check_every=template.divergence_check_every, workers=workers,
-                              view_dataset=views)
+    module = CpuAugmentModule(template.method, PrecomputedViews(), template.optim_cfg, data,
+                              PretrainSettings(template.batch_size, 1, seed, channels_last=template.channels_last,
+                                               divergence_check_every=template.divergence_check_every),
+                              monitor=None, workers=workers, view_dataset=views)
     module.fingerprint = template.fingerprint
     train_cfg = config.train.model_copy(update={"accelerator": device_kind(device)})
     return suite_trainer(train_cfg, run_dir, steps, progress, callbacks), module

@@ -1,4 +1,5 @@
-"""Synthetic, valid run records (schema version 2) with per-test-image predictions, for the report's tests.
+"""Synthetic, valid run records (schema version 3, built as schema 2 and converted by
+``benchmarks.records.upgrade_record``) with per-test-image predictions, for the report's tests.
 
 No training: predictions are built to a wanted accuracy (exactly round(acc * n / 100) images correct) or
 given as arrays, and the metrics are computed from them (scikit-learn for NMI/AMI/ARI, independent of
@@ -16,13 +17,17 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_mutual_info_score, adjusted_rand_score, normalized_mutual_info_score
 
-from benchmarks.records import SCHEMA_VERSION, record_path, write_record
+from benchmarks.data import DISPLAY_NAMES
+from benchmarks.records import record_path, upgrade_record, write_record
 
 N_TEST = 200
 NUM_CLASSES = 10
 DISPLAY = {"simclr": "SimCLR", "byol": "BYOL", "swav": "SwAV", "carl": "CARL", "carp": "CARP", "uic": "UIC",
            "self_classifier": "Self-Classifier", "sslpp": "SSL++ (Rotation)", "rotation": "Rotation",
            "random_init": "Random init", "supervised": "Supervised", "iic": "IIC"}
+
+
+DISPLAY_NAMES_TO_LOADER = {display: loader for loader, display in DISPLAY_NAMES.items()}
 
 
 def make_labels(n: int = N_TEST, num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -76,17 +81,35 @@ def clustering_metrics(labels: np.ndarray, assign: np.ndarray, k: int) -> dict[s
     return out
 
 
+def protocol_of(key: str) -> str:
+    """The protocol of a schema-2 key as the evaluation records it (the fixtures name evaluations by key)."""
+    for prefix, protocol in (("knn_k10_", "knn_k10"), ("knn_k", "knn"), ("semi_", "semi"), ("finetune_", "finetune"),
+                             ("transfer_linear:", "transfer"), ("clustering_head_", "clustering_head"),
+                             ("block_classifier_", "block_classifier"), ("linear_", "linear")):
+        if key.startswith(prefix):
+            return protocol
+    return key
+
+
 def default_settings(key: str) -> dict:
-    if key == "linear":
+    protocol = protocol_of(key)
+    if protocol == "linear":
         return {"views": "crop_flip", "epochs": 100, "lr": 0.1}
-    if key.startswith("knn_k"):
+    if protocol == "knn":
         return {"k": int(key[5:].split("_")[0]), "temperature": 0.07}
-    if key.startswith("semi_") or key.startswith("finetune_"):
+    if protocol == "semi":
+        size = key[len("semi_"):]
+        return {"mode": "finetune", "epochs": 50, "views": "crop_flip",
+                **({"per_class": int(size[:-len("perclass")])} if size.endswith("perclass")
+                   else {"fraction": round(float(size[:-len("pct")]) / 100, 6)})}
+    if protocol == "finetune":
         return {"mode": "finetune", "epochs": 50, "views": "crop_flip"}
-    if key.startswith("transfer_linear:"):
+    if protocol == "transfer":
         return {"epochs": 50, "lr": 0.1}
-    if key == "clustering":
+    if protocol == "clustering":
         return {"niter": 100, "nredo": 5}
+    if protocol == "clustering_head":
+        return {"source": "head", "k": int(key[len("clustering_head_k"):].split("_")[0])}
     return {}
 
 
@@ -143,14 +166,17 @@ def make_run(*, suite="cifar10", dataset="CIFAR-10", method="simclr", method_bas
     metrics.update(extra_metrics or {})
     for key in metrics:
         chosen = (settings or {}).get(key, default_settings(key))
-        evaluation[key] = {"protocol": key.split(":")[0], "settings": chosen, **(params or {}).get(key, {})}
+        # a transfer evaluation names its target by the dataset's loader name, as the runner records it
+        target = {"target": DISPLAY_NAMES_TO_LOADER.get(key.partition(":")[2], key.partition(":")[2])} \
+            if protocol_of(key) == "transfer" else {}
+        evaluation[key] = {"protocol": protocol_of(key), "settings": chosen, **target, **(params or {}).get(key, {})}
     training = {"suite": suite, "method": method, "method_config": method_config, "backbone": backbone,
                 "epochs": epochs}
     fps = {"training": fingerprint({**training, "seed": seed}), "settings": fingerprint(training),
            "evaluation": fingerprint({k: v["settings"] for k, v in evaluation.items()})}
     fps["run"] = fingerprint([fps["training"], fps["evaluation"]])
     record = {
-        "schema_version": SCHEMA_VERSION, "status": status, "suite": suite, "dataset": dataset,
+        "schema_version": 2, "status": status, "suite": suite, "dataset": dataset,
         "method": method, "method_base": method_base, "variant": variant,
         "method_display": display or DISPLAY.get(method_base, method_base) + (f" ({variant})" if variant
                                                                               else ""),
@@ -163,7 +189,7 @@ def make_run(*, suite="cifar10", dataset="CIFAR-10", method="simclr", method_bas
         "throughput_images_per_s": None, "peak_memory_mb": None, "checkpoint": None,
         "created": created or f"2025-01-01T00:00:{seed:02d}+00:00", "message": message,
     }
-    return record, predictions
+    return upgrade_record(record), predictions
 
 
 def write_run(results: Path, path: Path | str | None = None, **kw) -> Path:

@@ -15,7 +15,7 @@ from benchmarks.backbones import build_backbone
 from benchmarks.cli import main
 from benchmarks.config import load_suite
 from benchmarks.data import load_split
-from benchmarks.records import read_record, same_run_records
+from benchmarks.records import metric_value, read_record, same_run_records
 from benchmarks.runner import build_augment, load_model_file
 
 try:
@@ -42,7 +42,7 @@ def test_cifar10_suite_end_to_end_on_the_fixture(tmp_path, capsys):
     assert record["config"]["augment"]["views"][0]["scale"] == [0.08, 1.0]  # the suite's own pipeline
     (epoch,) = record["history"]
     assert epoch["epoch"] == 1 and epoch["loss"] > 0 and 0 <= epoch["online_knn_top1"] <= 100
-    assert set(record["metrics"]) == {"knn_k1", "knn_k5"}
+    assert {(e["protocol"], e["settings"]["k"]) for e in record["metrics"]} == {("knn", 1), ("knn", 5)}
 
     # independent check of the whole chain: the saved model's clean features + scikit-learn's 1-NN
     model = load_model_file(record["checkpoint"])
@@ -57,7 +57,7 @@ def test_cifar10_suite_end_to_end_on_the_fixture(tmp_path, capsys):
         train_f, test_f = backbone(clean(train.images)).numpy(), backbone(clean(test.images)).numpy()
     knn = KNeighborsClassifier(n_neighbors=1, metric="cosine").fit(train_f, train.labels.numpy())
     expected = 100.0 * (knn.predict(test_f) == test.labels.numpy()).mean()
-    assert record["metrics"]["knn_k1"]["top1"] == pytest.approx(expected, abs=1e-4)
+    assert metric_value(record, "knn", "top1", k=1) == pytest.approx(expected, abs=1e-4)
 
 
 def test_cifar10_suite_without_cifar10_stops_within_seconds(tmp_path):

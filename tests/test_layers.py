@@ -8,9 +8,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("ssl_common", "methods", "benchmarks", "reports")
-# the command-line entry points compose every layer (`run` rebuilds the report at the end): they may
-# import upwards, and nothing imports them
-ENTRY_POINTS = {"benchmarks.cli", "benchmarks.__main__", "benchmarks.evaluate_cli", "reports.__main__"}
+# the command-line entry points compose every layer (`run` rebuilds the report at the end; `reproduce` plans
+# with the report's pairing, runs through `run` and tables): they may import upwards, and nothing imports them
+ENTRY_POINTS = {"benchmarks.cli", "benchmarks.__main__", "benchmarks.evaluate_cli", "benchmarks.reproduce",
+                "reports.__main__"}
 
 
 def module_name(path: Path) -> str:

@@ -11,7 +11,7 @@ import pytest
 import methods
 from benchmarks.cli import main
 from benchmarks.errors import ConfigError, UnknownMethodError
-from benchmarks.records import read_record, same_run_records
+from benchmarks.records import metric_value, read_record, same_run_records
 from methods import available_methods, get_method, import_user_module, register_method
 from methods.base import SSLMethod
 
@@ -130,7 +130,7 @@ def test_user_method_runs_from_the_cli_by_name(tmp_path):
     # the user's epoch hook ran, and the loss is the user's: scale * (2 - 2 cos) lies in [0, 4 * 0.25]
     assert entry["user_hook_epoch"] == 1 and entry["user_scale"] == 0.25
     assert 0 <= entry["loss"] <= 1.0
-    assert 0 <= record["metrics"]["knn_k20"]["top1"] <= 100
+    assert 0 <= metric_value(record, "knn", "top1", k=20) <= 100
     # the run folder is named by the run and its training fingerprint
     assert [p.name for p in (work / "digits").glob("user_cosine_e1_s0*/model.pt")] == ["model.pt"]
 

@@ -29,8 +29,9 @@ def test_cost_table_shows_wall_time_throughput_and_peak_memory_per_row(tmp_path)
              ("byol", 0): (7200.0, 900.0, 2048.0, "cuda:0")}
     for (method, seed), (wall, speed, peak, device) in costs.items():
         record, predictions = make_run(method=method, seed=seed, accuracy={"knn_k20": 80.0 + seed})
-        record.update(wall_time_s=wall, throughput_images_per_s=speed, peak_memory_mb=peak, device=device,
+        record.update(wall_time_s=wall, throughput_images_per_s=speed, peak_memory_mb=peak,
                       peak_memory_source="process_peak_rss" if device == "cpu" else "cuda_max_allocated")
+        record["provenance"]["pretraining"]["device"] = device
         path = record_path(results, "cifar10", method, 200, seed, record["fingerprints"]["run"])
         path.parent.mkdir(parents=True, exist_ok=True)
         write_record(record, path, predictions=predictions)

@@ -1,5 +1,5 @@
 """Report generator: which records count, rows and columns that compare like with like, output (md/tex/html,
-figures), errors, determinism and the HTML render. Records come from tests/record_factory.py (schema v2)."""
+figures), errors, determinism and the HTML render. Records come from tests/record_factory.py (schema v3)."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def make_results(root: Path) -> Path:
     shutil.copy(predictions_path(canonical), beside)
     # an edited copy: its checksum no longer matches
     edited = json.loads(canonical.read_text())
-    edited["metrics"]["linear"]["top1"] = 99.0
+    next(e for e in edited["metrics"] if e["key"] == "linear" and e["metric"] == "top1")["value"] = 99.0
     (results / "backup" / "cifar10" / "byol_edited.json").write_text(json.dumps(edited))
     # unreadable files of every kind
     (results / "digits").mkdir()
@@ -82,7 +82,7 @@ def make_results(root: Path) -> Path:
 
     record, predictions = make_run(suite="digits", dataset="digits", method="simclr",
                                    accuracy={"linear": 80.0})
-    record["metrics"]["linear"]["top1"] = 85.0
+    next(e for e in record["metrics"] if e["key"] == "linear" and e["metric"] == "top1")["value"] = 85.0
     write_record(record, results / "digits" / "mismatch.json", predictions=predictions)
     write_run(results, suite="digits", dataset="digits", method="simclr", backbone="small_cnn", epochs=5,
               accuracy={"linear": 55.5})

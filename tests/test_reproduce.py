@@ -150,7 +150,7 @@ def test_plan_run_and_paper_table_end_to_end_on_digits(capsys, tmp_path, monkeyp
 def test_throughput_figures_are_read_from_their_measurements():
     import yaml
 
-    from reports.reproduce import THROUGHPUT_FILE, load_throughput
+    from benchmarks.reproduce import THROUGHPUT_FILE, load_throughput
 
     listed = yaml.safe_load(THROUGHPUT_FILE.read_text(encoding="utf-8"))["throughput"]
     measured, sizes = load_throughput()

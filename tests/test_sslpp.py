@@ -349,7 +349,7 @@ def _run_stages(run_dir, n=32, crash=None, snapshots=None):
     from benchmarks.augment import BatchAugment, Normalization
     from benchmarks.config import TrainConfig
     from benchmarks.data import ImageDataset
-    from benchmarks.training import PretrainModule, fit
+    from benchmarks.training import PretrainModule, PretrainSettings, fit
 
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     dataset = ImageDataset("tiny", "train", torch.arange(n) % 2, ["a", "b"], images=images)
@@ -371,8 +371,8 @@ def _run_stages(run_dir, n=32, crash=None, snapshots=None):
         method.set_stage(index)
         norm = stage.augment.normalization
         augment = BatchAugment(list(stage.augment.views), Normalization(tuple(norm.mean), tuple(norm.std)))
-        module = PretrainModule(method, augment, stage.optimizer, dataset, stage.batch_size, stage.epochs, seed=0,
-                                stage=index)
+        module = PretrainModule(method, augment, stage.optimizer, dataset,
+                                PretrainSettings(stage.batch_size, stage.epochs, seed=0, stage=index))
         result = fit(module, train_cfg, run_dir / f"stage{index + 1}-{stage.name}", f"fp-{index}", progress=False)
         history += [{**h, "stage": index + 1} for h in result.history]
     return method, history, result
@@ -440,7 +440,7 @@ def test_the_online_knn_monitor_follows_the_network_the_stage_trains():
     the monitor must watch the trunk there, and the evaluated backbone in stage 2 (and in one-stage methods)."""
     from benchmarks.augment import BatchAugment, Normalization, ViewSpec
     from benchmarks.data import ImageDataset
-    from benchmarks.training import MonitorData, PretrainModule
+    from benchmarks.training import MonitorData, PretrainModule, PretrainSettings
     from ssl_common.typed import OptimizerConfig
 
     method = tiny_method("sslpp")
@@ -464,6 +464,7 @@ def test_the_online_knn_monitor_follows_the_network_the_stage_trains():
     spy = Spy()
     method.monitored_backbone = lambda: spy
     module = PretrainModule(method, BatchAugment([ViewSpec(size=8)], Normalization((0.5,), (0.5,))),
-                            OptimizerConfig(), dataset, 4, 1, seed=0, monitor=MonitorData(dataset, dataset, 2, 1))
+                            OptimizerConfig(), dataset, PretrainSettings(4, 1, seed=0),
+                            monitor=MonitorData(dataset, dataset, 2, 1))
     assert 0 <= module.online_knn() <= 100
     assert sum(watched) == 2 * len(dataset)  # the bank and the queries went through the watched network

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -28,6 +27,20 @@ def _planted(n=2000, acc=0.8, extra=60, seed=1):
 
 
 # ------------------------------------------------------------------------------------------- over seeds
+
+
+def generic_replicates(statistic, arrays, n_boot, seed) -> np.ndarray:
+    """Reference bootstrap: `statistic` on every resample of the images (the last axis of every array), the
+    resamples of reports.stats (one generator, the same draws)."""
+    arrays = [np.asarray(a) for a in arrays]
+    return np.asarray([statistic(*(a[..., i] for a in arrays))
+                       for block in stats._resamples(np.shape(arrays[0])[-1], n_boot, seed) for i in block])
+
+
+def generic_interval(statistic, arrays, n_boot, seed) -> stats.Interval:
+    reps = generic_replicates(statistic, arrays, n_boot, seed)
+    low, high = np.quantile(reps, [0.025, 0.975])
+    return stats.Interval(float(statistic(*[np.asarray(a) for a in arrays])), float(low), float(high))
 
 
 def test_seed_summary_closed_form():
@@ -103,14 +116,13 @@ def test_accuracy_interval_shares_images_across_seeds():
     three = stats.accuracy_interval(np.stack([a, a, a]), n_boot=200, seed=3)
     assert three == pytest.approx(one, abs=1e-9)  # independent resampling per seed would narrow it
     rows = np.stack([a, np.roll(a, 7)])
-    generic = stats.bootstrap_interval(lambda c: 100 * c.mean(axis=-1).mean(), (rows,), n_boot=200, seed=3)
+    generic = generic_interval(lambda c: 100 * c.mean(axis=-1).mean(), (rows,), n_boot=200, seed=3)
     assert stats.accuracy_interval(rows, n_boot=200, seed=3) == pytest.approx(generic, abs=1e-9)
 
 
 def test_bootstrap_is_deterministic():
     a, b = _planted(n=800)
     assert stats.accuracy_interval(a, n_boot=300, seed=5) == stats.accuracy_interval(a, n_boot=300, seed=5)
-    assert stats.paired_bootstrap_test(a, b, 300, seed=5) == stats.paired_bootstrap_test(a, b, 300, seed=5)
     y = np.arange(800) % 4
     p = b.astype(np.int64) + 2 * (y % 2)
     first = stats.clustering_interval(y, p, "ami", 50, seed=5)
@@ -118,45 +130,8 @@ def test_bootstrap_is_deterministic():
     assert stats.accuracy_interval(a, n_boot=300, seed=6) != stats.accuracy_interval(a, n_boot=300, seed=5)
 
 
-def test_paired_test_flags_planted_difference():
-    a, b = _planted()
-    res = stats.paired_bootstrap_test(a, b, n_boot=1000, seed=0)
-    assert res.diff == pytest.approx(-3.0, abs=1e-12)
-    assert res.p_value < 0.05 and res.ci_high < 0
-    seeds = stats.paired_bootstrap_test(np.stack([b, b]), np.stack([a, a]), n_boot=1000, seed=0)
-    assert seeds.diff == pytest.approx(3.0, abs=1e-12) and seeds.p_value < 0.05 and seeds.ci_low > 0
-
-
-def test_paired_test_identical_predictions():
-    a, _ = _planted()
-    res = stats.paired_bootstrap_test(a, a.copy(), n_boot=500, seed=0)
-    assert res.diff == 0.0 and res.p_value == 1.0 and res.ci_low <= 0.0 <= res.ci_high
-
-
-def test_paired_metric_test_agrees_with_accuracy_test():
-    a, b = _planted(n=600)
-    generic = stats.paired_bootstrap_metric_test(lambda c: 100 * c.mean(), (a,), (b,), n_boot=300, seed=2)
-    assert generic == pytest.approx(stats.paired_bootstrap_test(a, b, n_boot=300, seed=2), abs=1e-9)
-
-
 def test_holm_adjustment_hand_numbers():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-
-
-def test_not_significantly_different_from_best():
-    a, b = _planted()  # b is best, a is 3 points worse
-    c = b.copy()
-    wrong, right = np.flatnonzero(~c)[0], np.flatnonzero(c)[0]
-    c[wrong], c[right] = True, False  # same accuracy as b, two images swapped
-    per_method = {"a": np.stack([a, a]), "b": np.stack([b, b]), "c": np.stack([c, c])}
-    for correction in ("holm", "none"):
-        flagged = stats.not_significantly_different_from_best(per_method, n_boot=500, correction=correction)
-        assert flagged == {"b", "c"}
-    # with a metric: clustering NMI of labelings that agree with the classes on a / b / c's correct images
-    y = np.arange(len(a)) % 5
-    labels = {name: (y, np.where(v[0], y, (y + 1) % 5)) for name, v in per_method.items()}
-    nmi = partial(stats.clustering_score, metric="nmi")
-    assert stats.not_significantly_different_from_best(labels, statistic=nmi, n_boot=200) == {"b", "c"}
 
 
 # --------------------------------------------------------------------------------- clustering metrics
@@ -200,25 +175,12 @@ def test_clustering_interval_equals_sklearn_on_resampled_labels(metric, score, t
     y = rng.integers(0, 6, 400)
     p = np.where(rng.random(400) < 0.6, y, rng.integers(0, 8, 400))
     ours = stats.clustering_interval(y, p, metric, n_boot=40, seed=11)
-    theirs = stats.bootstrap_interval(lambda t, q: 100 * score(t, q), (y, p), n_boot=40, seed=11)
+    theirs = generic_interval(lambda t, q: 100 * score(t, q), (y, p), n_boot=40, seed=11)
     assert ours == pytest.approx(theirs, abs=tolerance)
     assert ours.ci_low < ours.value < ours.ci_high
     reps = stats.clustering_replicates(y, p, metric, n_boot=40, seed=11)
-    exact = stats._boot_reps(lambda t, q: 100 * score(t, q), [y, p], 40, 11)
+    exact = generic_replicates(lambda t, q: 100 * score(t, q), [y, p], 40, 11)
     assert np.abs(reps - exact).max() <= tolerance
-
-
-def test_paired_clustering_test_matches_the_generic_one_and_flags_identical_as_equal():
-    rng = np.random.default_rng(3)
-    y = rng.integers(0, 5, 300)
-    a = np.where(rng.random(300) < 0.8, y, rng.integers(0, 5, 300))
-    b = np.where(rng.random(300) < 0.5, y, rng.integers(0, 5, 300))
-    fast = stats.paired_clustering_test(y, a, b, "nmi", n_boot=60, seed=2)
-    generic = stats.paired_bootstrap_metric_test(partial(stats.clustering_score, metric="nmi"), (y, a), (y, b),
-                                                 n_boot=60, seed=2)
-    assert fast == pytest.approx(generic, abs=1e-8) and fast.p_value < 0.05
-    same = stats.paired_clustering_test(y, a, a, "nmi", n_boot=60, seed=2)
-    assert same.diff == 0 and same.p_value == 1.0
 
 
 def test_clustering_score_averages_seeds():
@@ -229,43 +191,6 @@ def test_clustering_score_averages_seeds():
 
 
 # ------------------------------------------------------------------------------------------------ ranks
-
-
-def _frame(table):
-    rows = [(method, seed, metric, v) for (method, seed, metric), v in table.items()]
-    return pd.DataFrame(rows, columns=["method", "seed", "metric", "value"])
-
-
-def test_average_ranks_hand_table():
-    table = {
-        ("A", 0, "m1"): 90, ("B", 0, "m1"): 80, ("C", 0, "m1"): 80,  # ranks 1, 2.5, 2.5
-        ("A", 0, "m2"): 50, ("B", 0, "m2"): 60, ("C", 0, "m2"): 40,  # ranks 2, 1, 3
-        ("A", 1, "m1"): 85, ("B", 1, "m1"): 88, ("C", 1, "m1"): 70,  # ranks 2, 1, 3
-        ("A", 1, "m2"): 55, ("B", 1, "m2"): 55, ("C", 1, "m2"): 55,  # ranks 2, 2, 2
-        ("A", 0, "other"): 0, ("B", 0, "other"): 1, ("C", 0, "other"): 2,  # not a headline metric
-    }  # fmt: skip
-    out = stats.average_ranks(_frame(table), metrics=["m1", "m2"])
-    # per seed: A 1.5, 2; B 1.75, 1.5; C 2.75, 2.5
-    assert list(out["method"]) == ["B", "A", "C"]
-    assert out["mean_rank"].tolist() == pytest.approx([1.625, 1.75, 2.625])
-    assert out["std_rank"].tolist() == pytest.approx([0.25, 0.5, 0.25] / np.sqrt(2))
-    assert out["min_rank"].tolist() == [1.5, 1.5, 2.5] and out["max_rank"].tolist() == [1.75, 2.0, 2.75]
-    assert out["n_seeds"].tolist() == [2, 2, 2]
-
-
-def test_average_ranks_skips_missing_cells_for_everyone():
-    table = {
-        ("A", 0, "m1"): 90, ("B", 0, "m1"): 80,
-        ("A", 0, "m2"): 50, ("B", 0, "m2"): 60,
-        ("A", 1, "m1"): 70,  # B lacks seed 1: dropped for both
-        ("A", 2, "m1"): 10, ("B", 2, "m1"): 20, ("A", 2, "m2"): 99,  # B lacks m2 in seed 2: only m1 counts
-    }  # fmt: skip
-    out = stats.average_ranks(_frame(table)).set_index("method")
-    assert out.loc["A", "mean_rank"] == pytest.approx((1.5 + 2) / 2)
-    assert out.loc["B", "mean_rank"] == pytest.approx((1.5 + 1) / 2)
-    assert out["n_seeds"].tolist() == [2, 2]
-    single = stats.average_ranks(_frame({k: v for k, v in table.items() if k[1] == 0}))
-    assert single["std_rank"].isna().all() and single["n_seeds"].tolist() == [1, 1]
 
 
 def test_clustering_replicates_are_computed_once_and_handed_out_as_copies():

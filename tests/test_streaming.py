@@ -250,7 +250,7 @@ def test_a_training_epoch_on_streamed_data_equals_the_in_memory_path_on_the_same
     from benchmarks.backbones import small_cnn
     from benchmarks.config import TrainConfig
     from benchmarks.data import ImageDataset
-    from benchmarks.training import PretrainModule, fit
+    from benchmarks.training import PretrainModule, PretrainSettings, fit
     from methods import get_method
     from methods.base import DataInfo
     from ssl_common.typed import OptimizerConfig
@@ -264,8 +264,8 @@ def test_a_training_epoch_on_streamed_data_equals_the_in_memory_path_on_the_same
         torch.manual_seed(0)
         method = get_method("simclr")(small_cnn(3, width=8), DataInfo(3, len(dataset), 3, 16))
         augment = BatchAugment([ViewSpec(size=16, count=2)], Normalization((0.5,) * 3, (0.5,) * 3))
-        module = PretrainModule(method, augment, OptimizerConfig(lr=0.05), dataset, batch_size=8, max_epochs=1,
-                                seed=0)
+        module = PretrainModule(method, augment, OptimizerConfig(lr=0.05), dataset,
+                                PretrainSettings(batch_size=8, max_epochs=1, seed=0))
         train = TrainConfig(epochs=1, accelerator="cpu", devices=1, precision="32", num_workers=1)
         result = fit(module, train, tmp_path / folder, "fp", progress=False)
         return result.history, {k: v.clone() for k, v in method.state_dict().items()}

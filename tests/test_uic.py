@@ -116,7 +116,11 @@ class Spy:
 
 
 def test_two_epochs_train_against_the_previous_epochs_predictions(tmp_path):
-    from benchmarks.training import PretrainModule, fit  # Lightning: imported here, not in the DDP workers
+    from benchmarks.training import (  # Lightning: imported here, not in the DDP workers
+        PretrainModule,
+        PretrainSettings,
+        fit,
+    )
 
     n = 48
     images = torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -124,7 +128,8 @@ def test_two_epochs_train_against_the_previous_epochs_predictions(tmp_path):
     method = _tiny_uic({"num_classes": 3, "head": "linear"}, num_train=n)
     spy = Spy(method)
     augment = BatchAugment([ViewSpec(size=8, count=2)], Normalization((0.5,), (0.5,)))
-    module = PretrainModule(method, augment, OptimizerConfig(), dataset, batch_size=8, max_epochs=2, seed=0)
+    module = PretrainModule(method, augment, OptimizerConfig(), dataset,
+                            PretrainSettings(batch_size=8, max_epochs=2, seed=0))
     train_cfg = TrainConfig(epochs=2, accelerator="cpu", devices=1, precision="32")
     result = fit(module, train_cfg, tmp_path, "fp", progress=False)
 

@@ -17,7 +17,7 @@ missing runs through `run`'s own code path and builds the table in the paper's l
 with Δ (Markdown, LaTeX, HTML).
 
 The planner predicts which protocol keys a run records from its suite's ``evaluation`` section
-(``expected_keys``); of the methods' own clustering heads it knows the heads a method lists in its
+(``expected_entries``); of the methods' own clustering heads it knows the heads a method lists in its
 ``heads`` hyperparameter (Self-Classifier), the only heads a paper row pairs with.
 """
 
@@ -139,55 +139,54 @@ def normalize_table(paper: str, table: str | None, papers) -> list[str]:
                       f"{tables[0].split()[-1]!r})")
 
 
-def _section(key: str) -> str:
-    from benchmarks.evaluation.protocols import protocol_of
-
-    section = protocol_of(key)
-    if section is None:
-        raise ConfigError(f"protocol key {key!r}: no evaluation protocol of this suite produces it")
-    return section
-
-
-def expected_keys(config, method) -> list[tuple[str, dict, tuple[str, ...], dict | None]]:
-    """(key, settings, metrics, cluster info) of every protocol key a run of `method` under `config` records,
-    from the suite's evaluation section (the settings as benchmarks.evaluation.protocols stores them)."""
+def expected_entries(config, method) -> list[tuple[str, str, dict, tuple[str, ...], dict | None]]:
+    """(key, protocol, settings, metrics, cluster info) of every evaluation a run of `method` under `config`
+    records, from the suite's evaluation section (the settings as benchmarks.evaluation.protocols stores them,
+    with the entry's place: block, head, transfer dataset)."""
     from benchmarks.data import dataset_display_name
     from benchmarks.evaluation.semi import metric_key as semi_key
 
     ev, classes, out = config.evaluation, config.num_classes, []
     for p in ev.protocols:
         if p == "knn":
-            out += [(f"knn_k{k}", {"k": k, "temperature": ev.knn.temperature}, TOP, None) for k in ev.knn.ks]
+            out += [(f"knn_k{k}", p, {"k": k, "temperature": ev.knn.temperature}, TOP, None) for k in ev.knn.ks]
         elif p in ("linear", "online_linear", "finetune"):
-            key = {"finetune": "finetune_100pct"}.get(p, p)
-            out.append((key, getattr(ev, p).model_dump(mode="json"), TOP, None))
+            out.append(({"finetune": "finetune_100pct"}.get(p, p), p, getattr(ev, p).model_dump(mode="json"), TOP,
+                        None))
         elif p == "semi":
             base = ev.semi.model_dump(mode="json", exclude={"fractions", "per_class"})
-            out += [(semi_key(f), {**base, "fraction": f}, TOP, None) for f in ev.semi.fractions]
-            out += [(f"semi_{n}perclass", {**base, "per_class": n}, TOP, None) for n in ev.semi.per_class]
+            out += [(semi_key(f), p, {**base, "fraction": f}, TOP, None) for f in ev.semi.fractions]
+            out += [(f"semi_{n}perclass", p, {**base, "per_class": n}, TOP, None) for n in ev.semi.per_class]
         elif p == "transfer":
             budget = ev.transfer.model_dump(mode="json", exclude={"targets"})
-            out += [(f"transfer_linear:{dataset_display_name(t)}", budget, TOP, None) for t in ev.transfer.targets]
+            out += [(f"transfer_linear:{dataset_display_name(t)}", p, {**budget, "dataset": dataset_display_name(t)},
+                     TOP, None) for t in ev.transfer.targets]
         elif p == "clustering":
-            info = {"num_clusters": classes, "num_classes": classes}
-            out.append(("clustering", {**ev.clustering.model_dump(mode="json"), "k": "num_classes"},
-                        (*CLUSTER_METRICS, "ACC"), info))
-            heads = getattr(method.hparams, "heads", None)
-            if heads is not None:
-                seen: dict[int, int] = {}
-                for index, k in enumerate(list(heads) or [3 * classes]):
-                    seen[k] = seen.get(k, 0) + 1
-                    key = f"clustering_head_k{k}" + ("" if seen[k] == 1 else f"_h{index + 1}")
-                    out.append((key, {"source": "head", "k": k},
-                                (*CLUSTER_METRICS, "ACC" if k == classes else "ACC_MANY_TO_ONE"),
-                                {"num_clusters": k, "num_classes": classes}))
+            out.append(("clustering", p, {**ev.clustering.model_dump(mode="json"), "k": "num_classes"},
+                        (*CLUSTER_METRICS, "ACC"), {"num_clusters": classes, "num_classes": classes}))
+            out += _head_entries(getattr(method.hparams, "heads", None), classes)
         elif p in ("knn_k10", "block_classifier"):
             cfg = getattr(ev, p)
             prefix = f"knn_k{cfg.k}" if p == "knn_k10" else "block_classifier"
             metrics = ("top1",) if p == "knn_k10" else TOP
             settings = cfg.model_dump(mode="json", exclude={"blocks"})
-            out += [(f"{prefix}_B{b}", settings, metrics, None) for b in cfg.blocks]
-            out.append((f"{prefix}_avg", cfg.model_dump(mode="json"), metrics, None))
+            out += [(f"{prefix}_B{b}", p, {**settings, "block": b}, metrics, None) for b in cfg.blocks]
+            out.append((f"{prefix}_avg", p, {**cfg.model_dump(mode="json"), "block": "avg"}, metrics, None))
+    return out
+
+
+def _head_entries(heads, classes: int) -> list[tuple]:
+    """The clustering heads a method lists (Self-Classifier's `heads`; none listed: one 3x over-clustering
+    head)."""
+    if heads is None:
+        return []
+    out, seen = [], {}
+    for index, k in enumerate(list(heads) or [3 * classes]):
+        seen[k] = seen.get(k, 0) + 1
+        head = {} if seen[k] == 1 else {"head": index + 1}
+        metrics = (*CLUSTER_METRICS, "ACC" if k == classes else "ACC_MANY_TO_ONE")
+        out.append((f"clustering_head_k{k}" + (f"_h{index + 1}" if head else ""), "clustering_head",
+                    {"source": "head", "k": k, **head}, metrics, {"num_clusters": k, "num_classes": classes}))
     return out
 
 
@@ -206,7 +205,7 @@ def prospective_cells(config, names: list[str]):
     dataset = config.dataset.display_name or dataset_display_name(config.dataset.name)
     for name in names:
         method = config.method(name)
-        keys = expected_keys(config, method)
+        entries = expected_entries(config, method)
         record = {"suite": config.name, "dataset": dataset, "epochs": method.epochs, "method": name,
                   "method_base": method.method, "method_display": method.display_name,
                   "is_reference": bool(get_method(method.method).is_reference),
@@ -214,9 +213,9 @@ def prospective_cells(config, names: list[str]):
                   "paper_reference": method.paper, "backbone": config.backbone, "variant": method.variant,
                   # what the report's pairing reads: the method hyperparameters, the variant's own section
                   "method_config": method.model_dump(mode="json"), "config": {"methods": dict(config.methods)},
-                  "metrics": {k: {m: math.nan for m in metrics} for k, _, metrics, _ in keys},
-                  "evaluation": {k: {"settings": s} for k, s, _, _ in keys},
-                  "clusters": {k: info for k, _, _, info in keys if info is not None}}
+                  "metrics": [{"protocol": p, "settings": s, "metric": m, "value": math.nan, "key": k}
+                              for k, p, s, metrics, _ in entries for m in metrics],
+                  "clusters": {k: info for k, _, _, _, info in entries if info is not None}}
         runs.append(Run(f"<planned {config.name}/{name}>", record, datetime.fromtimestamp(0, timezone.utc)))
     values, _, _ = values_frame(runs)
     if values.empty:
@@ -234,28 +233,29 @@ def _setting_text(value) -> str:
     return json.dumps(value, separators=(",", ":")) if not isinstance(value, str) else value
 
 
-def protocol_sets(config, key: str, required: tuple) -> list[str]:
-    """--set overrides that make `config` record protocol `key` with the paper's required settings."""
+#: our protocol -> the suite's evaluation section that runs it
+SECTIONS = {"clustering_head": "clustering"}
+
+
+def protocol_sets(config, proto, place: dict) -> list[str]:
+    """--set overrides that make `config` record `proto`'s protocol at `place` with the paper's required
+    settings."""
     from benchmarks.data import DISPLAY_NAMES
 
-    section = _section(key)
+    section = SECTIONS.get(proto.ours, proto.ours)
     ev = config.evaluation
     sets = []
     if section not in ev.protocols:
         sets.append(f"evaluation.protocols={_setting_text([*ev.protocols, section])}")
-    if m := re.fullmatch(r"knn_k(\d+)", key):
-        if int(m.group(1)) not in ev.knn.ks:
-            sets.append(f"evaluation.knn.ks={_setting_text([*ev.knn.ks, int(m.group(1))])}")
-    elif m := re.fullmatch(r"semi_([0-9.]+)pct", key):
-        fraction = float(m.group(1)) / 100
-        if not any(math.isclose(f, fraction) for f in ev.semi.fractions):
-            sets.append(f"evaluation.semi.fractions={_setting_text([*ev.semi.fractions, fraction])}")
-    elif key.startswith("transfer_linear:"):
-        display = key.partition(":")[2]
-        loader = next((n for n, d in DISPLAY_NAMES.items() if d == display), None)
+    if proto.ours == "knn" and place["k"] not in ev.knn.ks:
+        sets.append(f"evaluation.knn.ks={_setting_text([*ev.knn.ks, place['k']])}")
+    elif proto.ours == "semi" and not any(math.isclose(f, place["fraction"]) for f in ev.semi.fractions):
+        sets.append(f"evaluation.semi.fractions={_setting_text([*ev.semi.fractions, place['fraction']])}")
+    elif proto.ours == "transfer":
+        loader = next((n for n, d in DISPLAY_NAMES.items() if d == place["dataset"]), None)
         if loader is not None and loader not in ev.transfer.targets:
             sets.append(f"evaluation.transfer.targets={_setting_text([*ev.transfer.targets, loader])}")
-    for name, value in required:
+    for name, value in proto.settings:
         if getattr(getattr(ev, section), name, None) != value:
             sets.append(f"evaluation.{section}.{name}={_setting_text(value)}")
     return sets
@@ -308,11 +308,11 @@ def plan_row(row, suites, seeds: list[int], out: str, cache: _Configs) -> RowPla
     import pandas as pd
 
     from benchmarks.data import dataset_display_name
-    from reports.papers import BACKBONES, our_key, pairing_candidates, protocol_for
+    from reports.papers import BACKBONES, describe, pairing_candidates, place_of, protocol_for
 
     plan = RowPlan(row)
     proto = protocol_for(row["paper"], row["table"], row["protocol"])
-    if proto is None or proto.key is None:
+    if proto is None or proto.ours is None:
         plan.reason = f"protocol {row['protocol']} has no counterpart in this suite"
         plan.need = f"an evaluation protocol measuring the paper's {row['protocol']} (reports/papers.py PROTOCOLS)"
         return plan
@@ -335,10 +335,10 @@ def plan_row(row, suites, seeds: list[int], out: str, cache: _Configs) -> RowPla
     reasons = []
     for base in fitting:
         _, base_cells, _ = cache.prospective(base, (), run_epochs)
-        sets = tuple(protocol_sets(base, our_key(proto, row, base_cells), proto.settings))
+        sets = tuple(protocol_sets(base, proto, place_of(proto, row, base_cells)))
         config, cells, own = cache.prospective(base, sets, run_epochs)
-        key = our_key(proto, row, cells)
-        plan.protocol = " ".join([key, *(f"{k}={_setting_text(v)}" for k, v in proto.settings)])
+        plan.protocol = " ".join([describe(proto.ours, place_of(proto, row, cells)),
+                                  *(f"{k}={_setting_text(v)}" for k, v in proto.settings)])
         cand, reason = pairing_candidates(row, cells)
         if reason:
             reasons.append(f"{base.name}: {reason}")
@@ -451,6 +451,7 @@ def estimate_costs(runs: list[PlannedRun], out: str) -> None:
     existing records of the same suite and method (scaled by epochs, on their device), else the table's CPU
     figure, else unknown."""
     from benchmarks.config import load_suite
+    from benchmarks.records import provenance_of
 
     entries, sizes = load_throughput()
     records = _records_by_run(out)
@@ -467,10 +468,11 @@ def estimate_costs(runs: list[PlannedRun], out: str) -> None:
             run.device, run.basis = "GPU", f"GPU: {gpu[0]['device_name']} ({gpu[0]['source']})"
         elif recs:
             per_epoch = sorted(r["wall_time_s"] / r["epochs"] for r in recs)[len(recs) // 2]
-            devices = sorted({r["device"] + (f" ({r['cpu']})" if r.get("cpu") and r["device"] == "cpu" else "")
-                              for r in recs})
+            where = [provenance_of(r) for r in recs]
+            devices = sorted({w.get("device", "?") + (f" ({w['cpu']})" if w.get("cpu") and w.get("device") == "cpu"
+                                                      else "") for w in where})
             run.hours = per_epoch * run.epochs / 3600
-            run.device = "/".join(sorted({r["device"].upper() for r in recs}))
+            run.device = "/".join(sorted({w.get("device", "?").upper() for w in where}))
             run.basis = f"{', '.join(devices)}: median wall time per epoch of {len(recs)} record(s)"
         elif cpu and images:
             run.hours = images * run.epochs / cpu[0]["images_per_s"] / 3600
@@ -517,13 +519,10 @@ def _hours(value: float | None) -> str:
     return f"{value:.2f} h" if value >= 0.01 else f"{value * 3600:.0f} s"
 
 
-def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
+def _plan_rows(plans: list[RowPlan]) -> list[list[str]]:
+    """One line per CSV row and method planned for it (or the row alone, when no suite can reproduce it)."""
     from reports.tables import DASH, fmt
 
-    lines = [f"# reproduce {paper}: {', '.join(tables)}", ""]
-    header = ["table", "method", "pretrain", "eval", "backbone", "epochs", "protocol", "metric", "paper",
-              "suite", "run", "ours: key and required settings", "--set", "seeds", "records",
-              "cost of the missing"]
     rows = []
     for p in plans:
         r = p.row
@@ -547,6 +546,15 @@ def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
                                 " ".join(mine[0].sets) or DASH,
                                 ",".join(str(run.seed) for run in mine),
                                 f"{len(mine) - len(missing)} of {len(mine)}", cost])
+    return rows
+
+
+def plan_text(paper: str, tables: list[str], plans: list[RowPlan], opts) -> str:
+    lines = [f"# reproduce {paper}: {', '.join(tables)}", ""]
+    header = ["table", "method", "pretrain", "eval", "backbone", "epochs", "protocol", "metric", "paper",
+              "suite", "run", "ours: protocol and required settings", "--set", "seeds", "records",
+              "cost of the missing"]
+    rows = _plan_rows(plans)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for line in [header, ["-" * w for w in widths], *rows]:
         lines.append("  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
