@@ -98,32 +98,6 @@ class EvalResult:
         return entry_table({"metrics": self.entries})
 
 
-def protocol_of(metric_key: str, evaluation: dict | None = None) -> str | None:
-    """Which protocol produced a metrics/evaluation key (knn_k20 -> knn, linear_B2 -> linear, ...)."""
-    recorded = (evaluation or {}).get(metric_key, {}).get("protocol")
-    if recorded:
-        return {"clustering_head": "clustering"}.get(recorded, recorded)
-    if metric_key.startswith("knn_k10_B") or metric_key == "knn_k10_avg":
-        return "knn_k10"
-    if metric_key.startswith("knn_k"):
-        return "knn"
-    if metric_key == "linear" or metric_key.startswith("linear_B"):
-        return "linear"
-    if metric_key.startswith("semi_"):
-        return "semi"
-    if metric_key.startswith("transfer_linear:"):
-        return "transfer"
-    if metric_key == "clustering" or metric_key.startswith("clustering_head_"):
-        return "clustering"
-    if metric_key == "finetune_100pct":
-        return "finetune"
-    if metric_key.startswith("block_classifier_"):
-        return "block_classifier"
-    if metric_key == "online_linear":
-        return "online_linear"
-    return None
-
-
 def resolve_evaluation(section: EvaluationConfig | dict | None) -> EvaluationConfig:
     """The `evaluation` section as its typed model (a mapping is validated; errors name evaluation.<key>)."""
     return validate(EvaluationConfig, section, "evaluation")
