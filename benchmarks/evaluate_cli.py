@@ -16,24 +16,14 @@ entry for this evaluation (its own commit, versions, device, protocols).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.cli_common import deep_update, default_data_root, import_modules, parse_set
-from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, RecordExistsError, first_line
+from benchmarks.errors import BenchmarkError, CheckpointError, ConfigError, RecordExistsError
 from benchmarks.evaluation.settings import PROTOCOLS
-
-
-def __getattr__(name: str):
-    """`protocol_of`, re-exported for tests and tools, imported on first use: `--help` must not import torch."""
-    if name == "protocol_of":
-        from benchmarks.evaluation.protocols import protocol_of
-
-        return protocol_of
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_evaluate_parser(subparsers) -> None:
@@ -63,46 +53,25 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from benchmarks.runner import load_model_file, run_lock
+    from benchmarks.runner import load_model_file, model_lock
 
     import_modules(args.imports)
     payload = load_model_file(args.checkpoint)
-    # the run folder's lock: no `run` or other `evaluate` of this run may write its record meanwhile
-    # (a read-only folder of downloaded models cannot hold a lock, and no run can train there)
-    run_dir = Path(args.checkpoint).resolve().parent
-    lock = run_lock(run_dir, f"evaluate {args.checkpoint}") if os.access(run_dir, os.W_OK) else contextlib.nullcontext()
-    with lock:
+    with model_lock(Path(args.checkpoint).resolve().parent, f"evaluate {args.checkpoint}"):
         return _evaluate(args, payload)
 
 
-def _evaluate(args, payload: dict) -> int:
-    from benchmarks.config import (
-        config_from_dict,
-        evaluation_fingerprint,
-        load_suite,
-        resolve_threads,
-        run_fingerprint,
-        settings_fingerprint,
-        training_fingerprint,
-    )
-    from benchmarks.evaluation.protocols import evaluate_model, protocol_of
+def _settings(args, payload: dict):
+    """The suite config to evaluate with: the settings stored in the model file (its run's --set included), or
+    the suite's (--suite, or a model file of an older version), with this command's --set, --accelerator and
+    --protocols on top, at the model's thread count; refused if it does not describe the model."""
+    from benchmarks.config import config_from_dict, load_suite, resolve_threads
     from benchmarks.launcher import limit_threads
-    from benchmarks.records import read_record, record_path, same_run_records, write_record
-    from benchmarks.runner import (
-        build_augment,
-        build_method,
-        build_record,
-        load_suite_data,
-        merge_evaluation,
-        online_probe_of,
-        provenance_entry,
-        resolve_device,
-    )
 
-    suite, method_name = payload["suite"], payload["method"]
-    seed, epochs = int(payload["seed"]), int(payload["epochs"])
-    if args.method and args.method != method_name:
-        raise CheckpointError(f"{args.checkpoint}: the model belongs to method '{method_name}', not '{args.method}'")
+    suite = payload["suite"]
+    if args.method and args.method != payload["method"]:
+        raise CheckpointError(f"{args.checkpoint}: the model belongs to method '{payload['method']}', not "
+                              f"'{args.method}'")
     overrides = parse_set(args.set)
     if args.accelerator:
         deep_update(overrides, {"train": {"accelerator": args.accelerator}})
@@ -123,10 +92,32 @@ def _evaluate(args, payload: dict) -> int:
         if payload.get(key) != getattr(config, key):
             raise CheckpointError(f"{args.checkpoint}: the model's {key} is {payload.get(key)!r} but the suite "
                                   f"says {getattr(config, key)!r}")
-    protocols = list(config.evaluation.protocols)
-    if "transfer" in protocols and args.protocols and not config.evaluation.transfer.targets:
+    if "transfer" in config.evaluation.protocols and args.protocols and not config.evaluation.transfer.targets:
         raise ConfigError("evaluation.transfer.targets: empty, so there is nothing to transfer to; set it in the "
                           "suite or with --set 'evaluation.transfer.targets=[cifar100]'")
+    return config
+
+
+@dataclass
+class _Destination:
+    """Where the evaluation goes: the record of (this training run, these evaluation settings)."""
+
+    out_path: Path
+    existing: dict | None  # that record, if it exists
+    source: dict | None  # the newest record of the same training run (any evaluation settings), if any
+    training_fp: str  # "" for a model file of an older version (no fingerprint stored)
+    evaluation_fp: str
+    run_fp: str | None
+
+
+def _destination(args, payload: dict, config) -> _Destination:
+    """The record this evaluation writes, the record its training side comes from, and the refusal to replace
+    metrics the record holds without --force."""
+    from benchmarks.config import evaluation_fingerprint, run_fingerprint
+    from benchmarks.evaluation.protocols import protocol_family
+    from benchmarks.records import read_record, record_path, same_run_records
+
+    suite, method_name, seed, epochs = payload["suite"], payload["method"], int(payload["seed"]), int(payload["epochs"])
     training_fp = str(payload.get("fingerprint") or "")
     # the run's records (any evaluation settings): the newest of the same training run is the source of the
     # training side (history, hyperparameters, pretraining provenance)
@@ -138,65 +129,88 @@ def _evaluate(args, payload: dict) -> int:
             continue
         if record["fingerprints"]["training"] == training_fp:
             sources.append((record["created"], str(path), record))
-    source = max(sources)[2] if sources else None
     evaluation_fp = evaluation_fingerprint(config)
     run_fp = run_fingerprint(training_fp, evaluation_fp) if training_fp else None
     out_path = record_path(args.out, suite, method_name, epochs, seed, run_fp)
     existing = read_record(out_path) if out_path.exists() else None
     if existing is not None and not args.force:
-        held = sorted({e["key"] for e in existing["metrics"] if protocol_of(e["key"], existing["evaluation"])
-                       in protocols})
+        protocols = config.evaluation.protocols
+        held = sorted({e["key"] for e in existing["metrics"] if protocol_family(e["protocol"]) in protocols})
         if held:
             raise RecordExistsError(f"{out_path} already holds {', '.join(held)}; pass --force to replace them")
+    return _Destination(out_path, existing, max(sources)[2] if sources else None, training_fp, evaluation_fp, run_fp)
 
-    recorded = (source or payload).get("method_config", {}).get("hparams")
-    data_root = default_data_root(args.data_root)
-    data = load_suite_data(config, data_root)
-    method, settings = build_method(config, method_name, data, hparams=recorded)
-    try:
-        method.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{args.checkpoint}: its weights do not fit method '{method_name}' as configured "
-                              f"in suite '{suite}' ({first_line(exc)})") from exc
-    online_probe = online_probe_of(payload)
-    device = resolve_device(config.train)
-    method.to(device)
-    augment = build_augment(config.augment).to(device)
+
+def _evaluate(args, payload: dict) -> int:
+    from benchmarks.records import write_record
+    from benchmarks.runner import RunContext, check_evaluation_fits, evaluate, load_suite_data, restore_model
+
+    config = _settings(args, payload)
+    destination = _destination(args, payload, config)
+    context = RunContext(results_dir=args.out, data_root=default_data_root(args.data_root),
+                         progress=not args.no_progress)
+    data = load_suite_data(config, context.data_root)
+    check_evaluation_fits(config.evaluation, data)
+    recorded = (destination.source or payload).get("method_config", {}).get("hparams")
+    model = restore_model(config, payload, data, recorded, args.checkpoint)
+    protocols = list(config.evaluation.protocols)
     started = time.perf_counter()
-    print(f"[{suite}] {method_name} seed {seed}: evaluating {', '.join(protocols)} ...", flush=True)
-    result = evaluate_model(method, data, augment.clean, config.evaluation, device=device, seed=seed,
-                            protocols=protocols, config=config, data_root=data_root,
-                            results_dir=args.out, progress=not args.no_progress, online_probe=online_probe)
+    print(f"[{config.name}] {payload['method']} seed {model.seed}: evaluating {', '.join(protocols)} ...", flush=True)
+    evaluated = evaluate(config, model, data, protocols, context, "evaluate")
     seconds = round(time.perf_counter() - started, 3)
-    entry = provenance_entry("evaluate", protocols, device)
-    base = existing or source
-    if base is not None:
-        if existing is None:  # other evaluation settings: a record of its own, with this evaluation only
-            base = {**copy.deepcopy(source), "metrics": [], "evaluation": {}, "clusters": {}, "predictions": None,
-                    "provenance": {"pretraining": copy.deepcopy(source.get("provenance", {}).get("pretraining", {})),
-                                   "evaluations": []}}
-        record, predictions = merge_evaluation(base, out_path if existing is not None else None, result, protocols,
-                                               entry)
-        record["config"] = {**record["config"], "evaluation": config.evaluation.model_dump(mode="json")}
-        record["fingerprints"] = {**record["fingerprints"], "evaluation": evaluation_fp, "run": run_fp}
+    if destination.existing is not None or destination.source is not None:
+        record, predictions, out_path = _merged_record(config, destination, evaluated)
     else:
-        settings = settings.model_copy(update={"hparams": method.hparams, "epochs": epochs})
-        training_fp = training_fp or training_fingerprint(config, settings, seed)
-        fingerprints = {"training": training_fp, "settings": settings_fingerprint(config, settings),
-                        "evaluation": evaluation_fp,
-                        "run": run_fingerprint(training_fp, evaluation_fp)}
-        record = build_record(config, settings, seed, data, method, fingerprints, "completed", result, [], device,
-                              command="evaluate")
-        record["provenance"] = {"pretraining": {"unknown": f"no record of the run was found under {args.out}"},
-                                "evaluations": [entry]}
-        record["message"] = f"record created by `evaluate` from {args.checkpoint} (training history not available)"
-        record["checkpoint"] = str(Path(args.checkpoint))
-        predictions = result.predictions
-        out_path = record_path(args.out, suite, method_name, epochs, seed, record["fingerprints"]["run"])
+        record, predictions, out_path = _new_record(args, payload, config, data, evaluated, destination)
     record["wall_time_s"] = float(record.get("wall_time_s") or 0.0)
     write_record(record, out_path, force=True, predictions=predictions)
-    for key, values in sorted(result.metrics.items()):
+    table = evaluated.result.table()
+    for key, values in sorted(table.items()):
         shown = ", ".join(f"{m} {v:.2f}" for m, v in values.items())
         print(f"  {key}: {shown}")
-    print(f"[{suite}] {method_name} seed {seed}: {len(result.metrics)} metrics in {seconds:.1f} s -> {out_path}")
+    print(f"[{config.name}] {payload['method']} seed {model.seed}: {len(table)} metrics in {seconds:.1f} s -> "
+          f"{out_path}")
     return 0
+
+
+def _merged_record(config, destination: _Destination, evaluated):
+    """(record, predictions, path): the evaluation merged into the record of these settings, or (other
+    settings) into a record of its own holding this evaluation only and the training side of the source."""
+    from benchmarks.runner import merge_evaluation
+
+    existing, source = destination.existing, destination.source
+    if existing is not None:
+        record, predictions = merge_evaluation(existing, destination.out_path, evaluated)
+    else:
+        base = {**copy.deepcopy(source), "metrics": [], "evaluation": {}, "clusters": {}, "predictions": None,
+                "provenance": {"pretraining": copy.deepcopy(source.get("provenance", {}).get("pretraining", {})),
+                               "evaluations": []}}
+        record, predictions = merge_evaluation(base, None, evaluated)
+    record["config"] = {**record["config"], "evaluation": config.evaluation.model_dump(mode="json")}
+    record["fingerprints"] = {**record["fingerprints"], "evaluation": destination.evaluation_fp,
+                              "run": destination.run_fp}
+    return record, predictions, destination.out_path
+
+
+def _new_record(args, payload: dict, config, data, evaluated, destination: _Destination):
+    """(record, predictions, path): no record of the run exists under --out, so one is made from the model file
+    (no training history)."""
+    from benchmarks.config import run_fingerprint, settings_fingerprint, training_fingerprint
+    from benchmarks.records import record_path
+    from benchmarks.runner import RunPlan, build_record
+
+    seed, epochs = int(payload["seed"]), int(payload["epochs"])
+    settings = config.method(payload["method"]).model_copy(update={"hparams": evaluated.method.hparams,
+                                                                   "epochs": epochs})
+    training_fp = destination.training_fp or training_fingerprint(config, settings, seed)
+    fingerprints = {"training": training_fp, "settings": settings_fingerprint(config, settings),
+                    "evaluation": destination.evaluation_fp,
+                    "run": run_fingerprint(training_fp, destination.evaluation_fp)}
+    out_path = record_path(args.out, config.name, settings.name, epochs, seed, fingerprints["run"])
+    plan = RunPlan(config, settings, seed, fingerprints, out_path)
+    record = build_record(plan, data, evaluated.method, evaluated, evaluated.provenance)
+    record["provenance"] = {"pretraining": {"unknown": f"no record of the run was found under {args.out}"},
+                            "evaluations": [evaluated.provenance]}
+    record["message"] = f"record created by `evaluate` from {args.checkpoint} (training history not available)"
+    record["checkpoint"] = str(Path(args.checkpoint))
+    return record, evaluated.result.predictions, out_path

@@ -14,6 +14,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -41,13 +43,19 @@ from benchmarks.errors import (
     first_line,
 )
 from benchmarks.evaluation import semi as semi_protocol
-from benchmarks.evaluation.protocols import PER_LAYER_KNN_K, evaluate_model
+from benchmarks.evaluation.features import eval_mode
+from benchmarks.evaluation.protocols import (
+    PER_LAYER_KNN_K,
+    EvalContext,
+    EvalResult,
+    evaluate_model,
+    protocol_family,
+)
 from benchmarks.evaluation.settings import EvaluationConfig
 from benchmarks.launcher import limit_threads
 from benchmarks.records import (
     SCHEMA_VERSION,
     atomic_write,
-    metric_entries,
     read_record,
     record_path,
     record_stem,
@@ -113,23 +121,18 @@ def check_devices(train_cfg: TrainConfig) -> None:
 def check_backbone_input(backbone: torch.nn.Module, config: SuiteConfig, augment: AugmentConfig) -> None:
     """A forward pass on blank images of every view size, so a backbone that cannot take them fails now."""
     sizes = sorted({v.size for v in augment.views})
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        with torch.no_grad():
-            for size in sizes:
-                try:
-                    out = backbone(torch.zeros(2, config.in_channels, size, size))
-                except RuntimeError as exc:
-                    raise ConfigError(
-                        f"backbone: {config.backbone} cannot take {config.in_channels}x{size}x{size} views "
-                        f"({(str(exc).splitlines() or [''])[0]}); use larger views (augment.views[].size) or a "
-                        "backbone made for small images (small_cnn for 8x8/28x28, resnet18_cifar for 32x32)") from exc
-                if out.dim() != 2 or out.shape[0] != 2:
-                    raise ConfigError(f"backbone: {config.backbone} returned {tuple(out.shape)} for a batch of 2 "
-                                      f"{size}x{size} views; a backbone must return [batch, feature_dim]")
-    finally:
-        backbone.train(was_training)
+    with eval_mode(backbone), torch.no_grad():
+        for size in sizes:
+            try:
+                out = backbone(torch.zeros(2, config.in_channels, size, size))
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"backbone: {config.backbone} cannot take {config.in_channels}x{size}x{size} views "
+                    f"({(str(exc).splitlines() or [''])[0]}); use larger views (augment.views[].size) or a "
+                    "backbone made for small images (small_cnn for 8x8/28x28, resnet18_cifar for 32x32)") from exc
+            if out.dim() != 2 or out.shape[0] != 2:
+                raise ConfigError(f"backbone: {config.backbone} returned {tuple(out.shape)} for a batch of 2 "
+                                  f"{size}x{size} views; a backbone must return [batch, feature_dim]")
 
 
 def check_evaluation_fits(eval_cfg: EvaluationConfig, data: SuiteData) -> None:
@@ -314,54 +317,94 @@ def load_model_file(path: str | Path) -> dict:
     return payload
 
 
-def run_one(config: SuiteConfig, method_name: str, seed: int, results_dir="results", work_dir="runs",
-            data: SuiteData | None = None, data_root=None, download=False, force=False, restart=False,
-            progress=True, say=None) -> dict:
+@dataclass
+class RunContext:
+    """Where runs read and write and how they behave, built once by the command (or a job) and passed down,
+    instead of the same paths and flags threaded through every call."""
+
+    results_dir: str | Path = "results"  # run records (and the semi-supervised splits under splits/)
+    work_dir: str | Path = "runs"  # checkpoints, model files and logs
+    data_root: str | Path | None = None  # datasets (None: $SSL_BENCH_DATA or ./data)
+    download: bool = False
+    force: bool = False  # redo a finished run: evaluate its model again and replace its record
+    restart: bool = False  # train from scratch (no resume) and replace the record
+    progress: bool = True  # progress bars
+    checked: bool = False  # the caller ran `preflight` for the run's method (so run_one does not again)
+    say: Callable[[str], None] = log.info  # where notes for the user go
+
+    @property
+    def redo(self) -> bool:
+        """A finished record of the same settings is replaced (--force or --restart)."""
+        return self.force or self.restart
+
+
+@dataclass
+class RunPlan:
+    """One run's settings and where it goes, decided before any work."""
+
+    config: SuiteConfig
+    settings: MethodConfig
+    seed: int
+    fingerprints: dict
+    out_path: Path  # the record
+    run_dir: Path | None = None  # checkpoints and the model file (None: a record made by `evaluate`)
+
+
+def plan_run(config: SuiteConfig, method_name: str, seed: int, context: RunContext) -> RunPlan:
+    settings = config.method(method_name)
+    fingerprints = run_fingerprints(config, settings, seed)
+    out_path = record_path(context.results_dir, config.name, method_name, settings.epochs, seed, fingerprints["run"])
+    run_dir = run_dir_for(context.work_dir, config.name, method_name, settings.epochs, seed, fingerprints["training"])
+    return RunPlan(config, settings, seed, fingerprints, out_path, run_dir)
+
+
+def run_one(config: SuiteConfig, method_name: str, seed: int, context: RunContext | None = None,
+            data: SuiteData | None = None) -> dict:
     """Pretrain, evaluate and record one (suite, method, seed) with the config's settings. Returns the record.
 
     The record's name holds the run fingerprint (every setting that can change its result), so a finished
     run is reused only when its settings are the same -- and that skip is said -- while other settings give
-    a new record and never the old numbers. Every check of the input runs before any work (nothing is
-    written when one fails). The run then holds a lock on its folder (named by the training fingerprint),
-    resumes from its last epoch checkpoint there (unless `restart`: train from scratch and replace the
-    record), and ends with one atomically written record and its predictions.
+    a new record and never the old numbers. Every check of the input runs before any work (`preflight`,
+    here unless the caller ran it: context.checked; nothing is written when one fails). The run then holds a
+    lock on its folder (named by the training fingerprint), resumes from its last epoch checkpoint there
+    (unless context.restart: train from scratch and replace the record), and ends with one atomically written
+    record and its predictions. `data`: the suite's data, if the caller loaded it already.
     """
-    say = say or log.info
+    context = context or RunContext()
     if config.train.threads == "auto":  # a caller that did not resolve them (the CLI does, for its launcher)
         config = resolve_threads(config)
     limit_threads(config.train.threads)  # before the fingerprints: the thread count is part of them
-    settings = config.method(method_name)
-    suite, epochs = config.name, settings.epochs
-    fingerprints = run_fingerprints(config, settings, seed)
-    out_path = record_path(results_dir, suite, method_name, epochs, seed, fingerprints["run"])
-    redo = force or restart
-    if out_path.exists() and not redo:
-        record = read_record(out_path)
-        missing = [p for p in config.evaluation.protocols if p not in evaluated_protocols(record)]
-        if not missing or record["status"] != "completed":
-            say(f"skipped: finished record {out_path} (same settings; --force re-evaluates, --restart retrains)")
-            return record
-        say(f"{out_path} (same settings) lacks {', '.join(missing)}: evaluating them with the finished model")
-        return add_protocols(config, settings, seed, record, out_path, missing, data, data_root, results_dir, download,
-                             progress)
-    _note_other_settings(results_dir, config, settings, seed, out_path, say)
-    data = data or load_suite_data(config, data_root, download)
-    check_evaluation_fits(config.evaluation, data)
+    plan = plan_run(config, method_name, seed, context)
+    if plan.out_path.exists() and not context.redo:
+        return _finished_run(plan, context, data)
+    _note_other_settings(plan, context)
+    data = data or load_suite_data(config, context.data_root, context.download)
+    if not context.checked:
+        preflight(config, [method_name], data)
     pl.seed_everything(seed, workers=True, verbose=False)
-    method, settings = build_method(config, method_name, data)
-    check_backbone_input(method.backbone, config, settings.augment)
-    check_pretrain_size(method, data, settings)
-    run_dir = run_dir_for(work_dir, suite, method_name, epochs, seed, fingerprints["training"])
-    with run_lock(run_dir, f"{suite}/{method_name} ({epochs} epochs, seed {seed})"):
-        if out_path.exists() and not redo:  # finished by another process while this one was checking
-            return read_record(out_path)
-        return _train_evaluate_record(config, settings, seed, method, data, run_dir, out_path, results_dir,
-                                      data_root, redo, restart, progress, fingerprints)
+    method, _ = build_method(config, method_name, data)
+    with run_lock(plan.run_dir, f"{config.name}/{method_name} ({plan.settings.epochs} epochs, seed {seed})"):
+        if plan.out_path.exists() and not context.redo:  # finished by another process while this one was checking
+            return read_record(plan.out_path)
+        return _train_evaluate_record(plan, method, data, context)
+
+
+def _finished_run(plan: RunPlan, context: RunContext, data: SuiteData | None) -> dict:
+    """A finished record of the same settings: skipped, or given the protocols it lacks."""
+    record = read_record(plan.out_path)
+    missing = [p for p in plan.config.evaluation.protocols if p not in evaluated_protocols(record)]
+    if not missing or record["status"] != "completed":
+        context.say(f"skipped: finished record {plan.out_path} (same settings; --force re-evaluates, --restart "
+                    "retrains)")
+        return record
+    context.say(f"{plan.out_path} (same settings) lacks {', '.join(missing)}: evaluating them with the finished model")
+    return add_protocols(plan, record, missing, context, data)
 
 
 def run_job(spec: dict) -> dict:
     """One run as a job of benchmarks.launcher (its own process, or a SLURM task): the same suite, overrides,
-    method and seed as the sequential loop, so the record is the one a sequential run writes."""
+    method and seed as the sequential loop, so the record is the one a sequential run writes. The command that
+    launched the jobs ran `preflight` for every run before launching them (spec "checked", default true)."""
     from benchmarks.cli_common import import_modules
     from benchmarks.config import load_suite
 
@@ -369,8 +412,10 @@ def run_job(spec: dict) -> dict:
     overrides = dict(spec.get("overrides") or {})
     overrides["launcher"] = {"name": "none", "jobs": 1}  # inside a job, the run goes in this process
     config = load_suite(spec["suite"], overrides)
-    record = run_one(config, spec["method"], spec["seed"], spec["out"], spec["work_dir"], data_root=spec["data_root"],
-                     force=spec.get("force", False), restart=spec.get("restart", False), progress=False, say=print)
+    context = RunContext(results_dir=spec["out"], work_dir=spec["work_dir"], data_root=spec["data_root"],
+                         force=spec.get("force", False), restart=spec.get("restart", False), progress=False,
+                         checked=spec.get("checked", True), say=print)
+    record = run_one(config, spec["method"], spec["seed"], context)
     return {"status": record["status"], "metrics": record["metrics"]}
 
 
@@ -379,32 +424,30 @@ def evaluated_protocols(record: dict) -> set[str]:
     return {p for entry in record.get("provenance", {}).get("evaluations", []) for p in entry.get("protocols", [])}
 
 
-def add_protocols(config: SuiteConfig, settings: MethodConfig, seed: int, record: dict, out_path: Path,
-                  protocols: list[str], data, data_root, results_dir, download, progress) -> dict:
+def model_lock(run_dir: Path, what: str):
+    """The run folder's lock (run_lock) for re-evaluating its model: no `run` or other `evaluate` of the run may
+    write its record meanwhile. A read-only folder of downloaded models cannot hold a lock (and no run can
+    train there): no lock then."""
+    return run_lock(run_dir, what) if os.access(run_dir, os.W_OK) else contextlib.nullcontext()
+
+
+def add_protocols(plan: RunPlan, record: dict, protocols: list[str], context: RunContext,
+                  data: SuiteData | None = None) -> dict:
     """Evaluate `protocols` with the run's finished model and merge them into its record (same settings)."""
+    out_path = plan.out_path
     if not record.get("checkpoint") or not Path(record["checkpoint"]).is_file():
         raise CheckpointError(f"{out_path}: the record lacks {', '.join(protocols)} and its model file "
                               f"{record.get('checkpoint')} is gone; pass --force --restart to train again")
-    # the run folder's lock, as `evaluate` takes it: no other process may rewrite this record meanwhile
-    run_dir = Path(record["checkpoint"]).resolve().parent
-    lock = run_lock(run_dir, f"{out_path.name}: adding {', '.join(protocols)}") if os.access(run_dir, os.W_OK) \
-        else contextlib.nullcontext()
-    with lock:
+    with model_lock(Path(record["checkpoint"]).resolve().parent, f"{out_path.name}: adding {', '.join(protocols)}"):
         record = read_record(out_path)  # as it is now: another process may have added protocols meanwhile
         protocols = [p for p in protocols if p not in evaluated_protocols(record)]
         if not protocols:
             return record
         payload = load_model_file(record["checkpoint"])
-        data = data or load_suite_data(config, data_root, download)
-        method, _ = build_method(config, settings.name, data, hparams=record["method_config"]["hparams"])
-        method.load_state_dict(payload["state_dict"])
-        device = resolve_device(config.train)
-        method.to(device)
-        result = evaluate_model(method, data, build_augment(config.augment).clean, config.evaluation,
-                                device=device, seed=seed, protocols=protocols, config=config, data_root=data_root,
-                                results_dir=results_dir, progress=progress, online_probe=online_probe_of(payload))
-        merged, predictions = merge_evaluation(record, out_path, result, protocols,
-                                               provenance_entry("run", protocols, device))
+        data = data or load_suite_data(plan.config, context.data_root, context.download)
+        model = restore_model(plan.config, payload, data, record["method_config"]["hparams"], record["checkpoint"])
+        evaluated = evaluate(plan.config, model, data, protocols, context, "run")
+        merged, predictions = merge_evaluation(record, out_path, evaluated)
         write_record(merged, out_path, force=True, predictions=predictions)
         return merged
 
@@ -419,34 +462,83 @@ def online_probe_of(payload: dict):
     return probe
 
 
-def merge_evaluation(record: dict, record_file: Path | None, result, protocols: list[str], entry: dict):
-    """(record, predictions) with what `protocols` produce replaced by `result` and an evaluation entry added to
-    its provenance; the other protocols' metrics and predictions are kept."""
-    from benchmarks.evaluation.protocols import protocol_of
+@dataclass
+class TrainedModel:
+    """A model to evaluate: the method with its trained weights, the run's seed and the online probe trained
+    beside pretraining (None without one)."""
+
+    method: SSLMethod
+    seed: int
+    online_probe: torch.nn.Module | None = None
+
+
+@dataclass
+class Evaluated:
+    """What one evaluation gives a record: the entries and their details (EvalResult), and the evaluation's
+    provenance entry (command, protocols, commit, versions, device)."""
+
+    method: SSLMethod
+    result: EvalResult
+    provenance: dict
+
+
+def restore_model(config: SuiteConfig, payload: dict, data: SuiteData, hparams=None, checkpoint=None) -> TrainedModel:
+    """The model of a model file (load_model_file's payload): the method rebuilt with `hparams` (the recorded
+    ones; None: the config's) and its weights loaded."""
+    name = payload["method"]
+    method, _ = build_method(config, name, data, hparams=hparams)
+    try:
+        method.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit method '{name}' as configured in suite "
+                              f"'{config.name}' ({first_line(exc)})") from exc
+    return TrainedModel(method, int(payload["seed"]), online_probe_of(payload))
+
+
+def evaluate(config: SuiteConfig, model: TrainedModel, data: SuiteData, protocols: list[str], context: RunContext,
+             command: str) -> Evaluated:
+    """The one evaluation path (`run` after training or for protocols a record lacks, and `evaluate`): the
+    model on the config's device, `protocols` with the suite's evaluation settings and clean views (the shared
+    protocol, whatever views the method trained on) -> its entries, details and provenance entry."""
+    device = resolve_device(config.train)
+    model.method.to(device)
+    preprocess = build_augment(config.augment).to(device).clean
+    eval_context = EvalContext(device=device, seed=model.seed, config=config, data_root=context.data_root,
+                               results_dir=context.results_dir, progress=context.progress)
+    result = evaluate_model(model.method, data, preprocess, config.evaluation, eval_context, protocols,
+                            model.online_probe)
+    return Evaluated(model.method, result, provenance_entry(command, protocols, device))
+
+
+def merge_evaluation(record: dict, record_file: Path | None, evaluated: Evaluated):
+    """(record, predictions) with what the evaluation's protocols produce replaced by `evaluated` and its
+    provenance entry added; the other protocols' entries, details and predictions are kept."""
     from benchmarks.records import read_predictions
 
+    protocols = evaluated.provenance["protocols"]
     merged = copy.deepcopy(record)
     evaluation = merged.get("evaluation", {})
-    keys = {e["key"] for e in merged["metrics"]} | set(evaluation)
-    gone = {k for k in keys if protocol_of(k, evaluation) in protocols}
+    gone = {k for k, details in evaluation.items() if protocol_family(details.get("protocol", "")) in protocols}
+    gone |= {e["key"] for e in merged["metrics"] if protocol_family(e["protocol"]) in protocols}
     merged["metrics"] = [e for e in merged["metrics"] if e["key"] not in gone]
     merged["evaluation"] = {k: v for k, v in evaluation.items() if k not in gone}
     merged["clusters"] = {k: v for k, v in merged.get("clusters", {}).items() if k not in gone}
     kept = {e["key"] for e in merged["metrics"]} | {"labels"}
     old = read_predictions(record_file, record) if record_file is not None and record.get("predictions") else {}
     predictions = {k: v for k, v in old.items() if k in kept or k.removesuffix(":labels") in kept}
-    merged["metrics"] += metric_entries(result.metrics, result.evaluation)
+    result = evaluated.result
+    merged["metrics"] += copy.deepcopy(result.entries)
     merged["evaluation"].update(result.evaluation)
     merged["clusters"].update(result.clusters)
     predictions.update(result.predictions)
-    merged.setdefault("provenance", {}).setdefault("evaluations", []).append(entry)
+    merged.setdefault("provenance", {}).setdefault("evaluations", []).append(evaluated.provenance)
     return merged, predictions
 
 
-def _note_other_settings(results_dir, config: SuiteConfig, settings: MethodConfig, seed: int, out_path: Path,
-                         say) -> None:
+def _note_other_settings(plan: RunPlan, context: RunContext) -> None:
     """Say which records of the same run exist with other settings, and in which keys they differ."""
-    for other in same_run_records(results_dir, config.name, settings.name, settings.epochs, seed):
+    config, settings, out_path = plan.config, plan.settings, plan.out_path
+    for other in same_run_records(context.results_dir, config.name, settings.name, settings.epochs, plan.seed):
         if other == out_path:
             continue
         try:
@@ -458,8 +550,8 @@ def _note_other_settings(results_dir, config: SuiteConfig, settings: MethodConfi
         keys = [k for k in differing_keys(mine, theirs) if not k.startswith(("config.methods.", "config.launcher",
                                                                               "config.description"))]
         shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
-        say(f"note: {other} holds this run with other settings ({shown or 'other settings'}); it is kept, and "
-            f"these settings get their own record {out_path.name}")
+        context.say(f"note: {other} holds this run with other settings ({shown or 'other settings'}); it is kept, "
+                    f"and these settings get their own record {out_path.name}")
 
 
 class AttemptLedger:
@@ -496,105 +588,148 @@ class AttemptLedger:
             pass  # the time of this attempt is lost, the run is not
 
 
-def _train_evaluate_record(config: SuiteConfig, settings: MethodConfig, seed, method, data, run_dir, out_path,
-                           results_dir, data_root, force, restart, progress, fingerprints) -> dict:
-    fresh = restart or not any(Path(run_dir).rglob("last.ckpt"))
-    ledger = AttemptLedger(run_dir, fresh)
+def _train_evaluate_record(plan: RunPlan, method: SSLMethod, data: SuiteData, context: RunContext) -> dict:
+    fresh = context.restart or not any(Path(plan.run_dir).rglob("last.ckpt"))
+    ledger = AttemptLedger(plan.run_dir, fresh)
     try:
-        return _attempt(config, settings, seed, method, data, run_dir, out_path, results_dir, data_root, force,
-                        restart, progress, fingerprints, ledger)
+        return _attempt(plan, method, data, context, ledger)
     finally:
         ledger.close()
 
 
-def _attempt(config: SuiteConfig, settings: MethodConfig, seed, method, data, run_dir, out_path,
-             results_dir, data_root, force, restart, progress, fingerprints, ledger: AttemptLedger) -> dict:
-    suite, epochs, method_name = config.name, settings.epochs, settings.name
-    train_cfg = config.train
-    device = resolve_device(train_cfg)
-    status, message = "completed", None
-    history, images_seen, train_seconds, peak, world_size = [], 0, 0.0, None, 1
-    trained = not method.skips_training and epochs > 0
-    online_probe = None
-    tracker = Tracker(train_cfg.logger, run_dir) if getattr(rank_zero_only, "rank", 0) == 0 else None
-    if tracker is not None:
-        tracker.log_settings({"suite": suite, "method": method_name, "seed": seed, "config": config.canonical(),
-                              "method_config": settings.model_dump(mode="json")})
-    if trained:
-        pretrain_set = data.train if method.uses_labels else data.pretrain
-        on_gpu = device.type == "cuda"
-        channels_last = on_gpu if train_cfg.channels_last == "auto" else bool(train_cfg.channels_last)
-        if train_cfg.compile:
-            method.backbone = torch.compile(method.backbone)
-        stages = method.stages(settings) or [Stage("pretrain", epochs, settings.batch_size, settings.optimizer,
-                                                   settings.augment)]
-        probe = None
-        # the online probe learns from the labelled images of the pretraining split (STL-10: its train part)
-        if "online_linear" in config.evaluation.protocols and bool((pretrain_set.labels >= 0).any()):
-            probe = OnlineProbe(data.num_classes, config.evaluation.online_linear.lr,
-                                config.evaluation.online_linear.weight_decay)
-        for index, stage in enumerate(stages):
-            last = index == len(stages) - 1
-            method.set_stage(index)
-            module = PretrainModule(method, build_augment(stage.augment or settings.augment), stage.optimizer,
-                                    pretrain_set, PretrainSettings(stage.batch_size, stage.epochs, seed, stage=index,
-                                                                   channels_last=channels_last,
-                                                                   divergence_check_every=20 if on_gpu else 1),
-                                    MonitorData(_cap(data.train, train_cfg.online_knn_max_bank), data.test,
-                                                data.num_classes, train_cfg.online_knn_every),
-                                    online_probe=probe if last else None)
-            # one stage: the run folder itself; several: a folder (and an epoch checkpoint) per stage
-            stage_dir = run_dir if len(stages) == 1 else run_dir / f"stage{index + 1}-{stage.name}"
-            stage_fp = fingerprints["training"] if len(stages) == 1 else f"{fingerprints['training']}-{index}"
-            try:
-                result = fit(module, train_cfg, stage_dir, stage_fp, restart=restart, progress=progress,
-                             tracker=tracker)
-            except DivergedError as exc:
-                status, message = "diverged", f"{stage.name} stage: {exc}" if len(stages) > 1 else str(exc)
-                history += [{**h, "stage": index + 1} if len(stages) > 1 else h for h in module.history]
-                log.warning("%s/%s seed %d diverged: %s", suite, method_name, seed, exc)
-                break
-            history += [{**h, "stage": index + 1} if len(stages) > 1 else h for h in result.history]
-            images_seen += result.images_seen
-            train_seconds += result.train_seconds
-            peak = max(peak or 0.0, result.peak_memory_mb) if result.peak_memory_mb is not None else peak
-            world_size = int(result.extra.get("world_size", 1))
-            if last:
-                online_probe = module.online_probe
-    if getattr(rank_zero_only, "rank", 0) != 0:  # DDP ranks > 0: rank 0 evaluates and writes
-        return {"status": status, "metrics": {}}
-    method.to(device)
-    eval_result = None
-    if status == "completed":
-        model_path = run_dir / "model.pt"
-        meta = {"suite": suite, "method": method_name, "seed": seed, "epochs": epochs, "backbone": config.backbone,
-                "in_channels": config.in_channels, "fingerprint": fingerprints["training"], **model_settings(config, settings)}
-        if online_probe is not None:
-            meta["online_probe"] = {k: v.detach().cpu() for k, v in online_probe.state_dict().items()}
-        save_model(model_path, method, meta)
-        # evaluation views are the suite's (the shared protocol), whatever views the method trained on
-        eval_result = evaluate_model(method, data, build_augment(config.augment).clean, config.evaluation,
-                                     device=device, seed=seed, config=config, data_root=data_root,
-                                     results_dir=results_dir, progress=progress, online_probe=online_probe)
-    record = build_record(config, settings, seed, data, method, fingerprints, status, eval_result, history,
-                          device, command="run")
-    if tracker is not None and eval_result is not None:
-        tracker.log_evaluation(eval_result.metrics, step=max(1, images_seen // max(1, settings.batch_size)))
-    record.update({
+def _rank_zero() -> bool:
+    """DDP ranks other than 0 (Lightning reruns the command for them) train along; rank 0 evaluates and writes."""
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+@dataclass
+class Pretraining:
+    """What pretraining gave: its status (and why, if it stopped), the curve, throughput and memory, the
+    online probe trained beside it."""
+
+    status: str = "completed"
+    message: str | None = None
+    history: list = field(default_factory=list)
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    peak_memory_mb: float | None = None
+    world_size: int = 1
+    online_probe: torch.nn.Module | None = None
+
+
+def _stages(method: SSLMethod, settings: MethodConfig) -> list[Stage]:
+    return method.stages(settings) or [Stage("pretrain", settings.epochs, settings.batch_size, settings.optimizer,
+                                             settings.augment)]
+
+
+def _online_probe(config: SuiteConfig, pretrain_set: ImageDataset, data: SuiteData) -> OnlineProbe | None:
+    """The online probe learns from the labelled images of the pretraining split (STL-10: its train part)."""
+    if "online_linear" in config.evaluation.protocols and bool((pretrain_set.labels >= 0).any()):
+        return OnlineProbe(data.num_classes, config.evaluation.online_linear.lr,
+                           config.evaluation.online_linear.weight_decay)
+    return None
+
+
+def _pretrain(plan: RunPlan, method: SSLMethod, data: SuiteData, context: RunContext, tracker) -> Pretraining:
+    """Train every stage of the method (one for most), each from its own epoch checkpoint; a diverged stage
+    stops the run with status `diverged`."""
+    config, settings, train_cfg = plan.config, plan.settings, plan.config.train
+    outcome = Pretraining()
+    if method.skips_training or settings.epochs == 0:
+        return outcome
+    pretrain_set = data.train if method.uses_labels else data.pretrain
+    on_gpu = resolve_device(train_cfg).type == "cuda"
+    channels_last = on_gpu if train_cfg.channels_last == "auto" else bool(train_cfg.channels_last)
+    if train_cfg.compile:
+        method.backbone = torch.compile(method.backbone)
+    stages, probe = _stages(method, settings), _online_probe(config, pretrain_set, data)
+    several = len(stages) > 1
+    for index, stage in enumerate(stages):
+        last = index == len(stages) - 1
+        method.set_stage(index)
+        module = PretrainModule(method, build_augment(stage.augment or settings.augment), stage.optimizer,
+                                pretrain_set, PretrainSettings(stage.batch_size, stage.epochs, plan.seed, stage=index,
+                                                               channels_last=channels_last,
+                                                               divergence_check_every=20 if on_gpu else 1),
+                                MonitorData(_cap(data.train, train_cfg.online_knn_max_bank), data.test,
+                                            data.num_classes, train_cfg.online_knn_every),
+                                online_probe=probe if last else None)
+        # one stage: the run folder itself; several: a folder (and an epoch checkpoint) per stage
+        stage_dir = plan.run_dir / f"stage{index + 1}-{stage.name}" if several else plan.run_dir
+        stage_fp = f"{plan.fingerprints['training']}-{index}" if several else plan.fingerprints["training"]
+        try:
+            result = fit(module, train_cfg, stage_dir, stage_fp, restart=context.restart, progress=context.progress,
+                         tracker=tracker)
+        except DivergedError as exc:
+            outcome.status, outcome.message = "diverged", f"{stage.name} stage: {exc}" if several else str(exc)
+            outcome.history += [{**h, "stage": index + 1} if several else h for h in module.history]
+            log.warning("%s/%s seed %d diverged: %s", config.name, settings.name, plan.seed, exc)
+            break
+        outcome.history += [{**h, "stage": index + 1} if several else h for h in result.history]
+        outcome.images_seen += result.images_seen
+        outcome.train_seconds += result.train_seconds
+        if result.peak_memory_mb is not None:
+            outcome.peak_memory_mb = max(outcome.peak_memory_mb or 0.0, result.peak_memory_mb)
+        outcome.world_size = int(result.extra.get("world_size", 1))
+        if last:
+            outcome.online_probe = module.online_probe
+    return outcome
+
+
+def _save_final_model(plan: RunPlan, method: SSLMethod, online_probe) -> None:
+    config, settings = plan.config, plan.settings
+    meta = {"suite": config.name, "method": settings.name, "seed": plan.seed, "epochs": settings.epochs,
+            "backbone": config.backbone, "in_channels": config.in_channels,
+            "fingerprint": plan.fingerprints["training"], **model_settings(config, settings)}
+    if online_probe is not None:
+        meta["online_probe"] = {k: v.detach().cpu() for k, v in online_probe.state_dict().items()}
+    save_model(plan.run_dir / "model.pt", method, meta)
+
+
+def _run_costs(plan: RunPlan, outcome: Pretraining, ledger: AttemptLedger) -> dict:
+    """The record's time, throughput and memory fields."""
+    peak, world_size = outcome.peak_memory_mb, outcome.world_size
+    seconds = outcome.train_seconds
+    return {
         # every attempt's time (SLURM requeues, resumes after a kill or an interrupt), and how many there were
         "wall_time_s": round(ledger.total_seconds(), 3),
         "attempts": ledger.count,
         "devices": world_size,
-        "global_batch_size": settings.batch_size * world_size,
-        "throughput_images_per_s": round(images_seen / train_seconds, 1) if train_seconds > 0 else None,
+        "global_batch_size": plan.settings.batch_size * world_size,
+        "throughput_images_per_s": round(outcome.images_seen / seconds, 1) if seconds > 0 else None,
         "peak_memory_mb": round(peak, 1) if peak is not None else round(process_peak_rss_mb(), 1),
         # what peak_memory_mb measures: the accelerator's peak allocation, or (CPU) the process's peak RSS
         "peak_memory_source": "cuda_max_allocated" if peak is not None else "process_peak_rss",
-        "checkpoint": str(run_dir / "model.pt") if status == "completed" else None,
-    })
-    if message:
-        record["message"] = message
-    write_record(record, out_path, force=force, predictions=eval_result.predictions if eval_result else None)
+        "checkpoint": str(plan.run_dir / "model.pt") if outcome.status == "completed" else None,
+    }
+
+
+def _attempt(plan: RunPlan, method: SSLMethod, data: SuiteData, context: RunContext, ledger: AttemptLedger) -> dict:
+    config, settings = plan.config, plan.settings
+    tracker = Tracker(config.train.logger, plan.run_dir) if _rank_zero() else None
+    if tracker is not None:
+        tracker.log_settings({"suite": config.name, "method": settings.name, "seed": plan.seed,
+                              "config": config.canonical(), "method_config": settings.model_dump(mode="json")})
+    outcome = _pretrain(plan, method, data, context, tracker)
+    if not _rank_zero():  # DDP ranks > 0: rank 0 evaluates and writes
+        return {"status": outcome.status, "metrics": []}
+    device = resolve_device(config.train)
+    method.to(device)
+    evaluated = None
+    if outcome.status == "completed":
+        _save_final_model(plan, method, outcome.online_probe)
+        evaluated = evaluate(config, TrainedModel(method, plan.seed, outcome.online_probe), data,
+                             list(config.evaluation.protocols), context, "run")
+    provenance = evaluated.provenance if evaluated is not None else provenance_entry("run", [], device)
+    record = build_record(plan, data, method, evaluated, provenance, outcome.status, outcome.history)
+    if tracker is not None and evaluated is not None:
+        tracker.log_evaluation(evaluated.result.table(),
+                               step=max(1, outcome.images_seen // max(1, settings.batch_size)))
+    record.update(_run_costs(plan, outcome, ledger))
+    if outcome.message:
+        record["message"] = outcome.message
+    write_record(record, plan.out_path, force=context.redo,
+                 predictions=evaluated.result.predictions if evaluated is not None else None)
     return record
 
 
@@ -611,13 +746,13 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
 
 
-def build_record(config: SuiteConfig, settings: MethodConfig, seed: int, data: SuiteData, method: SSLMethod,
-                 fingerprints: dict, status: str, eval_result, history: list, device: torch.device,
-                 command: str) -> dict:
-    """A schema-3 record (benchmarks.records.RunRecord) of one run; timing fields are filled in by the caller."""
-    cls = type(method)
-    protocols = list(config.evaluation.protocols) if eval_result is not None else []
-    entry = provenance_entry(command, protocols, device)
+def build_record(plan: RunPlan, data: SuiteData, method: SSLMethod, evaluated: Evaluated | None, provenance: dict,
+                 status: str = "completed", history: list | None = None) -> dict:
+    """A schema-3 record (benchmarks.records.RunRecord) of one run: its entries and details from `evaluated`
+    (none when it did not finish), `provenance` (its pretraining's: the provenance entry of this process);
+    timing fields are filled in by the caller."""
+    config, settings = plan.config, plan.settings
+    result = evaluated.result if evaluated is not None else None
     return {
         "schema_version": SCHEMA_VERSION,
         "status": status,
@@ -628,27 +763,27 @@ def build_record(config: SuiteConfig, settings: MethodConfig, seed: int, data: S
         "variant": settings.variant,
         "method_display": settings.display_name,
         "paper_reference": settings.paper,
-        "is_reference": bool(cls.is_reference),
-        "seed": seed,
+        "is_reference": bool(type(method).is_reference),
+        "seed": plan.seed,
         "epochs": settings.epochs,
         "backbone": config.backbone,
         "batch_size": settings.batch_size,
-        "fingerprints": fingerprints,
+        "fingerprints": plan.fingerprints,
         "config": config.canonical(),
         "method_config": settings.model_dump(mode="json"),
-        "metrics": metric_entries(eval_result.metrics, eval_result.evaluation) if eval_result else [],
-        "evaluation": eval_result.evaluation if eval_result else {},
-        "clusters": eval_result.clusters if eval_result else {},
+        "metrics": result.entries if result else [],
+        "evaluation": result.evaluation if result else {},
+        "clusters": result.clusters if result else {},
         "predictions": None,
-        "history": history,
-        "provenance": {"pretraining": {k: entry[k] for k in ("git_commit", "versions", "device", "cpu", "threads",
-                                                             "created")},
-                       "evaluations": [entry] if eval_result is not None else []},
+        "history": history or [],
+        "provenance": {"pretraining": {k: provenance[k] for k in ("git_commit", "versions", "device", "cpu",
+                                                                  "threads", "created")},
+                       "evaluations": [provenance] if evaluated is not None else []},
         "wall_time_s": 0.0,
         "throughput_images_per_s": None,
         "peak_memory_mb": None,
         "checkpoint": None,
-        "created": entry["created"],
+        "created": provenance["created"],
         "checksum": "",
     }
 

@@ -12,10 +12,17 @@ from benchmarks.config import load_suite
 from benchmarks.data import load_split
 from benchmarks.evaluation.clustering import clustering_metrics, kmeans_assign
 from benchmarks.evaluation.features import backbone_features
-from benchmarks.evaluation.linear import linear_probe
+from benchmarks.evaluation.linear import Labelled, linear_probe
 from benchmarks.evaluation.transfer import transfer_preprocess
-from benchmarks.records import same_run_records
-from benchmarks.runner import build_augment, build_method, load_model_file, load_suite_data, run_one
+from benchmarks.records import entry_table, same_run_records
+from benchmarks.runner import (
+    RunContext,
+    build_augment,
+    build_method,
+    load_model_file,
+    load_suite_data,
+    run_one,
+)
 
 try:
     from tests import fixtures
@@ -40,14 +47,14 @@ def test_cifar10_to_cifar100_transfer_end_to_end(tmp_path):
         "backbone": "small_cnn",  # the protocol, not the architecture, is under test: keep it fast
         "train": {"epochs": 1, "batch_size": 16, "seeds": [0], "online_knn_every": 0, "accelerator": "cpu"},
         "evaluation": {"protocols": ["knn", "transfer"], "knn": {"ks": [5]}, "transfer": transfer}})
-    record = run_one(config, "simclr", 0, results_dir=tmp_path / "results", work_dir=tmp_path / "runs",
-                     data_root=root, progress=False)
+    record = run_one(config, "simclr", 0, RunContext(results_dir=tmp_path / "results", work_dir=tmp_path / "runs",
+                                                     data_root=root, progress=False))
     assert record["status"] == "completed"
-    metrics = record["metrics"]["transfer_linear:CIFAR-100"]
+    metrics = entry_table(record)["transfer_linear:CIFAR-100"]
     assert set(metrics) == {"top1", "top5"}
     params = record["evaluation"]["transfer_linear:CIFAR-100"]
     assert params["num_classes"] == 100 and params["epochs"] == 5 and params["target"] == "cifar100"
-    assert "knn_k5" in record["metrics"]
+    assert "knn_k5" in entry_table(record)
     # the recorded numbers are a linear probe on CIFAR-100 features of the pretrained backbone
     data = load_suite_data(config, root)
     method = rebuild(config, record["checkpoint"], data)
@@ -55,8 +62,8 @@ def test_cifar10_to_cifar100_transfer_end_to_end(tmp_path):
     prep = transfer_preprocess(32, 3, norm.mean, norm.std)
     train, test = load_split("cifar100", "train", root), load_split("cifar100", "test", root)
     feats = [backbone_features(method.backbone, split, prep) for split in (train, test)]
-    expected, _ = linear_probe(feats[0], train.labels, feats[1], test.labels, 100,
-                               {**transfer, "momentum": 0.9, "weight_decay": 0.0}, seed=0)
+    expected, _, _ = linear_probe(Labelled(feats[0], train.labels), Labelled(feats[1], test.labels), 100,
+                                  {**transfer, "momentum": 0.9, "weight_decay": 0.0}, seed=0)
     assert metrics == pytest.approx(expected)
 
 
@@ -69,7 +76,7 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
                  "--set", "train.online_knn_every=0", *common]) == 0
     (record_file,) = same_run_records(out, "digits", "simclr", 1, 0)
     before = json.loads(record_file.read_text())
-    assert "clustering" not in before["metrics"] and before["clusters"] == {}
+    assert "clustering" not in entry_table(before) and before["clusters"] == {}
     (model,) = (work / "digits").glob("simclr_e1_s0_*/model.pt")
     files_before = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != ".lock"}
 
@@ -77,7 +84,8 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
     after = json.loads(record_file.read_text())
     # nothing retrained: the work dir is untouched, history and kNN metrics kept
     assert {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and p.name != ".lock"} == files_before
-    assert after["history"] == before["history"] and after["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]
+    assert after["history"] == before["history"]
+    assert entry_table(after)["knn_k20"] == entry_table(before)["knn_k20"]
     assert after["clusters"]["clustering"]["source"] == "kmeans" and after["clusters"]["clustering"]["num_clusters"] == 10
     # the same record (the same evaluation settings), with the pretraining provenance kept and this evaluation added
     assert same_run_records(out, "digits", "simclr", 1, 0) == [record_file]
@@ -91,7 +99,7 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
     feats = backbone_features(method.backbone, data.test, build_augment(config.augment).clean)
     c = config.evaluation.clustering
     assignment, _ = kmeans_assign(feats, 10, 0, c.niter, c.nredo, c.spherical)
-    assert after["metrics"]["clustering"]["NMI"] == pytest.approx(100 * clustering_metrics(data.test.labels,
+    assert entry_table(after)["clustering"]["NMI"] == pytest.approx(100 * clustering_metrics(data.test.labels,
                                                                                             assignment)["nmi"])
 
     # existing metrics are replaced only with --force
@@ -106,7 +114,7 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
     others = [p for p in same_run_records(out, "digits", "simclr", 1, 0) if p != record_file]
     assert len(others) == 1 and json.loads(record_file.read_text())["metrics"] == after["metrics"]
     other = json.loads(others[0].read_text())
-    assert set(other["metrics"]) == {"knn_k20", "knn_k200"} and other["history"] == before["history"]
+    assert set(entry_table(other)) == {"knn_k20", "knn_k200"} and other["history"] == before["history"]
     assert other["evaluation"]["knn_k20"]["settings"]["temperature"] == 0.2
     assert other["fingerprints"]["training"] == before["fingerprints"]["training"]
     assert other["fingerprints"]["evaluation"] != before["fingerprints"]["evaluation"]
@@ -123,7 +131,8 @@ def test_evaluate_cli_reevaluates_a_checkpoint_without_retraining(tmp_path, caps
                  "--no-progress"]) == 0
     (created_file,) = same_run_records(fresh, "digits", "simclr", 1, 0)
     created = json.loads(created_file.read_text())
-    assert created["status"] == "completed" and created["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]
+    assert created["status"] == "completed"
+    assert entry_table(created)["knn_k20"] == entry_table(before)["knn_k20"]
 
 
 @pytest.mark.slow
@@ -147,7 +156,7 @@ def test_a_set_only_variant_is_evaluated_later_from_its_model_file_alone(tmp_pat
     assert main(["evaluate", "--checkpoint", str(model), "--protocols", "knn_k10", *common]) == 0
     assert same_run_records(out, "digits", "simclr/t05", 1, 0) == [record_file]  # the run's record, same settings
     record = json.loads(record_file.read_text())
-    assert {"knn_k20", "knn_k10_B2", "knn_k10_B3", "knn_k10_avg"} <= set(record["metrics"])
+    assert {"knn_k20", "knn_k10_B2", "knn_k10_B3", "knn_k10_avg"} <= set(entry_table(record))
     assert record["method_config"]["hparams"]["temperature"] == 0.5
 
     # the SSL++ block classifier, on the blocks small_cnn has (its budget cut to 1 epoch: other evaluation
@@ -155,7 +164,7 @@ def test_a_set_only_variant_is_evaluated_later_from_its_model_file_alone(tmp_pat
     assert main(["evaluate", "--checkpoint", str(model), "--protocols", "block_classifier", *common,
                  "--set", "evaluation.block_classifier.epochs=1"]) == 0
     (other,) = [p for p in same_run_records(out, "digits", "simclr/t05", 1, 0) if p != record_file]
-    assert {"block_classifier_B2", "block_classifier_B3"} <= set(json.loads(other.read_text())["metrics"])
+    assert {"block_classifier_B2", "block_classifier_B3"} <= set(entry_table(json.loads(other.read_text())))
 
     # a model file of an older version (no settings in it) still works as before: the suite plus --set
     old = tmp_path / "old" / "model.pt"

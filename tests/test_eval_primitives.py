@@ -35,6 +35,7 @@ from benchmarks.evaluation.knn import (
     topk_accuracy,
     topk_predictions,
 )
+from benchmarks.evaluation.linear import Labelled
 
 # ----------------------------------------------------------------------------- top-k tie rule
 
@@ -266,12 +267,12 @@ def test_block_classifier_trains_on_frozen_backbone_maps():
     maps = backbone.forward_stages(images)[1]  # [16, 8, 4, 4], still attached to the backbone's graph
     assert maps.requires_grad
     before = {k: v.clone() for k, v in backbone.state_dict().items()}  # after the forward's BN update
-    kw = dict(epochs=2, batch_size=8, lr=0.05, milestones=[1], seed=3, width=8)
-    model = train_block_classifier(maps, torch.arange(16) % 2, 2, **kw)
+    budget = dict(epochs=2, batch_size=8, lr=0.05, milestones=[1], width=8)
+    model = train_block_classifier(maps, torch.arange(16) % 2, 2, budget, seed=3)
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert all(p.grad is None for p in backbone.parameters())
     rng_state = torch.get_rng_state()
-    again = train_block_classifier(maps, torch.arange(16) % 2, 2, **kw)
+    again = train_block_classifier(maps, torch.arange(16) % 2, 2, budget, seed=3)
     assert torch.equal(torch.get_rng_state(), rng_state)  # the caller's RNG is untouched
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
 
@@ -288,12 +289,13 @@ def separable_maps(n_per_class: int, num_classes: int, seed: int):
 def test_block_classifier_learns_a_separable_problem():
     train, train_labels = separable_maps(24, 3, seed=0)
     test, test_labels = separable_maps(10, 3, seed=1)
-    model = train_block_classifier(train, train_labels, 3, epochs=12, batch_size=16, lr=0.05, milestones=[8],
-                                   seed=0, width=16)
+    model = train_block_classifier(train, train_labels, 3, dict(epochs=12, batch_size=16, lr=0.05, milestones=[8],
+                                                                width=16), seed=0)
     assert block_classifier_accuracy(model, test, test_labels)["top1"] > 90.0
     budget = {"epochs": 12, "batch_size": 16, "lr": 0.05, "milestones": [8], "width": 16}
-    metrics, params = block_classifier_probe(train, train_labels, test, test_labels, 3, budget, seed=0)
+    metrics, params = block_classifier_probe(Labelled(train, train_labels), Labelled(test, test_labels), 3, budget,
+                                             seed=0)
     assert metrics["top1"] > 90.0 and params["gamma"] == 0.1 and params["input_shape"] == [4, 4, 4]
     assert math.isclose(params["weight_decay"], 5e-4)
     with pytest.raises(ConfigError, match="evaluation.block_classifier.epoch: unknown key"):
-        block_classifier_probe(train, train_labels, test, test_labels, 3, {"epoch": 3})
+        block_classifier_probe(Labelled(train, train_labels), Labelled(test, test_labels), 3, {"epoch": 3})

@@ -25,8 +25,8 @@ from benchmarks.evaluation.clustering import (
 )
 from benchmarks.evaluation.features import NonFiniteFeaturesError
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
-from benchmarks.evaluation.linear import fit_linear_classifier, linear_probe, predict
-from benchmarks.evaluation.protocols import evaluate_model, resolve_evaluation
+from benchmarks.evaluation.linear import Labelled, fit_linear_classifier, linear_probe, predict
+from benchmarks.evaluation.protocols import EvalContext, evaluate_model, resolve_evaluation
 from benchmarks.evaluation.settings import EvaluationConfig
 from benchmarks.evaluation.transfer import adapt_channels, transfer_preprocess
 
@@ -160,8 +160,9 @@ def test_linear_probe_separable_features_high_accuracy():
     x = x[logits[:, -1] - logits[:, -2] > 0.5][:1200]  # a margin: linearly separable with room to spare
     y = (x @ w).argmax(axis=1)
     budget = {"epochs": 60, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
-    metrics, params = linear_probe(torch.from_numpy(x[:1000]), torch.from_numpy(y[:1000]), torch.from_numpy(x[1000:]),
-                                   torch.from_numpy(y[1000:]), 5, budget, seed=0)
+    metrics, params, _ = linear_probe(Labelled(torch.from_numpy(x[:1000]), torch.from_numpy(y[:1000])),
+                                      Labelled(torch.from_numpy(x[1000:]), torch.from_numpy(y[1000:])), 5, budget,
+                                      seed=0)
     assert metrics["top1"] > 97.0
     assert params["epochs"] == 60 and params["lr"] == 0.1
 
@@ -171,7 +172,7 @@ def test_linear_probe_random_labels_is_at_chance():
     x = torch.from_numpy(rng.normal(size=(3000, 16)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, 10, size=3000))
     budget = {"epochs": 20, "batch_size": 256, "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}
-    metrics, _ = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], 10, budget, seed=0)
+    metrics, _, _ = linear_probe(Labelled(x[:1000], y[:1000]), Labelled(x[1000:], y[1000:]), 10, budget, seed=0)
     assert abs(metrics["top1"] - 10.0) < 3.0  # 2000 test points: std of chance accuracy ~0.7%
     assert abs(metrics["top5"] - 50.0) < 5.0
 
@@ -181,9 +182,9 @@ def test_linear_probe_is_deterministic_given_the_seed():
     x = torch.from_numpy(rng.normal(size=(300, 8)).astype(np.float32))
     y = torch.from_numpy(rng.integers(0, 3, size=300))
     kw = dict(epochs=5, batch_size=32, lr=0.1, momentum=0.9, weight_decay=1e-4)
-    a = predict(fit_linear_classifier(x, y, 3, seed=7, **kw), x)
-    b = predict(fit_linear_classifier(x, y, 3, seed=7, **kw), x)
-    c = predict(fit_linear_classifier(x, y, 3, seed=8, **kw), x)
+    a = predict(fit_linear_classifier(x, y, 3, kw, seed=7), x)
+    b = predict(fit_linear_classifier(x, y, 3, kw, seed=7), x)
+    c = predict(fit_linear_classifier(x, y, 3, kw, seed=8), x)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)  # the seed sets the mini-batch order
 
@@ -207,8 +208,9 @@ def test_semi_subsets_by_count_are_class_balanced_and_identical_for_every_method
     data = FakeData()
     cfg = {**EVAL, "per_layer": False, "protocols": ["semi"],
            "semi": {"fractions": [], "per_class": [2, 5], "subsets": [7, 8], "mode": "linear"}}
-    runs = [evaluate_model(TinyMethod(with_head=head), data, preprocess, cfg, seed=seed, results_dir=tmp_path,
-                           progress=False, suite="synthetic") for head, seed in ((False, 0), (True, 1))]
+    runs = [evaluate_model(TinyMethod(with_head=head), data, preprocess, cfg,
+                           EvalContext(seed=seed, results_dir=tmp_path, progress=False, suite="synthetic"))
+            for head, seed in ((False, 0), (True, 1))]
     labels = data.train.labels.numpy()
     for key, count in (("semi_2perclass", 2), ("semi_5perclass", 5)):
         first, second = (r.evaluation[key]["subsets"] for r in runs)
@@ -219,11 +221,11 @@ def test_semi_subsets_by_count_are_class_balanced_and_identical_for_every_method
             assert np.bincount(labels[indices], minlength=4).tolist() == [count] * 4
         # the metric of a run is the mean over its subsets; predictions are kept per subset
         mean = np.mean([s["metrics"]["top1"] for s in first])
-        assert runs[0].metrics[key]["top1"] == pytest.approx(mean)
+        assert runs[0].table()[key]["top1"] == pytest.approx(mean)
         assert runs[0].predictions[key].shape == (2, len(data.test.labels), 5)
     with pytest.raises(ConfigError, match="evaluation.semi.per_class: 99 images per class, but the smallest class"):
         evaluate_model(TinyMethod(with_head=False), data, preprocess,
-                       {**cfg, "semi": {**cfg["semi"], "per_class": [99]}}, progress=False, suite="synthetic")
+                       {**cfg, "semi": {**cfg["semi"], "per_class": [99]}}, EvalContext(progress=False, suite="synthetic"))
 
 
 def test_semi_fraction_below_one_image_per_class_is_refused():
@@ -330,9 +332,9 @@ EVAL = {"knn": {"ks": [5, 20]}, "linear": {"epochs": 20, "batch_size": 32},
 
 def test_evaluate_model_all_protocols(tmp_path):
     data = FakeData()
-    result = evaluate_model(TinyMethod(with_head=False), data, preprocess, EVAL, seed=0, results_dir=tmp_path,
-                            progress=False, suite="synthetic")
-    m = result.metrics
+    result = evaluate_model(TinyMethod(with_head=False), data, preprocess, EVAL,
+                            EvalContext(seed=0, results_dir=tmp_path, progress=False, suite="synthetic"))
+    m = result.table()
     expected = {"knn_k5", "knn_k20", "linear", "semi_10pct", "semi_50pct", "clustering"}
     expected |= {f"knn_k20_B{i}" for i in (1, 2, 3)} | {f"linear_B{i}" for i in (1, 2, 3)}
     assert set(m) == expected
@@ -370,33 +372,33 @@ def test_nan_features_stop_the_evaluation_naming_method_protocol_and_rows(tmp_pa
 
     with pytest.raises(NonFiniteFeaturesError, match=r"method 'broken_method', protocol knn: \d+ of 120 train "
                                                       r"feature rows are not finite"):
-        evaluate_model(Broken(), FakeData(), preprocess, {**EVAL, "protocols": ["knn"]}, progress=False, suite="s")
+        evaluate_model(Broken(), FakeData(), preprocess, {**EVAL, "protocols": ["knn"]},
+                       EvalContext(progress=False, suite="s"))
 
 
 def test_the_head_is_scored_apart_and_the_headline_does_not_depend_on_it(tmp_path):
     data = FakeData()
     cfg = {**EVAL, "per_layer": False, "protocols": ["clustering", "semi"]}
-    a = evaluate_model(TinyMethod(with_head=False), data, preprocess, cfg, seed=1, results_dir=tmp_path,
-                       progress=False, suite="synthetic")
+    context = EvalContext(seed=1, results_dir=tmp_path, progress=False, suite="synthetic")
+    a = evaluate_model(TinyMethod(with_head=False), data, preprocess, cfg, context)
     split_file = tmp_path / "splits" / "synthetic" / "semi_15pc_subset0.json"
     written = split_file.read_text()
     method = TinyMethod(with_head=True)  # a 3x over-clustering head: K = 12 for 4 classes
-    b = evaluate_model(method, data, preprocess, cfg, seed=1, results_dir=tmp_path, progress=False,
-                       suite="synthetic")
+    b = evaluate_model(method, data, preprocess, cfg, context)
     assert split_file.read_text() == written
     assert a.evaluation["semi_50pct"]["subsets"] == b.evaluation["semi_50pct"]["subsets"]
     assert b.evaluation["semi_50pct"]["subsets"][0]["split_file"] == str(split_file)
     # the headline (k-means, K = classes) is the same whatever head the method has
-    assert b.metrics["clustering"] == a.metrics["clustering"]
+    assert b.table()["clustering"] == a.table()["clustering"]
     assert b.clusters["clustering"] == a.clusters["clustering"]
     # the head: its own key, K = 12, many-to-one ACC and no one-to-one ACC
     assert b.clusters["clustering_head_k12"]["source"] == "head" and b.clusters["clustering_head_k12"]["num_clusters"] == 12
-    assert set(b.metrics["clustering_head_k12"]) == {"NMI", "AMI", "ARI", "ACC_MANY_TO_ONE"}
+    assert set(b.table()["clustering_head_k12"]) == {"NMI", "AMI", "ARI", "ACC_MANY_TO_ONE"}
     with torch.no_grad():
         method.eval()
         expected = method.cluster_logits(preprocess(data.test.images)).argmax(1)
     raw = clustering_metrics(data.test.labels, expected)
-    assert b.metrics["clustering_head_k12"]["NMI"] == pytest.approx(100 * raw["nmi"])
+    assert b.table()["clustering_head_k12"]["NMI"] == pytest.approx(100 * raw["nmi"])
     assert b.clusters["clustering_head_k12"]["num_nonempty"] == len(set(expected.tolist()))
 
 
@@ -406,11 +408,11 @@ def test_finetune_learns_and_leaves_the_backbone_untouched():
     backbone = small_cnn(in_channels=1, width=8)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     views = semi.finetune_views("clean", None, preprocess)
-    kw = dict(epochs=15, batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0, seed=0)
-    model = semi.finetune(backbone, data.train, 4, views, **kw)
+    budget = dict(epochs=15, batch_size=32, lr=0.05, momentum=0.9, weight_decay=0.0)
+    model = semi.finetune(backbone, data.train, 4, views, budget, seed=0)
     assert semi.evaluate_classifier(model, data.test, preprocess)["top1"] > 90.0
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
-    again = semi.finetune(backbone, data.train, 4, views, **kw)
+    again = semi.finetune(backbone, data.train, 4, views, budget, seed=0)
     assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), again.state_dict().values()))
 
 
@@ -421,7 +423,7 @@ def test_knn_k10_scores_each_blocks_pooled_maps_with_the_plurality_vote():
 
     data, method = FakeData(), TinyMethod(with_head=False)
     cfg = {**EVAL, "per_layer": False, "protocols": ["knn_k10"], "knn_k10": {"k": 5, "blocks": [1, 2]}}
-    result = evaluate_model(method, data, preprocess, cfg, seed=0, progress=False, suite="synthetic")
+    result = evaluate_model(method, data, preprocess, cfg, EvalContext(seed=0, progress=False, suite="synthetic"))
     method.backbone.eval()
     with torch.no_grad():
         maps = {split: method.backbone.forward_stages(preprocess(getattr(data, split).images))
@@ -431,5 +433,43 @@ def test_knn_k10_scores_each_blocks_pooled_maps_with_the_plurality_vote():
         train, test = (maps[s][block - 1].mean(dim=(2, 3)) for s in ("train", "test"))
         predicted = knn_plurality_predict(train, data.train.labels, test, data.num_classes, k=5)
         expected.append(100.0 * (predicted == data.test.labels).float().mean().item())
-        assert result.metrics[f"knn_k5_B{block}"]["top1"] == pytest.approx(expected[-1])
-    assert result.metrics["knn_k5_avg"]["top1"] == pytest.approx(sum(expected) / 2)
+        assert result.table()[f"knn_k5_B{block}"]["top1"] == pytest.approx(expected[-1])
+    assert result.table()["knn_k5_avg"]["top1"] == pytest.approx(sum(expected) / 2)
+
+
+class TwoHeadMethod(TinyMethod):
+    """Two cluster heads with the same K: the second is told apart by its head number."""
+
+    def __init__(self):
+        super().__init__(with_head=True)
+        self.head2 = nn.Linear(self.backbone.feature_dim, 12)
+
+    def cluster_logits(self, images):
+        features = self.backbone(images)
+        return [self.head(features), self.head2(features)]
+
+
+def test_entries_are_exactly_the_schema2_conversion_of_the_same_evaluation(tmp_path):
+    """The entries an evaluation produces (protocol, settings with block / head / dataset, metric, value, key)
+    equal what records.metric_entries gives for the schema-2 form ({key: {metric: value}} + evaluation) of the
+    same evaluation: the same settings dicts, in the same order, for every kind of place."""
+    from benchmarks.config import load_suite
+    from benchmarks.records import metric_entries
+
+    cfg = {**EVAL, "protocols": ["knn", "linear", "clustering", "semi", "transfer", "knn_k10", "block_classifier"],
+           "knn_k10": {"k": 5, "blocks": [1, 2]},
+           "block_classifier": {"blocks": [1, 2], "epochs": 1, "batch_size": 64, "milestones": [1]},
+           "transfer": {"targets": ["digits"], "epochs": 1, "batch_size": 256}}
+    context = EvalContext(seed=0, config=load_suite("digits"), results_dir=tmp_path, progress=False,
+                          suite="synthetic")
+    result = evaluate_model(TwoHeadMethod(), FakeData(), preprocess, cfg, context)
+    schema2 = result.table()  # the {key: {metric: value}} form, in the order the evaluation made it
+    assert json.dumps(metric_entries(schema2, result.evaluation)) == json.dumps(result.entries)
+    places = {e["key"]: {k: e["settings"][k] for k in ("block", "head", "dataset") if k in e["settings"]}
+              for e in result.entries}
+    assert places["knn_k20_B2"] == {"block": 2} and places["linear_B3"] == {"block": 3}
+    assert places["knn_k5_B1"] == {"block": 1} and places["knn_k5_avg"] == {"block": "avg"}
+    assert places["block_classifier_B2"] == {"block": 2} and places["block_classifier_avg"] == {"block": "avg"}
+    assert places["clustering_head_k12"] == {} and places["clustering_head_k12_h2"] == {"head": 2}
+    assert places["transfer_linear:digits"] == {"dataset": "digits"}
+    assert places["knn_k5"] == places["clustering"] == places["semi_10pct"] == {}

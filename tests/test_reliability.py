@@ -23,7 +23,7 @@ import torch
 from benchmarks import training
 from benchmarks.cli import main
 from benchmarks.data import load_split
-from benchmarks.records import iter_record_files, read_record, same_run_records
+from benchmarks.records import entry_table, iter_record_files, read_record, same_run_records
 from benchmarks.training import load_checkpoint_file
 
 try:
@@ -89,7 +89,7 @@ def test_protocols_a_finished_record_lacks_are_added_under_the_runs_lock(tmp_pat
     assert run(tmp_path, "--no-report", sets=("evaluation.protocols=[knn, clustering]",)) == 0
     assert "lacks clustering: evaluating them with the finished model" in capsys.readouterr().out
     after = read_record(path)
-    assert "clustering" in after["metrics"] and after["metrics"]["knn_k20"] == before["metrics"]["knn_k20"]
+    assert "clustering" in entry_table(after) and entry_table(after)["knn_k20"] == entry_table(before)["knn_k20"]
 
 
 # ----------------------------------------------------------------------------- 2. the repository's report is left alone
@@ -116,7 +116,7 @@ def test_the_report_skips_unreadable_and_edited_files_by_name_and_a_stale_copy_n
     assert run(tmp_path, "--no-report") == 0
     out = tmp_path / "out"
     (record,) = same_run_records(out, "digits", "simclr", 1, 0)
-    true_top1 = read_record(record)["metrics"]["knn_k20"]["top1"]
+    true_top1 = entry_table(read_record(record))["knn_k20"]["top1"]
     # a backup copy whose number was edited by hand, and a file that is not even text
     backup = out / "backup" / "digits"
     backup.mkdir(parents=True)

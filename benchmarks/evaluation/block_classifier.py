@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from benchmarks.backbones import nin_block
 from benchmarks.errors import ConfigError
 from benchmarks.evaluation.knn import topk_accuracy
+from benchmarks.evaluation.linear import Labelled
 
 # SSL++ Table II (evaluation stage on CIFAR-10; STL-10 uses batch 64) and sec. V-A.4 (factor 10)
 BLOCK_CLASSIFIER_DEFAULTS = {"epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4,
@@ -56,38 +57,50 @@ def _check_maps(maps: torch.Tensor, what: str) -> torch.Tensor:
     return maps
 
 
-def train_block_classifier(feature_maps_train: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                           epochs: int = 200, batch_size: int = 128, lr: float = 0.1, momentum: float = 0.9,
-                           weight_decay: float = 5e-4, milestones=(100, 150), gamma: float = 0.1,
-                           nesterov: bool = True, seed: int = 0, device="cpu", width: int = BLOCK_WIDTH,
-                           desc: str | None = None) -> nn.Module:
-    """Train a BlockClassifier on frozen maps [N, C, H, W]; returns it in eval mode.
+def block_classifier_budget(budget=None) -> dict:
+    """The classifier's budget (a BlockClassifierSettings, a dict or None) over BLOCK_CLASSIFIER_DEFAULTS, with
+    its width; an unknown key is refused naming evaluation.block_classifier.<key>."""
+    budget = dict(budget or {}) if isinstance(budget, dict) or budget is None else budget.model_dump(exclude={"blocks"})
+    unknown = sorted(set(budget) - set(BLOCK_CLASSIFIER_DEFAULTS) - {"width"})
+    if unknown:
+        raise ConfigError(f"evaluation.block_classifier.{unknown[0]}: unknown key; allowed: "
+                          f"{', '.join(sorted(BLOCK_CLASSIFIER_DEFAULTS))}")
+    return {**BLOCK_CLASSIFIER_DEFAULTS, "width": BLOCK_WIDTH, **budget}
+
+
+def train_block_classifier(feature_maps_train: torch.Tensor, labels: torch.Tensor, num_classes: int, budget=None, *,
+                           seed: int = 0, device="cpu", desc: str | None = None) -> nn.Module:
+    """Train a BlockClassifier on frozen maps [N, C, H, W]; returns it in eval mode. `budget`: epochs,
+    batch_size, lr, momentum, weight_decay, milestones, gamma, nesterov and width (block_classifier_budget:
+    a settings model or a dict; SSL++ Table II's defaults where it names none).
 
     SGD with momentum and step decay (lr * gamma at each milestone epoch). Deterministic given the
     seed: the layers are initialised under torch.manual_seed(seed) inside a forked RNG (the
     caller's RNG state is untouched) and the mini-batch order comes from a generator seeded alike
     (bitwise on the CPU; on a GPU up to cuDNN's own nondeterminism).
     """
+    b = block_classifier_budget(budget)
     # the maps go to the device once (CIFAR-10's 50k x 192 x 8 x 8 floats are 2.4 GB)
     x = _check_maps(feature_maps_train, "train").float().to(device)
     y = torch.as_tensor(labels, dtype=torch.long).to(device)
     n = len(x)
     if n == 0 or len(y) != n:
         raise ValueError(f"block classifier: {n} train maps for {len(y)} labels")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"block classifier: epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    if b["epochs"] < 1 or b["batch_size"] < 1:
+        raise ValueError(f"block classifier: epochs and batch_size must be >= 1, got {b['epochs']} and "
+                         f"{b['batch_size']}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = BlockClassifier(x.shape[1], num_classes, width)
+        model = BlockClassifier(x.shape[1], num_classes, b["width"])
     model = model.to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                nesterov=nesterov and momentum > 0)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+    optimizer = torch.optim.SGD(model.parameters(), lr=b["lr"], momentum=b["momentum"], weight_decay=b["weight_decay"],
+                                nesterov=b["nesterov"] and b["momentum"] > 0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(b["milestones"]), gamma=b["gamma"])
     generator = torch.Generator().manual_seed(seed)
-    batch_size = min(batch_size, n)
+    batch_size = min(b["batch_size"], n)
     model.train()
     with torch.enable_grad():
-        for _ in tqdm(range(epochs), desc=desc, disable=desc is None, leave=False):
+        for _ in tqdm(range(b["epochs"]), desc=desc, disable=desc is None, leave=False):
             order = torch.randperm(n, generator=generator).to(device)
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
@@ -117,23 +130,19 @@ def block_classifier_accuracy(model: nn.Module, feature_maps_test: torch.Tensor,
     return topk_accuracy(scores, labels_test, ks=(1, 5), exclude_zero=False)
 
 
-def block_classifier_probe(train_maps, train_labels, test_maps, test_labels, num_classes: int,
-                           budget: dict | None = None, seed: int = 0, device="cpu",
-                           desc: str | None = None) -> tuple[dict, dict]:
-    """Train on one block's train maps, score the test maps: (metrics, parameters for the record)."""
-    unknown = sorted(set(budget or {}) - set(BLOCK_CLASSIFIER_DEFAULTS) - {"width"})
-    if unknown:
-        raise ConfigError(f"evaluation.block_classifier.{unknown[0]}: unknown key; allowed: "
-                          f"{', '.join(sorted(BLOCK_CLASSIFIER_DEFAULTS))}")
-    params = {**BLOCK_CLASSIFIER_DEFAULTS, **(budget or {})}
-    model = train_block_classifier(train_maps, train_labels, num_classes, seed=seed, device=device, desc=desc,
-                                   **params)
-    metrics = block_classifier_accuracy(model, test_maps, test_labels, device)
-    width = params.get("width", BLOCK_WIDTH)
+def block_classifier_probe(train: Labelled, test: Labelled, num_classes: int, budget=None, *, seed: int = 0,
+                           device="cpu", desc: str | None = None) -> tuple[dict, dict]:
+    """Train on one block's train maps, score the test maps (each `Labelled(maps, labels)`): (metrics, parameters
+    for the record)."""
+    params = block_classifier_budget(budget)
+    model = train_block_classifier(train.features, train.labels, num_classes, params, seed=seed, device=device,
+                                   desc=desc)
+    metrics = block_classifier_accuracy(model, test.features, test.labels, device)
+    width = params["width"]
     params.update({"optimizer": "sgd", "schedule": "step decay per epoch (milestones, gamma)",
                    "classifier": f"NIN block ({width}: 3x3, 1x1, 1x1 conv-BN-ReLU) + global average pool + linear",
                    "init": "torch default, seeded",
                    "features": "frozen block feature maps, extracted once from clean views",
-                   "input_shape": list(torch.as_tensor(train_maps).shape[1:]), "train_size": len(train_labels),
+                   "input_shape": list(torch.as_tensor(train.features).shape[1:]), "train_size": len(train.labels),
                    "seed": seed})
     return metrics, params

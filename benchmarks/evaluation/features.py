@@ -3,6 +3,7 @@ check that the features are finite before any protocol scores them."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -17,6 +18,18 @@ try:  # one class, wherever it lives: benchmarks.errors may define it later
 except ImportError:
     class NonFiniteFeaturesError(BenchmarkError, FloatingPointError):
         """A backbone's features hold NaN or inf (e.g. a diverged run): no metric can be computed."""
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """`module` in eval mode (BN running statistics, no dropout) inside the block, its own mode restored after
+    (a model that was training goes on training)."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def _nonfinite_rows(x) -> torch.Tensor:
@@ -94,9 +107,5 @@ def extract(model_fn: Callable[[torch.Tensor], torch.Tensor | list[torch.Tensor]
 def backbone_features(backbone: nn.Module, dataset: ImageDataset, preprocess, device="cpu", batch_size=512,
                       desc=None) -> torch.Tensor:
     """`extract` with the backbone in eval mode (BN running statistics), its mode restored after."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
+    with eval_mode(backbone):
         return extract(backbone, dataset, preprocess, device, batch_size, desc)
-    finally:
-        backbone.train(was_training)

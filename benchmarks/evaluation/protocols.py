@@ -31,6 +31,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ from benchmarks.evaluation import clustering as clustering_mod
 from benchmarks.evaluation import semi as semi_mod
 from benchmarks.evaluation import transfer as transfer_mod
 from benchmarks.evaluation.block_classifier import block_classifier_predict, train_block_classifier
-from benchmarks.evaluation.features import backbone_features, check_finite, extract
+from benchmarks.evaluation.features import backbone_features, check_finite, eval_mode, extract
 from benchmarks.evaluation.knn import (
     faiss_info,
     knn_classify,
@@ -48,9 +49,13 @@ from benchmarks.evaluation.knn import (
     topk_accuracy,
     topk_predictions,
 )
-from benchmarks.evaluation.linear import budget_params, linear_probe, linear_probe_on_views
+from benchmarks.evaluation.linear import Labelled, budget_params, linear_probe, linear_probe_on_views
 from benchmarks.evaluation.settings import PROTOCOLS, EvaluationConfig, KnnSettings
+from benchmarks.records import entry_settings, entry_table
 from ssl_common.typed import validate
+
+if TYPE_CHECKING:
+    from benchmarks.config import SuiteConfig
 
 log = logging.getLogger("benchmarks")
 
@@ -61,38 +66,36 @@ PER_LAYER_KNN_K = 20
 TOP_K = 5  # predictions keep the ranked top-5 classes of every test image
 
 
+@dataclass(frozen=True)
+class EvalContext:
+    """What an evaluation needs besides the model, the data and the settings, given once: the device, the run's
+    seed, the suite config (its name, views and normalisation for fine-tuning and transfer), where transfer
+    targets are read (`data_root`, default $SSL_BENCH_DATA or ./data) and labelled subsets stored
+    (`results_dir`/splits; not stored when None), and whether progress bars show."""
+
+    device: torch.device | str = "cpu"
+    seed: int = 0
+    config: SuiteConfig | None = None
+    suite: str | None = None  # the name stored subsets go under (default: the config's, else the data's)
+    data_root: str | Path | None = None
+    results_dir: str | Path | None = None
+    progress: bool = True
+
+
 @dataclass
 class EvalResult:
-    metrics: dict = field(default_factory=dict)  # protocol key -> metric -> percent
-    evaluation: dict = field(default_factory=dict)  # protocol key -> parameters used (+ protocol, settings)
+    """An evaluation's output: its metric entries (schema 3, benchmarks.records.MetricEntry: protocol, settings
+    with the entry's block / head / dataset, metric, value, key) and, per evaluation key, the details a record
+    stores beside them."""
+
+    entries: list = field(default_factory=list)  # {protocol, settings, metric, value, key}, in evaluation order
+    evaluation: dict = field(default_factory=dict)  # key -> parameters used (+ protocol, settings)
     clusters: dict = field(default_factory=dict)  # clustering key -> K, non-empty clusters, source
     predictions: dict = field(default_factory=dict)  # array name -> per-test-image predictions
 
-
-def protocol_of(metric_key: str, evaluation: dict | None = None) -> str | None:
-    """Which protocol produced a metrics/evaluation key (knn_k20 -> knn, linear_B2 -> linear, ...)."""
-    recorded = (evaluation or {}).get(metric_key, {}).get("protocol")
-    if recorded:
-        return {"clustering_head": "clustering"}.get(recorded, recorded)
-    if metric_key.startswith("knn_k10_B") or metric_key == "knn_k10_avg":
-        return "knn_k10"
-    if metric_key.startswith("knn_k"):
-        return "knn"
-    if metric_key == "linear" or metric_key.startswith("linear_B"):
-        return "linear"
-    if metric_key.startswith("semi_"):
-        return "semi"
-    if metric_key.startswith("transfer_linear:"):
-        return "transfer"
-    if metric_key == "clustering" or metric_key.startswith("clustering_head_"):
-        return "clustering"
-    if metric_key == "finetune_100pct":
-        return "finetune"
-    if metric_key.startswith("block_classifier_"):
-        return "block_classifier"
-    if metric_key == "online_linear":
-        return "online_linear"
-    return None
+    def table(self) -> dict[str, dict[str, float]]:
+        """{key: {metric: value}}, for display (the evaluate command's lines, trackers) and tests only."""
+        return entry_table({"metrics": self.entries})
 
 
 def resolve_evaluation(section: EvaluationConfig | dict | None) -> EvaluationConfig:
@@ -109,36 +112,34 @@ def images_per_class_min(labels: torch.Tensor, num_classes: int) -> int:
     return int(torch.bincount(torch.as_tensor(labels).long(), minlength=num_classes).min())
 
 
-def run_knn(train_feats, train_labels, test_feats, test_labels, num_classes, cfg: KnnSettings, suffix: str = "",
-            ks=None) -> tuple[dict, dict, dict]:
-    """(metrics, parameters, predictions) of the weighted kNN for each k."""
-    metrics, params, predictions = {}, {}, {}
-    per_class = images_per_class_min(train_labels, num_classes)
+def protocol_family(protocol: str) -> str:
+    """The protocol that runs an entry or evaluation of `protocol` (a method's own heads run with clustering)."""
+    return {"clustering_head": "clustering"}.get(protocol, protocol)
+
+
+def run_knn(train: Labelled, test: Labelled, num_classes: int, cfg: KnnSettings, ks=None):
+    """(k, metrics, parameters, predictions) of the weighted kNN for each k (default cfg.ks); the settings
+    were checked against the bank's size before any work (benchmarks.runner.check_evaluation_fits)."""
+    per_class = images_per_class_min(train.labels, num_classes)
     for k in ks or cfg.ks:
-        if k > len(train_feats):
-            raise ConfigError(f"evaluation.knn.ks: k = {k} is larger than the kNN bank ({len(train_feats)} images)")
-        scores = knn_classify(train_feats, train_labels, test_feats, num_classes, k, cfg.temperature)
-        key = f"knn_k{k}{suffix}"
-        metrics[key] = topk_accuracy(scores, test_labels)
-        predictions[key] = top_predictions(scores, exclude_zero=True)
-        params[key] = {"protocol": "knn", "settings": {"k": k, "temperature": cfg.temperature},
-                       "k": k, "temperature": cfg.temperature, "bank": "train split, clean views",
-                       "bank_size": len(train_feats), "bank_images_per_class_min": per_class,
-                       "similarity": "cosine (l2-normalised)", "vote": "exp(sim / temperature)",
-                       "top_k_rule": "votes descending, then class index; classes without a vote never count",
-                       "faiss": faiss_info()}
-    return metrics, params, predictions
+        scores = knn_classify(train.features, train.labels, test.features, num_classes, k, cfg.temperature)
+        params = {"protocol": "knn", "settings": {"k": k, "temperature": cfg.temperature},
+                  "k": k, "temperature": cfg.temperature, "bank": "train split, clean views",
+                  "bank_size": len(train.features), "bank_images_per_class_min": per_class,
+                  "similarity": "cosine (l2-normalised)", "vote": "exp(sim / temperature)",
+                  "top_k_rule": "votes descending, then class index; classes without a vote never count",
+                  "faiss": faiss_info()}
+        yield k, topk_accuracy(scores, test.labels), params, top_predictions(scores, exclude_zero=True)
 
 
 class _Evaluation:
-    """One model's evaluation: caches the features every protocol shares."""
+    """One model's evaluation: caches the features every protocol shares, collects the entries."""
 
-    def __init__(self, method, data, preprocess, cfg: EvaluationConfig, device, seed, config, data_root,
-                 results_dir, progress, suite: str, online_probe=None):
+    def __init__(self, method, data, preprocess, cfg: EvaluationConfig, context: EvalContext, online_probe=None):
         self.method, self.data, self.preprocess, self.cfg = method, data, preprocess, cfg
-        self.device, self.seed, self.config = torch.device(device), seed, config
-        self.data_root, self.results_dir, self.progress, self.suite = data_root, results_dir, progress, suite
-        self.online_probe = online_probe
+        self.context, self.online_probe = context, online_probe
+        self.device, self.seed, self.config = torch.device(context.device), context.seed, context.config
+        self.suite = context.suite or (self.config.name if self.config is not None else data.train.name)
         self.backbone = method.backbone
         self.name = getattr(method, "name", type(method).__name__)
         self.bs = cfg.batch_size
@@ -148,7 +149,7 @@ class _Evaluation:
         self._stage_features: dict[str, list[torch.Tensor]] = {}
 
     def desc(self, text: str) -> str | None:
-        return text if self.progress else None
+        return text if self.context.progress else None
 
     def features(self, split: str, protocol: str, kind: str = "backbone") -> torch.Tensor:
         """Clean features of a split, extracted once: the backbone's, or (`probe`) what the method's paper
@@ -156,15 +157,13 @@ class _Evaluation:
         fn = self.probe_fn() if kind == "probe" else self.backbone
         key = (split, "backbone" if fn is self.backbone else kind)
         if key not in self._features:
-            dataset = getattr(self.data, split)
-            was_training = self.method.training
-            self.method.eval()
-            try:
-                self._features[key] = extract(fn, dataset, self.preprocess, self.device, self.bs,
+            with eval_mode(self.method):
+                self._features[key] = extract(fn, getattr(self.data, split), self.preprocess, self.device, self.bs,
                                               desc=self.desc(f"features ({split})"))
-            finally:
-                self.method.train(was_training)
         return check_finite(self._features[key], method=self.name, protocol=protocol, split=split)
+
+    def labelled(self, split: str, protocol: str, kind: str = "backbone") -> Labelled:
+        return Labelled(self.features(split, protocol, kind), getattr(self.data, split).labels)
 
     def probe_fn(self):
         """What the linear probe reads: the method's own probe_features where it overrides SSLMethod's (its
@@ -181,14 +180,10 @@ class _Evaluation:
             backbone = self.backbone
             if not hasattr(backbone, "pooled_stages"):
                 raise ConfigError("evaluation.per_layer: this backbone has no pooled_stages(); set per_layer: false")
-            was_training = backbone.training
-            backbone.eval()
-            try:
+            with eval_mode(backbone):
                 self._stage_features[split] = extract(backbone.pooled_stages, getattr(self.data, split),
                                                       self.preprocess, self.device, self.bs,
                                                       desc=self.desc(f"stage features ({split})"))
-            finally:
-                backbone.train(was_training)
         return check_finite(self._stage_features[split], method=self.name, protocol=protocol, split=split)
 
     def _check_block(self, block: int, protocol: str, needs: str) -> None:
@@ -211,58 +206,66 @@ class _Evaluation:
         blocks of a CIFAR train split together would need several GB)."""
         self._check_block(block, protocol, "forward_stages")
         backbone = self.backbone
-        was_training = backbone.training
-        backbone.eval()
-        try:
+        with eval_mode(backbone):
             maps = extract(lambda x: backbone.forward_stages(x)[block - 1], getattr(self.data, split), self.preprocess,
                            self.device, self.bs, desc=self.desc(f"block {block} maps ({split})"))
-        finally:
-            backbone.train(was_training)
         return check_finite(maps, method=self.name, protocol=protocol, split=split)
 
-    def add(self, metrics: dict, params: dict, predictions: dict | None = None) -> None:
-        self.result.metrics.update(metrics)
-        self.result.evaluation.update(params)
+    def add(self, key: str, metrics: dict, details: dict, predictions: dict | None = None, **place) -> None:
+        """Record one evaluation: an entry per metric (its protocol and settings from `details`, plus its
+        `place`: block, head or dataset), the details under `key`, and its predictions."""
+        settings = entry_settings(details["protocol"], details.get("settings", {}), **place)
+        self.result.entries += [{"protocol": details["protocol"], "settings": settings, "metric": metric,
+                                 "value": value, "key": key} for metric, value in metrics.items()]
+        self.result.evaluation[key] = details
         self.result.predictions.update(predictions or {})
 
     # -- protocols -------------------------------------------------------------------------
     def knn(self) -> None:
         d = self.data
-        self.add(*run_knn(self.features("train", "knn"), d.train.labels, self.features("test", "knn"), d.test.labels,
-                          d.num_classes, self.cfg.knn))
+        for k, metrics, params, predicted in run_knn(self.labelled("train", "knn"), self.labelled("test", "knn"),
+                                                     d.num_classes, self.cfg.knn):
+            self.add(f"knn_k{k}", metrics, params, {f"knn_k{k}": predicted})
         if self.cfg.per_layer:
             train, test = self.stage_features("train", "knn"), self.stage_features("test", "knn")
             for i, (tr, te) in enumerate(zip(train, test), start=1):
-                self.add(*run_knn(tr, d.train.labels, te, d.test.labels, d.num_classes, self.cfg.knn,
-                                  suffix=f"_B{i}", ks=[PER_LAYER_KNN_K]))
+                for k, metrics, params, predicted in run_knn(Labelled(tr, d.train.labels), Labelled(te, d.test.labels),
+                                                             d.num_classes, self.cfg.knn, ks=[PER_LAYER_KNN_K]):
+                    self.add(f"knn_k{k}_B{i}", metrics, params, {f"knn_k{k}_B{i}": predicted}, block=i)
 
-    def _linear(self, key: str, train_feats, test_feats, extra: dict) -> None:
-        d, cfg = self.data, self.cfg.linear
-        metrics, params, scores = linear_probe(train_feats, d.train.labels, test_feats, d.test.labels, d.num_classes,
-                                               cfg, self.seed, self.device, desc=self.desc(f"{key} probe"),
-                                               return_scores=True)
-        settings = cfg.model_dump(mode="json")
-        self.add({key: metrics}, {key: {**params, **extra, "protocol": "linear", "settings": settings}},
-                 {key: top_predictions(scores, exclude_zero=False)})
+    def _linear(self, key: str, train: Labelled, test: Labelled, extra: dict, block: int | None = None) -> None:
+        cfg = self.cfg.linear
+        metrics, params, scores = linear_probe(train, test, self.data.num_classes, cfg, seed=self.seed,
+                                               device=self.device, desc=self.desc(f"{key} probe"))
+        self.add(key, metrics, {**params, **extra, "protocol": "linear", "settings": cfg.model_dump(mode="json")},
+                 {key: top_predictions(scores, exclude_zero=False)}, block=block)
+
+    def _linear_on_views(self) -> None:
+        """The linear probe on random-resized crops + flips of the train images (linear.views crop_flip)."""
+        d, cfg, probe_fn = self.data, self.cfg.linear, self.probe_fn()
+        views = semi_mod.finetune_views("crop_flip", self.config, self.preprocess)
+        with eval_mode(self.method):
+            head, params = linear_probe_on_views(
+                lambda images, generator: probe_fn(views(images, generator)), d.train,
+                self.features("train", "linear", "probe"), d.num_classes, cfg, seed=self.seed, device=self.device,
+                desc=self.desc("linear probe (crop_flip)"))
+            scores = extract(lambda x: head(probe_fn(x).float()), d.test, self.preprocess, self.device, self.bs)
+        metrics = topk_accuracy(scores, d.test.labels, exclude_zero=False)
+        self.add("linear", metrics, {**params, "protocol": "linear", "settings": cfg.model_dump(mode="json")},
+                 {"linear": top_predictions(scores, exclude_zero=False)})
 
     def linear(self) -> None:
-        d, cfg = self.data, self.cfg.linear
-        if cfg.views == "crop_flip":
-            views = semi_mod.finetune_views("crop_flip", self.config, self.preprocess)
-            metrics, params, scores = linear_probe_on_views(
-                self.probe_fn(), self.method, d.train, d.test, d.num_classes, views, self.preprocess,
-                self.features("train", "linear", "probe"), cfg, self.seed, self.device, self.bs,
-                desc=self.desc("linear probe (crop_flip)"))
-            self.add({"linear": metrics}, {"linear": {**params, "protocol": "linear",
-                                                      "settings": cfg.model_dump(mode="json")}},
-                     {"linear": top_predictions(scores, exclude_zero=False)})
+        if self.cfg.linear.views == "crop_flip":
+            self._linear_on_views()
         else:
-            self._linear("linear", self.features("train", "linear", "probe"), self.features("test", "linear", "probe"),
+            self._linear("linear", self.labelled("train", "linear", "probe"), self.labelled("test", "linear", "probe"),
                          {"probed": "backbone" if self.probe_fn() is self.backbone else "method.probe_features"})
         if self.cfg.per_layer:
+            d = self.data
             train, test = self.stage_features("train", "linear"), self.stage_features("test", "linear")
             for i, (tr, te) in enumerate(zip(train, test), start=1):
-                self._linear(f"linear_B{i}", tr, te, {"stage": i})
+                self._linear(f"linear_B{i}", Labelled(tr, d.train.labels), Labelled(te, d.test.labels), {"stage": i},
+                             block=i)
 
     @torch.no_grad()
     def online_linear(self) -> None:
@@ -273,11 +276,11 @@ class _Evaluation:
         probe = self.online_probe.to(self.device).eval()
         scores = probe(self.features("test", "online_linear").to(self.device)).float().cpu()
         key = "online_linear"
-        self.add({key: topk_accuracy(scores, self.data.test.labels, exclude_zero=False)},
-                 {key: {"protocol": "online_linear", "settings": self.cfg.online_linear.model_dump(mode="json"),
-                        "trained": "beside pretraining on stop-gradient backbone features of the first augmented "
-                                   "view (labels of the pretraining split), SGD momentum 0.9, the pretraining LR "
-                                   "schedule", "scored_on": "clean test images"}},
+        self.add(key, topk_accuracy(scores, self.data.test.labels, exclude_zero=False),
+                 {"protocol": "online_linear", "settings": self.cfg.online_linear.model_dump(mode="json"),
+                  "trained": "beside pretraining on stop-gradient backbone features of the first augmented "
+                             "view (labels of the pretraining split), SGD momentum 0.9, the pretraining LR "
+                             "schedule", "scored_on": "clean test images"},
                  {key: top_predictions(scores, exclude_zero=False)})
 
     @torch.no_grad()
@@ -289,38 +292,36 @@ class _Evaluation:
         self._add_clusters("clustering", predicted, params["k"], "kmeans",
                            {**params, "settings": {**c.model_dump(mode="json"), "k": "num_classes"}})
         # the method's own heads (Self-Classifier, CARL, CARP, UIC, IIC, SSL++, SwAV, supervised)
-        was_training = method.training
-        method.eval()
-        try:
+        with eval_mode(method):
             first = d.test.get_batch(torch.arange(min(2, len(d.test)))).to(self.device)
-            probe = method.cluster_logits(self.preprocess(first))
-            if probe is None:
+            if method.cluster_logits(self.preprocess(first)) is None:
                 return
             heads = extract(lambda x: list(_as_heads(method.cluster_logits(x))), d.test, self.preprocess,
                             self.device, self.bs, desc=self.desc("cluster heads"))
-        finally:
-            method.train(was_training)
         seen: dict[int, int] = {}
         for index, logits in enumerate(heads):
             k = int(logits.shape[1])
             seen[k] = seen.get(k, 0) + 1
-            key = f"clustering_head_k{k}" + ("" if seen[k] == 1 else f"_h{index + 1}")
+            # a second (third, ...) head with the same K: its place is its head number
+            head = None if seen[k] == 1 else index + 1
+            key = f"clustering_head_k{k}" + ("" if head is None else f"_h{head}")
             check_finite(logits, method=self.name, protocol="clustering (head)", split="test")
             self._add_clusters(key, logits.argmax(dim=1).numpy(), k, "head",
                                {"assignment": "argmax of the head's logits (clean views)", "head_index": index,
-                                "settings": {"source": "head", "k": k}})
+                                "settings": {"source": "head", "k": k}}, head=head)
 
-    def _add_clusters(self, key: str, predicted: np.ndarray, k: int, source: str, params: dict) -> None:
+    def _add_clusters(self, key: str, predicted: np.ndarray, k: int, source: str, params: dict,
+                      head: int | None = None) -> None:
         d = self.data
         raw = clustering_mod.clustering_metrics_for_head(d.test.labels, predicted, d.num_classes, k)
         acc = "one_to_one" if k == d.num_classes else "many_to_one"
         matching = ("Hungarian, one cluster per class" if acc == "one_to_one"
                     else "many-to-one: each cluster mapped to its majority class")
-        self.add({key: clustering_mod.as_percent_metrics(raw)},
-                 {key: {**params, "protocol": "clustering" if source == "kmeans" else "clustering_head",
-                        "source": source, "split": "test", "num_clusters": k, "num_classes": d.num_classes,
-                        "raw_fractions": raw, "acc_matching": matching}},
-                 {key: np.asarray(predicted, dtype=np.int32)})
+        self.add(key, clustering_mod.as_percent_metrics(raw),
+                 {**params, "protocol": "clustering" if source == "kmeans" else "clustering_head",
+                  "source": source, "split": "test", "num_clusters": k, "num_classes": d.num_classes,
+                  "raw_fractions": raw, "acc_matching": matching},
+                 {key: np.asarray(predicted, dtype=np.int32)}, head=head)
         self.result.clusters[key] = {"num_clusters": k, "num_nonempty": int(len(np.unique(predicted))),
                                      "num_classes": d.num_classes, "source": source, "acc": acc}
 
@@ -328,61 +329,71 @@ class _Evaluation:
         """Fine-tune a copy of the backbone + a linear head on `subset` (all of train if None): (metrics, scores)."""
         d = self.data
         views = semi_mod.finetune_views(views_mode, self.config, self.preprocess)
-        budget = budget_params(cfg)
         train = d.train if subset is None else d.train.subset(subset)
-        model = semi_mod.finetune(self.backbone, train, d.num_classes, views, seed=seed, device=self.device,
-                                  desc=self.desc(f"{key} fine-tune"), **budget)
+        model = semi_mod.finetune(self.backbone, train, d.num_classes, views, cfg, seed=seed, device=self.device,
+                                  desc=self.desc(f"{key} fine-tune"))
         scores = extract(model, d.test, self.preprocess, self.device, self.bs)
         del model
         return topk_accuracy(scores, d.test.labels, exclude_zero=False), scores
 
+    def _semi_subset(self, key: str, per_class: int, subset_seed: int):
+        """(metrics, scores, the subset's record) of one labelled subset of `per_class` images per class."""
+        d, cfg = self.data, self.cfg.semi
+        indices, path = semi_mod.subset_indices(d.train.labels, d.num_classes, per_class, subset_seed, self.suite,
+                                                self.context.results_dir)
+        # the fine-tuning's own randomness (order, views, head) follows the run's seed and the subset
+        run_seed = self.seed * 1_000 + subset_seed
+        idx = torch.from_numpy(indices)
+        if cfg.mode == "linear":
+            metrics, _, scores = linear_probe(Labelled(self.features("train", "semi")[idx], d.train.labels[idx]),
+                                              self.labelled("test", "semi"), d.num_classes, self.cfg.linear,
+                                              seed=run_seed, device=self.device, desc=self.desc(f"{key} linear"))
+        else:
+            metrics, scores = self._finetuned(key, idx, cfg, run_seed, cfg.views)
+        subset = {"subset_seed": subset_seed, "num_images": len(indices),
+                  "split_file": str(path) if path is not None else None, "metrics": metrics}
+        return metrics, scores, subset
+
+    def _semi_details(self, kind: str, size, per_class: int, subsets: list) -> dict:
+        cfg = self.cfg.semi
+        settings = cfg.model_dump(mode="json", exclude={"fractions", "per_class"})
+        params = {"protocol": "semi", "settings": {**settings, kind: size}, kind: size, "per_class": per_class,
+                  "num_images": subsets[0]["num_images"], "subsets": subsets, "mode": cfg.mode,
+                  "aggregate": f"mean over the {len(subsets)} labelled subset(s) of semi.subsets"}
+        if cfg.mode == "linear":
+            params.update(budget_params(self.cfg.linear))
+            params["trained"] = "a linear probe (evaluation.linear's budget) on the subset's frozen features"
+        else:
+            params.update(budget_params(cfg))
+            params.update({"views": cfg.views, "optimizer": "sgd (nesterov)", "schedule": "cosine per step",
+                           "head": "linear, zero init", "trained": "whole network (copy of the backbone + head)"})
+        return params
+
     def semi(self) -> None:
         d, cfg = self.data, self.cfg.semi
         sizes = [("fraction", f) for f in cfg.fractions] + [("per_class", n) for n in cfg.per_class]
-        settings = cfg.model_dump(mode="json", exclude={"fractions", "per_class"})
         for kind, size in sizes:
             key = semi_mod.metric_key(size) if kind == "fraction" else semi_mod.count_key(size)
             per_class = (semi_mod.images_per_class(len(d.train), d.num_classes, size) if kind == "fraction"
                          else semi_mod.check_count(d.train.labels, d.num_classes, size))
             runs, predictions, subsets = [], [], []
             for subset_seed in cfg.subsets:
-                indices, path = semi_mod.subset_indices(d.train.labels, d.num_classes, per_class, subset_seed,
-                                                        self.suite, self.results_dir)
-                # the fine-tuning's own randomness (order, views, head) follows the run's seed and the subset
-                run_seed = self.seed * 1_000 + subset_seed
-                if cfg.mode == "linear":
-                    idx = torch.from_numpy(indices)
-                    metrics, _, scores = linear_probe(self.features("train", "semi")[idx], d.train.labels[idx],
-                                                      self.features("test", "semi"), d.test.labels, d.num_classes,
-                                                      self.cfg.linear, run_seed, self.device,
-                                                      desc=self.desc(f"{key} linear"), return_scores=True)
-                else:
-                    metrics, scores = self._finetuned(key, torch.from_numpy(indices), cfg, run_seed, cfg.views)
+                metrics, scores, subset = self._semi_subset(key, per_class, subset_seed)
                 runs.append(metrics)
                 predictions.append(top_predictions(scores, exclude_zero=False))
-                subsets.append({"subset_seed": subset_seed, "num_images": len(indices),
-                                "split_file": str(path) if path is not None else None, "metrics": metrics})
+                subsets.append(subset)
             mean = {m: float(np.mean([r[m] for r in runs])) for m in runs[0]}
-            params = {"protocol": "semi", "settings": {**settings, kind: size}, kind: size, "per_class": per_class,
-                      "num_images": subsets[0]["num_images"], "subsets": subsets, "mode": cfg.mode,
-                      "aggregate": f"mean over the {len(runs)} labelled subset(s) of semi.subsets"}
-            if cfg.mode == "linear":
-                params.update(budget_params(self.cfg.linear))
-                params["trained"] = "a linear probe (evaluation.linear's budget) on the subset's frozen features"
-            else:
-                params.update(budget_params(cfg))
-                params.update({"views": cfg.views, "optimizer": "sgd (nesterov)", "schedule": "cosine per step",
-                               "head": "linear, zero init", "trained": "whole network (copy of the backbone + head)"})
-            self.add({key: mean}, {key: params}, {key: np.stack(predictions) if len(predictions) > 1 else predictions[0]})
+            self.add(key, mean, self._semi_details(kind, size, per_class, subsets),
+                     {key: np.stack(predictions) if len(predictions) > 1 else predictions[0]})
 
     def finetune(self) -> None:
         cfg = self.cfg.finetune
         key = "finetune_100pct"
         metrics, scores = self._finetuned(key, None, cfg, self.seed, cfg.views)
-        self.add({key: metrics}, {key: {"protocol": "finetune", "settings": cfg.model_dump(mode="json"),
-                                        "num_images": len(self.data.train), "optimizer": "sgd (nesterov)",
-                                        "schedule": "cosine per step", "head": "linear, zero init",
-                                        "trained": "whole network (copy of the backbone + head)", "seed": self.seed}},
+        self.add(key, metrics, {"protocol": "finetune", "settings": cfg.model_dump(mode="json"),
+                                "num_images": len(self.data.train), "optimizer": "sgd (nesterov)",
+                                "schedule": "cosine per step", "head": "linear, zero init",
+                                "trained": "whole network (copy of the backbone + head)", "seed": self.seed},
                  {key: top_predictions(scores, exclude_zero=False)})
 
     def transfer(self) -> None:
@@ -396,21 +407,21 @@ class _Evaluation:
         budget = self.cfg.transfer
         for target in budget.targets:
             key = transfer_mod.metric_key(target)
-            train, test = transfer_mod.load_target(target, self.data_root)
+            train, test = transfer_mod.load_target(target, self.context.data_root)
             feats = [check_finite(backbone_features(self.backbone, split, preprocess, self.device, self.bs,
                                                     desc=self.desc(f"features ({target} {split.split})")),
                                   method=self.name, protocol="transfer", split=f"{target} {split.split}")
                      for split in (train, test)]
-            metrics, params, scores = linear_probe(feats[0], train.labels, feats[1], test.labels, train.num_classes,
-                                                   budget, self.seed, self.device, desc=self.desc(f"{key} probe"),
-                                                   return_scores=True)
+            metrics, params, scores = linear_probe(Labelled(feats[0], train.labels), Labelled(feats[1], test.labels),
+                                                   train.num_classes, budget, seed=self.seed, device=self.device,
+                                                   desc=self.desc(f"{key} probe"))
             params.update({"protocol": "transfer", "settings": budget.model_dump(mode="json", exclude={"targets"}),
                            "target": target, "num_classes": train.num_classes, "image_size": self.config.image_size,
                            "in_channels": self.config.in_channels, "normalization": "the suite's",
                            "target_channels": train.image_shape[0]})
-            self.add({key: metrics}, {key: params},
+            self.add(key, metrics, params,
                      {key: top_predictions(scores, exclude_zero=False),
-                      f"{key}:labels": torch.as_tensor(test.labels).numpy().astype(np.int64)})
+                      f"{key}:labels": torch.as_tensor(test.labels).numpy().astype(np.int64)}, dataset=target)
 
     def knn_k10(self) -> None:
         d, cfg = self.data, self.cfg.knn_k10
@@ -423,15 +434,15 @@ class _Evaluation:
             top1.append(accuracy)
             ranked = np.full((len(predicted), TOP_K), -1, dtype=np.int16)
             ranked[:, 0] = predicted.numpy()
-            self.add({key: {"top1": accuracy}},
-                     {key: {"protocol": "knn_k10", "settings": cfg.model_dump(mode="json", exclude={"blocks"}),
-                            "block": block, "k": cfg.k, "metric": cfg.metric, "vote": "plurality (one vote each)",
-                            "features": "average-pooled block feature maps, clean views",
-                            "tie_rule": "the tied class whose nearest member is closest"}},
-                     {key: ranked})
-        self.add({f"knn_k{cfg.k}_avg": {"top1": float(np.mean(top1))}},
-                 {f"knn_k{cfg.k}_avg": {"protocol": "knn_k10", "settings": cfg.model_dump(mode="json"),
-                                        "aggregate": f"mean over blocks {cfg.blocks}"}})
+            self.add(key, {"top1": accuracy},
+                     {"protocol": "knn_k10", "settings": cfg.model_dump(mode="json", exclude={"blocks"}),
+                      "block": block, "k": cfg.k, "metric": cfg.metric, "vote": "plurality (one vote each)",
+                      "features": "average-pooled block feature maps, clean views",
+                      "tie_rule": "the tied class whose nearest member is closest"},
+                     {key: ranked}, block=block)
+        self.add(f"knn_k{cfg.k}_avg", {"top1": float(np.mean(top1))},
+                 {"protocol": "knn_k10", "settings": cfg.model_dump(mode="json"),
+                  "aggregate": f"mean over blocks {cfg.blocks}"}, block="avg")
 
     def block_classifier(self) -> None:
         d, cfg = self.data, self.cfg.block_classifier
@@ -440,46 +451,39 @@ class _Evaluation:
         for block in cfg.blocks:
             key = f"block_classifier_B{block}"
             train = self.block_maps("train", block, "block_classifier")
-            model = train_block_classifier(train, d.train.labels, d.num_classes, seed=self.seed, device=self.device,
-                                           desc=self.desc(f"{key} training"), **budget)
+            model = train_block_classifier(train, d.train.labels, d.num_classes, budget, seed=self.seed,
+                                           device=self.device, desc=self.desc(f"{key} training"))
             del train
             scores = block_classifier_predict(model, self.block_maps("test", block, "block_classifier"), self.device)
             metrics = topk_accuracy(scores, d.test.labels, exclude_zero=False)
             top1.append(metrics["top1"])
-            self.add({key: metrics},
-                     {key: {"protocol": "block_classifier", "settings": cfg.model_dump(mode="json", exclude={"blocks"}),
-                            "block": block, **budget, "optimizer": "sgd", "schedule": "steps at the milestones",
-                            "classifier": "NIN block (3x3, 1x1, 1x1 conv-BN-ReLU, 192) + global average pool + linear",
-                            "features": "frozen block feature maps, extracted once from clean views"}},
-                     {key: top_predictions(scores, exclude_zero=False)})
-        self.add({"block_classifier_avg": {"top1": float(np.mean(top1))}},
-                 {"block_classifier_avg": {"protocol": "block_classifier", "settings": cfg.model_dump(mode="json"),
-                                           "aggregate": f"mean over blocks {cfg.blocks}"}})
+            self.add(key, metrics,
+                     {"protocol": "block_classifier", "settings": cfg.model_dump(mode="json", exclude={"blocks"}),
+                      "block": block, **budget, "optimizer": "sgd", "schedule": "steps at the milestones",
+                      "classifier": "NIN block (3x3, 1x1, 1x1 conv-BN-ReLU, 192) + global average pool + linear",
+                      "features": "frozen block feature maps, extracted once from clean views"},
+                     {key: top_predictions(scores, exclude_zero=False)}, block=block)
+        self.add("block_classifier_avg", {"top1": float(np.mean(top1))},
+                 {"protocol": "block_classifier", "settings": cfg.model_dump(mode="json"),
+                  "aggregate": f"mean over blocks {cfg.blocks}"}, block="avg")
 
 
 def _as_heads(logits) -> list[torch.Tensor]:
     return list(logits) if isinstance(logits, (list, tuple)) else [logits]
 
 
-def evaluate_model(method, suite_data, preprocess, eval_cfg: EvaluationConfig | dict | None, device="cpu",
-                   seed: int = 0, protocols=None, *, config=None, suite: str | None = None,
-                   data_root: str | Path | None = None, results_dir: str | Path | None = None,
-                   progress: bool = True, online_probe=None) -> EvalResult:
-    """Evaluate `method` (its backbone frozen, except for fine-tuning a copy).
-
-    `protocols` overrides `eval_cfg.protocols`. `config` (the SuiteConfig) supplies the suite name, views
-    and normalisation for fine-tuning and transfer; `data_root` is where transfer targets are read (default
-    $SSL_BENCH_DATA or ./data); labelled subsets are stored under `results_dir`/splits (not stored when
-    None). `online_probe`: the linear head trained beside pretraining (online_linear).
+def evaluate_model(method, suite_data, preprocess, eval_cfg: EvaluationConfig | dict | None,
+                   context: EvalContext | None = None, protocols=None, online_probe=None) -> EvalResult:
+    """Evaluate `method` (its backbone frozen, except for fine-tuning a copy) with the protocols of
+    `eval_cfg` (or `protocols`, in RUN_ORDER) -> its entries and their details. `context`: device, seed, paths
+    and progress (EvalContext); `online_probe`: the linear head trained beside pretraining (online_linear).
     """
     cfg = resolve_evaluation(eval_cfg)
     chosen = list(protocols or cfg.protocols)
     unknown = [p for p in chosen if p not in PROTOCOLS]
     if unknown:
         raise ConfigError(f"protocols: unknown protocol '{unknown[0]}'; allowed: {', '.join(PROTOCOLS)}")
-    suite = suite or (config.name if config is not None else suite_data.train.name)
-    run = _Evaluation(method, suite_data, preprocess, cfg, device, seed, config, data_root, results_dir, progress,
-                      suite, online_probe)
+    run = _Evaluation(method, suite_data, preprocess, cfg, context or EvalContext(), online_probe)
     for name in RUN_ORDER:
         if name in chosen:
             started = time.perf_counter()

@@ -36,7 +36,7 @@ from benchmarks.data import ImageDataset
 from benchmarks.errors import ConfigError, RecordExistsError
 from benchmarks.evaluation.features import extract
 from benchmarks.evaluation.knn import topk_accuracy
-from benchmarks.evaluation.linear import single_cpu_thread
+from benchmarks.evaluation.linear import budget_params, single_cpu_thread
 from benchmarks.records import atomic_write_text
 
 SPLIT_FORMAT = "ssl-bench-semi-split/2"
@@ -152,10 +152,12 @@ def finetune_views(view_mode: str, config, preprocess):
     return views
 
 
-def finetune(backbone: nn.Module, train: ImageDataset, num_classes: int, views, *, epochs: int, batch_size: int,
-             lr: float, momentum: float, weight_decay: float, seed: int, device="cpu",
+def finetune(backbone: nn.Module, train: ImageDataset, num_classes: int, views, budget, *, seed: int, device="cpu",
              desc: str | None = None) -> nn.Module:
-    """Fine-tune a copy of `backbone` + a new linear head on `train` (all labelled); returns it (eval mode)."""
+    """Fine-tune a copy of `backbone` + a new linear head on `train` (all labelled) with `budget` (epochs,
+    batch_size, lr, momentum, weight_decay: a settings model or a dict); returns it (eval mode)."""
+    budget = budget_params(budget)
+    epochs, batch_size, lr, momentum = budget["epochs"], budget["batch_size"], budget["lr"], budget["momentum"]
     base = getattr(backbone, "_orig_mod", backbone)  # a torch.compile'd backbone: copy the module itself
     model = nn.Sequential(copy.deepcopy(base), nn.Linear(base.feature_dim, num_classes)).to(device)
     nn.init.zeros_(model[1].weight)
@@ -163,7 +165,7 @@ def finetune(backbone: nn.Module, train: ImageDataset, num_classes: int, views, 
     for p in model.parameters():
         p.requires_grad_(True)
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=budget["weight_decay"],
                                 nesterov=momentum > 0)
     n = len(train)
     batches = math.ceil(n / min(batch_size, n))
