@@ -257,14 +257,16 @@ def execute_runs(args, config, methods: list[str], runs: list[tuple[int, str]], 
 
 def run_in_process(args, config, runs: list[tuple[int, str]], data, data_root: str, say) -> None:
     """The runs one after another in this process (no launcher), each said before and after."""
-    from benchmarks.runner import run_one
+    from benchmarks.runner import RunContext, run_one
 
+    # execute_runs ran preflight for every run just before: run_one does not check again (context.checked)
+    context = RunContext(results_dir=args.out, work_dir=args.work_dir, data_root=data_root, force=args.force,
+                         restart=args.restart, progress=not args.no_progress, checked=True, say=say)
     for seed, name in runs:
         t0 = time.perf_counter()
         say(f"[{config.name}] {name} seed {seed}: pretraining {config.method(name).epochs} epochs "
             f"({config.train.threads} CPU thread(s)) ...", flush=True)
-        record = run_one(config, name, seed, args.out, args.work_dir, data=data, data_root=data_root,
-                         force=args.force, restart=args.restart, progress=not args.no_progress, say=say)
+        record = run_one(config, name, seed, context, data=data)
         say(f"[{config.name}] {name} seed {seed}: {run_summary(record)} ({time.perf_counter() - t0:.1f} s)",
             flush=True)
 
