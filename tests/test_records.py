@@ -389,7 +389,7 @@ def test_two_concurrent_runs_write_separate_valid_records(tmp_path):
     assert [f.name[:len("simclr_e1_s0")] for f in files] == ["simclr_e1_s0", "simclr_e1_s1"]
     recs = [read_record(f) for f in files]  # validated against the schema
     assert [r["seed"] for r in recs] == [0, 1]
-    assert all(r["status"] == "completed" and 0 <= r["metrics"]["knn_k20"]["top1"] <= 100 for r in recs)
+    assert all(r["status"] == "completed" and 0 <= records.metric_value(r, "knn", "top1", k=20) <= 100 for r in recs)
     # different seeds train differently: the two processes did not share or swap state
     assert recs[0]["history"] != recs[1]["history"]
     assert leftovers(out) == [] and leftovers(work) == []
