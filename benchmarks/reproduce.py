@@ -521,7 +521,7 @@ def _hours(value: float | None) -> str:
 
 def _plan_rows(plans: list[RowPlan]) -> list[list[str]]:
     """One line per CSV row and method planned for it (or the row alone, when no suite can reproduce it)."""
-    from reports.tables import DASH, fmt
+    from reports.render import DASH, fmt
 
     rows = []
     for p in plans:
@@ -607,7 +607,7 @@ def table_sections(paper: str, tables: list[str], papers, cells, pairs) -> list:
     """The paper's tables in their layout (reports.papers.LAYOUTS, else one row per method and one column
     per CSV protocol): ours, the paper's, Δ [95%]."""
     from reports.papers import LAYOUTS, layout_cells
-    from reports.tables import DASH, Section, delta_text, fmt, plain_table, value_text
+    from reports.render import DASH, Section, delta_text, fmt, plain_table, value_text
 
     sections = []
     for name in tables:
@@ -643,7 +643,7 @@ def build_tables(paper: str, tables: list[str], suites: list[str], opts) -> dict
     from benchmarks.records import atomic_write_text
     from reports.build import build_report
     from reports.data import load_paper_results
-    from reports.render import to_html, to_latex, to_markdown
+    from reports.render import render
 
     table_dir = Path(opts.table_dir) if opts.table_dir else Path(opts.out) / "reproduce"
     result = build_report(opts.out, table_dir / "report", suites=suites, paper_csv=opts.paper_csv, figures=False)
@@ -651,7 +651,7 @@ def build_tables(paper: str, tables: list[str], suites: list[str], opts) -> dict
     sections = table_sections(paper, tables, papers, result["cells"], result["pairs"])
     title = f"{paper}: {', '.join(tables)}, ours beside the paper's"
     stem = re.sub(r"[^A-Za-z0-9]+", "-", f"{paper}-{'-'.join(tables)}").strip("-").lower()
-    texts = {"md": to_markdown(title, sections), "tex": to_latex(title, sections), "html": to_html(title, sections, {})}
+    texts = {fmt_: render(fmt_, title, sections) for fmt_ in ("md", "tex", "html")}
     return {fmt_: atomic_write_text(table_dir / f"{stem}.{fmt_}", text) for fmt_, text in texts.items()}
 
 

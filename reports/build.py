@@ -54,8 +54,7 @@ from reports.papers import (
     pair_with_papers,
     relevant_papers,
 )
-from reports.render import to_html, to_latex, to_markdown
-from reports.tables import (
+from reports.render import (
     DASH,
     TIED,
     UNTESTABLE,
@@ -72,6 +71,7 @@ from reports.tables import (
     paper_text,
     plain_table,
     prepare,
+    render,
     table_caption,
     value_text,
 )
@@ -664,11 +664,9 @@ def _write(out_dir: Path, sections: list[Section], images: dict[str, bytes], for
         for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
             if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
                 stale.unlink()
-    writers = {"md": lambda: to_markdown(TITLE, sections), "tex": lambda: to_latex(TITLE, sections),
-               "html": lambda: to_html(TITLE, sections, images)}
     paths: dict[str, Path] = {}
     for fmt_ in formats:
-        paths[fmt_] = atomic_write_text(out_dir / FILE_NAMES[fmt_], writers[fmt_]())
+        paths[fmt_] = atomic_write_text(out_dir / FILE_NAMES[fmt_], render(fmt_, TITLE, sections, images))
         os.chmod(paths[fmt_], OUTPUT_MODE)  # mkstemp creates 0600; a report is meant to be read by others
     return paths, figure_paths
 
