@@ -392,7 +392,8 @@ def entries_frame(runs: list[Run]) -> pd.DataFrame:
             if "dataset" in settings:  # a transfer target by its loader name (schema-2 conversion): as displayed
                 settings = {**settings, "dataset": dataset_display_name(settings["dataset"])}
             rows.append({**common, "protocol": e["protocol"], "key": e["key"], "metric": e["metric"],
-                         "value": float(e["value"]), "settings": canonical(settings), "entry": settings, "num_clusters": (info or {}).get("num_clusters"),
+                         "value": float(e["value"]), "settings": canonical(settings), "entry": settings,
+                         "num_clusters": (info or {}).get("num_clusters"),
                          "num_classes": (info or {}).get("num_classes")})
     columns = [*RUN_COLUMNS, "run", "path", "created", "protocol", "key", "metric", "value",
                "settings", "entry", "num_clusters", "num_classes"]

@@ -14,13 +14,18 @@ from pathlib import Path
 
 import jinja2
 import pandas as pd
+import yaml
 
-from reports.cells import ALPHA, DECIMALS, KIND_TITLES, METRIC_ORDER, column_order, metric_label
+from reports.cells import ALPHA, DECIMALS, METRIC_ORDER, SUBSET_LABEL, column_order, metric_label
 
 DASH = "–"  # nothing measured
 TIED = "†"  # not significantly different from the best of its column
 UNTESTABLE = "‡"  # not testable against the best (fewer than 2 seeds on a side, or no spread over seeds)
 ZERO_SPREAD = "§"  # n >= 2 seeds with identical values: a zero-width interval is no certainty
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+_TEXT = yaml.safe_load((TEMPLATES / "text.yaml").read_text(encoding="utf-8"))
+_SYMBOLS = {"tied": TIED, "untestable": UNTESTABLE, "zero_spread": ZERO_SPREAD, "alpha": ALPHA,
+            "subset_label": SUBSET_LABEL, "dash": DASH}
 
 
 @dataclass(frozen=True)
@@ -196,19 +201,15 @@ def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] =
 def table_caption(cells: pd.DataFrame, pairs: pd.DataFrame, extra: list[str] | None = None) -> str:
     notes = list(extra or [])
     if cells["best"].any():
-        notes.append(f"Bold = best mean of its column; {TIED} = not significantly different from it; no mark "
-                     f"= significantly worse (Welch's t-test over seeds, Holm over the column, α = {ALPHA}); "
-                     f"{UNTESTABLE} = not testable.")
+        notes.append(text("captions.marks"))
     untested = sorted({f"{r} ({c}: {n.removeprefix('not testable: ')})" for r, c, n in
                        zip(cells["row"], cells["column"], cells["test_note"]) if n.startswith("not testable")})
     if untested:
-        notes.append(f"{UNTESTABLE} Not testable against the best: " + "; ".join(untested) + ".")
+        notes.append(text("captions.untested", cells="; ".join(untested)))
     if any(ZERO_SPREAD in value_text(c) for _, c in cells.iterrows()):
-        notes.append(f"{ZERO_SPREAD} = a zero-width interval (seeds, or resampled test images, that all "
-                     "agree): no certainty, only no observed variation.")
-    sources = sorted(set(pairs["source"])) if not pairs.empty else []
-    if sources:
-        notes.append(f"Paper numbers: {'; '.join(sources)} (Δ = ours − paper, 95% interval).")
+        notes.append(text("captions.zero_spread"))
+    if not pairs.empty:
+        notes.append(text("captions.papers", sources="; ".join(sorted(set(pairs["source"])))))
     return " ".join(notes)
 
 
@@ -234,8 +235,18 @@ def prepare(cells: pd.DataFrame, kind: str) -> pd.DataFrame:
                    zip(cells["protocol"], cells["entry"], cells["metric"], cells["settings"])])
 
 
-def kind_title(kind: str) -> str:
-    return KIND_TITLES[kind]
+def text(name: str, **values):
+    """The report's prose at `name` ("captions.cost": a text, or a list or dict of texts) in
+    ``templates/text.yaml``, its fields filled in with the report's symbols and `values`."""
+    def fill(entry):
+        if isinstance(entry, dict):
+            return {k: fill(v) for k, v in entry.items()}
+        return [fill(v) for v in entry] if isinstance(entry, list) else entry.format(**_SYMBOLS, **values)
+
+    entry = _TEXT
+    for part in name.split("."):
+        entry = entry[part]
+    return fill(entry)
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -270,13 +281,14 @@ def _bold(cell: Cell, escape, wrap: str) -> str:
     return wrap.format(text) if cell.bold and text else text
 
 
-_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).resolve().parent / "templates"),
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                           trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                           undefined=jinja2.StrictUndefined)
 _ENV.filters.update(
     md=md_escape, tex=tex_escape, h=html.escape, td_attrs=_td_attrs,
     b64=lambda data: base64.b64encode(data).decode("ascii"),
-    md_cell=lambda cell: _bold(cell, md_escape, "**{}**"), tex_cell=lambda cell: _bold(cell, tex_escape, r"\textbf{{{}}}"),
+    md_cell=lambda cell: _bold(cell, md_escape, "**{}**"),
+    tex_cell=lambda cell: _bold(cell, tex_escape, r"\textbf{{{}}}"),
     html_cell=lambda cell: _bold(cell, html.escape, "<strong>{}</strong>"),
     md_rule=lambda t: "|" + "|".join(":--" if i < t.numeric_from else "--:" for i in range(len(t.columns))) + "|")
 _ENV.tests.update(table=lambda b: isinstance(b, Table), figure=lambda b: isinstance(b, Figure),
