@@ -1,19 +1,13 @@
 """Build the benchmark report from the run records: ``build_report`` (Python) / ``python -m reports build``.
 
-Reads every run record under ``results_dir`` (``benchmarks.records`` schema version 2, with per-image
-predictions) and writes, under ``out_dir``:
-
-* ``report.md``   -- Markdown tables
-* ``report.tex``  -- a LaTeX document, booktabs tables (``\\toprule``/``\\midrule``/``\\bottomrule``)
-* ``report.html`` -- one self-contained page: tables (cell tooltips with the full statistics) + figures as
-  base64 PNG, inline CSS, nothing external
-* ``figures/*.png`` -- forest plots (``forest_<suite>_<dataset>_e<epochs>_<kind>.png``: each row's value
-  and 95% interval on an axis zoomed to the data) and training curves (``curves_<...>.png``)
-
-The rules behind every number are in ``CONVENTIONS`` (printed in the report), ``reports.data`` (which
-records count), ``reports.cells`` (rows, columns, intervals, significance, ranks) and ``reports.papers``
-(pairing with the papers). The same records always give the same bytes: everything is sorted, every
-bootstrap uses a fixed seed, no timestamps or absolute paths, PNGs without time-dependent metadata.
+Reads every run record under ``results_dir`` (``benchmarks.records`` schema version 3, schema-2 files
+converted on load, with per-image predictions) and writes, under ``out_dir``, ``report.md``, ``report.tex``
+(booktabs), ``report.html`` (self-contained: inline CSS, figures as base64 PNG, cell tooltips) and
+``figures/*.png`` (forest plots of each row's difference to its column's best, training curves). The
+records' tidy frame becomes cells (``reports.cells``), paired with the papers (``reports.papers``), laid
+out as sections and rendered by ``reports.render``'s templates; the rules behind every number are the
+report's appendix (``templates/text.yaml``). The same records always give the same bytes: everything is
+sorted, every bootstrap uses a fixed seed, no timestamps or absolute paths, PNGs without varying metadata.
 """
 
 from __future__ import annotations

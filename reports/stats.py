@@ -246,9 +246,7 @@ def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: i
     return Interval(clustering_score(labels_true, labels_pred, metric), *_percentiles(reps, level))
 
 
-# ------------------------------------------------------------------------------------------------ ranks
-
-# ------------------------------------------------------------------------------------- over seeds (runs)
+# ------------------------------------------------------------------- between cells (the unit: the run), ranks
 
 
 class SeedTest(NamedTuple):
