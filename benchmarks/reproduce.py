@@ -521,12 +521,12 @@ def _hours(value: float | None) -> str:
 
 def _plan_rows(plans: list[RowPlan]) -> list[list[str]]:
     """One line per CSV row and method planned for it (or the row alone, when no suite can reproduce it)."""
-    from reports.render import DASH, fmt
+    from reports.render import DASH, paper_text
 
     rows = []
     for p in plans:
         r = p.row
-        value = fmt(r["value"]) + ("" if math.isnan(r["std"]) else f" ± {fmt(r['std'])}")
+        value = paper_text(r["value"], r["std"])
         head = [r["table"], r["method"], r["pretrain_dataset"], r["eval_dataset"], r["backbone"],
                 DASH if r["epochs"] is None or str(r["epochs"]) == "<NA>" else str(r["epochs"]), r["protocol"],
                 r["metric"], value]
@@ -607,7 +607,7 @@ def table_sections(paper: str, tables: list[str], papers, cells, pairs) -> list:
     """The paper's tables in their layout (reports.papers.LAYOUTS, else one row per method and one column
     per CSV protocol): ours, the paper's, Δ [95%]."""
     from reports.papers import LAYOUTS, layout_cells
-    from reports.render import DASH, Section, delta_text, fmt, plain_table, value_text
+    from reports.render import DASH, Section, delta_text, paper_text, plain_table, value_text
 
     sections = []
     for name in tables:
@@ -627,7 +627,7 @@ def table_sections(paper: str, tables: list[str], papers, cells, pairs) -> list:
                     row += [DASH, DASH]
                     continue
                 p = hit.iloc[0]
-                row.append(fmt(p["value"]) + ("" if math.isnan(p["std"]) else f" ± {fmt(p['std'])}"))
+                row.append(paper_text(p["value"], p["std"]))
                 mine = pairs[pairs["line"].isin(set(hit["line"]))]
                 row.append("; ".join(delta_text(d) for d in mine.itertuples(index=False)) or DASH)
             rows.append(row)

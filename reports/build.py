@@ -299,10 +299,6 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, fi
     return sections
 
 
-def _paper_value(value: float, std: float) -> str:
-    return fmt(value) + ("" if math.isnan(std) else f" ± {fmt(std)}")
-
-
 def _layout_rows(layout, grid: list, cells: pd.DataFrame) -> list[list[str]]:
     """A paper's table in its layout: per column ours (the paired cells) beside the paper's number."""
     rows = []
@@ -312,7 +308,7 @@ def _layout_rows(layout, grid: list, cells: pd.DataFrame) -> list[list[str]]:
             ours = [value_text(cells.loc[i]) for i in idx]
             row.append(DASH if not idx else ours[0] if len(idx) == 1 else
                        "; ".join(f"{cells.at[i, 'row']}: {v}" for i, v in zip(idx, ours)))
-            row.append(DASH if hit.empty else _paper_value(hit["value"].iloc[0], hit["std"].iloc[0]))
+            row.append(DASH if hit.empty else paper_text(hit["value"].iloc[0], hit["std"].iloc[0]))
         rows.append(row)
     return rows
 
@@ -340,7 +336,7 @@ def _pairs_section(model: Model, pairs: pd.DataFrame, unrelated: int = 0) -> Sec
     rows = []
     for p in pairs.sort_values(["cell", "line"]).itertuples(index=False):
         c = model.cells.loc[p.cell]
-        rows.append([heading_of(c["table"]), c["row"], c["column"], value_text(c), paper_text(p),
+        rows.append([heading_of(c["table"]), c["row"], c["column"], value_text(c), paper_text(p.paper_value, p.paper_std),
                      f"{p.source}, CSV line {p.line}" + (f", {p.paper_n} runs" if p.paper_n else ""),
                      delta_text(p), fmt_p(p.welch_p)])
     section = listing("pairs", rows, numeric_from=3)
@@ -355,7 +351,7 @@ def _unmatched_rows(unmatched: pd.DataFrame) -> list[list[str]]:
     frame = unmatched.assign(epochs=[DASH if pd.isna(e) else str(int(e)) for e in unmatched["epochs"]])
     rows = []
     for (*fields, reason), group in frame.groupby(keys, sort=False):
-        values = ", ".join(f"{m} {_paper_value(v, s)}"
+        values = ", ".join(f"{m} {paper_text(v, s)}"
                            for m, v, s in zip(group["metric"], group["value"], group["std"]))
         rows.append([*fields, values, reason])
     return rows

@@ -128,19 +128,15 @@ def shown_path(path: Path, results_dir: Path) -> str:
     return (Path(name) / rel).as_posix() if name else rel.as_posix()
 
 
-def _casefold_set(values: Iterable[str] | None) -> set[str] | None:
-    return None if values is None else {str(v).strip().casefold() for v in values}
-
-
 def selected(record: dict, suites=None, methods=None, epochs=None) -> bool:
     """Whether a record passes --suite / --methods / --epochs (methods: registry, variant or display name)."""
-    suites, methods = _casefold_set(suites), _casefold_set(methods)
-    if suites is not None and record["suite"].casefold() not in suites:
-        return False
+    def folded(values: Iterable[str]) -> set[str]:
+        return {str(v).strip().casefold() for v in values}
+
     names = {record[k].casefold() for k in ("method", "method_display", "method_base")}
-    if methods is not None and not names & methods:
-        return False
-    return epochs is None or record["epochs"] in {int(e) for e in epochs}
+    return ((suites is None or record["suite"].casefold() in folded(suites))
+            and (methods is None or bool(names & folded(methods)))
+            and (epochs is None or record["epochs"] in {int(e) for e in epochs}))
 
 
 def parse_created(text: str) -> datetime:

@@ -144,8 +144,9 @@ def delta_text(pair) -> str:
     return text
 
 
-def paper_text(pair) -> str:
-    return fmt(pair.paper_value) + ("" if math.isnan(pair.paper_std) else f" ± {fmt(pair.paper_std)}")
+def paper_text(value: float, std: float) -> str:
+    """A paper's number: its value, ± its std where the paper gives one."""
+    return fmt(value) + ("" if math.isnan(std) else f" ± {fmt(std)}")
 
 
 def pair_title(pair) -> str:
@@ -158,10 +159,6 @@ def pair_title(pair) -> str:
 
 def row_sort_key(label: str, is_reference: bool) -> tuple:
     return (is_reference, label.casefold(), label)
-
-
-def column_sort_key(protocol: str, entry: dict, metric: str, settings: str) -> tuple:
-    return (column_order(protocol, entry), METRIC_ORDER.get(metric, 9), metric, settings)
 
 
 INFO_HEADERS = {"K": "K", "source": "source", "nonempty": "non-empty clusters"}
@@ -190,7 +187,7 @@ def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] =
             if c in with_paper:
                 pair = paired.get(int(hit.index[0])) if len(hit) else None
                 row += [Cell(DASH), Cell(DASH)] if pair is None else \
-                    [Cell(paper_text(pair), title=pair_title(pair)),
+                    [Cell(paper_text(pair.paper_value, pair.paper_std), title=pair_title(pair)),
                      Cell(delta_text(pair), title=pair_title(pair))]
         if bool(first["is_reference"]) and reference_from is None:
             reference_from = len(rows)
@@ -231,7 +228,7 @@ def prepare(cells: pd.DataFrame, kind: str) -> pd.DataFrame:
         _rid=cells["row"], _row=cells["row"],
         _row_sort=[row_sort_key(r, bool(ref)) for r, ref in zip(cells["row"], cells["is_reference"])],
         _col=cells["column"],
-        _col_sort=[column_sort_key(p, e, m, s) for p, e, m, s in
+        _col_sort=[(column_order(p, e), METRIC_ORDER.get(m, 9), m, s) for p, e, m, s in
                    zip(cells["protocol"], cells["entry"], cells["metric"], cells["settings"])])
 
 
