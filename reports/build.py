@@ -336,9 +336,9 @@ def _pairs_section(model: Model, pairs: pd.DataFrame, unrelated: int = 0) -> Sec
     rows = []
     for p in pairs.sort_values(["cell", "line"]).itertuples(index=False):
         c = model.cells.loc[p.cell]
-        rows.append([heading_of(c["table"]), c["row"], c["column"], value_text(c), paper_text(p.paper_value, p.paper_std),
-                     f"{p.source}, CSV line {p.line}" + (f", {p.paper_n} runs" if p.paper_n else ""),
-                     delta_text(p), fmt_p(p.welch_p)])
+        source = f"{p.source}, CSV line {p.line}" + (f", {p.paper_n} runs" if p.paper_n else "")
+        rows.append([heading_of(c["table"]), c["row"], c["column"], value_text(c),
+                     paper_text(p.paper_value, p.paper_std), source, delta_text(p), fmt_p(p.welch_p)])
     section = listing("pairs", rows, numeric_from=3)
     section.blocks[:0] = [text("unrelated_count", count=unrelated)] if unrelated else []
     return section
