@@ -521,12 +521,12 @@ def _hours(value: float | None) -> str:
 
 def _plan_rows(plans: list[RowPlan]) -> list[list[str]]:
     """One line per CSV row and method planned for it (or the row alone, when no suite can reproduce it)."""
-    from reports.tables import DASH, fmt
+    from reports.render import DASH, paper_text
 
     rows = []
     for p in plans:
         r = p.row
-        value = fmt(r["value"]) + ("" if math.isnan(r["std"]) else f" ± {fmt(r['std'])}")
+        value = paper_text(r["value"], r["std"])
         head = [r["table"], r["method"], r["pretrain_dataset"], r["eval_dataset"], r["backbone"],
                 DASH if r["epochs"] is None or str(r["epochs"]) == "<NA>" else str(r["epochs"]), r["protocol"],
                 r["metric"], value]
@@ -607,7 +607,7 @@ def table_sections(paper: str, tables: list[str], papers, cells, pairs) -> list:
     """The paper's tables in their layout (reports.papers.LAYOUTS, else one row per method and one column
     per CSV protocol): ours, the paper's, Δ [95%]."""
     from reports.papers import LAYOUTS, layout_cells
-    from reports.tables import DASH, Section, delta_text, fmt, plain_table, value_text
+    from reports.render import DASH, Section, delta_text, paper_text, plain_table, value_text
 
     sections = []
     for name in tables:
@@ -627,7 +627,7 @@ def table_sections(paper: str, tables: list[str], papers, cells, pairs) -> list:
                     row += [DASH, DASH]
                     continue
                 p = hit.iloc[0]
-                row.append(fmt(p["value"]) + ("" if math.isnan(p["std"]) else f" ± {fmt(p['std'])}"))
+                row.append(paper_text(p["value"], p["std"]))
                 mine = pairs[pairs["line"].isin(set(hit["line"]))]
                 row.append("; ".join(delta_text(d) for d in mine.itertuples(index=False)) or DASH)
             rows.append(row)
@@ -643,7 +643,7 @@ def build_tables(paper: str, tables: list[str], suites: list[str], opts) -> dict
     from benchmarks.records import atomic_write_text
     from reports.build import build_report
     from reports.data import load_paper_results
-    from reports.render import to_html, to_latex, to_markdown
+    from reports.render import render
 
     table_dir = Path(opts.table_dir) if opts.table_dir else Path(opts.out) / "reproduce"
     result = build_report(opts.out, table_dir / "report", suites=suites, paper_csv=opts.paper_csv, figures=False)
@@ -651,7 +651,7 @@ def build_tables(paper: str, tables: list[str], suites: list[str], opts) -> dict
     sections = table_sections(paper, tables, papers, result["cells"], result["pairs"])
     title = f"{paper}: {', '.join(tables)}, ours beside the paper's"
     stem = re.sub(r"[^A-Za-z0-9]+", "-", f"{paper}-{'-'.join(tables)}").strip("-").lower()
-    texts = {"md": to_markdown(title, sections), "tex": to_latex(title, sections), "html": to_html(title, sections, {})}
+    texts = {fmt_: render(fmt_, title, sections) for fmt_ in ("md", "tex", "html")}
     return {fmt_: atomic_write_text(table_dir / f"{stem}.{fmt_}", text) for fmt_, text in texts.items()}
 
 

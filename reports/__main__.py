@@ -9,46 +9,7 @@ from collections.abc import Sequence
 from benchmarks.errors import BenchmarkError
 from reports import stats
 from reports.build import FORMATS, build_report
-
-BUILD_HELP = """\
-Read every run record (schema version 2, JSON + per-image predictions) under --results and write under --out:
-
-  report.md, report.tex (booktabs), report.html (self-contained: inline CSS, figures as base64 PNG,
-  cell tooltips with the full statistics)
-  figures/forest_*.png (each row's difference to its column's best with the interval of the table's test),
-  figures/curves_*.png (training curves; loss relative to each method's first epoch)
-
-Which records count: one per run identity (suite, method, epochs, seed, training and evaluation
-fingerprints), the newest by its `created` timestamp (older copies are listed as superseded); files that
-are not UTF-8, not JSON, not schema version 2, fail their checksum or whose predictions file is missing or
-does not reproduce the recorded metrics are skipped by name (stderr and the report); the build goes on.
-
-Tables: one per suite, dataset and pretraining epochs, and kind (leaderboard, k-means clustering, the
-methods' own clustering heads, linear, kNN, semi-supervised, transfer, per-block probes). Rows = method
-or variant x settings fingerprint (several settings of one method: separate rows, labelled with the
-settings that differ); columns = protocol key x metric x protocol settings (other settings: other columns).
-
-Cells: n >= 2 seeds: mean ± std (ddof=1) [95% t-interval over seeds]; n = 1: value ⟨95% bootstrap
-interval over the run's test images⟩ (percentile for accuracies, basic/reflected for NMI/AMI/ARI/ACC);
-§ = a zero-width interval (no observed variation, no certainty). Bold = best non-reference mean of the
-column; † = not significantly different from it, no mark = significantly worse (Welch's t-test on the two
-cells' per-seed values: the unit is the run; Holm within the column, alpha 0.05); ‡ = not testable (fewer
-than two seeds on a side, or no spread). The report opens with a summary (best per headline metric, its
-margin, whether the seeds support it) and a short "How to read this"; the rules are in its appendix.
-Leaderboard: average rank of seed means over kNN k=20, linear and k-means NMI, with a rank interval from
-resampling each method's seeds. Paper numbers sit beside a cell only when method + paper_reference,
-datasets, backbone, epochs, protocol (key and required settings) and metric all agree; Δ = ours − paper
-with its 95% interval (a prediction interval where the paper gives no std), Welch's p where the paper
-gives mean ± std over its runs; paper rows about other datasets are counted, listed in the appendix.
-"–" = not measured. The same records always give byte-identical outputs.
-
-Cost: clustering intervals and tests recompute the metric on every resample (AMI: ~5 ms at K = 10,
-~60 ms at K = 100 on 10,000 images); --n-boot trades precision of the intervals for time.
-
-List options take several values, space- or comma-separated (--epochs 100 200, --epochs 100,200).
-Exit status: 0 on success (even with skipped records), 1 when --results holds no run record at all (a
-warning names the folder), 2 on a usage or input error.
-"""
+from reports.render import text
 
 
 def _split(values: Sequence[str] | None) -> list[str] | None:
@@ -70,7 +31,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     build = sub.add_parser("build", help="build Markdown/LaTeX/HTML tables and figures from the run records",
-                           description=BUILD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           description=text("build_help"), formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("--results", default="results", metavar="DIR",
                        help="folder of run records, searched recursively (default: results)")
     build.add_argument("--out", default="reports/generated", metavar="DIR",

@@ -2,22 +2,10 @@
 
 The tidy frame of ``reports.data.entries_frame`` (one row per run and metric entry) is filtered
 (``values_frame``), aggregated over seeds (``build_model``: one cell per table, row and column), then
-marked (``_mark_best``); every label and order comes from an entry's protocol and settings.
-
-* A table is one (suite, dataset, pretraining epochs). A row is one (method or variant, settings
-  fingerprint) -- the same experiment over seeds; several rows of one method are labelled with the settings
-  that differ. A column is one evaluation and metric under one set of protocol settings: values measured
-  under other settings get a column of their own, whose header names the differing settings.
-* A cell holds one value per seed (the newest record's when two records of one row, seed and column
-  exist). n >= 2: mean, sample std (ddof=1) and the Student-t interval over seeds; n = 1: the bootstrap
-  interval over test images of that run. The image bootstrap of the mean over seeds is kept for n >= 2
-  too (HTML tooltip, "Interval details"). Accuracies: percentile bootstrap. Clustering metrics: the basic
-  (reflected) bootstrap ``[2v - q_hi, 2v - q_lo]``, because resampling duplicates images and inflates
-  agreement, so the percentile interval of NMI/AMI/ARI/ACC sits above the estimate.
-* Per column, among non-reference rows: bold = the best mean; a marker for the rows that are not
-  significantly different from it (Welch's t-test on the per-seed values: the unit is the run; Holm over
-  the column's comparisons, alpha 0.05); another for rows that cannot be tested (fewer than two seeds on
-  either side, or no spread over the seeds).
+marked (``_mark_best``); every label and order comes from an entry's protocol and settings. A table is one
+(suite, dataset, pretraining epochs), a row one (method or variant, settings fingerprint), a column one
+evaluation and metric under one set of protocol settings. The rules for cells (intervals over seeds or test
+images), marks (Welch over seeds, Holm) and ranks are the report's appendix (``templates/text.yaml``).
 """
 
 from __future__ import annotations
@@ -142,7 +130,6 @@ class Model:
     superseded: list[Superseded] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # values not shown, with why
     row_notes: dict[tuple, list[str]] = field(default_factory=dict)  # table -> settings of labelled rows
-    tests: dict[tuple, dict] = field(default_factory=dict)  # (table, column) -> significance details
 
 
 #: one value per (row, seed, column)
@@ -384,26 +371,25 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
     return model
 
 
-def _untestable(cells: pd.DataFrame, j, best: pd.Series) -> str:
+def _untestable(cells: pd.DataFrame, j, best: pd.Series) -> None:
     other = cells.loc[j]
     short = "fewer than 2 seeds" if min(other["n"], best["n"]) < 2 else "no seed-to-seed spread"
     note = f"not testable: {short} (n = {other['n']} vs {best['n']} for the best, {best['row']})"
     cells.loc[j, ["untestable", "test_note"]] = [True, note]
-    return note
 
 
-def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> dict:
+def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
     """Bold the column's best mean; test every other row against the best row (Welch over seeds, Holm)."""
     rounded = group["mean"].round(DECIMALS)
     cells.loc[group.index[rounded == rounded.max()], "best"] = True
     order = group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
     best = order.iloc[0]
-    details, tested = {"best": best["row"], "comparisons": []}, []
+    tested = []
     for j, other in order.iloc[1:].iterrows():
         test = stats.welch_seed_test(other["values"], best["values"])
         cells.at[j, "diff"] = test.diff
         if math.isnan(test.p_value):
-            details["comparisons"].append((other["row"], _untestable(cells, j, best)))
+            _untestable(cells, j, best)
         else:
             tested.append((j, test))
     adjusted = stats.holm([t.p_value for _, t in tested]) if tested else []
@@ -416,8 +402,6 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> dict:
                 f"Welch t-test over seeds p = {test.p_value:.3g}, Holm-adjusted over {len(tested)} = {p:.3g}")
         cells.loc[j, ["p_holm", "p_raw", "diff_low", "diff_high", "tied", "test_note"]] = \
             [p, test.p_value, again.low, again.high, bool(p >= ALPHA), note]
-        details["comparisons"].append((cells.at[j, "row"], note))
-    return details
 
 
 def _mark_best(model: Model) -> None:
@@ -431,9 +415,9 @@ def _mark_best(model: Model) -> None:
     says what the marks say."""
     cells = model.cells
     contenders = cells[~cells["is_reference"].astype(bool)]
-    for ids, group in contenders.groupby(["table", "key", "metric", "settings"], sort=True):
+    for _, group in contenders.groupby(["table", "key", "metric", "settings"], sort=True):
         if len(group) >= 2:
-            model.tests[ids] = _mark_column(cells, group)
+            _mark_column(cells, group)
 
 
 # ------------------------------------------------------------------------------------------- ranks

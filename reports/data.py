@@ -29,7 +29,14 @@ import pandas as pd
 
 from benchmarks.data import dataset_display_name
 from benchmarks.errors import BenchmarkError, RecordError
-from benchmarks.records import iter_record_files, provenance_of, read_predictions, read_record, record_path
+from benchmarks.records import (
+    canonical_json,
+    iter_record_files,
+    provenance_of,
+    read_predictions,
+    read_record,
+    record_path,
+)
 from reports import stats
 
 PAPER_CSV = Path(__file__).resolve().parent / "paper_results.csv"
@@ -121,19 +128,15 @@ def shown_path(path: Path, results_dir: Path) -> str:
     return (Path(name) / rel).as_posix() if name else rel.as_posix()
 
 
-def _casefold_set(values: Iterable[str] | None) -> set[str] | None:
-    return None if values is None else {str(v).strip().casefold() for v in values}
-
-
 def selected(record: dict, suites=None, methods=None, epochs=None) -> bool:
     """Whether a record passes --suite / --methods / --epochs (methods: registry, variant or display name)."""
-    suites, methods = _casefold_set(suites), _casefold_set(methods)
-    if suites is not None and record["suite"].casefold() not in suites:
-        return False
+    def folded(values: Iterable[str]) -> set[str]:
+        return {str(v).strip().casefold() for v in values}
+
     names = {record[k].casefold() for k in ("method", "method_display", "method_base")}
-    if methods is not None and not names & methods:
-        return False
-    return epochs is None or record["epochs"] in {int(e) for e in epochs}
+    return ((suites is None or record["suite"].casefold() in folded(suites))
+            and (methods is None or bool(names & folded(methods)))
+            and (epochs is None or record["epochs"] in {int(e) for e in epochs}))
 
 
 def parse_created(text: str) -> datetime:
@@ -344,22 +347,13 @@ def load_records(results_dir: str | Path, suites=None, methods=None, epochs=None
     return out
 
 
-def canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def method_section(rec: dict) -> dict | None:
-    """The suite's own `methods.<name>` section of the record's method or variant (as configured), if any."""
+def paper_of(rec: dict) -> str | None:
+    """The paper a row may be paired with: a variant (an ablation of a method) only when its own section of
+    the suite (`methods.<variant>`) names one (`paper:`); otherwise it would inherit its base method's paper
+    and be compared with numbers measured under other settings."""
     sections = rec.get("config", {}).get("methods")
     section = sections.get(rec["method"]) if isinstance(sections, dict) else None
-    return section if isinstance(section, dict) else None
-
-
-def paper_of(rec: dict) -> str | None:
-    """The paper a row may be paired with: a variant (an ablation of a method) only when its own section names
-    one (`paper:`); otherwise it would inherit its base method's paper and be compared with numbers measured
-    under other settings."""
-    if rec.get("variant") and "paper" not in (method_section(rec) or {}):
+    if rec.get("variant") and not (isinstance(section, dict) and "paper" in section):
         return None
     return rec["paper_reference"]
 
@@ -374,7 +368,7 @@ def run_columns(rec: dict) -> dict:
             "method_base": rec["method_base"], "display": rec["method_display"],
             "is_reference": rec["is_reference"], "settings_fp": rec["fingerprints"]["settings"],
             "seed": rec["seed"], "paper_reference": paper_of(rec), "backbone": rec["backbone"],
-            "hparams": canonical((rec.get("method_config") or {}).get("hparams") or {})}
+            "hparams": canonical_json((rec.get("method_config") or {}).get("hparams") or {})}
 
 
 def entries_frame(runs: list[Run]) -> pd.DataFrame:
@@ -392,7 +386,8 @@ def entries_frame(runs: list[Run]) -> pd.DataFrame:
             if "dataset" in settings:  # a transfer target by its loader name (schema-2 conversion): as displayed
                 settings = {**settings, "dataset": dataset_display_name(settings["dataset"])}
             rows.append({**common, "protocol": e["protocol"], "key": e["key"], "metric": e["metric"],
-                         "value": float(e["value"]), "settings": canonical(settings), "entry": settings, "num_clusters": (info or {}).get("num_clusters"),
+                         "value": float(e["value"]), "settings": canonical_json(settings), "entry": settings,
+                         "num_clusters": (info or {}).get("num_clusters"),
                          "num_classes": (info or {}).get("num_classes")})
     columns = [*RUN_COLUMNS, "run", "path", "created", "protocol", "key", "metric", "value",
                "settings", "entry", "num_clusters", "num_classes"]

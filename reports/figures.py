@@ -65,8 +65,6 @@ def palette_for(methods: Sequence[str]) -> dict[str, tuple]:
 
 
 STATUS_MARKERS = {"best": ("D", True), "worse": ("o", True), "tied": ("o", False), "untestable": ("x", True)}
-STATUS_LABELS = {"best": "best (bold)", "worse": "significantly worse", "tied": "† not significantly different",
-                 "untestable": "‡ not testable (no interval)"}
 
 
 def difference_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence[str], title: str,

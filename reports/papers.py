@@ -23,8 +23,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from reports import stats
 from reports.cells import SUBSET_PROTOCOLS, SUBSET_ROLE
@@ -46,58 +48,22 @@ class Protocol:
     source: str  # where the paper says so
 
 
-def _sslpp(table: str, protocol: str, ours: str, source: str) -> tuple[Protocol, ...]:
-    return tuple(Protocol("sslpp", table, f"{protocol}_{'avg' if b == 'avg' else f'B{b}'}", ours, (("block", b),), (),
-                          source) for b in (2, 3, 4, "avg"))
+def _tuples(value):
+    """YAML lists as tuples (the layouts' rows and columns are hashable field values)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
-_DISS, _SC = "carl-carp-dissertation", "self-classifier"
-_FT50, _FT20 = (("mode", "finetune"), ("epochs", 50)), (("mode", "finetune"), ("epochs", 20))
-_CROP_FLIP = (("views", "crop_flip"),)
-_INSTDISC = "weighted kNN with {} neighbours, following InstDisc (Wu et al.: T = 0.07)"
-#: The one mapping from the papers' protocols to ours (checked against the papers in seeds/).
-PROTOCOLS = (
-    Protocol(_DISS, "*", "linear", "linear", (), _CROP_FLIP,
-             "sec. 5.6, 5.7.1, 5.8: linear evaluation protocol of He et al. (MoCo): linear classifier "
-             "on frozen features, trained on random crop + flip views"),
-    Protocol(_DISS, "*", "transfer_linear", "transfer", (("dataset", "{eval}"),), (("epochs", 50),),
-             "sec. 5.7.2: frozen encoder, linear classifier trained 50 epochs on the target dataset"),
-    Protocol(_DISS, "Table 5.3", "semi_1pct", "semi", (("fraction", 0.01),), _FT50,
-             "sec. 5.7.3: encoder fine-tuned 50 epochs on 1% of the labels"),
-    Protocol(_DISS, "Table 5.3", "semi_10pct", "semi", (("fraction", 0.1),), _FT50,
-             "sec. 5.7.3: encoder fine-tuned 50 epochs on 10% of the labels"),
-    Protocol(_DISS, "Table 5.3", "finetune_100pct", "finetune", (), (("epochs", 50),),
-             "sec. 5.7.4: encoder fine-tuned 50 epochs on all labels"),
-    Protocol(_DISS, "Table 6.2", "semi_1pct", "semi", (("fraction", 0.01),), _FT20, "Table 6.2: fine-tuned 20 epochs"),
-    Protocol(_DISS, "Table 6.2", "semi_10pct", "semi", (("fraction", 0.1),), _FT20, "Table 6.2: fine-tuned 20 epochs"),
-    Protocol(_SC, "*", "linear", "linear", (), _CROP_FLIP,
-             "sec. 4.1: standard linear classification protocol on frozen pooled features"),
-    Protocol(_SC, "*", "knn_k20", "knn", (("k", 20),), (("temperature", 0.07),), "sec. 4.3: " + _INSTDISC.format(20)),
-    Protocol(_SC, "*", "knn_k200", "knn", (("k", 200),), (("temperature", 0.07),),
-             "sec. 4.3: " + _INSTDISC.format(200)),
-    Protocol(_SC, "Table 2", "clustering", "clustering_head", (("k", "{3C}"),), (),
-             "sec. 7.2 (CIFAR): fixed output layer of 30 (CIFAR-10) / 60 (CIFAR-100-20) classes, 3x "
-             "over-clustering"),
-    Protocol("self-classifier-reimplementation", "Table 1", "clustering", "clustering_head", (("k", "{C}"),), (),
-             "sec. 3.3, 5.1: heads of C, 2C, 4C, 8C classes; Table 1 scores the K = classes head "
-             "(NMI/AMI/ARI, Hungarian ACC)"),
-    Protocol("uic", "*", "linear", "linear", (), _CROP_FLIP,
-             "sec. 4: linear probe trained with random crop + horizontal flip"),
-    Protocol("uic", "*", "linear_conv5", None, (), (), "AlexNet conv5 linear probe: no such probe in this suite"),
-    *_sslpp("Table III", "block_classifier", "block_classifier",
-            "Table III: NIN block classifier on frozen block feature maps"),
-    *_sslpp("Table V", "knn_k10", "knn_k10", "Table V: kNN, K = 10, plurality vote on pooled block features"),
-)
-#: registry backbone -> the CSV's name (small_cnn has no paper counterpart)
-BACKBONES = {"resnet18_cifar": "ResNet-18", "resnet18": "ResNet-18", "resnet50": "ResNet-50", "nin": "NIN"}
-#: registry method -> display name of the method (its base, whatever the variant), as in the CSV
-BASE_DISPLAY = {"simclr": "SimCLR", "byol": "BYOL", "swav": "SwAV", "self_classifier": "Self-Classifier",
-                "carl": "CARL", "carp": "CARP", "uic": "UIC", "sslpp": "SSL++ (Rotation)", "iic": "IIC",
-                "rotation": "Rotation", "random_init": "Random", "supervised": "Supervised"}
-#: runs behind the papers' mean ± std (for Welch's test)
-PAPER_RUNS = {("carl-carp-dissertation", "Table 5.2"): 3, ("carl-carp-dissertation", "Table 5.3"): 3}
-DATASET_CLASSES = {"MNIST": 10, "CIFAR-10": 10, "CIFAR-100": 100, "CIFAR-100-20": 20, "STL-10": 10,
-                   "ImageNet": 1000}
+_DATA = yaml.safe_load((Path(__file__).resolve().parent / "paper_protocols.yaml").read_text(encoding="utf-8"))
+#: The one mapping from the papers' protocols to ours (paper_protocols.yaml, checked against the papers in seeds/)
+PROTOCOLS = tuple(Protocol(p["paper"], p["table"], p["protocol"], p["ours"], tuple(p.get("place", {}).items()),
+                           tuple(p.get("settings", {}).items()), p["source"]) for p in _DATA["protocols"])
+BACKBONES: dict[str, str] = _DATA["backbones"]  # registry backbone -> the CSV's name
+BASE_DISPLAY: dict[str, str] = _DATA["base_display"]  # registry method -> its base's display name in the CSV
+PAPER_RUNS = {(r["paper"], r["table"]): r["runs"] for r in _DATA["paper_runs"]}  # runs behind a mean ± std
+DATASET_CLASSES: dict[str, int] = _DATA["dataset_classes"]
+#: (paper, table, pretraining dataset) -> the method hyperparameters that define the paper's row (step 7b)
+PAPER_HPARAMS = {(r["paper"], r["table"], r["pretrain_dataset"]): tuple(r["hparams"].items())
+                 for r in _DATA["paper_hparams"]}
 
 
 def protocol_for(paper: str, table: str, protocol: str) -> Protocol | None:
@@ -152,15 +118,6 @@ def _method_filter(row: pd.Series, cells: pd.DataFrame, subset: bool) -> tuple[p
         ours += " or none"
     return mask, f"our {row['method']} runs {ours} (paper_reference), this row is from {row['paper']}"
 
-
-#: The method hyperparameters that define a paper row, where the paper names them: (paper, table, pretraining
-#: dataset) -> (hyperparameter, value). A cell pairs only if its method_config.hparams agree (step 7b).
-PAPER_HPARAMS = {
-    # Table 1's MNIST row: heads 10/20/40/80, row tau 0.1, col tau 0.05 (the CSV note, sec. 3.3)
-    ("self-classifier-reimplementation", "Table 1", "MNIST"): (("row_tau", 0.1), ("col_tau", 0.05)),
-    # Table 1's STL-10 row is its Table 2 ablation tau = (0.07, 0.05), 300 epochs (the CSV note)
-    ("self-classifier-reimplementation", "Table 1", "STL-10"): (("row_tau", 0.07), ("col_tau", 0.05)),
-}
 
 #: the cell columns ``pairing_candidates`` reads: a report cell has them, and so has a planned run's
 #: prospective cell (``benchmarks.reproduce``), so that the report and the planner decide pairing alike
@@ -308,43 +265,7 @@ class Layout:
     note: str = ""
 
 
-_BLOCKS = ("B2", "B3", "B4", "avg")
-LAYOUTS = (
-    Layout("carl-carp-dissertation", "Table 5.2", "Dissertation Table 5.2: linear evaluation top-1 "
-                                                  "(ResNet-18)",
-           ("method",), (("Supervised",), ("BYOL",), ("SimCLR",), ("SwAV",), ("CARL",)),
-           ("eval_dataset", "epochs", "metric"),
-           tuple((d, e, "top1") for d in ("CIFAR-10", "CIFAR-100", "STL-10") for e in (100, 200)),
-           tuple(f"{d} {e} ep." for d in ("CIFAR-10", "CIFAR-100", "STL-10") for e in (100, 200))),
-    Layout("carl-carp-dissertation", "Table 5.3",
-           "Dissertation Table 5.3: transfer, semi-supervised and fine-tuning top-1 (ResNet-18, 200 epochs)",
-           ("method",), (("Supervised",), ("BYOL",), ("SimCLR",), ("CARL",)),
-           ("pretrain_dataset", "eval_dataset", "protocol"),
-           (("CIFAR-10", "CIFAR-100", "transfer_linear"), ("CIFAR-100", "CIFAR-10", "transfer_linear"),
-            ("STL-10", "STL-10", "semi_1pct"), ("STL-10", "STL-10", "semi_10pct"),
-            ("STL-10", "STL-10", "finetune_100pct")),
-           ("C-10 → C-100", "C-100 → C-10", "STL-10 1%", "STL-10 10%", "STL-10 100%"),
-           "Supervised in the label-subset columns: trained on the labelled images only (ours: Supervised "
-           "(labelled subset only), from random weights)."),
-    Layout("self-classifier-reimplementation", "Table 1",
-           "Self-Classifier reimplementation Table 1: clustering with the K = classes head (ResNet-18)",
-           ("eval_dataset",), (("MNIST",), ("CIFAR-10",), ("CIFAR-100-20",), ("STL-10",)),
-           ("metric",), (("NMI",), ("AMI",), ("ARI",), ("ACC",)), ("NMI", "AMI", "ARI", "ACC")),
-    Layout("self-classifier", "Table 2",
-           "Self-Classifier Table 2: clustering with the 3x over-clustering head (ResNet-18, 800 epochs)",
-           ("eval_dataset",), (("CIFAR-10",), ("CIFAR-100-20",)),
-           ("metric",), (("NMI",), ("AMI",), ("ARI",)), ("NMI", "AMI", "ARI")),
-    Layout("sslpp", "Table III", "SSL++ Table III: NIN block classifier top-1",
-           ("eval_dataset", "method"),
-           tuple((d, m) for d in ("CIFAR-10", "STL-10") for m in ("Supervised", "Random", "Rotation",
-                                                                   "SSL++ (Rotation)")),
-           ("protocol",), tuple((f"block_classifier_{b}",) for b in _BLOCKS), _BLOCKS),
-    Layout("sslpp", "Table V", "SSL++ Table V: kNN (K = 10) top-1 per block",
-           ("eval_dataset", "method"),
-           tuple((d, m) for d in ("CIFAR-10", "STL-10") for m in ("Supervised", "Random", "Rotation",
-                                                                   "SSL++ (Rotation)")),
-           ("protocol",), tuple((f"knn_k10_{b}",) for b in _BLOCKS), _BLOCKS),
-)
+LAYOUTS = tuple(Layout(**{k: _tuples(v) for k, v in spec.items()}) for spec in _DATA["layouts"])
 
 
 def _matches(papers: pd.DataFrame, fields: tuple[str, ...], values: tuple) -> pd.Series:

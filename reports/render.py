@@ -1,57 +1,252 @@
-"""Render the report's sections to Markdown, LaTeX (booktabs) and one self-contained HTML page."""
+"""The report as plain data (sections of tables, text and figures), the tables built from the cells
+(``reports.cells``) and their pairing with the papers, and its Markdown, LaTeX (booktabs) and self-contained
+HTML renderings (jinja2 templates under ``reports/templates``)."""
 
 from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from reports.tables import Cell, Figure, Section, Table
+import jinja2
+import pandas as pd
+import yaml
 
-# ---------------------------------------------------------------- Markdown
+from reports.cells import ALPHA, DECIMALS, METRIC_ORDER, SUBSET_LABEL, column_order, metric_label
 
-
-def _md_escape(text: str) -> str:
-    return re.sub(r"([\\|*_`])", r"\\\1", text).replace("\n", " ")
-
-
-def _md_cell(cell: Cell) -> str:
-    text = _md_escape(cell.text)
-    return f"**{text}**" if cell.bold and text else text
-
-
-def _md_table(table: Table) -> list[str]:
-    ncol = len(table.columns)
-    lines = ["| " + " | ".join(_md_escape(c) for c in table.columns) + " |",
-             "|" + "|".join(":--" if i < table.numeric_from else "--:" for i in range(ncol)) + "|"]
-    for i, row in enumerate(table.rows):
-        if i == table.reference_from:
-            lines.append("| *reference* |" + " |" * (ncol - 1))
-        lines.append("| " + " | ".join(_md_cell(c) for c in row) + " |")
-    if table.caption:
-        lines += ["", _md_escape(table.caption)]
-    return lines
+DASH = "–"  # nothing measured
+TIED = "†"  # not significantly different from the best of its column
+UNTESTABLE = "‡"  # not testable against the best (fewer than 2 seeds on a side, or no spread over seeds)
+ZERO_SPREAD = "§"  # n >= 2 seeds with identical values: a zero-width interval is no certainty
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+_TEXT = yaml.safe_load((TEMPLATES / "text.yaml").read_text(encoding="utf-8"))
+_SYMBOLS = {"tied": TIED, "untestable": UNTESTABLE, "zero_spread": ZERO_SPREAD, "alpha": ALPHA,
+            "subset_label": SUBSET_LABEL, "dash": DASH}
 
 
-def to_markdown(title: str, sections: Sequence[Section]) -> str:
-    lines = [f"# {_md_escape(title)}"]
-    for section in sections:
-        lines += ["", "#" * section.level + " " + _md_escape(section.title)]
-        for block in section.blocks:
-            lines.append("")
-            if isinstance(block, Table):
-                lines += _md_table(block)
-            elif isinstance(block, Figure):
-                lines.append(f"![{_md_escape(block.caption)}](figures/{block.name})")
-            elif isinstance(block, list):
-                lines += [f"- {_md_escape(item)}" for item in block]
-            else:
-                lines.append(_md_escape(block))
-    return "\n".join(lines) + "\n"
+@dataclass(frozen=True)
+class Cell:
+    text: str
+    bold: bool = False
+    title: str = ""  # HTML tooltip: the cell's full statistics
 
 
-# ---------------------------------------------------------------- LaTeX
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[Cell]]
+    reference_from: int | None = None  # index of the first reference row (a separator goes above it)
+    numeric_from: int = 1  # columns from this index are right-aligned
+    caption: str = ""
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str  # file name under <out>/figures/
+    caption: str
+
+
+@dataclass
+class Section:
+    title: str
+    level: int = 2
+    blocks: list = field(default_factory=list)  # str (paragraph) | list[str] (bullets) | Table | Figure
+    collapsible: bool = False  # HTML: a <details> element, closed (appendix material)
+
+
+def fmt(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return DASH
+    text = f"{value:.{DECIMALS}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
+def fmt_delta(value: float) -> str:
+    text = f"{value:+.{DECIMALS}f}"
+    return "+" + text[1:] if float(text) == 0 else text
+
+
+def fmt_p(p: float) -> str:
+    if p is None or math.isnan(p):
+        return DASH
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def interval(low: float, high: float) -> str:
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def image_interval_text(low: float, high: float) -> str:
+    """The one-seed interval (bootstrap over test images): angle brackets, never the seeds' square ones."""
+    return f"⟨{fmt(low)}, {fmt(high)}⟩"
+
+
+def value_text(cell) -> str:
+    """n >= 2: mean ± std [t-interval over seeds] (§ when the seeds agree exactly: zero width);
+    n = 1: value ⟨bootstrap interval over test images⟩ (a different quantity, so different brackets)."""
+    if cell['n'] >= 2:
+        text = f"{fmt(cell['mean'])} ± {fmt(cell['std'])} {interval(cell['t_low'], cell['t_high'])}"
+        return text + ZERO_SPREAD if cell['std'] == 0 else text
+    if not math.isnan(cell['img_low']):
+        text = f"{fmt(cell['mean'])} {image_interval_text(cell['img_low'], cell['img_high'])}"
+        return text + ZERO_SPREAD if fmt(cell['img_low']) == fmt(cell['img_high']) else text
+    return fmt(cell['mean'])
+
+
+def cell_title(cell) -> str:
+    seeds = ",".join(str(s) for s in cell['seeds'])
+    parts = [f"{cell['row']}, {cell['column']}: n = {cell['n']} seed(s) ({seeds})"]
+    if cell['n'] >= 2:
+        parts.append(f"mean {fmt(cell['mean'])}, std {fmt(cell['std'])} (ddof=1), 95% t-interval over seeds "
+                     f"{interval(cell['t_low'], cell['t_high'])}" + (" (zero spread: the seeds agree exactly, "
+                                                                       "which is no certainty)"
+                                                                       if cell['std'] == 0 else ""))
+    else:
+        parts.append(f"value {fmt(cell['mean'])}")
+    if not math.isnan(cell['img_low']):
+        what = "the mean over seeds" if cell['n'] >= 2 else "the run"
+        shown = interval if cell['n'] >= 2 else image_interval_text
+        parts.append(f"95% {cell['img_method']} bootstrap over {cell['n_images']} test images of {what} "
+                     f"{shown(cell['img_low'], cell['img_high'])}")
+    elif cell['img_note']:
+        parts.append(f"no image bootstrap: {cell['img_note']}")
+    if cell['test_note']:
+        parts.append(cell['test_note'])
+    elif cell['best']:
+        parts.append("best of the column")
+    return "; ".join(parts)
+
+
+def render_cell(cell, row_n: int) -> Cell:
+    text = value_text(cell)
+    if cell['n'] != row_n:
+        text += f" (n={cell['n']})"
+    if cell['tied']:
+        text += TIED
+    elif cell['untestable']:
+        text += UNTESTABLE
+    return Cell(text, bold=bool(cell['best']), title=cell_title(cell))
+
+
+def plain_table(columns: list[str], rows: list[list[str]], numeric_from: int | None = None) -> Table:
+    return Table(columns, [[Cell(v) for v in row] for row in rows],
+                 numeric_from=len(columns) if numeric_from is None else numeric_from)
+
+
+def delta_text(pair) -> str:
+    text = fmt_delta(pair.delta)
+    if not math.isnan(pair.delta_low):
+        text += f" {interval(pair.delta_low, pair.delta_high)}"
+    return text
+
+
+def paper_text(value: float, std: float) -> str:
+    """A paper's number: its value, ± its std where the paper gives one."""
+    return fmt(value) + ("" if math.isnan(std) else f" ± {fmt(std)}")
+
+
+def pair_title(pair) -> str:
+    runs = f" over {pair.paper_n} runs" if pair.paper_n else ""
+    text = f"{pair.source} (CSV line {pair.line}){runs}; Δ = ours − paper {delta_text(pair)}"
+    if not math.isnan(pair.welch_p):
+        text += f"; Welch p = {fmt_p(pair.welch_p)}"
+    return text
+
+
+def row_sort_key(label: str, is_reference: bool) -> tuple:
+    return (is_reference, label.casefold(), label)
+
+
+INFO_HEADERS = {"K": "K", "source": "source", "nonempty": "non-empty clusters"}
+
+
+def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] = ()) -> Table:
+    """Rows x columns of cells prepared with `_rid` (row identity), `_row`, `_row_sort`, `_col`, `_col_sort`,
+    reference rows below a separator; a paper and a Δ column follow every column with a paired cell."""
+    paired = {int(p.cell): p for p in pairs.itertuples(index=False)}
+    col_sort = dict(zip(cells["_col"], cells["_col_sort"]))
+    columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
+    with_paper = {c for c in columns if any(int(j) in paired for j in cells.index[cells["_col"] == c])}
+    header = ["Method", "n", *[INFO_HEADERS[i] for i in info]]
+    for c in columns:
+        header += [c, f"{c} paper", f"{c} Δ"] if c in with_paper else [c]
+    row_sort = dict(zip(cells["_rid"], cells["_row_sort"]))
+    rows, reference_from = [], None
+    for rid in sorted(row_sort, key=lambda r: (row_sort[r], r)):
+        mine = cells[cells["_rid"] == rid]
+        n = len({s for seeds in mine["seeds"] for s in seeds})
+        first = mine.iloc[0]
+        row = [Cell(first["_row"]), Cell(str(n)), *[Cell(str(first[i]) or DASH) for i in info]]
+        for c in columns:
+            hit = mine[mine["_col"] == c]
+            row.append(render_cell(hit.iloc[0], n) if len(hit) else Cell(DASH))
+            if c in with_paper:
+                pair = paired.get(int(hit.index[0])) if len(hit) else None
+                row += [Cell(DASH), Cell(DASH)] if pair is None else \
+                    [Cell(paper_text(pair.paper_value, pair.paper_std), title=pair_title(pair)),
+                     Cell(delta_text(pair), title=pair_title(pair))]
+        if bool(first["is_reference"]) and reference_from is None:
+            reference_from = len(rows)
+        rows.append(row)
+    return Table(header, rows, reference_from=reference_from, numeric_from=1)
+
+
+def table_caption(cells: pd.DataFrame, pairs: pd.DataFrame, extra: list[str] | None = None) -> str:
+    notes = list(extra or [])
+    if cells["best"].any():
+        notes.append(text("captions.marks"))
+    untested = sorted({f"{r} ({c}: {n.removeprefix('not testable: ')})" for r, c, n in
+                       zip(cells["row"], cells["column"], cells["test_note"]) if n.startswith("not testable")})
+    if untested:
+        notes.append(text("captions.untested", cells="; ".join(untested)))
+    if any(ZERO_SPREAD in value_text(c) for _, c in cells.iterrows()):
+        notes.append(text("captions.zero_spread"))
+    if not pairs.empty:
+        notes.append(text("captions.papers", sources="; ".join(sorted(set(pairs["source"])))))
+    return " ".join(notes)
+
+
+def prepare(cells: pd.DataFrame, kind: str) -> pd.DataFrame:
+    """Row and column labels and sort keys of one kind's cells (heads: one row per method and K, grouped by K:
+    only rows of one K are compared)."""
+    if kind == "heads":
+        suffix = [c["column"][len(metric_label(c["protocol"], c["metric"])):]
+                  + (f" [head {c['entry']['head']}]" if c["entry"].get("head") else "")
+                  for _, c in cells.iterrows()]
+        return cells.assign(
+            _rid=[f"{r}|{k}|{s}" for r, k, s in zip(cells["row"], cells["key"], suffix)],
+            _row=[f"{r}{s}" if s else r for r, s in zip(cells["row"], suffix)],
+            _row_sort=[(bool(ref), int(k) if str(k).isdigit() else 0, row_sort_key(r, bool(ref)), s)
+                       for r, ref, k, s in zip(cells["row"], cells["is_reference"], cells["K"], suffix)],
+            _col=[metric_label(p, m) for p, m in zip(cells["protocol"], cells["metric"])],
+            _col_sort=[(METRIC_ORDER.get(m, 9), m) for m in cells["metric"]])
+    return cells.assign(
+        _rid=cells["row"], _row=cells["row"],
+        _row_sort=[row_sort_key(r, bool(ref)) for r, ref in zip(cells["row"], cells["is_reference"])],
+        _col=cells["column"],
+        _col_sort=[(column_order(p, e), METRIC_ORDER.get(m, 9), m, s) for p, e, m, s in
+                   zip(cells["protocol"], cells["entry"], cells["metric"], cells["settings"])])
+
+
+def text(name: str, **values):
+    """The report's prose at `name` ("captions.cost": a text, or a list or dict of texts) in
+    ``templates/text.yaml``, its fields filled in with the report's symbols and `values`."""
+    def fill(entry):
+        if isinstance(entry, dict):
+            return {k: fill(v) for k, v in entry.items()}
+        return [fill(v) for v in entry] if isinstance(entry, list) else entry.format(**_SYMBOLS, **values)
+
+    entry = _TEXT
+    for part in name.split("."):
+        entry = entry[part]
+    return fill(entry)
+
+
+# ------------------------------------------------------------------------------------------ rendering
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
                 "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
@@ -61,6 +256,10 @@ _TEX_SYMBOLS = {"±": r"$\pm$", "–": "--", "Δ": r"$\Delta$", "→": r"$\right
                 "≠": r"$\neq$", "×": r"$\times$", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
+def md_escape(text: str) -> str:
+    return re.sub(r"([\\|*_`])", r"\\\1", text).replace("\n", " ")
+
+
 def tex_escape(text: str) -> str:
     out = "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
     for symbol, macro in _TEX_SYMBOLS.items():
@@ -68,157 +267,31 @@ def tex_escape(text: str) -> str:
     return out
 
 
-def _tex_cell(cell: Cell) -> str:
-    text = tex_escape(cell.text)
-    return rf"\textbf{{{text}}}" if cell.bold and text else text
+def _td_attrs(cell: Cell, numeric: bool) -> str:
+    classes = (["num"] if numeric else []) + (["missing"] if cell.text == DASH else [])
+    attrs = f' class="{" ".join(classes)}"' if classes else ""
+    return attrs + (f' title="{html.escape(cell.title)}"' if cell.title else "")
 
 
-def _tex_longtable(table: Table) -> list[str]:
-    """Text tables (lists of files, paper rows) can be long: longtable breaks them across pages."""
-    ncol = len(table.columns)
-    spec = "l" * (ncol - 1) + r"p{0.15\linewidth}"
-    header = " & ".join(tex_escape(c) for c in table.columns) + r" \\"
-    lines = [r"{\scriptsize\setlength{\tabcolsep}{3pt}", rf"\begin{{longtable}}{{{spec}}}", r"\toprule", header,
-             r"\midrule", r"\endfirsthead", r"\toprule", header, r"\midrule", r"\endhead", r"\bottomrule",
-             r"\endlastfoot"]
-    lines += [" & ".join(_tex_cell(c) for c in row) + r" \\" for row in table.rows]
-    lines += [r"\end{longtable}}"]
-    return lines
+def _bold(cell: Cell, escape, wrap: str) -> str:
+    text = escape(cell.text)
+    return wrap.format(text) if cell.bold and text else text
 
 
-def _tex_table(table: Table) -> list[str]:
-    ncol = len(table.columns)
-    if table.numeric_from >= ncol and table.reference_from is None:
-        return _tex_longtable(table)
-    spec = "l" * table.numeric_from + "r" * (ncol - table.numeric_from)
-    lines = [r"\begin{table}[htbp]", r"\centering", r"\small",
-             r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
-             rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(tex_escape(c) for c in table.columns) + r" \\", r"\midrule"]
-    for i, row in enumerate(table.rows):
-        if i == table.reference_from:
-            lines.append(r"\midrule")
-        lines.append(" & ".join(_tex_cell(c) for c in row) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}}"]
-    if table.caption:
-        lines.append(rf"\caption*{{\footnotesize {tex_escape(table.caption)}}}")
-    lines.append(r"\end{table}")
-    return lines
+_ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
+                          trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                          undefined=jinja2.StrictUndefined)
+_ENV.filters.update(
+    md=md_escape, tex=tex_escape, h=html.escape, td_attrs=_td_attrs,
+    b64=lambda data: base64.b64encode(data).decode("ascii"),
+    md_cell=lambda cell: _bold(cell, md_escape, "**{}**"),
+    tex_cell=lambda cell: _bold(cell, tex_escape, r"\textbf{{{}}}"),
+    html_cell=lambda cell: _bold(cell, html.escape, "<strong>{}</strong>"),
+    md_rule=lambda t: "|" + "|".join(":--" if i < t.numeric_from else "--:" for i in range(len(t.columns))) + "|")
+_ENV.tests.update(table=lambda b: isinstance(b, Table), figure=lambda b: isinstance(b, Figure),
+                  bullets=lambda b: isinstance(b, list))
 
 
-def to_latex(title: str, sections: Sequence[Section]) -> str:
-    lines = [r"% Generated by `python -m reports build`; do not edit by hand.",
-             r"\documentclass[10pt]{article}",
-             r"\usepackage[utf8]{inputenc}", r"\usepackage[T1]{fontenc}",
-             r"\usepackage[landscape,margin=1.5cm]{geometry}",
-             r"\usepackage{booktabs}", r"\usepackage{longtable}", r"\usepackage{graphicx}",
-             r"\usepackage{caption}",
-             r"\begin{document}", rf"\section*{{{tex_escape(title)}}}"]
-    for section in sections:
-        command = "subsection*" if section.level <= 2 else "subsubsection*"
-        lines += ["", rf"\{command}{{{tex_escape(section.title)}}}"]
-        for block in section.blocks:
-            if isinstance(block, Table):
-                lines += _tex_table(block)
-            elif isinstance(block, Figure):
-                lines += [r"\begin{center}",
-                          rf"\includegraphics[width=0.9\linewidth,height=0.4\textheight,keepaspectratio]"
-                          rf"{{figures/{block.name}}}",
-                          r"\end{center}"]
-            elif isinstance(block, list):
-                lines.append(r"\begin{itemize}")
-                lines += [rf"\item {tex_escape(item)}" for item in block]
-                lines.append(r"\end{itemize}")
-            else:
-                lines += [tex_escape(block), ""]
-    lines += ["", r"\end{document}"]
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------- HTML
-
-CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
-       max-width: 1400px; padding: 0 1em; color: #1a1a1a; background: #ffffff; line-height: 1.4; }
-h1 { border-bottom: 2px solid #333; padding-bottom: .2em; }
-h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
-h3 { margin-top: 1.5em; }
-table { border-collapse: collapse; margin: .5em 0; font-size: 13px; font-variant-numeric: tabular-nums; }
-thead th { border-top: 2px solid #000; border-bottom: 1px solid #000; padding: 4px 10px; background: #f3f3f3; }
-tbody td { padding: 3px 10px; border-bottom: 1px solid #eee; }
-div.scroll { overflow-x: auto; max-width: 100%; }
-tbody:last-of-type tr:last-child td { border-bottom: 2px solid #000; }
-tbody.reference tr:first-child td { border-top: 1.5px solid #000; }
-tbody.reference td { color: #444; font-style: italic; }
-td.num, th.num { text-align: right; white-space: nowrap; }
-td.missing { color: #999; }
-td[title] { cursor: help; }
-p.caption { font-size: 12px; color: #555; margin-top: 0; }
-figure { margin: .8em 0 1.5em 0; }
-figure img { max-width: 100%; border: 1px solid #ddd; }
-figcaption { font-size: 12px; color: #555; }
-details > summary { cursor: pointer; }
-details > summary > .inline { display: inline; }
-""".strip()
-
-
-def _html_row(row: Sequence[Cell], numeric_from: int) -> str:
-    cells = []
-    for i, cell in enumerate(row):
-        classes = (["num"] if i >= numeric_from else []) + (["missing"] if cell.text == "–" else [])
-        attr = f' class="{" ".join(classes)}"' if classes else ""
-        if cell.title:
-            attr += f' title="{html.escape(cell.title)}"'
-        text = html.escape(cell.text)
-        cells.append(f"<td{attr}>{f'<strong>{text}</strong>' if cell.bold and text else text}</td>")
-    return "<tr>" + "".join(cells) + "</tr>"
-
-
-def _html_table(table: Table) -> list[str]:
-    num = ' class="num"'
-    head = "".join(f"<th{num if i >= table.numeric_from else ''}>{html.escape(c)}</th>"
-                   for i, c in enumerate(table.columns))
-    split = len(table.rows) if table.reference_from is None else table.reference_from
-    lines = ['<div class="scroll"><table>', f"<thead><tr>{head}</tr></thead>", "<tbody>"]
-    lines += [_html_row(row, table.numeric_from) for row in table.rows[:split]]
-    lines.append("</tbody>")
-    if split < len(table.rows):
-        lines.append('<tbody class="reference">')
-        lines += [_html_row(row, table.numeric_from) for row in table.rows[split:]]
-        lines.append("</tbody>")
-    lines.append("</table></div>")
-    if table.caption:
-        lines.append(f'<p class="caption">{html.escape(table.caption)}</p>')
-    return lines
-
-
-def to_html(title: str, sections: Sequence[Section], images: Mapping[str, bytes]) -> str:
-    """One page, nothing external: inline CSS, figures as base64 PNG data URIs."""
-    lines = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>{html.escape(title)}</title>", "<style>", CSS, "</style>", "</head>", "<body>",
-             f"<h1>{html.escape(title)}</h1>"]
-    for section in sections:
-        level = min(section.level, 6)
-        if section.collapsible:
-            lines += ["<details>", f'<summary><h{level} class="inline">{html.escape(section.title)}</h{level}>'
-                                   "</summary>"]
-        else:
-            lines.append(f"<h{level}>{html.escape(section.title)}</h{level}>")
-        for block in section.blocks:
-            if isinstance(block, Table):
-                lines += _html_table(block)
-            elif isinstance(block, Figure):
-                if block.name not in images:
-                    continue
-                data = base64.b64encode(images[block.name]).decode("ascii")
-                lines += ["<figure>", f'<img alt="{html.escape(block.caption)}" src="data:image/png;base64,{data}">',
-                          f"<figcaption>{html.escape(block.caption)}</figcaption>", "</figure>"]
-            elif isinstance(block, list):
-                lines += ["<ul>", *(f"<li>{html.escape(item)}</li>" for item in block), "</ul>"]
-            else:
-                lines.append(f"<p>{html.escape(block)}</p>")
-        if section.collapsible:
-            lines.append("</details>")
-    lines += ["</body>", "</html>"]
-    return "\n".join(lines) + "\n"
+def render(fmt_: str, title: str, sections: Sequence[Section], images: Mapping[str, bytes] | None = None) -> str:
+    """The report in one format ("md", "tex" or "html"; HTML embeds `images` by figure name)."""
+    return _ENV.get_template(f"report.{fmt_}.j2").render(title=title, sections=sections, images=images or {})

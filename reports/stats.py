@@ -194,9 +194,9 @@ def clustering_score(labels_true, labels_pred, metric: str = "nmi") -> float:
 def clustering_replicates(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT,
                           seed: int = SEED) -> np.ndarray:
     """Bootstrap replicates (percent) of a clustering metric over test images: the same resamples as
-    the generic bootstrap (a statistic on every resample; tests/test_stats.py) with the same seed, each replicate's contingency matrices made in one bincount
-    for a block of resamples and the metric vectorised over the block; `labels_pred` [n] or [seeds, n]
-    (the mean over seeds, as ``clustering_score``).
+    the generic bootstrap (a statistic on every resample; tests/test_stats.py) with the same seed, each
+    replicate's contingency matrices made in one bincount for a block of resamples and the metric vectorised
+    over the block; `labels_pred` [n] or [seeds, n] (the mean over seeds, as ``clustering_score``).
 
     AMI: each replicate uses the expected mutual information of the observed marginals (hand-made choice:
     an exact EMI costs ~0.2 ms a replicate, minutes for a report; resampling moves the marginals little, and
@@ -236,7 +236,8 @@ def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: i
 
     Resampling images with replacement only reweights the contingency matrix (multinomial weights), so
     each replicate is one bincount of the resampled (class, cluster) pairs plus the metric on a small
-    matrix; the same resamples as the generic bootstrap (a statistic on every resample; tests/test_stats.py) with scikit-learn on the resampled labels.
+    matrix; the same resamples as the generic bootstrap (a statistic on every resample; tests/test_stats.py)
+    with scikit-learn on the resampled labels.
     Caveat: duplicated images inflate agreement (NMI, AMI, ACC); with ~100 images per class and K = 100
     the whole interval can lie above the observed value. AMI's replicates share the observed marginals'
     expected mutual information (``clustering_replicates``).
@@ -245,9 +246,7 @@ def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: i
     return Interval(clustering_score(labels_true, labels_pred, metric), *_percentiles(reps, level))
 
 
-# ------------------------------------------------------------------------------------------------ ranks
-
-# ------------------------------------------------------------------------------------- over seeds (runs)
+# ------------------------------------------------------------------- between cells (the unit: the run), ranks
 
 
 class SeedTest(NamedTuple):

@@ -263,7 +263,7 @@ def test_a_contender_with_one_seed_is_not_testable_and_a_one_seed_cell_has_no_t_
 def test_figure_points_are_the_tested_differences_and_colours_do_not_depend_on_the_other_rows(seeded):
     from reports.build import _points
     from reports.figures import palette_for
-    from reports.tables import prepare
+    from reports.render import prepare
 
     cells = seeded["cells"]
     points = _points(prepare(cells[cells["kind"] == "knn"], "knn"), "knn")

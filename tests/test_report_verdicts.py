@@ -13,7 +13,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from reports.build import build_report
-from reports.render import _md_escape
+from reports.render import md_escape
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "digits"
@@ -109,8 +109,8 @@ def test_no_long_paragraph_before_the_first_table_and_the_summary_names_the_best
     best = knn.sort_values("mean", ascending=False).iloc[0]
     second = knn.sort_values("mean", ascending=False).iloc[1]
     line = next(x for x in summary.splitlines() if x.startswith("- kNN k=20"))
-    assert f"best {_md_escape(best['row'])} {best['mean']:.2f} ± {best['std']:.2f}" in line
-    assert f"{best['mean'] - second['mean']:+.2f} over the runner-up {_md_escape(second['row'])}" in line
+    assert f"best {md_escape(best['row'])} {best['mean']:.2f} ± {best['std']:.2f}" in line
+    assert f"{best['mean'] - second['mean']:+.2f} over the runner-up {md_escape(second['row'])}" in line
     verdict = "do not support" if second["tied"] else "support"
     assert f"the seeds {verdict} the difference" in line
 
