@@ -19,10 +19,11 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from benchmarks.errors import BenchmarkError, RecordError, RecordExistsError, StorageError, first_line
 
@@ -89,6 +90,21 @@ class PredictionsFile(_Strict):
     format: str = PREDICTIONS_FORMAT
 
 
+CLUSTERING_PROTOCOLS = ("clustering", "clustering_head")
+CLUSTERING_METRICS = ("NMI", "AMI", "ARI", "ACC", "ACC_M2O", "ACC_MANY_TO_ONE")
+
+
+class ClusterInfo(BaseModel):
+    """The clusters a clustering entry scored: counts, where they came from (k-means or a method's head) and
+    how ACC matched them to classes."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    num_clusters: int = Field(ge=1)
+    num_nonempty: int = Field(ge=1)
+    num_classes: int = Field(ge=1)
+    source: Literal["kmeans", "head"]
+
+
 class HistoryPoint(BaseModel):
     """One epoch of the training curve: {epoch, loss, online_knn_top1?, stage?, ...}."""
 
@@ -119,7 +135,7 @@ class RunRecord(_Strict):
     method_config: dict[str, Any]  # the resolved settings of the method (hparams, optimizer, views, budget)
     metrics: list[MetricEntry]
     evaluation: dict[str, dict[str, Any]]  # evaluation key -> parameters used, with `protocol` and `settings`
-    clusters: dict[str, dict[str, Any]]  # clustering key -> {num_clusters, num_nonempty, num_classes, source, acc}
+    clusters: dict[str, ClusterInfo]  # clustering key -> {num_clusters, num_nonempty, num_classes, source, acc}
     predictions: PredictionsFile | None
     history: list[HistoryPoint]  # per-epoch curve
     provenance: dict[str, Any]  # {pretraining: {cpu, device, git_commit, versions, threads, created},
@@ -138,10 +154,39 @@ class RunRecord(_Strict):
     checksum: str              # SHA-256 of the record without this key (canonical JSON); it covers the
     #                            predictions through predictions.sha256, so an edited copy is refused
 
+    @field_validator("created")
+    @classmethod
+    def _iso_timestamp(cls, value: str) -> str:
+        try:
+            datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"must be an ISO-8601 timestamp, got {value!r}") from None
+        return value
+
     @model_validator(mode="after")
     def _failure_says_why(self) -> RunRecord:
         if self.status in ("diverged", "failed") and not self.message:
             raise ValueError(f"a {self.status} record needs a 'message' saying why")
+        return self
+
+    @model_validator(mode="after")
+    def _clusters_match_their_entries(self) -> RunRecord:
+        """Every clustering entry has the clusters it scored (a head's as many as its K) and a known metric."""
+        problems = []
+        for entry in self.metrics:
+            if entry.protocol not in CLUSTERING_PROTOCOLS:
+                continue
+            info = self.clusters.get(entry.key)
+            k = entry.settings.get("k") if entry.protocol == "clustering_head" else None
+            if info is None:
+                problems.append(f"clusters['{entry.key}'] is missing")
+            elif k is not None and info.num_clusters != k:
+                problems.append(f"clusters['{entry.key}']['num_clusters'] is {info.num_clusters}, the entry says "
+                                f"k = {k}")
+            if entry.metric not in CLUSTERING_METRICS:
+                problems.append(f"metrics['{entry.key}'] has an unknown clustering metric '{entry.metric}'")
+        if problems:
+            raise ValueError("; ".join(dict.fromkeys(problems)))
         return self
 
 

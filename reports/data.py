@@ -30,6 +30,7 @@ import pandas as pd
 from benchmarks.data import dataset_display_name
 from benchmarks.errors import BenchmarkError, RecordError
 from benchmarks.records import (
+    CLUSTERING_PROTOCOLS,
     canonical_json,
     iter_record_files,
     provenance_of,
@@ -47,8 +48,6 @@ PAPER_COLUMNS = (
 HISTORY_SERIES = ("loss", "online_knn_top1")
 #: tolerance (percentage points) between a metric recomputed from the predictions and the recorded one
 METRIC_TOLERANCE = 0.01
-CLUSTER_SOURCES = ("kmeans", "head")
-CLUSTERING_PROTOCOLS = ("clustering", "clustering_head")
 #: record metric name -> ``ssl_common.clustering_metrics.SCALAR`` name (ACC_MANY_TO_ONE: the producer's
 #: ``as_percent_metrics`` spelling of ACC_M2O)
 CLUSTER_METRICS = {"NMI": "nmi", "AMI": "ami", "ARI": "ari", "ACC": "acc", "ACC_M2O": "acc_many_to_one",
@@ -146,36 +145,6 @@ def parse_created(text: str) -> datetime:
     except (TypeError, ValueError) as exc:
         raise RecordError(f"'created' is not an ISO-8601 timestamp: {text!r}") from exc
     return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
-def _cluster_problems(key: str, entry: dict, info) -> list[str]:
-    if not isinstance(info, dict):
-        return [f"clusters['{key}'] is missing"]
-    problems = [f"clusters['{key}']['{name}'] must be a positive integer, got {info.get(name)!r}"
-                for name in ("num_clusters", "num_nonempty", "num_classes")
-                if not (isinstance(info.get(name), int) and not isinstance(info.get(name), bool))
-                or info[name] < 1]
-    if info.get("source") not in CLUSTER_SOURCES:
-        problems.append(f"clusters['{key}']['source'] must be kmeans or head, got {info.get('source')!r}")
-    k = entry["settings"].get("k") if entry["protocol"] == "clustering_head" else None
-    if k is not None and info.get("num_clusters") != k:
-        problems.append(f"clusters['{key}']['num_clusters'] is {info.get('num_clusters')!r}, the entry "
-                        f"says k = {k}")
-    return problems
-
-
-def check_fields(record: dict) -> None:
-    """The fields the report reads beyond ``validate_record``: raise RecordError naming each problem."""
-    parse_created(record["created"])
-    problems = []
-    for key, entry in sorted(evaluations(record).items()):
-        if entry["protocol"] in CLUSTERING_PROTOCOLS:
-            problems += _cluster_problems(key, entry, record["clusters"].get(key))
-    problems += [f"metrics['{e['key']}'] has an unknown clustering metric '{e['metric']}'"
-                 for e in record["metrics"]
-                 if e["protocol"] in CLUSTERING_PROTOCOLS and e["metric"] not in CLUSTER_METRICS]
-    if problems:
-        raise RecordError("; ".join(problems))
 
 
 def _digest(labels: np.ndarray) -> str:
@@ -287,8 +256,7 @@ def _derive_block_averages(record: dict, out: dict) -> None:
 
 
 def _read_one(path: Path, root: Path) -> Run:
-    record = read_record(path)  # schema 2 converted on load
-    check_fields(record)
+    record = read_record(path)  # validated (RunRecord, clusters included); schema 2 converted on load
     run = Run(shown_path(path, root), record, parse_created(record["created"]))
     if record["status"] == "completed":
         run.per_image = per_image(record, read_predictions(path, record))

@@ -45,7 +45,9 @@ def make_record(**changes) -> dict:
         "metrics": [entry("knn", "top1", 91.5, "knn_k20", k=20), entry("knn", "top5", 99.0, "knn_k20", k=20),
                     entry("clustering", "AMI", -1.5), entry("clustering", "ARI", -0.2)],
         "evaluation": {"knn_k20": {"k": 20, "protocol": "knn", "settings": {"k": 20}},
-                       "clustering": {"protocol": "clustering", "settings": {}}}, "clusters": {}, "predictions": None,
+                       "clustering": {"protocol": "clustering", "settings": {}}},
+        "clusters": {"clustering": {"num_clusters": 10, "num_nonempty": 10, "num_classes": 10, "source": "kmeans"}},
+        "predictions": None,
         "history": [{"epoch": 1, "loss": 4.2}, {"epoch": 2, "loss": 3.1, "online_knn_top1": 90.0}],
         "provenance": {"pretraining": {"versions": {"torch": "2.5"}, "git_commit": None, "device": "cpu",
                                        "cpu": None}, "evaluations": []},
@@ -158,6 +160,16 @@ def test_a_failing_torch_save_is_a_storage_error_and_keeps_the_previous_file(tmp
     ({"status": "diverged"}, "a diverged record needs a 'message' saying why"),
     ({"message": 3}, "'message': input should be a valid string, got int"),
     ({"cpu": "x"}, "unknown key 'cpu'"),
+    ({"created": "yesterday"}, "'created' must be an ISO-8601 timestamp, got 'yesterday'"),
+    ({"clusters": {}}, "clusters['clustering'] is missing"),
+    ({"clusters": {"clustering": {"num_clusters": 0, "num_nonempty": 1, "num_classes": 10, "source": "kmeans"}}},
+     "'clusters.clustering.num_clusters': input should be greater than or equal to 1, got int"),
+    ({"clusters": {"clustering": {"num_clusters": 10, "num_nonempty": 10, "num_classes": 10, "source": "gmm"}}},
+     "'clusters.clustering.source': input should be 'kmeans' or 'head', got str"),
+    ({"metrics": [entry("clustering_head", "NMI", 50.0, "head", k=30)],
+      "clusters": {"head": {"num_clusters": 10, "num_nonempty": 10, "num_classes": 10, "source": "head"}}},
+     "clusters['head']['num_clusters'] is 10, the entry says k = 30"),
+    ({"metrics": [entry("clustering", "F1", 50.0)]}, "metrics['clustering'] has an unknown clustering metric 'F1'"),
 ])
 def test_schema_violations_are_named(change, expected):
     with pytest.raises(RecordError) as info:
@@ -411,6 +423,8 @@ def schema2_record() -> dict:
         "block_classifier_avg": {"protocol": "block_classifier", "settings": {"epochs": 5}},
         "clustering_head_k10_h2": {"protocol": "clustering_head", "settings": {"k": 10, "source": "head"}},
         "transfer_linear:cifar100": {"protocol": "transfer", "settings": {"epochs": 3}, "target": "cifar100"}}
+    record["clusters"] = {"clustering_head_k10_h2": {"num_clusters": 10, "num_nonempty": 9, "num_classes": 10,
+                                                     "source": "head"}}
     record["checksum"] = record_checksum(record)
     return record
 
