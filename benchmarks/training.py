@@ -43,7 +43,7 @@ from benchmarks.augment import BatchAugment, step_generator
 from benchmarks.config import TrainConfig
 from benchmarks.data import ImageDataset
 from benchmarks.errors import CheckpointError, ConfigError, DivergedError
-from benchmarks.evaluation.features import backbone_features, batches_of, is_streamed
+from benchmarks.evaluation.features import backbone_features, batches_of, eval_mode, is_streamed
 from benchmarks.evaluation.knn import knn_classify, topk_accuracy
 from benchmarks.records import atomic_write
 from methods.base import EpochContext, SSLMethod, TrainBatch
@@ -261,15 +261,9 @@ class PretrainModule(pl.LightningModule):
     @torch.no_grad()
     def _predict_pretrain(self, fn):
         """Run fn over the clean pretraining set in index order (for methods' epoch hooks)."""
-        was_training = self.method.training
-        self.method.eval()
-        try:
-            out = []
-            for images in batches_of(self.pretrain, 1024, self.device):
-                out.append(fn(self.augment.clean(images)).float())
-            return torch.cat(out)
-        finally:
-            self.method.train(was_training)
+        with eval_mode(self.method):
+            return torch.cat([fn(self.augment.clean(images)).float()
+                              for images in batches_of(self.pretrain, 1024, self.device)])
 
     def _capture_features(self, module, inputs, output):
         if self._captured is None and self.training and isinstance(output, torch.Tensor) and output.dim() == 2:

@@ -26,8 +26,8 @@ from reports.data import (
     Superseded,
     at_place,
     differing,
+    dotted_json,
     entries_frame,
-    flatten,
 )
 
 ALPHA = 0.05
@@ -187,7 +187,7 @@ def variant_differences(rec: dict, base: dict | None) -> list[tuple[str, str]]:
         if not isinstance(sections, dict):
             return []
         mine, theirs = clean(sections.get(rec["method"])), clean(sections.get(rec["method_base"]))
-    a, b = flatten(mine), flatten(theirs)
+    a, b = dotted_json(mine), dotted_json(theirs)
     return [(k.removeprefix("hparams."), a.get(k, "unset")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -222,7 +222,7 @@ def _settings_labels(base: str, group: pd.DataFrame, runs: list[Run], notes: lis
         keys = differing(dicts)
     labels = {}
     for fp, d in zip(group["settings_fp"], dicts):
-        flat = {prefix + k: v for k, v in flatten(d).items()}
+        flat = {prefix + k: v for k, v in dotted_json(d).items()}
         label = f"{base} [{_label_parts([prefix + k for k in keys], flat) if keys else f'settings {fp}'}]"
         labels[fp] = label
         if keys:
@@ -269,7 +269,7 @@ def column_headers(values: pd.DataFrame, runs: list[Run]) -> dict[tuple, str]:
             words = protocol_label(protocol, mine["entry"].iloc[0], params, key)
             text = f"{words} {metric_label(protocol, metric)}".strip()
             if split:
-                text += f" [{_label_parts(split, flatten(json.loads(settings)), limit=4)}]"
+                text += f" [{_label_parts(split, dotted_json(json.loads(settings)), limit=4)}]"
             headers[(key, metric, settings)] = text
     return headers
 

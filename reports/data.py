@@ -370,19 +370,19 @@ def at_place(frame: pd.DataFrame, protocol: str, place: dict) -> pd.Series:
     return (frame["protocol"] == protocol) & pd.Series(fits, index=frame.index, dtype=bool)
 
 
-def flatten(obj, prefix: str = "") -> dict[str, str]:
+def dotted_json(obj, prefix: str = "") -> dict[str, str]:
     """Nested dicts as dotted keys -> canonical JSON of the leaf (lists are leaves)."""
     if isinstance(obj, dict) and obj:
         out: dict[str, str] = {}
         for key in sorted(obj):
-            out.update(flatten(obj[key], f"{prefix}{key}."))
+            out.update(dotted_json(obj[key], f"{prefix}{key}."))
         return out
     return {prefix[:-1]: obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True)}
 
 
 def differing(dicts: list[dict]) -> list[str]:
     """Dotted keys whose values are not the same in every one of `dicts` (missing counts as different)."""
-    flat = [flatten(d) for d in dicts]
+    flat = [dotted_json(d) for d in dicts]
     keys = sorted(set().union(*flat)) if flat else []
     return [k for k in keys if len({f.get(k, "\0missing") for f in flat}) > 1]
 
