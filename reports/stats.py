@@ -1,18 +1,10 @@
 """Uncertainty and significance for the report's cells: pure functions on numbers and per-image predictions.
 
-* Over seeds: ``seed_summary`` (mean, sample std, Student-t interval), ``welch_test`` and
-  ``delta_interval`` (ours vs a paper's mean ± std over its runs).
-* Over test images within runs: percentile bootstrap (``accuracy_interval``, ``clustering_interval``).
-* Clustering metrics (NMI, AMI, ARI, one-to-one and many-to-one ACC; ``ssl_common.clustering_metrics``) in
-  percent, averaged over seeds, and their bootstrap replicates (``clustering_replicates``).
-* Between cells, the unit being the run: ``welch_seed_test`` and ``holm``; ``rank_of_means`` of methods over
-  metrics with a bootstrap over each method's seeds.
-
-Conventions: accuracies and metrics in percent (0-100); arrays of per-image values have the images on
-the last axis, with an optional leading seed axis ([seeds, n]); every run of a suite is scored on the
-same test images in the same order, so one resample of image indices is applied to every array, seed
-and method at once. All randomness comes from ``numpy.random.default_rng(seed)`` with a fixed default
-seed, so a rebuild gives byte-identical numbers.
+Over seeds: Student-t intervals and Welch's t-test (the unit is the run), Holm over a column, ranks of
+methods with a bootstrap over their seeds. Over test images: percentile bootstrap of accuracies and
+clustering metrics (``ssl_common.clustering_metrics``). Values in percent; per-image arrays are [n] or
+[seeds, n], and one resample of image indices serves every array, seed and method (all runs of a suite
+share the test images). Randomness: ``numpy.random.default_rng(seed)``, so rebuilds are byte-identical.
 """
 
 from __future__ import annotations
@@ -32,7 +24,6 @@ LEVEL = 0.95
 N_BOOT = 1000
 SEED = 0
 _BLOCK = 4_000_000  # resampled indices drawn at once (32 MB), whatever n_boot is
-
 
 class SeedSummary(NamedTuple):
     mean: float
@@ -61,22 +52,37 @@ class Delta(NamedTuple):
     df: float
 
 
+class SeedTest(NamedTuple):
+    diff: float  # mean(a) - mean(b)
+    low: float  # Welch–Satterthwaite interval of the difference
+    high: float
+    df: float
+    p_value: float  # two-sided Welch p (NaN: not testable)
+
+
 # ---------------------------------------------------------------------------------------------- over seeds
 
 
-def seed_summary(values, level: float = LEVEL) -> SeedSummary:
-    """Mean, sample std (ddof=1) and the Student-t interval for the mean over seeds.
+def _t(level: float, df: float) -> float:
+    """The two-sided Student-t quantile at `level`."""
+    return float(stats.t.ppf((1 + level) / 2, df))
 
-    The t interval (mean ± t_{(1+level)/2, n-1} · s/√n) is exact for normal seed-to-seed noise and the
-    usual choice for the 3-5 seeds of a benchmark; std and bounds are NaN for fewer than two seeds.
-    """
+
+def _welch_df(va: float, vb: float, n_a: float, n_b: float) -> float:
+    """Welch–Satterthwaite degrees of freedom from the variances of the means (scipy's *_from_stats give none)."""
+    return (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+
+
+def seed_summary(values, level: float = LEVEL) -> SeedSummary:
+    """Mean, sample std (ddof=1) and the Student-t interval mean ± t_{n-1} · s/√n over seeds (NaN std and
+    bounds for fewer than two seeds)."""
     x = np.asarray(values, dtype=np.float64).reshape(-1)
     n = len(x)
     mean = float(x.mean()) if n else math.nan
     if n < 2:
         return SeedSummary(mean, math.nan, n, math.nan, math.nan)
     std = float(x.std(ddof=1))
-    half = float(stats.t.ppf((1 + level) / 2, n - 1)) * std / math.sqrt(n)
+    half = _t(level, n - 1) * std / math.sqrt(n)
     return SeedSummary(mean, std, n, mean - half, mean + half)
 
 
@@ -85,41 +91,31 @@ def _missing(std, n) -> bool:
 
 
 def welch_test(mean_a, std_a, n_a, mean_b, std_b, n_b) -> WelchTest:
-    """Welch's unequal-variance t-test from two means, sample stds and counts (e.g. ours vs a paper's).
-
-    Neither the variances nor the counts need agree between the two sides, hence Welch rather than
-    Student (``scipy.stats.ttest_ind_from_stats(equal_var=False)``). Two-sided p. NaN throughout when a
-    std is missing or a side has fewer than two runs (or both stds are 0).
-    """
+    """Welch's two-sided t-test from means, sample stds and counts (``scipy.stats.ttest_ind_from_stats``);
+    NaN when a std is missing, a side has fewer than two runs, or both stds are 0."""
     if _missing(std_a, n_a) or _missing(std_b, n_b) or std_a == std_b == 0:
         return WelchTest(math.nan, math.nan, math.nan)
-    va, vb = std_a**2 / n_a, std_b**2 / n_b
-    df = (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))  # Welch–Satterthwaite; scipy gives no df
+    df = _welch_df(std_a**2 / n_a, std_b**2 / n_b, n_a, n_b)
     t, p = stats.ttest_ind_from_stats(mean_a, std_a, n_a, mean_b, std_b, n_b, equal_var=False)
     return WelchTest(float(t), float(df), float(p))
 
 
 def delta_interval(ours, paper_mean, paper_std=None, paper_n=None, level: float = LEVEL) -> Delta:
-    """Δ = mean(ours over seeds) − paper_mean, with a t interval for the difference.
-
-    * paper std and n (n >= 2) given, and >= 2 seeds of ours: Welch–Satterthwaite interval
-      Δ ± t_{df} · √(s²/n + s_p²/n_p), consistent with ``welch_test``;
-    * no usable paper std or n (a single reported number: one run, not an exact value): the prediction
-      interval of one new run of ours, Δ ± t_{n-1} · s · √(1 + 1/n);
-    * a single seed of ours: NaN bounds (our run-to-run spread is unknown, whatever the paper reports).
-    """
+    """Δ = mean(ours over seeds) − paper_mean with a t interval: Welch–Satterthwaite when the paper gives its
+    std over n >= 2 runs, else the prediction interval of one new run of ours (Δ ± t_{n-1} · s · √(1 + 1/n));
+    NaN bounds with a single seed of ours."""
     own = seed_summary(ours, level)
     delta = own.mean - float(paper_mean)
     if own.n < 2:
         return Delta(delta, math.nan, math.nan, math.nan)
     if _missing(paper_std, paper_n):  # the paper's number is one run: where one new run of ours would fall
-        half = float(stats.t.ppf((1 + level) / 2, own.n - 1)) * own.std * math.sqrt(1 + 1 / own.n)
+        half = _t(level, own.n - 1) * own.std * math.sqrt(1 + 1 / own.n)
         return Delta(delta, delta - half, delta + half, float(own.n - 1))
     va, vb = own.std**2 / own.n, paper_std**2 / paper_n
     if va + vb == 0:
         return Delta(delta, delta, delta, math.nan)
-    df = (va + vb) ** 2 / (va**2 / (own.n - 1) + vb**2 / (paper_n - 1))  # Welch–Satterthwaite, by hand
-    half = float(stats.t.ppf((1 + level) / 2, df)) * math.sqrt(va + vb)
+    df = _welch_df(va, vb, own.n, paper_n)
+    half = _t(level, df) * math.sqrt(va + vb)
     return Delta(delta, delta - half, delta + half, float(df))
 
 
@@ -141,29 +137,16 @@ def _percentiles(reps: np.ndarray, level: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def _boot_means(score: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Bootstrap replicates of score.mean() (score: [n]), vectorised over a block of resamples."""
-    return np.concatenate([score[block].mean(axis=1) for block in _resamples(len(score), n_boot, seed)])
-
-
-def _per_image_accuracy(correct) -> np.ndarray:
-    """[n] per-image percent correct averaged over seeds: its mean over images = mean over seeds of the
-    per-seed accuracies, also for every resample shared by the seeds."""
+def accuracy_interval(correct, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = SEED) -> Interval:
+    """Accuracy in percent (mean over seeds; ``correct`` bool [n] or [seeds, n]) with its percentile bootstrap
+    interval over test images, the same resampled images serving every seed."""
     c = np.asarray(correct)
     if c.ndim not in (1, 2):
         raise ValueError(f"correct must be [n] or [seeds, n], got shape {c.shape}")
-    return 100.0 * np.atleast_2d(c).astype(np.float64).mean(axis=0)
-
-
-def accuracy_interval(correct, n_boot: int = N_BOOT, level: float = LEVEL, seed: int = SEED) -> Interval:
-    """Accuracy in percent (mean over seeds of each seed's accuracy) with its percentile bootstrap interval.
-
-    ``correct`` is bool [n] or [seeds, n]; the same resampled images serve every seed (the test images are
-    shared), so the interval reflects the test-set sampling only. Vectorised; same resamples as
-    the generic bootstrap (a statistic on every resample; tests/test_stats.py) with the same seed.
-    """
-    score = _per_image_accuracy(correct)
-    return Interval(float(score.mean()), *_percentiles(_boot_means(score, n_boot, seed), level))
+    # per-image percent correct averaged over seeds: its mean over any resample = the mean of the seeds' accuracies
+    score = 100.0 * np.atleast_2d(c).astype(np.float64).mean(axis=0)
+    reps = np.concatenate([score[block].mean(axis=1) for block in _resamples(len(score), n_boot, seed)])
+    return Interval(float(score.mean()), *_percentiles(reps, level))
 
 
 def holm(p_values) -> np.ndarray:
@@ -183,8 +166,8 @@ def holm(p_values) -> np.ndarray:
 
 
 def clustering_score(labels_true, labels_pred, metric: str = "nmi") -> float:
-    """A clustering metric in percent (not clipped: AMI/ARI may be < 0); ``labels_pred`` [n] or [seeds, n]
-    (mean over seeds). ``metric``: a name of ``ssl_common.clustering_metrics.SCALAR``."""
+    """A clustering metric (a name of ``ssl_common.clustering_metrics.SCALAR``) in percent, not clipped;
+    ``labels_pred`` [n] or [seeds, n] (mean over seeds)."""
     score = cmetrics.SCALAR[metric]
     y = cmetrics.index_labels(labels_true).reshape(-1)
     preds = np.atleast_2d(cmetrics.index_labels(labels_pred))
@@ -193,14 +176,10 @@ def clustering_score(labels_true, labels_pred, metric: str = "nmi") -> float:
 
 def clustering_replicates(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT,
                           seed: int = SEED) -> np.ndarray:
-    """Bootstrap replicates (percent) of a clustering metric over test images: the same resamples as
-    the generic bootstrap (a statistic on every resample; tests/test_stats.py) with the same seed, each
-    replicate's contingency matrices made in one bincount for a block of resamples and the metric vectorised
-    over the block; `labels_pred` [n] or [seeds, n] (the mean over seeds, as ``clustering_score``).
-
-    AMI: each replicate uses the expected mutual information of the observed marginals (hand-made choice:
-    an exact EMI costs ~0.2 ms a replicate, minutes for a report; resampling moves the marginals little, and
-    tests/test_stats.py bounds the difference to the exact per-replicate AMI)."""
+    """Bootstrap replicates (percent) of a clustering metric over test images, mean over seeds, with the
+    resamples of ``_resamples``: one bincount per block of resamples makes the contingency matrices. AMI
+    uses the observed marginals' expected mutual information (exact per replicate costs minutes a report;
+    tests/test_stats.py bounds the difference)."""
     y = cmetrics.index_labels(labels_true).reshape(-1)
     preds = np.atleast_2d(cmetrics.index_labels(labels_pred))
     # a report asks for the same replicates many times (a column's best row: its interval, then one paired
@@ -232,16 +211,8 @@ def _clustering_replicates(y: np.ndarray, preds: np.ndarray, metric: str, n_boot
 
 def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT,
                         level: float = LEVEL, seed: int = SEED) -> Interval:
-    """Percentile bootstrap interval (percent) of a clustering metric over test images.
-
-    Resampling images with replacement only reweights the contingency matrix (multinomial weights), so
-    each replicate is one bincount of the resampled (class, cluster) pairs plus the metric on a small
-    matrix; the same resamples as the generic bootstrap (a statistic on every resample; tests/test_stats.py)
-    with scikit-learn on the resampled labels.
-    Caveat: duplicated images inflate agreement (NMI, AMI, ACC); with ~100 images per class and K = 100
-    the whole interval can lie above the observed value. AMI's replicates share the observed marginals'
-    expected mutual information (``clustering_replicates``).
-    """
+    """Percentile bootstrap interval (percent) of a clustering metric over test images. Caveat: duplicated
+    images inflate agreement (NMI, AMI, ACC), so the interval can lie above the observed value."""
     reps = clustering_replicates(labels_true, labels_pred, metric, n_boot, seed)
     return Interval(clustering_score(labels_true, labels_pred, metric), *_percentiles(reps, level))
 
@@ -249,20 +220,9 @@ def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: i
 # ------------------------------------------------------------------- between cells (the unit: the run), ranks
 
 
-class SeedTest(NamedTuple):
-    diff: float  # mean(a) - mean(b)
-    low: float  # interval of the difference at ``level`` (Welch–Satterthwaite)
-    high: float
-    df: float
-    p_value: float  # two-sided Welch p (NaN: not testable)
-
-
 def welch_seed_test(values_a, values_b, level: float = LEVEL) -> SeedTest:
-    """Welch's t-test whose unit is the run: the two cells' per-seed values
-    (``scipy.stats.ttest_ind(equal_var=False)``), with the matching interval of the difference of means.
-
-    Not testable (NaN p and bounds) when a side has fewer than two seeds or neither side varies over its
-    seeds (the variance the test needs is then unknown, not zero)."""
+    """Welch's t-test on two cells' per-seed values (``scipy.stats.ttest_ind(equal_var=False)``) with the
+    interval of the difference; not testable (NaN) with fewer than two seeds a side or no variation at all."""
     a = np.asarray(values_a, dtype=np.float64)
     b = np.asarray(values_b, dtype=np.float64)
     diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
@@ -278,16 +238,9 @@ RANK_INTERVAL_COLUMNS = ("method", "mean_rank", "rank_low", "rank_high", "n_seed
 
 def rank_of_means(scores: pd.DataFrame, n_boot: int = N_BOOT, level: float = LEVEL,
                   seed: int = SEED) -> pd.DataFrame:
-    """Average rank of each method's seed mean over the metrics, with a bootstrap rank interval.
-
-    ``scores`` has rows (method, seed, metric, value); higher is better. Per metric the methods' means
-    over their own seeds are ranked (``scipy.stats.rankdata``, ties share the average rank, rank 1 =
-    best) and the ranks averaged over the metrics. The interval: each replicate resamples every method's
-    seeds independently (with replacement, per metric, as many as it has; no pairing of seed s of one
-    method with seed s of another), recomputes the average rank; percentile bounds at ``level``. A method
-    with one seed keeps its value in every replicate (its interval reflects the others' spread only).
-    Sorted by mean rank, then name; ``n_seeds`` = the fewest seeds of the method over the metrics.
-    """
+    """Average rank (``scipy.stats.rankdata``, 1 = best, ties averaged) of each method's seed mean over the
+    metrics of ``scores`` (method, seed, metric, value; higher is better), with a percentile interval from
+    resampling each method's seeds independently per metric; ``n_seeds`` = the method's fewest seeds."""
     frame = scores[["method", "seed", "metric", "value"]].dropna()
     methods = sorted(set(frame["method"]))
     metrics = sorted(set(frame["metric"]))
@@ -295,7 +248,6 @@ def rank_of_means(scores: pd.DataFrame, n_boot: int = N_BOOT, level: float = LEV
         return pd.DataFrame(columns=list(RANK_INTERVAL_COLUMNS))
     groups = {(m, k): g["value"].to_numpy(np.float64) for (m, k), g in frame.groupby(["method", "metric"])}
     means = np.array([[groups[(m, k)].mean() for m in methods] for k in metrics])  # [metric, method]
-    point = stats.rankdata(-means, axis=1).mean(axis=0)
     rng = np.random.default_rng(seed)
     reps = np.empty((n_boot, len(metrics), len(methods)))
     for i, k in enumerate(metrics):
@@ -304,7 +256,7 @@ def rank_of_means(scores: pd.DataFrame, n_boot: int = N_BOOT, level: float = LEV
             reps[:, i, j] = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
     boot = stats.rankdata(-reps, axis=2).mean(axis=1)  # [n_boot, method]
     low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)], axis=0)
-    n_seeds = [min(len(groups[(m, k)]) for k in metrics) for m in methods]
-    out = pd.DataFrame({"method": methods, "mean_rank": point, "rank_low": low, "rank_high": high,
-                        "n_seeds": n_seeds})
-    return out.sort_values(["mean_rank", "method"], kind="stable").reset_index(drop=True)
+    return pd.DataFrame({"method": methods, "mean_rank": stats.rankdata(-means, axis=1).mean(axis=0),
+                         "rank_low": low, "rank_high": high,
+                         "n_seeds": [min(len(groups[(m, k)]) for k in metrics) for m in methods]},
+                        ).sort_values(["mean_rank", "method"], kind="stable").reset_index(drop=True)
