@@ -1,17 +1,11 @@
-"""Records in, one tidy frame out: reading (``benchmarks.records``), one record per run identity, per-image
-predictions, the tidy frame of metric entries, and the papers' CSV.
+"""Records in, one tidy frame out: reading and checking the records, one record per run identity, per-image
+predictions, the tidy frame of metric entries, training curves and the papers' CSV.
 
-* ``load_records`` reads every record file with ``benchmarks.records.read_record`` (schema, checksum and
-  predictions hash), then checks the fields the report reads beyond the schema (``clusters[key]``, the
-  predictions' arrays against the recorded metrics). A file that fails any check is ``Skipped`` by name with
-  the reason; the build never stops for one file.
-* One record per run identity (suite, method, epochs, seed, training and evaluation fingerprints): the
-  newest by its own ``created`` wins, ties go to the file at its canonical path
-  (``benchmarks.records.record_path``), then to the first path in sorted order; the others are
-  ``Superseded``.
-* ``entries_frame``: one row per (run, metric entry) with the run's identity and the entry's protocol,
-  settings, metric and value -- the report's one source of numbers. An entry's ``key`` only names the
-  predictions' arrays and ``clusters[key]``; nothing reads meaning out of it.
+``load_records`` reads each record with ``benchmarks.records.read_record`` and checks what the report reads beyond
+the schema (``clusters[key]``, the predictions against the recorded metrics); a file that fails is ``Skipped`` with
+the reason, and the build goes on. Per run identity the newest record wins (``newest_first``); the others are
+``Superseded``. ``entries_frame`` is the report's one source of numbers. An entry's ``key`` only names its
+predictions' arrays and ``clusters[key]``; nothing reads meaning out of it.
 """
 
 from __future__ import annotations
@@ -27,24 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmarks import records
 from benchmarks.data import dataset_display_name
 from benchmarks.errors import BenchmarkError, RecordError
-from benchmarks.records import (
-    CLUSTERING_PROTOCOLS,
-    canonical_json,
-    iter_record_files,
-    provenance_of,
-    read_predictions,
-    read_record,
-    record_path,
-)
+from benchmarks.records import CLUSTERING_PROTOCOLS, canonical_json, provenance_of
 from reports import stats
 
 PAPER_CSV = Path(__file__).resolve().parent / "paper_results.csv"
-PAPER_COLUMNS = (
-    "paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone",
-    "epochs", "protocol", "metric", "value", "std", "note",
-)  # fmt: skip
+PAPER_COLUMNS = ("paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol",
+                 "metric", "value", "std", "note")
 HISTORY_SERIES = ("loss", "online_knn_top1")
 #: tolerance (percentage points) between a metric recomputed from the predictions and the recorded one
 METRIC_TOLERANCE = 0.01
@@ -81,8 +66,7 @@ class Superseded:
 
 @dataclass(frozen=True)
 class PerImage:
-    """Per-test-image data of one (key, metric): correctness in [0, 1] (classification; the mean over
-    labelled subsets for semi-supervised keys) or cluster assignments (clustering), with the labels."""
+    """Per-test-image data of one (key, metric): correctness in [0, 1] or cluster assignments, with the labels."""
 
     kind: str  # "accuracy" | "clustering"
     labels: np.ndarray  # [n] test labels of this key
@@ -106,11 +90,6 @@ class LoadedRecords:
     excluded: list[Run] = field(default_factory=list)  # status != completed
     skipped: list[Skipped] = field(default_factory=list)
     superseded: list[Superseded] = field(default_factory=list)
-
-
-def evaluations(record: dict) -> dict[str, dict]:
-    """key -> the entry's protocol and settings (one per evaluation; the key names its arrays)."""
-    return {e["key"]: e for e in record["metrics"]}
 
 
 def device_of(record: dict) -> str:
@@ -212,17 +191,17 @@ def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
     if "labels" not in arrays:
         raise RecordError("predictions file has no 'labels' array")
     values: dict[str, dict[str, float]] = {}
+    protocols: dict[str, str] = {}
     for e in record["metrics"]:
         values.setdefault(e["key"], {})[e["metric"]] = e["value"]
+        protocols[e["key"]] = e["protocol"]
     out: dict[tuple[str, str], PerImage] = {}
-    for key, entry in sorted(evaluations(record).items()):
-        if key not in arrays:
-            continue
+    for key in sorted(protocols.keys() & arrays.keys()):
         labels = _labels_array(arrays, f"{key}:labels" if f"{key}:labels" in arrays else "labels")
         pred = np.asarray(arrays[key])
         if pred.dtype.kind not in "iu":
             raise RecordError(f"predictions '{key}' must be integers, got {pred.dtype}")
-        if entry["protocol"] in CLUSTERING_PROTOCOLS:
+        if protocols[key] in CLUSTERING_PROTOCOLS:
             out.update(_clusters_per_image(record, key, pred, labels, values[key]))
         else:
             out.update(_accuracy_per_image(key, pred, labels, values[key]))
@@ -256,11 +235,11 @@ def _derive_block_averages(record: dict, out: dict) -> None:
 
 
 def _read_one(path: Path, root: Path) -> Run:
-    record = read_record(path)  # validated (RunRecord, clusters included); schema 2 converted on load
-    run = Run(shown_path(path, root), record, parse_created(record["created"]))
-    if record["status"] == "completed":
-        run.per_image = per_image(record, read_predictions(path, record))
-    return run
+    record = records.read_record(path)  # validated (RunRecord, clusters included); schema 2 converted on load
+    created = parse_created(record["created"])
+    completed = record["status"] == "completed"
+    return Run(shown_path(path, root), record, created,
+               per_image(record, records.read_predictions(path, record)) if completed else {})
 
 
 def _reason(exc: Exception, path: Path, root: Path) -> str:
@@ -284,7 +263,8 @@ def newest_first(runs: list[Run], root: Path) -> list[Run]:
     """Newest `created` first; ties: the file at its canonical path, then sorted path order."""
     def canonical(run: Run) -> bool:
         r = run.record
-        path = record_path(root, r["suite"], r["method"], r["epochs"], r["seed"], r["fingerprints"]["run"])
+        path = records.record_path(root, r["suite"], r["method"], r["epochs"], r["seed"],
+                                   r["fingerprints"]["run"])
         return run.path == shown_path(path, root)
 
     by_canonical = sorted(sorted(runs, key=lambda r: r.path), key=lambda r: not canonical(r))
@@ -296,7 +276,7 @@ def load_records(results_dir: str | Path, suites=None, methods=None, epochs=None
     root = Path(results_dir)
     out = LoadedRecords()
     groups: dict[tuple, list[Run]] = {}
-    for path in iter_record_files(root):
+    for path in records.iter_record_files(root):
         try:
             run = _read_one(path, root)
         except Exception as exc:  # noqa: BLE001 -- one unreadable file of any kind must not stop the build
@@ -316,9 +296,8 @@ def load_records(results_dir: str | Path, suites=None, methods=None, epochs=None
 
 
 def paper_of(rec: dict) -> str | None:
-    """The paper a row may be paired with: a variant (an ablation of a method) only when its own section of
-    the suite (`methods.<variant>`) names one (`paper:`); otherwise it would inherit its base method's paper
-    and be compared with numbers measured under other settings."""
+    """The paper a row may be paired with; a variant (an ablation) only when its own suite section names one
+    (`methods.<variant>.paper`), not its base method's paper measured under other settings."""
     sections = rec.get("config", {}).get("methods")
     section = sections.get(rec["method"]) if isinstance(sections, dict) else None
     if rec.get("variant") and not (isinstance(section, dict) and "paper" in section):
@@ -328,6 +307,8 @@ def paper_of(rec: dict) -> str | None:
 
 RUN_COLUMNS = ("suite", "dataset", "epochs", "method", "method_base", "display", "is_reference", "settings_fp",
                "seed", "paper_reference", "backbone", "hparams")
+ENTRY_COLUMNS = (*RUN_COLUMNS, "run", "path", "created", "protocol", "key", "metric", "value", "settings", "entry",
+                 "num_clusters", "num_classes")
 
 
 def run_columns(rec: dict) -> dict:
@@ -340,10 +321,8 @@ def run_columns(rec: dict) -> dict:
 
 
 def entries_frame(runs: list[Run]) -> pd.DataFrame:
-    """The tidy frame: one row per (run, metric entry) -- the run's identity (``run_columns``, ``run`` = its
-    index in `runs`, ``path``, ``created``), the entry's ``protocol``, ``settings`` (canonical JSON; the
-    dict as ``entry``), ``metric``, ``value`` and ``key``, and the number of clusters and classes of
-    clustering entries."""
+    """The tidy frame (``ENTRY_COLUMNS``): one row per (run, metric entry), ``run`` = its index in `runs`,
+    ``settings`` canonical JSON of the dict ``entry``; clusters and classes of clustering entries."""
     rows = []
     for i, run in enumerate(runs):
         rec = run.record
@@ -357,14 +336,12 @@ def entries_frame(runs: list[Run]) -> pd.DataFrame:
                          "value": float(e["value"]), "settings": canonical_json(settings), "entry": settings,
                          "num_clusters": (info or {}).get("num_clusters"),
                          "num_classes": (info or {}).get("num_classes")})
-    columns = [*RUN_COLUMNS, "run", "path", "created", "protocol", "key", "metric", "value",
-               "settings", "entry", "num_clusters", "num_classes"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=list(ENTRY_COLUMNS))
 
 
 def at_place(frame: pd.DataFrame, protocol: str, place: dict) -> pd.Series:
-    """Rows of `frame` (with ``protocol`` and ``entry``) of `protocol` at exactly `place`: its block, head or
-    transfer dataset as given, none of those that `place` does not name (plus any other setting in `place`)."""
+    """Rows of `frame` of `protocol` at exactly `place`: the block, head or transfer dataset (``PLACE``) and
+    other settings it names, and none of ``PLACE`` that it does not name."""
     fits = [all(e.get(k) == v for k, v in place.items()) and not any(k in e and k not in place for k in PLACE)
             for e in frame["entry"]]
     return (frame["protocol"] == protocol) & pd.Series(fits, index=frame.index, dtype=bool)
@@ -389,17 +366,13 @@ def differing(dicts: list[dict]) -> list[str]:
 
 def history_frame(runs: list[Run]) -> pd.DataFrame:
     """Per-epoch training curves (loss, online kNN top-1); entries that are not finite numbers are ignored."""
-    rows = []
-    for run in runs:
-        rec = run.record
-        for entry in rec["history"]:
-            for series in HISTORY_SERIES:
-                value = entry.get(series)
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                    continue
-                rows.append((rec["suite"], rec["dataset"], rec["epochs"], rec["method"],
-                             rec["fingerprints"]["settings"], rec["seed"], float(entry.get("epoch")), series,
-                             float(value)))
+    def number(value) -> bool:
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+    rows = [(rec["suite"], rec["dataset"], rec["epochs"], rec["method"], rec["fingerprints"]["settings"],
+             rec["seed"], float(entry.get("epoch")), series, float(entry[series]))
+            for rec in (run.record for run in runs) for entry in rec["history"] for series in HISTORY_SERIES
+            if number(entry.get(series))]
     return pd.DataFrame(rows, columns=["suite", "dataset", "epochs", "method", "settings_fp", "seed", "epoch",
                                        "series", "value"])
 
