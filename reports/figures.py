@@ -1,8 +1,7 @@
 """Seaborn figures rendered to PNG bytes, byte-identical from one build to the next.
 
-No pyplot (no global figure state, no GUI backend): each figure is a ``matplotlib.figure.Figure`` drawn by
-the Agg canvas, under matplotlib's default rcParams plus a fixed theme (so a user's matplotlibrc changes
-nothing), at a fixed dpi, with a fixed ``svg.hashsalt`` and without the PNG "Software" metadata.
+No pyplot (no global state, no GUI): a ``Figure`` on the Agg canvas under matplotlib's default rcParams plus a
+fixed theme (a user's matplotlibrc changes nothing), fixed dpi and ``svg.hashsalt``, no PNG "Software" metadata.
 """
 
 from __future__ import annotations
@@ -20,17 +19,9 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 DPI = 100
-RC = {
-    "figure.dpi": DPI,
-    "savefig.dpi": DPI,
-    "svg.hashsalt": "ssl-cluster-bench",
-    "font.family": "DejaVu Sans",  # shipped with matplotlib: same glyphs everywhere
-    "axes.titlesize": 9,
-    "axes.labelsize": 8,
-    "xtick.labelsize": 7,
-    "ytick.labelsize": 7,
-    "legend.fontsize": 7,
-}
+RC = {"figure.dpi": DPI, "savefig.dpi": DPI, "svg.hashsalt": "ssl-cluster-bench",
+      "font.family": "DejaVu Sans",  # shipped with matplotlib: same glyphs everywhere
+      "axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7, "legend.fontsize": 7}
 SERIES_LABELS = {"loss": "training loss / its first-epoch value", "online_knn_top1": "online kNN top-1 (%)"}
 
 
@@ -56,9 +47,8 @@ def _legend_outside(ax) -> None:
 
 
 def palette_for(methods: Sequence[str]) -> dict[str, tuple]:
-    """One colour per row label, keyed by the label itself (not by its position among this report's
-    labels), so a method keeps its colour from one build to the next whatever else is in the report:
-    seaborn's 20-colour "tab20" palette indexed by a stable hash (md5) of the label."""
+    """One colour per row label, the same in every build whatever else is in the report: seaborn's "tab20"
+    palette indexed by a stable hash (md5) of the label itself, not by its position among the labels."""
     colors = sns.color_palette("tab20", 20)
     return {name: tuple(colors[int(hashlib.md5(name.encode()).hexdigest(), 16) % len(colors)])
             for name in sorted(set(methods))}
@@ -69,14 +59,9 @@ STATUS_MARKERS = {"best": ("D", True), "worse": ("o", True), "tied": ("o", False
 
 def difference_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence[str], title: str,
                     palette: dict[str, tuple] | None = None) -> bytes:
-    """One panel per column: each row's difference to the column's best (x = 0) with the interval of the
-    table's test (Welch over seeds, at the Holm-consistent level), so an interval that excludes 0 is
-    exactly a "significantly worse" mark. Marker: filled dot = significantly worse, open dot = †, x = ‡
-    (not testable: drawn without interval), diamond = the best.
-
-    `points` has columns `column`, `row`, `value` (row − best), `low`, `high` and `status` (best, worse,
-    tied, untestable). Hand-written lines: the intervals come from the test, not from raw observations.
-    """
+    """One panel per column: each row's difference to the column's best with the interval of the table's test
+    (its reading: templates/text.yaml), marker by ``STATUS_MARKERS``. `points`: `column`, `row`, `value`
+    (row − best), `low`, `high`, `status`. Hand-drawn lines: the intervals come from the test, not from data."""
     rows = [r for r in rows if r in set(points["row"])]
     columns = [c for c in columns if c in set(points["column"])]
     ncols = min(3, len(columns))
@@ -145,14 +130,11 @@ def curves_chart(history: pd.DataFrame, methods: Sequence[str], title: str,
             data = history[history["series"] == name]
             sns.lineplot(data=data, x="epoch", y="value", hue="method", hue_order=list(methods),
                          estimator="mean", errorbar="sd", sort=True, marker="o", markersize=3,
-                         palette=palette, ax=ax)
+                         palette=palette, legend=ax is axes[-1], ax=ax)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.set_ylabel(SERIES_LABELS[name])
-            if ax is axes[-1]:
-                _legend_outside(ax)
-            elif ax.get_legend() is not None:
-                ax.get_legend().remove()
+        _legend_outside(axes[-1])
         fig.suptitle(title, fontsize=9)
 
     return render_png(4.0 * len(series) + 1.6, 3.2, draw)
