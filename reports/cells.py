@@ -41,8 +41,8 @@ KINDS = tuple(KIND_TITLES)
 _KIND_OF = {"clustering": "clustering", "clustering_head": "heads", "linear": "linear", "online_linear": "linear",
             "knn": "knn", "semi": "semi", "finetune": "semi", "transfer": "transfer"}
 METRIC_ORDER = {"NMI": 0, "AMI": 1, "ARI": 2, "ACC": 3, "ACC_M2O": 4, "ACC_MANY_TO_ONE": 4, "top1": 0, "top5": 1}
-TOP_LABEL = {"top1": "top-1", "top5": "top-5"}
-M2O = ("ACC_M2O", "ACC_MANY_TO_ONE")
+METRIC_LABELS = {"ACC_M2O": "ACC (many-to-one)", "ACC_MANY_TO_ONE": "ACC (many-to-one)", "top1": "top-1",
+                 "top5": "top-5"}
 PROBES = {"block_classifier": "block classifier", "linear": "linear"}
 
 
@@ -70,11 +70,9 @@ def column_order(protocol: str, settings: dict) -> tuple:
 
 
 def metric_label(protocol: str, metric: str) -> str:
-    if metric in M2O:
-        return "ACC (many-to-one)"
-    if metric == "ACC" and protocol == "clustering_head":
-        return "ACC (one-to-one)"
-    return TOP_LABEL.get(metric, metric)
+    one_to_one = metric == "ACC" and protocol == "clustering_head"
+    return "ACC (one-to-one)" if one_to_one else METRIC_LABELS.get(metric, metric)
+
 
 
 def _is_number(value) -> bool:
@@ -95,15 +93,14 @@ def protocol_label(protocol: str, settings: dict, params: dict, key: str) -> str
         return f"{probe} {'avg' if settings['block'] == 'avg' else 'B' + str(settings['block'])}"
     if kind in ("clustering", "heads"):
         return ""
-    if protocol == "linear":
-        views = settings.get("views")
-        return "linear probe (offline" + (f", views {views})" if views is not None else ")")
     if protocol == "semi" and ("per_class" in settings or "fraction" in settings):
         return (f"{settings['per_class']} per class" if "per_class" in settings
                 else f"{percent(settings['fraction'])}% labels")
-    labels = {"online_linear": "online linear (during pretraining)", "finetune": "100% labels (fine-tune)",
-              "transfer": f"→ {settings.get('dataset')} (linear)"}
+    views = f", views {settings['views']}" if settings.get("views") is not None else ""
+    labels = {"linear": f"linear probe (offline{views})", "online_linear": "online linear (during pretraining)",
+              "finetune": "100% labels (fine-tune)", "transfer": f"→ {settings.get('dataset')} (linear)"}
     return _knn_label(settings, params) if protocol == "knn" else labels.get(protocol, key)
+
 
 
 @dataclass
@@ -165,7 +162,6 @@ def variant_differences(rec: dict, base: dict | None) -> list[tuple[str, str]]:
             return []
         mine, theirs = sections.get(rec["method"]), sections.get(rec["method_base"])
     a, b = (dotted_json({k: v for k, v in (d or {}).items() if k not in BOOKKEEPING}) for d in (mine, theirs))
-
     return [(k.removeprefix("hparams."), a.get(k, "unset")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -340,12 +336,6 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
     return model
 
 
-def _untestable(cells: pd.DataFrame, j, best: pd.Series) -> None:
-    other = cells.loc[j]
-    short = "fewer than 2 seeds" if min(other["n"], best["n"]) < 2 else "no seed-to-seed spread"
-    note = f"not testable: {short} (n = {other['n']} vs {best['n']} for the best, {best['row']})"
-    cells.loc[j, ["untestable", "test_note"]] = [True, note]
-
 
 def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
     """Bold the column's best mean; test every other row against the best row (Welch over seeds, Holm)."""
@@ -358,7 +348,9 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
         test = stats.welch_seed_test(other["values"], best["values"])
         cells.at[j, "diff"] = test.diff
         if math.isnan(test.p_value):
-            _untestable(cells, j, best)
+            short = "fewer than 2 seeds" if min(other["n"], best["n"]) < 2 else "no seed-to-seed spread"
+            note = f"not testable: {short} (n = {other['n']} vs {best['n']} for the best, {best['row']})"
+            cells.loc[j, ["untestable", "test_note"]] = [True, note]
         else:
             tested.append((j, test))
     adjusted = stats.holm([t.p_value for _, t in tested]) if tested else []
@@ -405,7 +397,6 @@ def headline_columns(model: Model, table: tuple) -> tuple[pd.DataFrame, list[pd.
 def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str], list[str]]:
     """Average rank of the seed means over the table's headline metrics with bootstrap rank intervals
     (stats.rank_of_means), the rows that cannot be ranked (a headline metric not measured), the columns used."""
-
     mine, used = headline_columns(model, table)
     empty = pd.DataFrame(columns=list(stats.RANK_INTERVAL_COLUMNS))
     if not used:
