@@ -233,7 +233,6 @@ def pair_with_papers(cells: pd.DataFrame, papers: pd.DataFrame) -> tuple[pd.Data
 
 
 class Layout(NamedTuple):
-
     """A paper's table shape: rows and columns are tuples of CSV field values; ours beside the paper's."""
 
     paper: str
@@ -253,8 +252,7 @@ LAYOUTS = tuple(Layout(**{k: _tuples(v) for k, v in spec.items()}) for spec in _
 def _matches(papers: pd.DataFrame, fields: tuple[str, ...], values: tuple) -> pd.Series:
     mask = pd.Series(True, index=papers.index)
     for f, v in zip(fields, values):
-        mask &= (papers[f].astype(object) == v) if f != "epochs" else \
-            (papers[f] == v).fillna(False).astype(bool)
+        mask &= (papers[f] == v).fillna(False).astype(bool) if f == "epochs" else papers[f].astype(object) == v
     return mask
 
 
@@ -274,11 +272,7 @@ def layout_cells(layout: Layout, papers: pd.DataFrame, pairs: pd.DataFrame) -> l
     out = []
     for row in layout.rows:
         in_row = mine[_matches(mine, layout.row_fields, row)]
-        cols = []
-        for col in layout.cols:
-            hit = in_row[_matches(in_row, layout.col_fields, col)]
-            lines = set(hit["line"])
-            cells = [int(c) for c, line in zip(pairs["cell"], pairs["line"]) if line in lines]
-            cols.append((hit, cells))
-        out.append(cols)
+        hits = [in_row[_matches(in_row, layout.col_fields, col)] for col in layout.cols]
+        out.append([(hit, pairs.loc[pairs["line"].isin(hit["line"]), "cell"].astype(int).tolist()) for hit in hits])
     return out
+
