@@ -1,11 +1,8 @@
-"""The report's numbers: rows, columns and cells of every table, with their uncertainty and significance.
+"""The report's numbers: every table's rows, columns and cells, with their uncertainty and significance.
 
-The tidy frame of ``reports.data.entries_frame`` (one row per run and metric entry) is filtered
-(``values_frame``), aggregated over seeds (``build_model``: one cell per table, row and column), then
-marked (``_mark_best``); every label and order comes from an entry's protocol and settings. A table is one
-(suite, dataset, pretraining epochs), a row one (method or variant, settings fingerprint), a column one
-evaluation and metric under one set of protocol settings. The rules for cells (intervals over seeds or test
-images), marks (Welch over seeds, Holm) and ranks are the report's appendix (``templates/text.yaml``).
+``values_frame`` filters the tidy entries of ``reports.data.entries_frame``, ``build_model`` aggregates them over
+seeds (a table: suite, dataset, epochs; a row: method or variant, settings; a column: evaluation, metric and
+protocol settings) and ``_mark_best`` marks them. The rules are the report's appendix (``templates/text.yaml``).
 """
 
 from __future__ import annotations
@@ -37,23 +34,15 @@ SUBSET_LABEL = "Supervised (labelled subset only)"
 REFERENCE_METHODS = ("random_init", "supervised")
 SUBSET_PROTOCOLS = ("semi", "finetune")  # trained on labelled images
 
-KIND_TITLES = {
-    "clustering": "Clustering (k-means, K = classes)",
-    "heads": "Clustering with the methods' own heads",
-    "linear": "Linear evaluation",
-    "knn": "kNN",
-    "semi": "Semi-supervised and fine-tuning",
-    "transfer": "Transfer",
-    "blocks": "Per-block probes",
-    "other": "Other protocols",
-}
+KIND_TITLES = {"clustering": "Clustering (k-means, K = classes)", "heads": "Clustering with the methods' own heads",
+               "linear": "Linear evaluation", "knn": "kNN", "semi": "Semi-supervised and fine-tuning",
+               "transfer": "Transfer", "blocks": "Per-block probes", "other": "Other protocols"}
 KINDS = tuple(KIND_TITLES)
 _KIND_OF = {"clustering": "clustering", "clustering_head": "heads", "linear": "linear", "online_linear": "linear",
             "knn": "knn", "semi": "semi", "finetune": "semi", "transfer": "transfer"}
-METRIC_ORDER = {"NMI": 0, "AMI": 1, "ARI": 2, "ACC": 3, "ACC_M2O": 4, "ACC_MANY_TO_ONE": 4,
-                "top1": 0, "top5": 1}
-TOP_LABEL = {"top1": "top-1", "top5": "top-5"}
-M2O = ("ACC_M2O", "ACC_MANY_TO_ONE")
+METRIC_ORDER = {"NMI": 0, "AMI": 1, "ARI": 2, "ACC": 3, "ACC_M2O": 4, "ACC_MANY_TO_ONE": 4, "top1": 0, "top5": 1}
+METRIC_LABELS = {"ACC_M2O": "ACC (many-to-one)", "ACC_MANY_TO_ONE": "ACC (many-to-one)", "top1": "top-1",
+                 "top5": "top-5"}
 PROBES = {"block_classifier": "block classifier", "linear": "linear"}
 
 
@@ -81,21 +70,19 @@ def column_order(protocol: str, settings: dict) -> tuple:
 
 
 def metric_label(protocol: str, metric: str) -> str:
-    if metric in M2O:
-        return "ACC (many-to-one)"
-    if metric == "ACC" and protocol == "clustering_head":
-        return "ACC (one-to-one)"
-    return TOP_LABEL.get(metric, metric)
+    one_to_one = metric == "ACC" and protocol == "clustering_head"
+    return "ACC (one-to-one)" if one_to_one else METRIC_LABELS.get(metric, metric)
+
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _knn_label(settings: dict, params: dict) -> str:
-    k = settings["k"]
-    text = f"kNN k={k}" + (f", T={settings['temperature']:g}" if isinstance(settings.get("temperature"),
-                                                                          (int, float)) else "")
-    per_class = params.get("bank_images_per_class_min")
-    if isinstance(per_class, (int, float)) and not isinstance(per_class, bool) and k > per_class:
-        text += f" (k > {int(per_class)} bank images per class)"
-    return text
+    k, temperature, per_class = settings["k"], settings.get("temperature"), params.get("bank_images_per_class_min")
+    text = f"kNN k={k}" + (f", T={temperature:g}" if isinstance(temperature, (int, float)) else "")
+    return text + (f" (k > {int(per_class)} bank images per class)" if _is_number(per_class) and k > per_class else "")
 
 
 def protocol_label(protocol: str, settings: dict, params: dict, key: str) -> str:
@@ -106,18 +93,14 @@ def protocol_label(protocol: str, settings: dict, params: dict, key: str) -> str
         return f"{probe} {'avg' if settings['block'] == 'avg' else 'B' + str(settings['block'])}"
     if kind in ("clustering", "heads"):
         return ""
-    if protocol == "linear":
-        views = settings.get("views")
-        return "linear probe (offline" + (f", views {views})" if views is not None else ")")
     if protocol == "semi" and ("per_class" in settings or "fraction" in settings):
         return (f"{settings['per_class']} per class" if "per_class" in settings
                 else f"{percent(settings['fraction'])}% labels")
-    labels = {"online_linear": "online linear (during pretraining)", "finetune": "100% labels (fine-tune)",
-              "transfer": f"→ {settings.get('dataset')} (linear)"}
+    views = f", views {settings['views']}" if settings.get("views") is not None else ""
+    labels = {"linear": f"linear probe (offline{views})", "online_linear": "online linear (during pretraining)",
+              "finetune": "100% labels (fine-tune)", "transfer": f"→ {settings.get('dataset')} (linear)"}
     return _knn_label(settings, params) if protocol == "knn" else labels.get(protocol, key)
 
-
-# ------------------------------------------------------------------------------------------- values
 
 
 @dataclass
@@ -137,10 +120,8 @@ SAME = ["suite", "dataset", "epochs", "method", "settings_fp", "role", "seed", "
 
 
 def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[str]]:
-    """The tidy frame of the entries that enter a table: the supervised row is dropped from label-subset
-    protocols, the random-init row's label-subset values become the "Supervised (labelled subset only)" row,
-    one-to-one ACC of a clustering with K != classes is dropped; one value per row, seed and column (the
-    newest record's; the others are superseded)."""
+    """The entries that enter a table (the appendix's label-subset and one-to-one ACC rules), one value per row,
+    seed and column: the newest record's, the others superseded."""
     values = entries_frame(runs)
     subset = values["protocol"].isin(SUBSET_PROTOCOLS) & values["method_base"].isin(REFERENCE_METHODS)
     supervised = subset & (values["method_base"] == "supervised")
@@ -151,8 +132,8 @@ def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[
                                                                  values.loc[supervised, "key"]))]
     dropped += [f"{r.path}: {r.key} one-to-one ACC is not shown (K = {r.num_clusters} != {r.num_classes} classes: "
                 "it would measure K, not quality)" for r in values[one_to_one].itertuples()]
-    values = values[~supervised & ~one_to_one].assign(role=np.where(subset[~supervised & ~one_to_one],
-                                                                    SUBSET_ROLE, ""))
+    shown = ~supervised & ~one_to_one
+    values = values[shown].assign(role=np.where(subset[shown], SUBSET_ROLE, ""))
     if values.empty:
         return values, [], dropped
     values = values.sort_values(["created", "path"], ascending=[False, True], kind="mergesort")
@@ -167,27 +148,20 @@ def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[
     return values, sorted(superseded, key=lambda s: (s.path, s.what)), dropped
 
 
-# --------------------------------------------------------------------------------------- rows / columns
-
 BOOKKEEPING = {"name", "method", "variant", "display_name", "paper", "version"}
 
 
 def variant_differences(rec: dict, base: dict | None) -> list[tuple[str, str]]:
-    """(setting, value) of a variant's settings that differ from its base method's: the resolved
-    `method_config` of a base-method record of the same table when there is one, else the suite's raw
-    `methods.<variant>` section against `methods.<base>` (hyperparameter names without their `hparams.`
-    prefix)."""
-    def clean(d: dict) -> dict:
-        return {k: v for k, v in (d or {}).items() if k not in BOOKKEEPING}
-
+    """(setting without `hparams.`, value) where a variant differs from its base method: against the resolved
+    `method_config` of a base record of the same table, else the suite's raw `methods.<base>` section."""
     if base is not None:
-        mine, theirs = clean(rec["method_config"]), clean(base["method_config"])
+        mine, theirs = rec["method_config"], base["method_config"]
     else:
         sections = rec.get("config", {}).get("methods")
         if not isinstance(sections, dict):
             return []
-        mine, theirs = clean(sections.get(rec["method"])), clean(sections.get(rec["method_base"]))
-    a, b = dotted_json(mine), dotted_json(theirs)
+        mine, theirs = sections.get(rec["method"]), sections.get(rec["method_base"])
+    a, b = (dotted_json({k: v for k, v in (d or {}).items() if k not in BOOKKEEPING}) for d in (mine, theirs))
     return [(k.removeprefix("hparams."), a.get(k, "unset")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -202,11 +176,11 @@ def _variant_label(base: str, rec: dict, base_rec: dict | None, notes: list[str]
     diff = variant_differences(rec, base_rec)
     if not diff:
         return base
-    words = ", ".join(f"{k} {v}" for k, v in diff) if len(diff) <= 3 else f"{len(diff)} settings differ, see above"
-    suffix = f" ({rec['variant']})"
-    label = base.removesuffix(suffix) + f" ({rec['variant']}: {words})"
+    listed = ", ".join(f"{k} {v}" for k, v in diff)
+    words = listed if len(diff) <= 3 else f"{len(diff)} settings differ, see above"
+    label = base.removesuffix(f" ({rec['variant']})") + f" ({rec['variant']}: {words})"
     if len(diff) > 3:
-        notes.append(f"{label}: " + ", ".join(f"{k} {v}" for k, v in diff) + f" (differs from {rec['method_base']})")
+        notes.append(f"{label}: {listed} (differs from {rec['method_base']})")
     return label
 
 
@@ -215,19 +189,14 @@ def _settings_labels(base: str, group: pd.DataFrame, runs: list[Run], notes: lis
     `method_config`, else from their `config` without the evaluation section."""
     recs = [runs[int(i)].record for i in group["run"]]
     prefix, dicts = "", [r["method_config"] for r in recs]
-    keys = differing(dicts)
-    if not keys:  # the same method settings: the difference is elsewhere in the config
-        prefix = "config."
-        dicts = [{k: v for k, v in r["config"].items() if k != "evaluation"} for r in recs]
-        keys = differing(dicts)
-    labels = {}
+    if not differing(dicts):  # the same method settings: the difference is elsewhere in the config
+        prefix, dicts = "config.", [{k: v for k, v in r["config"].items() if k != "evaluation"} for r in recs]
+    keys, labels = [prefix + k for k in differing(dicts)], {}
     for fp, d in zip(group["settings_fp"], dicts):
         flat = {prefix + k: v for k, v in dotted_json(d).items()}
-        label = f"{base} [{_label_parts([prefix + k for k in keys], flat) if keys else f'settings {fp}'}]"
-        labels[fp] = label
+        labels[fp] = f"{base} [{_label_parts(keys, flat) if keys else f'settings {fp}'}]"
         if keys:
-            notes.append(f"{label}: " + ", ".join(f"{prefix + k}={flat.get(prefix + k, 'unset')}" for k in keys)
-                         + f" (settings fingerprint {fp})")
+            notes.append(f"{labels[fp]}: {_label_parts(keys, flat, limit=len(keys))} (settings fingerprint {fp})")
     return labels
 
 
@@ -264,7 +233,7 @@ def column_headers(values: pd.DataFrame, runs: list[Run]) -> dict[tuple, str]:
         for settings in variants:
             mine = group[group["settings"] == settings]
             per_class = [runs[int(i)].record["evaluation"][key].get("bank_images_per_class_min") for i in mine["run"]]
-            numbers = [v for v in per_class if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            numbers = [v for v in per_class if _is_number(v)]
             params = {"bank_images_per_class_min": min(numbers)} if numbers else {}
             words = protocol_label(protocol, mine["entry"].iloc[0], params, key)
             text = f"{words} {metric_label(protocol, metric)}".strip()
@@ -272,9 +241,6 @@ def column_headers(values: pd.DataFrame, runs: list[Run]) -> dict[tuple, str]:
                 text += f" [{_label_parts(split, dotted_json(json.loads(settings)), limit=4)}]"
             headers[(key, metric, settings)] = text
     return headers
-
-
-# --------------------------------------------------------------------------------------------- cells
 
 
 def reflect(interval: stats.Interval, low: float, high: float) -> tuple[float, float]:
@@ -341,11 +307,10 @@ def _cell(g: pd.DataFrame, runs: list[Run], n_boot: int) -> dict:
     return cell
 
 
-CELL_DEFAULTS = {"n_images": 0, "img_value": math.nan, "img_low": math.nan, "img_high": math.nan,
-                 "img_method": "", "img_note": "", "best": False, "tied": False, "p_holm": math.nan,
-                 "test_note": "", "untestable": False, "p_raw": math.nan, "diff": math.nan,
-                 "diff_low": math.nan, "diff_high": math.nan, "K": "", "source": "", "nonempty": "",
-                 "num_classes": None}
+CELL_DEFAULTS = {"n_images": 0, "img_value": math.nan, "img_low": math.nan, "img_high": math.nan, "img_method": "",
+                 "img_note": "", "best": False, "tied": False, "p_holm": math.nan, "test_note": "", "untestable": False,
+                 "p_raw": math.nan, "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan, "K": "",
+                 "source": "", "nonempty": "", "num_classes": None}
 GROUP = ["method", "settings_fp", "role", "key", "metric", "settings"]
 
 
@@ -371,12 +336,6 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
     return model
 
 
-def _untestable(cells: pd.DataFrame, j, best: pd.Series) -> None:
-    other = cells.loc[j]
-    short = "fewer than 2 seeds" if min(other["n"], best["n"]) < 2 else "no seed-to-seed spread"
-    note = f"not testable: {short} (n = {other['n']} vs {best['n']} for the best, {best['row']})"
-    cells.loc[j, ["untestable", "test_note"]] = [True, note]
-
 
 def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
     """Bold the column's best mean; test every other row against the best row (Welch over seeds, Holm)."""
@@ -389,7 +348,9 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
         test = stats.welch_seed_test(other["values"], best["values"])
         cells.at[j, "diff"] = test.diff
         if math.isnan(test.p_value):
-            _untestable(cells, j, best)
+            short = "fewer than 2 seeds" if min(other["n"], best["n"]) < 2 else "no seed-to-seed spread"
+            note = f"not testable: {short} (n = {other['n']} vs {best['n']} for the best, {best['row']})"
+            cells.loc[j, ["untestable", "test_note"]] = [True, note]
         else:
             tested.append((j, test))
     adjusted = stats.holm([t.p_value for _, t in tested]) if tested else []
@@ -405,14 +366,8 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
 
 
 def _mark_best(model: Model) -> None:
-    """Bold, the not-significantly-different marker and "not testable", per column among non-reference rows.
-
-    The unit of the test is the run: Welch's t-test on the two cells' per-seed values
-    (``stats.welch_seed_test``), Holm over the column's testable comparisons with its best row, alpha
-    ``ALPHA``. A comparison needs two seeds on each side and some seed-to-seed spread; otherwise the cell
-    is "not testable". ``diff_low``/``diff_high`` is the interval of (row − best) at the level whose
-    exclusion of 0 is exactly the Holm verdict (1 − alpha · p/p_Holm), so a figure of these intervals
-    says what the marks say."""
+    """Bold, the not-significantly-different marker and "not testable", per column among non-reference rows
+    (Welch over seeds, Holm; the appendix's rules, ``templates/text.yaml``)."""
     cells = model.cells
     contenders = cells[~cells["is_reference"].astype(bool)]
     for _, group in contenders.groupby(["table", "key", "metric", "settings"], sort=True):
@@ -420,16 +375,13 @@ def _mark_best(model: Model) -> None:
             _mark_column(cells, group)
 
 
-# ------------------------------------------------------------------------------------------- ranks
-
 #: one clustering metric
 HEADLINE = (("knn", {"k": 20}, "top1"), ("linear", {}, "top1"), ("clustering", {}, "NMI"))
 
 
 def headline_columns(model: Model, table: tuple) -> tuple[pd.DataFrame, list[pd.DataFrame]]:
-    """The table's contender (non-reference) cells, and per HEADLINE metric present one column of them: the
-    cells of that protocol (no block, head or transfer dataset) and metric under its most common protocol
-    settings (ties: the first settings)."""
+    """The table's contender cells, and per HEADLINE metric present its cells (no block, head or transfer
+    dataset) under the most common protocol settings (ties: the first)."""
     cells = model.cells
     mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
     used = []
@@ -438,16 +390,13 @@ def headline_columns(model: Model, table: tuple) -> tuple[pd.DataFrame, list[pd.
         if group.empty:
             continue
         counts = group.groupby("settings").size()
-        settings = sorted(counts.index, key=lambda s: (-counts[s], s))[0]
-        used.append(group[group["settings"] == settings])
+        used.append(group[group["settings"] == min(counts.index, key=lambda s: (-counts[s], s))])
     return mine, used
 
 
-def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str],
-                                                                                list[str]]:
-    """Average rank of the seed means over the headline metrics present in the table, with a bootstrap
-    rank interval resampling each method's seeds independently (stats.rank_of_means), the rows that
-    cannot be ranked (a headline metric not measured) and the columns used."""
+def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Average rank of the seed means over the table's headline metrics with bootstrap rank intervals
+    (stats.rank_of_means), the rows that cannot be ranked (a headline metric not measured), the columns used."""
     mine, used = headline_columns(model, table)
     empty = pd.DataFrame(columns=list(stats.RANK_INTERVAL_COLUMNS))
     if not used:

@@ -1,29 +1,20 @@
 """Pairing our cells with the papers' numbers (paper_results.csv), only like for like.
 
-A cell and a CSV row pair only when all of these agree, checked in this order (the first that fails is
-the reason a paper row stays unpaired):
-
-1. the CSV protocol has a counterpart in this suite (``PROTOCOLS``: our key and required settings);
-2. method: the display name of the record's ``method_base`` (``BASE_DISPLAY``) equals the CSV method and
-   the record's ``paper_reference`` equals the CSV paper (each variant pairs with its own paper); the
-   reference rows pair by name alone ("Random" = random init; "Supervised" = the supervised backbone,
-   except in label-subset protocols, where it is the network trained from random weights on the
-   labelled images only, our "Supervised (labelled subset only)" row);
-3. pretraining dataset; 4. backbone (``BACKBONES``); 5. pretraining epochs;
-6. the protocol key (evaluation dataset included: ``transfer_linear:<eval dataset>``);
-7. the required protocol settings (``evaluation[key]["settings"]``; kNN: k and the temperature T);
-7b. the method hyperparameters the paper row names (``PAPER_HPARAMS``; the cells' ``hparams``); 8. the metric.
-
-Δ = ours − paper with ``stats.delta_interval``; with the paper's std over n runs (``PAPER_RUNS``) and
-n >= 2 seeds of ours, also Welch's p (``stats.welch_test``).
+A cell and a CSV row pair when, checked in this order (the first that fails is the reason a row stays unpaired):
+1. the CSV protocol has a counterpart (``PROTOCOLS``); 2. method: ``BASE_DISPLAY`` of the record's
+``method_base`` is the CSV method and its ``paper_reference`` the CSV paper ("Random" = random init;
+"Supervised" = the supervised backbone, in label-subset protocols our "Supervised (labelled subset only)" row);
+3. pretraining dataset; 4. backbone (``BACKBONES``); 5. epochs; 6. protocol key and place; 7. required protocol
+settings; 7b. the hyperparameters the paper row names (``PAPER_HPARAMS``); 8. the metric. Δ = ours − paper
+(``stats.delta_interval``), Welch's p where the paper gives its std over n runs (``PAPER_RUNS``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import yaml
@@ -33,11 +24,8 @@ from reports.cells import SUBSET_PROTOCOLS, SUBSET_ROLE
 from reports.data import at_place
 
 
-@dataclass(frozen=True)
-class Protocol:
-    """A CSV protocol of one paper (table "*" = every table) -> our protocol, the place of its entry (k, block,
-    head K, transfer dataset: {eval} = the evaluation dataset, {C} = its number of classes, {3C} = three times
-    it) and the protocol settings it requires."""
+class Protocol(NamedTuple):
+    """A CSV protocol of one paper -> our protocol, its entry's place and required settings (paper_protocols.yaml)."""
 
     paper: str
     table: str
@@ -67,12 +55,9 @@ PAPER_HPARAMS = {(r["paper"], r["table"], r["pretrain_dataset"]): tuple(r["hpara
 
 
 def protocol_for(paper: str, table: str, protocol: str) -> Protocol | None:
-    for p in PROTOCOLS:
-        if p.paper == paper and p.protocol == protocol and p.table in ("*", table):
-            if p.table == table or not any(q.paper == paper and q.protocol == protocol and q.table == table
-                                           for q in PROTOCOLS):
-                return p
-    return None
+    """The table's own mapping of a CSV protocol, else the paper's "*" one."""
+    mine = [p for p in PROTOCOLS if p.paper == paper and p.protocol == protocol and p.table in ("*", table)]
+    return next((p for p in mine if p.table == table), mine[0] if mine else None)
 
 
 def place_of(proto: Protocol, row: pd.Series, cells: pd.DataFrame) -> dict:
@@ -247,11 +232,7 @@ def pair_with_papers(cells: pd.DataFrame, papers: pd.DataFrame) -> tuple[pd.Data
     return pd.DataFrame(pairs, columns=PAIR_COLUMNS), unmatched.reset_index(drop=True)
 
 
-# ------------------------------------------------------------------------------------- paper layouts
-
-
-@dataclass(frozen=True)
-class Layout:
+class Layout(NamedTuple):
     """A paper's table shape: rows and columns are tuples of CSV field values; ours beside the paper's."""
 
     paper: str
@@ -271,8 +252,7 @@ LAYOUTS = tuple(Layout(**{k: _tuples(v) for k, v in spec.items()}) for spec in _
 def _matches(papers: pd.DataFrame, fields: tuple[str, ...], values: tuple) -> pd.Series:
     mask = pd.Series(True, index=papers.index)
     for f, v in zip(fields, values):
-        mask &= (papers[f].astype(object) == v) if f != "epochs" else \
-            (papers[f] == v).fillna(False).astype(bool)
+        mask &= (papers[f] == v).fillna(False).astype(bool) if f == "epochs" else papers[f].astype(object) == v
     return mask
 
 
@@ -292,11 +272,7 @@ def layout_cells(layout: Layout, papers: pd.DataFrame, pairs: pd.DataFrame) -> l
     out = []
     for row in layout.rows:
         in_row = mine[_matches(mine, layout.row_fields, row)]
-        cols = []
-        for col in layout.cols:
-            hit = in_row[_matches(in_row, layout.col_fields, col)]
-            lines = set(hit["line"])
-            cells = [int(c) for c, line in zip(pairs["cell"], pairs["line"]) if line in lines]
-            cols.append((hit, cells))
-        out.append(cols)
+        hits = [in_row[_matches(in_row, layout.col_fields, col)] for col in layout.cols]
+        out.append([(hit, pairs.loc[pairs["line"].isin(hit["line"]), "cell"].astype(int).tolist()) for hit in hits])
     return out
+
