@@ -1,13 +1,8 @@
 """Build the benchmark report from the run records: ``build_report`` (Python) / ``python -m reports build``.
 
-Reads every run record under ``results_dir`` (``benchmarks.records`` schema version 3, schema-2 files
-converted on load, with per-image predictions) and writes, under ``out_dir``, ``report.md``, ``report.tex``
-(booktabs), ``report.html`` (self-contained: inline CSS, figures as base64 PNG, cell tooltips) and
-``figures/*.png`` (forest plots of each row's difference to its column's best, training curves). The
-records' tidy frame becomes cells (``reports.cells``), paired with the papers (``reports.papers``), laid
-out as sections and rendered by ``reports.render``'s templates; the rules behind every number are the
-report's appendix (``templates/text.yaml``). The same records always give the same bytes: everything is
-sorted, every bootstrap uses a fixed seed, no timestamps or absolute paths, PNGs without varying metadata.
+Records' cells (``reports.cells``), paired with the papers (``reports.papers``), laid out as sections and rendered by
+``reports.render``'s templates into report.md/.tex/.html and figures/*.png; the rules behind every number are the
+appendix (``templates/text.yaml``). Same records, same bytes: all sorted, fixed bootstrap seeds, no timestamps.
 """
 
 from __future__ import annotations
@@ -28,37 +23,10 @@ import pandas as pd
 from benchmarks.errors import BenchmarkError
 from benchmarks.records import atomic_write
 from reports import figures as figs
-from reports import stats
+from reports import papers, render, stats
 from reports.cells import HEADLINE, KIND_TITLES, Model, build_model, headline_columns, leaderboard
 from reports.data import LoadedRecords, device_of, history_frame, load_paper_results, load_records
-from reports.papers import (
-    LAYOUTS,
-    PROTOCOLS,
-    describe,
-    layout_cells,
-    layout_measured,
-    pair_with_papers,
-    relevant_papers,
-)
-from reports.render import (
-    DASH,
-    UNTESTABLE,
-    Figure,
-    Section,
-    delta_text,
-    fmt,
-    fmt_delta,
-    fmt_p,
-    grid_table,
-    interval,
-    paper_text,
-    plain_table,
-    prepare,
-    render,
-    table_caption,
-    text,
-    value_text,
-)
+from reports.render import DASH, Figure, Section, fmt, fmt_p, paper_text, plain_table, text, value_text
 
 FORMATS = ("md", "tex", "html")
 TITLE = "Self-supervised representation learning benchmark"
@@ -165,7 +133,7 @@ def _verdict(order: pd.DataFrame, protocol: str) -> str:
     if len(order) < 2:
         return line + "; no other method measured."
     second = order.iloc[1]
-    line += (f", {fmt_delta(best['mean'] - second['mean'])} over the runner-up {second['row']} "
+    line += (f", {render.fmt_delta(best['mean'] - second['mean'])} over the runner-up {second['row']} "
              f"{fmt(second['mean'])} (n = {second['n']}); ")
     if second["untestable"]:
         line += f"the seeds cannot test the difference ({second['test_note'].removeprefix('not testable: ')})"
@@ -190,7 +158,7 @@ def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
     else:
         place = ranks["mean_rank"].round(9).rank(method="min").astype(int)  # ties share the better place
         rows = [[str(p), r.method, fmt(r.mean_rank), f"{fmt(r.rank_low)}–{fmt(r.rank_high)}",
-                 str(r.n_seeds) + (UNTESTABLE if r.n_seeds < 2 else "")]
+                 str(r.n_seeds) + (render.UNTESTABLE if r.n_seeds < 2 else "")]
                 for p, r in zip(place, ranks.itertuples(index=False))]
         t = plain_table(["Rank", "Method", "mean rank", "95% rank interval", "seeds"], rows, numeric_from=2)
         t.caption = text("captions.leaderboard", columns=", ".join(columns), n_boot=n_boot)
@@ -290,10 +258,11 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, fi
             of_kind = mine[mine["kind"] == kind]
             if of_kind.empty:
                 continue
-            prepared = prepare(of_kind, kind)
+            prepared = render.prepare(of_kind, kind)
             my_pairs = pairs[pairs["cell"].isin(of_kind.index)]
-            t = grid_table(prepared, my_pairs, ("K", "source", "nonempty") if kind in ("clustering", "heads") else ())
-            t.caption = table_caption(of_kind, my_pairs, [text(f"kind_notes.{kind}")])
+            info = ("K", "source", "nonempty") if kind in ("clustering", "heads") else ()
+            t = render.grid_table(prepared, my_pairs, info)
+            t.caption = render.table_caption(of_kind, my_pairs, [text(f"kind_notes.{kind}")])
             sections.append(Section(KIND_TITLES[kind], 3, [t, *figures.forest(prepared, kind, table)]))
         sections += figures.curves(history, mine, table)
     return sections
@@ -313,14 +282,14 @@ def _layout_rows(layout, grid: list, cells: pd.DataFrame) -> list[list[str]]:
     return rows
 
 
-def _layout_sections(papers: pd.DataFrame, model: Model, pairs: pd.DataFrame) -> list[Section]:
+def _layout_sections(paper_rows: pd.DataFrame, model: Model, pairs: pd.DataFrame) -> list[Section]:
     section = Section("Paper tables side by side", 2, [text("layouts.intro")])
     empty, out = [], [section]
-    for layout in LAYOUTS:
-        grid = layout_cells(layout, papers, pairs)
+    for layout in papers.LAYOUTS:
+        grid = papers.layout_cells(layout, paper_rows, pairs)
         # shown when a run fills a cell, or (per-block layouts) when runs measured its protocols at all: then
         # the paper's numbers stand beside ours' "–" and the unmatched list says why they are not compared
-        if not layout_measured(layout, model.cells) and not any(c for row in grid for _, c in row):
+        if not papers.layout_measured(layout, model.cells) and not any(c for row in grid for _, c in row):
             empty.append(f"{layout.paper} {layout.table}")
             continue
         header = [f.replace("eval_dataset", "Dataset").replace("method", "Method") for f in layout.row_fields]
@@ -338,7 +307,7 @@ def _pairs_section(model: Model, pairs: pd.DataFrame, unrelated: int = 0) -> Sec
         c = model.cells.loc[p.cell]
         source = f"{p.source}, CSV line {p.line}" + (f", {p.paper_n} runs" if p.paper_n else "")
         rows.append([heading_of(c["table"]), c["row"], c["column"], value_text(c),
-                     paper_text(p.paper_value, p.paper_std), source, delta_text(p), fmt_p(p.welch_p)])
+                     paper_text(p.paper_value, p.paper_std), source, render.delta_text(p), fmt_p(p.welch_p)])
     section = listing("pairs", rows, numeric_from=3)
     section.blocks[:0] = [text("unrelated_count", count=unrelated)] if unrelated else []
     return section
@@ -366,8 +335,9 @@ def split_unrelated(unmatched: pd.DataFrame, datasets: set[str]) -> tuple[pd.Dat
 
 
 def _mapping_section() -> Section:
-    section = listing("mapping", [[p.paper, p.table, p.protocol, describe(p.ours, dict(p.place)) if p.ours else "none",
-                                   ", ".join(f"{k}={v}" for k, v in p.settings) or DASH, p.source] for p in PROTOCOLS])
+    section = listing("mapping", [[p.paper, p.table, p.protocol, papers.describe(p.ours, dict(p.place)) if p.ours
+                                   else "none", ", ".join(f"{k}={v}" for k, v in p.settings) or DASH, p.source]
+                                  for p in papers.PROTOCOLS])
     section.blocks[-1].caption = text("captions.mapping")
     return section
 
@@ -378,9 +348,9 @@ def _details_rows(model: Model) -> list[list[str]]:
     multi = model.cells[model.cells["n"] >= 2]
     for _, c in multi.sort_values(["table", "row", "key", "metric", "settings"]).iterrows():
         boot = c["img_note"] or DASH if math.isnan(c["img_low"]) else \
-            f"{interval(c['img_low'], c['img_high'])} ({c['img_method']})"
+            f"{render.interval(c['img_low'], c['img_high'])} ({c['img_method']})"
         rows.append([heading_of(c["table"]), c["row"], c["column"], f"{c['n']} ({','.join(map(str, c['seeds']))})",
-                     f"{fmt(c['mean'])} ± {fmt(c['std'])}", interval(c["t_low"], c["t_high"]), boot,
+                     f"{fmt(c['mean'])} ± {fmt(c['std'])}", render.interval(c["t_low"], c["t_high"]), boot,
                      c["test_note"] or DASH])
     return rows
 
@@ -457,16 +427,17 @@ def _write(out_dir: Path, sections: list[Section], images: dict[str, bytes], for
         for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
             if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
                 stale.unlink()
-    paths = {f: _write_file(out_dir / f"report.{f}", render(f, TITLE, sections, images).encode()) for f in formats}
+    paths = {f: _write_file(out_dir / f"report.{f}", render.render(f, TITLE, sections, images).encode())
+             for f in formats}
     return paths, figure_paths
 
 
 def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[list[Section], dict, dict]:
     """Every section of the report in order, the figures' PNG bytes, and the data behind the paper tables."""
     history = history_frame(loaded.completed)
-    papers = relevant_papers(load_paper_results(opts.paper_csv), loaded.completed + loaded.excluded, opts.suites,
-                             opts.methods, opts.epochs)
-    pairs, unmatched = pair_with_papers(model.cells, papers)
+    paper_rows = papers.relevant_papers(load_paper_results(opts.paper_csv), loaded.completed + loaded.excluded,
+                                        opts.suites, opts.methods, opts.epochs)
+    pairs, unmatched = papers.pair_with_papers(model.cells, paper_rows)
     figures = _Figures(opts.figures, model.cells)
     appendix = Section("Appendix: how the numbers are made", 2,
                        [text("conventions", n_boot=opts.n_boot, seed=stats.SEED)], collapsible=True)
@@ -478,9 +449,11 @@ def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[
         section.collapsible = True
     sections = [_summary_section(loaded, model, opts), Section("How to read this", 2, [text("how_to_read")]),
                 *_table_sections(model, pairs, history, figures, opts.n_boot),
-                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
+                *_layout_sections(paper_rows, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
                 *details]
     return sections, figures.images, {"pairs": pairs, "unmatched_paper": unmatched, "history": history}
+
+
 def build_report(results_dir: str | Path = "results", out_dir: str | Path = "reports/generated",
                  **options) -> dict:
     """Build the report; return written paths and the data behind the tables. `options`: the fields of
