@@ -36,11 +36,10 @@ FIGURE_PATTERN = re.compile(r"(forest|bars|curves)_[a-z0-9_.-]+\.png")
 
 def _normalize_formats(formats: Iterable[str]) -> tuple[str, ...]:
     wanted = {str(f).strip().lower().lstrip(".") for f in formats}
-    unknown = sorted(wanted - set(FORMATS))
-    if unknown:
-        raise BenchmarkError(f"unknown report format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    if not wanted:
-        raise BenchmarkError(f"no report format selected; choose from {', '.join(FORMATS)}")
+    unknown = ", ".join(sorted(wanted - set(FORMATS)))
+    if unknown or not wanted:
+        what = f"unknown report format(s) {unknown}" if unknown else "no report format selected"
+        raise BenchmarkError(f"{what}; choose from {', '.join(FORMATS)}")
     return tuple(f for f in FORMATS if f in wanted)
 
 
@@ -52,16 +51,12 @@ def check_out_dir(out_dir: Path, figures: bool) -> None:
     """Before any work: the output folder exists or can be created, is a folder, and takes files."""
     for folder in (out_dir, out_dir / "figures") if figures else (out_dir,):
         if folder.exists() and not folder.is_dir():
-            raise BenchmarkError(f"--out {out_dir}: {folder} is an existing file, not a folder; pass --out a "
-                                 "folder (it is created if missing) or move the file away")
+            raise BenchmarkError(text("errors.out_is_file", out_dir=out_dir, folder=folder))
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
+            tempfile.NamedTemporaryFile(prefix=".write-test.", suffix=".tmp", dir=folder).close()  # deletes it
         except OSError as exc:
-            raise BenchmarkError(f"cannot write the report to {folder} ({exc.strerror or exc}); choose another "
-                                 "--out folder or fix its permissions, then rerun") from exc
+            raise BenchmarkError(text("errors.out_not_writable", folder=folder, why=exc.strerror or exc)) from exc
 
 
 def _write_file(path: Path, data: bytes) -> Path:
@@ -82,8 +77,7 @@ def _stem(table: tuple) -> str:
 
 
 def listing(name: str, rows: list[list[str]], numeric_from: int | None = None) -> Section:
-    """A section that lists `rows` under the header of ``text.yaml``'s `listings.<name>` (after its intro), or
-    says in a sentence that there is nothing to list."""
+    """`rows` under ``text.yaml``'s `listings.<name>` header (after its intro), or its sentence for none."""
     spec = text(f"listings.{name}")
     if not rows:
         return Section(spec["title"], 2, [spec["empty"]])
@@ -105,13 +99,10 @@ def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
 
 def _table_runs(model: Model, table: tuple) -> pd.DataFrame:
     """One row per run of a table: its method, settings, seed, device and recorded cost."""
-    recs = [r.record for r in model.runs]
-    runs = pd.DataFrame({"suite": [r["suite"] for r in recs], "dataset": [r["dataset"] for r in recs],
-                         "epochs": [r["epochs"] for r in recs], "method": [r["method"] for r in recs],
-                         "settings_fp": [r["fingerprints"]["settings"] for r in recs],
-                         "seed": [int(r["seed"]) for r in recs], "device": [device_of(r) for r in recs]})
-    for column in ("wall_time_s", "throughput_images_per_s", "peak_memory_mb", "peak_memory_source"):
-        runs[column] = [r.get(column) for r in recs]
+    costs = ("wall_time_s", "throughput_images_per_s", "peak_memory_mb", "peak_memory_source")
+    runs = pd.DataFrame([{**{key: r[key] for key in ("suite", "dataset", "epochs", "method")},
+                          "settings_fp": r["fingerprints"]["settings"], "seed": int(r["seed"]), "device": device_of(r),
+                          **{key: r.get(key) for key in costs}} for r in (run.record for run in model.runs)])
     runs["gpu"] = runs["device"].str.startswith("cuda")
     return runs[(runs["suite"] == table[0]) & (runs["dataset"] == table[1]) & (runs["epochs"] == table[2])]
 
@@ -184,8 +175,7 @@ def _cost_row(label: str, runs: pd.DataFrame) -> list[str]:
 
 
 def _cost_section(model: Model, table: tuple) -> Section:
-    """Per row: the run's recorded wall time (pretraining + evaluation, every attempt), training throughput
-    and peak memory, as means over the row's runs (peak memory: the maximum)."""
+    """Per row: means over its runs of recorded wall time (all attempts), throughput; the peak memory's maximum."""
     cells = model.cells
     rows = cells[(cells["table"] == table) & (cells["role"] == "")].drop_duplicates(["row", "method", "settings_fp"])
     runs = _table_runs(model, table)
@@ -244,8 +234,7 @@ class _Figures:
 
 def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, figures: _Figures,
                     n_boot: int = stats.N_BOOT) -> list[Section]:
-    """Per table: its heading and row notes, leaderboard, cost, one grid per kind of protocol (with its forest
-    figure) and the training curves."""
+    """Per table: heading and row notes, leaderboard, cost, a grid (and forest figure) per kind, training curves."""
     sections: list[Section] = []
     cells = model.cells
     for table in sorted(set(cells["table"])):
@@ -370,8 +359,7 @@ def _record_sections(loaded: LoadedRecords, model: Model) -> list[Section]:
 
 @dataclass
 class BuildOptions:
-    """What ``build_report`` builds: filters (None = all), formats, the papers' CSV, figures, where progress
-    goes and the bootstrap resamples."""
+    """What ``build_report`` builds: filters (None = all), formats, papers' CSV, figures, stderr, resamples."""
 
     suites: Sequence[str] | None = None
     methods: Sequence[str] | None = None
@@ -398,11 +386,10 @@ class BuildOptions:
 def _load(results_dir: Path, opts: BuildOptions) -> LoadedRecords:
     loaded = load_records(results_dir, opts.suites, opts.methods, opts.epochs)
     if loaded.skipped:
-        count = len(loaded.skipped)
-        print(f"skipped {count} record file{'s' if count != 1 else ''} (the build goes on without "
-              f"{'them' if count != 1 else 'it'}):", file=opts.stderr)
-        for skipped in loaded.skipped:
-            print(f"  {skipped}", file=opts.stderr)
+        many = len(loaded.skipped) != 1
+        print(f"skipped {len(loaded.skipped)} record file{'s' if many else ''} (the build goes on without "
+              f"{'them' if many else 'it'}):", *(f"  {skipped}" for skipped in loaded.skipped), sep="\n",
+              file=opts.stderr)
     return loaded
 
 
@@ -456,21 +443,14 @@ def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[
 
 def build_report(results_dir: str | Path = "results", out_dir: str | Path = "reports/generated",
                  **options) -> dict:
-    """Build the report; return written paths and the data behind the tables. `options`: the fields of
-    ``BuildOptions`` (suites, methods, epochs, formats, paper_csv, figures, stderr, n_boot).
-
-    Returns a dict with ``paths`` ({format: Path}), ``figures`` (PNG Paths), ``cells`` (one row per cell,
-    see ``reports.cells.build_model``; also under ``aggregated``), ``values`` (one row per seed), ``pairs``
-    (paired cells with Δ and Welch p), ``unmatched_paper`` (paper rows not compared, with ``reason``),
-    ``excluded`` (runs not completed), ``skipped`` (``Skipped``), ``superseded`` (``Superseded``),
-    ``history`` and ``leaderboards`` ({table: ranks}).
-    """
+    """Build the report (`options`: ``BuildOptions``' fields); return a dict of the written ``paths``
+    ({format: Path}) and ``figures``, and the data behind the tables: ``cells`` (= ``aggregated``, see
+    ``reports.cells.build_model``), ``values``, ``pairs``, ``unmatched_paper`` (with ``reason``), ``excluded``,
+    ``skipped``, ``superseded``, ``history``, ``leaderboards`` ({table: ranks}) and ``headline``."""
     opts = BuildOptions(**options)
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     if not results_dir.is_dir():
-        raise BenchmarkError(f"results folder {results_dir} does not exist or is not a folder; pass "
-                             "--results DIR (the folder of run records that `python -m benchmarks run` "
-                             "writes)")
+        raise BenchmarkError(text("errors.no_results", results_dir=results_dir))
     check_out_dir(out_dir, opts.figures)
     loaded = _load(results_dir, opts)
     model = build_model(loaded.completed, opts.n_boot)
