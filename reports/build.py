@@ -116,10 +116,11 @@ def _budget_text(model: Model, table: tuple) -> str:
                 epochs=table[2], cost=cost)
 
 
-def _verdict(order: pd.DataFrame, protocol: str) -> str:
+def _verdict(column: pd.DataFrame) -> str:
     """The best row of a headline column, its margin to the runner-up, and whether the seeds support it."""
+    order = column.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
     best = order.iloc[0]
-    name = f"k-means {best['column']}" if protocol == "clustering" else best["column"]
+    name = f"k-means {best['column']}" if best["protocol"] == "clustering" else best["column"]
     line = f"{name}: best {best['row']} {value_text(best)} (n = {best['n']})"
     if len(order) < 2:
         return line + "; no other method measured."
@@ -133,12 +134,6 @@ def _verdict(order: pd.DataFrame, protocol: str) -> str:
                  f"{fmt_p(second['p_raw'])}, Holm {fmt_p(second['p_holm'])})")
     tied = int(order["tied"].sum())
     return line + (f"; {tied} row(s) in all not significantly different from the best" if tied else "") + "."
-
-
-def _verdicts(model: Model, table: tuple) -> list[str]:
-    """Per headline metric present: ``_verdict``."""
-    return [_verdict(group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort"),
-                     group["protocol"].iloc[0]) for group in headline_columns(model, table)[1]]
 
 
 def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
@@ -304,13 +299,11 @@ def _pairs_section(model: Model, pairs: pd.DataFrame, unrelated: int = 0) -> Sec
 
 def _unmatched_rows(unmatched: pd.DataFrame) -> list[list[str]]:
     """One row per paper row group (paper, table, method, datasets, backbone, epochs, protocol, reason)."""
-    keys = ["paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol",
-            "reason"]
+    keys = ["paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol", "reason"]
     frame = unmatched.assign(epochs=[DASH if pd.isna(e) else str(int(e)) for e in unmatched["epochs"]])
     rows = []
     for (*fields, reason), group in frame.groupby(keys, sort=False):
-        values = ", ".join(f"{m} {paper_text(v, s)}"
-                           for m, v, s in zip(group["metric"], group["value"], group["std"]))
+        values = ", ".join(f"{m} {paper_text(v, s)}" for m, v, s in zip(group["metric"], group["value"], group["std"]))
         rows.append([*fields, values, reason])
     return rows
 
@@ -318,8 +311,7 @@ def _unmatched_rows(unmatched: pd.DataFrame) -> list[list[str]]:
 def split_unrelated(unmatched: pd.DataFrame, datasets: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(paper rows about the report's datasets, rows about other datasets only)."""
     names = {d.casefold() for d in datasets}
-    related = unmatched["pretrain_dataset"].str.casefold().isin(names) | \
-        unmatched["eval_dataset"].str.casefold().isin(names)
+    related = unmatched[["pretrain_dataset", "eval_dataset"]].apply(lambda d: d.str.casefold().isin(names)).any(axis=1)
     return unmatched[related], unmatched[~related]
 
 
@@ -399,7 +391,8 @@ def _summary_section(loaded: LoadedRecords, model: Model, opts: BuildOptions) ->
                                           skipped=len(loaded.skipped), filters=opts.filters_text())])
     for table in sorted(set(model.cells["table"])) if not model.cells.empty else []:
         summary.blocks.append(f"{heading_of(table)} ({_budget_text(model, table)}):")
-        summary.blocks.append(_verdicts(model, table) or [text("summary.no_headline")])
+        verdicts = [_verdict(column) for column in headline_columns(model, table)[1]]
+        summary.blocks.append(verdicts or [text("summary.no_headline")])
     if loaded.skipped:
         summary.blocks.append([str(s) for s in loaded.skipped])
     if not loaded.completed:
