@@ -86,8 +86,7 @@ def listing(name: str, rows: list[list[str]], numeric_from: int | None = None) -
 
 
 def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """What the marks test, per contender: its difference to the column's best and the test's interval
-    (contenders alone in their column, compared with nothing, have no point)."""
+    """Per contender compared with its column's best: the difference and the test's interval, and its mark."""
     c = prepared[~prepared["is_reference"].astype(bool)]
     status = np.select([c["best"].astype(bool), c["untestable"].astype(bool), c["p_holm"].notna()],
                        ["best", "untestable", np.where(c["tied"].astype(bool), "tied", "worse")], "")
@@ -200,8 +199,7 @@ class _Figures:
 
     def forest(self, prepared: pd.DataFrame, kind: str, table: tuple) -> list[Figure]:
         """Each contender's difference to its column's best with the interval of the table's test."""
-        points = _points(prepared, kind) if self.wanted else None
-        if points is None or points.empty:
+        if not self.wanted or (points := _points(prepared, kind)).empty:
             return []
         col_sort = dict(zip(prepared["_col"], prepared["_col_sort"]))
         row_sort = points.drop_duplicates("row").set_index("row")["sort"].to_dict()
@@ -403,10 +401,9 @@ def _summary_section(loaded: LoadedRecords, model: Model, opts: BuildOptions) ->
 def _write(out_dir: Path, sections: list[Section], images: dict[str, bytes], formats) -> tuple[dict, list]:
     """The figures (stale ones of earlier builds removed) and the report in each format."""
     figure_paths = [_write_file(out_dir / "figures" / name, images[name]) for name in sorted(images)]
-    if (out_dir / "figures").is_dir():
-        for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
-            if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
-                stale.unlink()
+    for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
+        if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
+            stale.unlink()
     paths = {f: _write_file(out_dir / f"report.{f}", render.render(f, TITLE, sections, images).encode())
              for f in formats}
     return paths, figure_paths
