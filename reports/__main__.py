@@ -43,11 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [e for e in epochs or [] if not e.isdigit()]
     if bad:
         parser.error(f"--epochs takes whole numbers, got {', '.join(bad)}")
-    formats = _split(args.formats) or list(FORMATS)
     try:
-        result = build_report(args.results, args.out, suites=_split(args.suites),
-                              methods=_split(args.methods), epochs=None if epochs is None else
-                              [int(e) for e in epochs], formats=formats, paper_csv=args.paper_csv,
+        result = build_report(args.results, args.out, suites=_split(args.suites), methods=_split(args.methods),
+                              epochs=None if epochs is None else [int(e) for e in epochs],
+                              formats=_split(args.formats) or list(FORMATS), paper_csv=args.paper_csv,
                               figures=not args.no_figures, n_boot=args.n_boot)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -60,9 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wrote {path}")
     if result["figures"]:
         print(f"wrote {len(result['figures'])} figure(s) under {result['figures'][0].parent}")
-    n_excluded = len(result["excluded"])
-    if n_excluded:
-        print(f"{n_excluded} run(s) not completed are listed in the report, not in the tables", file=sys.stderr)
+    if result["excluded"]:
+        print(f"{len(result['excluded'])} run(s) not completed are listed in the report, not in the tables",
+              file=sys.stderr)
     return 0
 
 

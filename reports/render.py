@@ -1,6 +1,5 @@
-"""The report as plain data (sections of tables, text and figures), the tables built from the cells
-(``reports.cells``) and their pairing with the papers, and its Markdown, LaTeX (booktabs) and self-contained
-HTML renderings (jinja2 templates under ``reports/templates``)."""
+"""The report as data (sections of tables, text, figures), its tables from the cells (``reports.cells``) and their
+papers, and its Markdown, LaTeX (booktabs) and self-contained HTML renderings (``templates/*.j2``)."""
 
 from __future__ import annotations
 
@@ -71,9 +70,7 @@ def fmt_delta(value: float) -> str:
 
 
 def fmt_p(p: float) -> str:
-    if p is None or math.isnan(p):
-        return DASH
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return DASH if p is None or math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def interval(low: float, high: float) -> str:
