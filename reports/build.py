@@ -34,15 +34,6 @@ OUTPUT_MODE = 0o644
 FIGURE_PATTERN = re.compile(r"(forest|bars|curves)_[a-z0-9_.-]+\.png")
 
 
-def _normalize_formats(formats: Iterable[str]) -> tuple[str, ...]:
-    wanted = {str(f).strip().lower().lstrip(".") for f in formats}
-    unknown = ", ".join(sorted(wanted - set(FORMATS)))
-    if unknown or not wanted:
-        what = f"unknown report format(s) {unknown}" if unknown else "no report format selected"
-        raise BenchmarkError(f"{what}; choose from {', '.join(FORMATS)}")
-    return tuple(f for f in FORMATS if f in wanted)
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "x"
 
@@ -361,7 +352,12 @@ class BuildOptions:
     n_boot: int = stats.N_BOOT
 
     def __post_init__(self) -> None:
-        self.formats = _normalize_formats(self.formats)
+        wanted = {str(f).strip().lower().lstrip(".") for f in self.formats}
+        unknown = ", ".join(sorted(wanted - set(FORMATS)))
+        if unknown or not wanted:
+            what = f"unknown report format(s) {unknown}" if unknown else "no report format selected"
+            raise BenchmarkError(f"{what}; choose from {', '.join(FORMATS)}")
+        self.formats = tuple(f for f in FORMATS if f in wanted)
         self.suites = None if self.suites is None else sorted({str(s) for s in self.suites})
         self.methods = None if self.methods is None else sorted({str(m) for m in self.methods})
         self.epochs = None if self.epochs is None else sorted({int(e) for e in self.epochs})
