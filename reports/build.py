@@ -1,13 +1,8 @@
 """Build the benchmark report from the run records: ``build_report`` (Python) / ``python -m reports build``.
 
-Reads every run record under ``results_dir`` (``benchmarks.records`` schema version 3, schema-2 files
-converted on load, with per-image predictions) and writes, under ``out_dir``, ``report.md``, ``report.tex``
-(booktabs), ``report.html`` (self-contained: inline CSS, figures as base64 PNG, cell tooltips) and
-``figures/*.png`` (forest plots of each row's difference to its column's best, training curves). The
-records' tidy frame becomes cells (``reports.cells``), paired with the papers (``reports.papers``), laid
-out as sections and rendered by ``reports.render``'s templates; the rules behind every number are the
-report's appendix (``templates/text.yaml``). The same records always give the same bytes: everything is
-sorted, every bootstrap uses a fixed seed, no timestamps or absolute paths, PNGs without varying metadata.
+Records' cells (``reports.cells``), paired with the papers (``reports.papers``), laid out as sections and rendered by
+``reports.render``'s templates into report.md/.tex/.html and figures/*.png; the rules behind every number are the
+appendix (``templates/text.yaml``). Same records, same bytes: all sorted, fixed bootstrap seeds, no timestamps.
 """
 
 from __future__ import annotations
@@ -28,52 +23,15 @@ import pandas as pd
 from benchmarks.errors import BenchmarkError
 from benchmarks.records import atomic_write
 from reports import figures as figs
-from reports import stats
+from reports import papers, render, stats
 from reports.cells import HEADLINE, KIND_TITLES, Model, build_model, headline_columns, leaderboard
 from reports.data import LoadedRecords, device_of, history_frame, load_paper_results, load_records
-from reports.papers import (
-    LAYOUTS,
-    PROTOCOLS,
-    describe,
-    layout_cells,
-    layout_measured,
-    pair_with_papers,
-    relevant_papers,
-)
-from reports.render import (
-    DASH,
-    UNTESTABLE,
-    Figure,
-    Section,
-    delta_text,
-    fmt,
-    fmt_delta,
-    fmt_p,
-    grid_table,
-    interval,
-    paper_text,
-    plain_table,
-    prepare,
-    render,
-    table_caption,
-    text,
-    value_text,
-)
+from reports.render import DASH, Figure, Section, fmt, fmt_p, paper_text, plain_table, text, value_text
 
 FORMATS = ("md", "tex", "html")
 TITLE = "Self-supervised representation learning benchmark"
 OUTPUT_MODE = 0o644
 FIGURE_PATTERN = re.compile(r"(forest|bars|curves)_[a-z0-9_.-]+\.png")
-
-
-def _normalize_formats(formats: Iterable[str]) -> tuple[str, ...]:
-    wanted = {str(f).strip().lower().lstrip(".") for f in formats}
-    unknown = sorted(wanted - set(FORMATS))
-    if unknown:
-        raise BenchmarkError(f"unknown report format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    if not wanted:
-        raise BenchmarkError(f"no report format selected; choose from {', '.join(FORMATS)}")
-    return tuple(f for f in FORMATS if f in wanted)
 
 
 def _slug(text: str) -> str:
@@ -84,16 +42,12 @@ def check_out_dir(out_dir: Path, figures: bool) -> None:
     """Before any work: the output folder exists or can be created, is a folder, and takes files."""
     for folder in (out_dir, out_dir / "figures") if figures else (out_dir,):
         if folder.exists() and not folder.is_dir():
-            raise BenchmarkError(f"--out {out_dir}: {folder} is an existing file, not a folder; pass --out a "
-                                 "folder (it is created if missing) or move the file away")
+            raise BenchmarkError(text("errors.out_is_file", out_dir=out_dir, folder=folder))
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
+            tempfile.NamedTemporaryFile(prefix=".write-test.", suffix=".tmp", dir=folder).close()  # deletes it
         except OSError as exc:
-            raise BenchmarkError(f"cannot write the report to {folder} ({exc.strerror or exc}); choose another "
-                                 "--out folder or fix its permissions, then rerun") from exc
+            raise BenchmarkError(text("errors.out_not_writable", folder=folder, why=exc.strerror or exc)) from exc
 
 
 def _write_file(path: Path, data: bytes) -> Path:
@@ -114,8 +68,7 @@ def _stem(table: tuple) -> str:
 
 
 def listing(name: str, rows: list[list[str]], numeric_from: int | None = None) -> Section:
-    """A section that lists `rows` under the header of ``text.yaml``'s `listings.<name>` (after its intro), or
-    says in a sentence that there is nothing to list."""
+    """`rows` under ``text.yaml``'s `listings.<name>` header (after its intro), or its sentence for none."""
     spec = text(f"listings.{name}")
     if not rows:
         return Section(spec["title"], 2, [spec["empty"]])
@@ -124,8 +77,7 @@ def listing(name: str, rows: list[list[str]], numeric_from: int | None = None) -
 
 
 def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
-    """What the marks test, per contender: its difference to the column's best and the test's interval
-    (contenders alone in their column, compared with nothing, have no point)."""
+    """Per contender compared with its column's best: the difference and the test's interval, and its mark."""
     c = prepared[~prepared["is_reference"].astype(bool)]
     status = np.select([c["best"].astype(bool), c["untestable"].astype(bool), c["p_holm"].notna()],
                        ["best", "untestable", np.where(c["tied"].astype(bool), "tied", "worse")], "")
@@ -137,13 +89,10 @@ def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
 
 def _table_runs(model: Model, table: tuple) -> pd.DataFrame:
     """One row per run of a table: its method, settings, seed, device and recorded cost."""
-    recs = [r.record for r in model.runs]
-    runs = pd.DataFrame({"suite": [r["suite"] for r in recs], "dataset": [r["dataset"] for r in recs],
-                         "epochs": [r["epochs"] for r in recs], "method": [r["method"] for r in recs],
-                         "settings_fp": [r["fingerprints"]["settings"] for r in recs],
-                         "seed": [int(r["seed"]) for r in recs], "device": [device_of(r) for r in recs]})
-    for column in ("wall_time_s", "throughput_images_per_s", "peak_memory_mb", "peak_memory_source"):
-        runs[column] = [r.get(column) for r in recs]
+    costs = ("wall_time_s", "throughput_images_per_s", "peak_memory_mb", "peak_memory_source")
+    runs = pd.DataFrame([{**{key: r[key] for key in ("suite", "dataset", "epochs", "method")},
+                          "settings_fp": r["fingerprints"]["settings"], "seed": int(r["seed"]), "device": device_of(r),
+                          **{key: r.get(key) for key in costs}} for r in (run.record for run in model.runs)])
     runs["gpu"] = runs["device"].str.startswith("cuda")
     return runs[(runs["suite"] == table[0]) & (runs["dataset"] == table[1]) & (runs["epochs"] == table[2])]
 
@@ -157,15 +106,16 @@ def _budget_text(model: Model, table: tuple) -> str:
                 epochs=table[2], cost=cost)
 
 
-def _verdict(order: pd.DataFrame, protocol: str) -> str:
+def _verdict(column: pd.DataFrame) -> str:
     """The best row of a headline column, its margin to the runner-up, and whether the seeds support it."""
+    order = column.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort")
     best = order.iloc[0]
-    name = f"k-means {best['column']}" if protocol == "clustering" else best["column"]
+    name = f"k-means {best['column']}" if best["protocol"] == "clustering" else best["column"]
     line = f"{name}: best {best['row']} {value_text(best)} (n = {best['n']})"
     if len(order) < 2:
         return line + "; no other method measured."
     second = order.iloc[1]
-    line += (f", {fmt_delta(best['mean'] - second['mean'])} over the runner-up {second['row']} "
+    line += (f", {render.fmt_delta(best['mean'] - second['mean'])} over the runner-up {second['row']} "
              f"{fmt(second['mean'])} (n = {second['n']}); ")
     if second["untestable"]:
         line += f"the seeds cannot test the difference ({second['test_note'].removeprefix('not testable: ')})"
@@ -176,12 +126,6 @@ def _verdict(order: pd.DataFrame, protocol: str) -> str:
     return line + (f"; {tied} row(s) in all not significantly different from the best" if tied else "") + "."
 
 
-def _verdicts(model: Model, table: tuple) -> list[str]:
-    """Per headline metric present: ``_verdict``."""
-    return [_verdict(group.sort_values(["mean", "row"], ascending=[False, True], kind="mergesort"),
-                     group["protocol"].iloc[0]) for group in headline_columns(model, table)[1]]
-
-
 def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
     ranks, columns, unranked = leaderboard(model, table, n_boot)
     section = Section("Leaderboard", 3)
@@ -190,7 +134,7 @@ def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
     else:
         place = ranks["mean_rank"].round(9).rank(method="min").astype(int)  # ties share the better place
         rows = [[str(p), r.method, fmt(r.mean_rank), f"{fmt(r.rank_low)}–{fmt(r.rank_high)}",
-                 str(r.n_seeds) + (UNTESTABLE if r.n_seeds < 2 else "")]
+                 str(r.n_seeds) + (render.UNTESTABLE if r.n_seeds < 2 else "")]
                 for p, r in zip(place, ranks.itertuples(index=False))]
         t = plain_table(["Rank", "Method", "mean rank", "95% rank interval", "seeds"], rows, numeric_from=2)
         t.caption = text("captions.leaderboard", columns=", ".join(columns), n_boot=n_boot)
@@ -216,8 +160,7 @@ def _cost_row(label: str, runs: pd.DataFrame) -> list[str]:
 
 
 def _cost_section(model: Model, table: tuple) -> Section:
-    """Per row: the run's recorded wall time (pretraining + evaluation, every attempt), training throughput
-    and peak memory, as means over the row's runs (peak memory: the maximum)."""
+    """Per row: means over its runs of recorded wall time (all attempts), throughput; the peak memory's maximum."""
     cells = model.cells
     rows = cells[(cells["table"] == table) & (cells["role"] == "")].drop_duplicates(["row", "method", "settings_fp"])
     runs = _table_runs(model, table)
@@ -247,8 +190,7 @@ class _Figures:
 
     def forest(self, prepared: pd.DataFrame, kind: str, table: tuple) -> list[Figure]:
         """Each contender's difference to its column's best with the interval of the table's test."""
-        points = _points(prepared, kind) if self.wanted else None
-        if points is None or points.empty:
+        if not self.wanted or (points := _points(prepared, kind)).empty:
             return []
         col_sort = dict(zip(prepared["_col"], prepared["_col_sort"]))
         row_sort = points.drop_duplicates("row").set_index("row")["sort"].to_dict()
@@ -276,8 +218,7 @@ class _Figures:
 
 def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, figures: _Figures,
                     n_boot: int = stats.N_BOOT) -> list[Section]:
-    """Per table: its heading and row notes, leaderboard, cost, one grid per kind of protocol (with its forest
-    figure) and the training curves."""
+    """Per table: heading and row notes, leaderboard, cost, a grid (and forest figure) per kind, training curves."""
     sections: list[Section] = []
     cells = model.cells
     for table in sorted(set(cells["table"])):
@@ -290,10 +231,11 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, fi
             of_kind = mine[mine["kind"] == kind]
             if of_kind.empty:
                 continue
-            prepared = prepare(of_kind, kind)
+            prepared = render.prepare(of_kind, kind)
             my_pairs = pairs[pairs["cell"].isin(of_kind.index)]
-            t = grid_table(prepared, my_pairs, ("K", "source", "nonempty") if kind in ("clustering", "heads") else ())
-            t.caption = table_caption(of_kind, my_pairs, [text(f"kind_notes.{kind}")])
+            info = ("K", "source", "nonempty") if kind in ("clustering", "heads") else ()
+            t = render.grid_table(prepared, my_pairs, info)
+            t.caption = render.table_caption(of_kind, my_pairs, [text(f"kind_notes.{kind}")])
             sections.append(Section(KIND_TITLES[kind], 3, [t, *figures.forest(prepared, kind, table)]))
         sections += figures.curves(history, mine, table)
     return sections
@@ -313,14 +255,14 @@ def _layout_rows(layout, grid: list, cells: pd.DataFrame) -> list[list[str]]:
     return rows
 
 
-def _layout_sections(papers: pd.DataFrame, model: Model, pairs: pd.DataFrame) -> list[Section]:
+def _layout_sections(paper_rows: pd.DataFrame, model: Model, pairs: pd.DataFrame) -> list[Section]:
     section = Section("Paper tables side by side", 2, [text("layouts.intro")])
     empty, out = [], [section]
-    for layout in LAYOUTS:
-        grid = layout_cells(layout, papers, pairs)
+    for layout in papers.LAYOUTS:
+        grid = papers.layout_cells(layout, paper_rows, pairs)
         # shown when a run fills a cell, or (per-block layouts) when runs measured its protocols at all: then
         # the paper's numbers stand beside ours' "–" and the unmatched list says why they are not compared
-        if not layout_measured(layout, model.cells) and not any(c for row in grid for _, c in row):
+        if not papers.layout_measured(layout, model.cells) and not any(c for row in grid for _, c in row):
             empty.append(f"{layout.paper} {layout.table}")
             continue
         header = [f.replace("eval_dataset", "Dataset").replace("method", "Method") for f in layout.row_fields]
@@ -338,7 +280,7 @@ def _pairs_section(model: Model, pairs: pd.DataFrame, unrelated: int = 0) -> Sec
         c = model.cells.loc[p.cell]
         source = f"{p.source}, CSV line {p.line}" + (f", {p.paper_n} runs" if p.paper_n else "")
         rows.append([heading_of(c["table"]), c["row"], c["column"], value_text(c),
-                     paper_text(p.paper_value, p.paper_std), source, delta_text(p), fmt_p(p.welch_p)])
+                     paper_text(p.paper_value, p.paper_std), source, render.delta_text(p), fmt_p(p.welch_p)])
     section = listing("pairs", rows, numeric_from=3)
     section.blocks[:0] = [text("unrelated_count", count=unrelated)] if unrelated else []
     return section
@@ -346,13 +288,11 @@ def _pairs_section(model: Model, pairs: pd.DataFrame, unrelated: int = 0) -> Sec
 
 def _unmatched_rows(unmatched: pd.DataFrame) -> list[list[str]]:
     """One row per paper row group (paper, table, method, datasets, backbone, epochs, protocol, reason)."""
-    keys = ["paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol",
-            "reason"]
+    keys = ["paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol", "reason"]
     frame = unmatched.assign(epochs=[DASH if pd.isna(e) else str(int(e)) for e in unmatched["epochs"]])
     rows = []
     for (*fields, reason), group in frame.groupby(keys, sort=False):
-        values = ", ".join(f"{m} {paper_text(v, s)}"
-                           for m, v, s in zip(group["metric"], group["value"], group["std"]))
+        values = ", ".join(f"{m} {paper_text(v, s)}" for m, v, s in zip(group["metric"], group["value"], group["std"]))
         rows.append([*fields, values, reason])
     return rows
 
@@ -360,14 +300,14 @@ def _unmatched_rows(unmatched: pd.DataFrame) -> list[list[str]]:
 def split_unrelated(unmatched: pd.DataFrame, datasets: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(paper rows about the report's datasets, rows about other datasets only)."""
     names = {d.casefold() for d in datasets}
-    related = unmatched["pretrain_dataset"].str.casefold().isin(names) | \
-        unmatched["eval_dataset"].str.casefold().isin(names)
+    related = unmatched[["pretrain_dataset", "eval_dataset"]].apply(lambda d: d.str.casefold().isin(names)).any(axis=1)
     return unmatched[related], unmatched[~related]
 
 
 def _mapping_section() -> Section:
-    section = listing("mapping", [[p.paper, p.table, p.protocol, describe(p.ours, dict(p.place)) if p.ours else "none",
-                                   ", ".join(f"{k}={v}" for k, v in p.settings) or DASH, p.source] for p in PROTOCOLS])
+    section = listing("mapping", [[p.paper, p.table, p.protocol, papers.describe(p.ours, dict(p.place)) if p.ours
+                                   else "none", ", ".join(f"{k}={v}" for k, v in p.settings) or DASH, p.source]
+                                  for p in papers.PROTOCOLS])
     section.blocks[-1].caption = text("captions.mapping")
     return section
 
@@ -378,9 +318,9 @@ def _details_rows(model: Model) -> list[list[str]]:
     multi = model.cells[model.cells["n"] >= 2]
     for _, c in multi.sort_values(["table", "row", "key", "metric", "settings"]).iterrows():
         boot = c["img_note"] or DASH if math.isnan(c["img_low"]) else \
-            f"{interval(c['img_low'], c['img_high'])} ({c['img_method']})"
+            f"{render.interval(c['img_low'], c['img_high'])} ({c['img_method']})"
         rows.append([heading_of(c["table"]), c["row"], c["column"], f"{c['n']} ({','.join(map(str, c['seeds']))})",
-                     f"{fmt(c['mean'])} ± {fmt(c['std'])}", interval(c["t_low"], c["t_high"]), boot,
+                     f"{fmt(c['mean'])} ± {fmt(c['std'])}", render.interval(c["t_low"], c["t_high"]), boot,
                      c["test_note"] or DASH])
     return rows
 
@@ -400,8 +340,7 @@ def _record_sections(loaded: LoadedRecords, model: Model) -> list[Section]:
 
 @dataclass
 class BuildOptions:
-    """What ``build_report`` builds: filters (None = all), formats, the papers' CSV, figures, where progress
-    goes and the bootstrap resamples."""
+    """What ``build_report`` builds: filters (None = all), formats, papers' CSV, figures, stderr, resamples."""
 
     suites: Sequence[str] | None = None
     methods: Sequence[str] | None = None
@@ -413,7 +352,12 @@ class BuildOptions:
     n_boot: int = stats.N_BOOT
 
     def __post_init__(self) -> None:
-        self.formats = _normalize_formats(self.formats)
+        wanted = {str(f).strip().lower().lstrip(".") for f in self.formats}
+        unknown = ", ".join(sorted(wanted - set(FORMATS)))
+        if unknown or not wanted:
+            what = f"unknown report format(s) {unknown}" if unknown else "no report format selected"
+            raise BenchmarkError(f"{what}; choose from {', '.join(FORMATS)}")
+        self.formats = tuple(f for f in FORMATS if f in wanted)
         self.suites = None if self.suites is None else sorted({str(s) for s in self.suites})
         self.methods = None if self.methods is None else sorted({str(m) for m in self.methods})
         self.epochs = None if self.epochs is None else sorted({int(e) for e in self.epochs})
@@ -428,11 +372,10 @@ class BuildOptions:
 def _load(results_dir: Path, opts: BuildOptions) -> LoadedRecords:
     loaded = load_records(results_dir, opts.suites, opts.methods, opts.epochs)
     if loaded.skipped:
-        count = len(loaded.skipped)
-        print(f"skipped {count} record file{'s' if count != 1 else ''} (the build goes on without "
-              f"{'them' if count != 1 else 'it'}):", file=opts.stderr)
-        for skipped in loaded.skipped:
-            print(f"  {skipped}", file=opts.stderr)
+        many = len(loaded.skipped) != 1
+        print(f"skipped {len(loaded.skipped)} record file{'s' if many else ''} (the build goes on without "
+              f"{'them' if many else 'it'}):", *(f"  {skipped}" for skipped in loaded.skipped), sep="\n",
+              file=opts.stderr)
     return loaded
 
 
@@ -442,7 +385,8 @@ def _summary_section(loaded: LoadedRecords, model: Model, opts: BuildOptions) ->
                                           skipped=len(loaded.skipped), filters=opts.filters_text())])
     for table in sorted(set(model.cells["table"])) if not model.cells.empty else []:
         summary.blocks.append(f"{heading_of(table)} ({_budget_text(model, table)}):")
-        summary.blocks.append(_verdicts(model, table) or [text("summary.no_headline")])
+        verdicts = [_verdict(column) for column in headline_columns(model, table)[1]]
+        summary.blocks.append(verdicts or [text("summary.no_headline")])
     if loaded.skipped:
         summary.blocks.append([str(s) for s in loaded.skipped])
     if not loaded.completed:
@@ -453,20 +397,20 @@ def _summary_section(loaded: LoadedRecords, model: Model, opts: BuildOptions) ->
 def _write(out_dir: Path, sections: list[Section], images: dict[str, bytes], formats) -> tuple[dict, list]:
     """The figures (stale ones of earlier builds removed) and the report in each format."""
     figure_paths = [_write_file(out_dir / "figures" / name, images[name]) for name in sorted(images)]
-    if (out_dir / "figures").is_dir():
-        for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
-            if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
-                stale.unlink()
-    paths = {f: _write_file(out_dir / f"report.{f}", render(f, TITLE, sections, images).encode()) for f in formats}
+    for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
+        if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
+            stale.unlink()
+    paths = {f: _write_file(out_dir / f"report.{f}", render.render(f, TITLE, sections, images).encode())
+             for f in formats}
     return paths, figure_paths
 
 
 def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[list[Section], dict, dict]:
     """Every section of the report in order, the figures' PNG bytes, and the data behind the paper tables."""
     history = history_frame(loaded.completed)
-    papers = relevant_papers(load_paper_results(opts.paper_csv), loaded.completed + loaded.excluded, opts.suites,
-                             opts.methods, opts.epochs)
-    pairs, unmatched = pair_with_papers(model.cells, papers)
+    paper_rows = papers.relevant_papers(load_paper_results(opts.paper_csv), loaded.completed + loaded.excluded,
+                                        opts.suites, opts.methods, opts.epochs)
+    pairs, unmatched = papers.pair_with_papers(model.cells, paper_rows)
     figures = _Figures(opts.figures, model.cells)
     appendix = Section("Appendix: how the numbers are made", 2,
                        [text("conventions", n_boot=opts.n_boot, seed=stats.SEED)], collapsible=True)
@@ -478,26 +422,21 @@ def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[
         section.collapsible = True
     sections = [_summary_section(loaded, model, opts), Section("How to read this", 2, [text("how_to_read")]),
                 *_table_sections(model, pairs, history, figures, opts.n_boot),
-                *_layout_sections(papers, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
+                *_layout_sections(paper_rows, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
                 *details]
     return sections, figures.images, {"pairs": pairs, "unmatched_paper": unmatched, "history": history}
+
+
 def build_report(results_dir: str | Path = "results", out_dir: str | Path = "reports/generated",
                  **options) -> dict:
-    """Build the report; return written paths and the data behind the tables. `options`: the fields of
-    ``BuildOptions`` (suites, methods, epochs, formats, paper_csv, figures, stderr, n_boot).
-
-    Returns a dict with ``paths`` ({format: Path}), ``figures`` (PNG Paths), ``cells`` (one row per cell,
-    see ``reports.cells.build_model``; also under ``aggregated``), ``values`` (one row per seed), ``pairs``
-    (paired cells with Δ and Welch p), ``unmatched_paper`` (paper rows not compared, with ``reason``),
-    ``excluded`` (runs not completed), ``skipped`` (``Skipped``), ``superseded`` (``Superseded``),
-    ``history`` and ``leaderboards`` ({table: ranks}).
-    """
+    """Build the report (`options`: ``BuildOptions``' fields); return a dict of the written ``paths``
+    ({format: Path}) and ``figures``, and the data behind the tables: ``cells`` (= ``aggregated``, see
+    ``reports.cells.build_model``), ``values``, ``pairs``, ``unmatched_paper`` (with ``reason``), ``excluded``,
+    ``skipped``, ``superseded``, ``history``, ``leaderboards`` ({table: ranks}) and ``headline``."""
     opts = BuildOptions(**options)
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     if not results_dir.is_dir():
-        raise BenchmarkError(f"results folder {results_dir} does not exist or is not a folder; pass "
-                             "--results DIR (the folder of run records that `python -m benchmarks run` "
-                             "writes)")
+        raise BenchmarkError(text("errors.no_results", results_dir=results_dir))
     check_out_dir(out_dir, opts.figures)
     loaded = _load(results_dir, opts)
     model = build_model(loaded.completed, opts.n_boot)

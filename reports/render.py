@@ -1,6 +1,5 @@
-"""The report as plain data (sections of tables, text and figures), the tables built from the cells
-(``reports.cells``) and their pairing with the papers, and its Markdown, LaTeX (booktabs) and self-contained
-HTML renderings (jinja2 templates under ``reports/templates``)."""
+"""The report as data (sections of tables, text, figures), its tables from the cells (``reports.cells``) and their
+papers, and its Markdown, LaTeX (booktabs) and self-contained HTML renderings (``templates/*.j2``)."""
 
 from __future__ import annotations
 
@@ -10,7 +9,9 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import reduce
 from pathlib import Path
+from typing import NamedTuple
 
 import jinja2
 import pandas as pd
@@ -28,8 +29,7 @@ _SYMBOLS = {"tied": TIED, "untestable": UNTESTABLE, "zero_spread": ZERO_SPREAD, 
             "subset_label": SUBSET_LABEL, "dash": DASH}
 
 
-@dataclass(frozen=True)
-class Cell:
+class Cell(NamedTuple):
     text: str
     bold: bool = False
     title: str = ""  # HTML tooltip: the cell's full statistics
@@ -44,8 +44,7 @@ class Table:
     caption: str = ""
 
 
-@dataclass(frozen=True)
-class Figure:
+class Figure(NamedTuple):
     name: str  # file name under <out>/figures/
     caption: str
 
@@ -71,9 +70,7 @@ def fmt_delta(value: float) -> str:
 
 
 def fmt_p(p: float) -> str:
-    if p is None or math.isnan(p):
-        return DASH
-    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return DASH if p is None or math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def interval(low: float, high: float) -> str:
@@ -101,10 +98,9 @@ def cell_title(cell) -> str:
     seeds = ",".join(str(s) for s in cell['seeds'])
     parts = [f"{cell['row']}, {cell['column']}: n = {cell['n']} seed(s) ({seeds})"]
     if cell['n'] >= 2:
+        zero = " (zero spread: the seeds agree exactly, which is no certainty)" if cell['std'] == 0 else ""
         parts.append(f"mean {fmt(cell['mean'])}, std {fmt(cell['std'])} (ddof=1), 95% t-interval over seeds "
-                     f"{interval(cell['t_low'], cell['t_high'])}" + (" (zero spread: the seeds agree exactly, "
-                                                                       "which is no certainty)"
-                                                                       if cell['std'] == 0 else ""))
+                     f"{interval(cell['t_low'], cell['t_high'])}{zero}")
     else:
         parts.append(f"value {fmt(cell['mean'])}")
     if not math.isnan(cell['img_low']):
@@ -122,14 +118,9 @@ def cell_title(cell) -> str:
 
 
 def render_cell(cell, row_n: int) -> Cell:
-    text = value_text(cell)
-    if cell['n'] != row_n:
-        text += f" (n={cell['n']})"
-    if cell['tied']:
-        text += TIED
-    elif cell['untestable']:
-        text += UNTESTABLE
-    return Cell(text, bold=bool(cell['best']), title=cell_title(cell))
+    n = f" (n={cell['n']})" if cell['n'] != row_n else ""
+    mark = TIED if cell['tied'] else UNTESTABLE if cell['untestable'] else ""
+    return Cell(value_text(cell) + n + mark, bold=bool(cell['best']), title=cell_title(cell))
 
 
 def plain_table(columns: list[str], rows: list[list[str]], numeric_from: int | None = None) -> Table:
@@ -138,10 +129,8 @@ def plain_table(columns: list[str], rows: list[list[str]], numeric_from: int | N
 
 
 def delta_text(pair) -> str:
-    text = fmt_delta(pair.delta)
-    if not math.isnan(pair.delta_low):
-        text += f" {interval(pair.delta_low, pair.delta_high)}"
-    return text
+    spread = "" if math.isnan(pair.delta_low) else f" {interval(pair.delta_low, pair.delta_high)}"
+    return fmt_delta(pair.delta) + spread
 
 
 def paper_text(value: float, std: float) -> str:
@@ -151,10 +140,8 @@ def paper_text(value: float, std: float) -> str:
 
 def pair_title(pair) -> str:
     runs = f" over {pair.paper_n} runs" if pair.paper_n else ""
-    text = f"{pair.source} (CSV line {pair.line}){runs}; Δ = ours − paper {delta_text(pair)}"
-    if not math.isnan(pair.welch_p):
-        text += f"; Welch p = {fmt_p(pair.welch_p)}"
-    return text
+    welch = "" if math.isnan(pair.welch_p) else f"; Welch p = {fmt_p(pair.welch_p)}"
+    return f"{pair.source} (CSV line {pair.line}){runs}; Δ = ours − paper {delta_text(pair)}{welch}"
 
 
 def row_sort_key(label: str, is_reference: bool) -> tuple:
@@ -240,20 +227,11 @@ def text(name: str, **values):
             return {k: fill(v) for k, v in entry.items()}
         return [fill(v) for v in entry] if isinstance(entry, list) else entry.format(**_SYMBOLS, **values)
 
-    entry = _TEXT
-    for part in name.split("."):
-        entry = entry[part]
-    return fill(entry)
+    return fill(reduce(dict.__getitem__, name.split("."), _TEXT))
 
 
 # ------------------------------------------------------------------------------------------ rendering
 
-_TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
-_TEX_SYMBOLS = {"±": r"$\pm$", "–": "--", "Δ": r"$\Delta$", "→": r"$\rightarrow$", "−": "-",
-                "†": r"$^{\dagger}$", "‡": r"$^{\ddagger}$", "§": r"\S{}", "⟨": r"$\langle$",
-                "⟩": r"$\rangle$", "…": r"\ldots{}", "α": r"$\alpha$", "≥": r"$\geq$", "≤": r"$\leq$",
-                "≠": r"$\neq$", "×": r"$\times$", "<": r"\textless{}", ">": r"\textgreater{}"}
 
 
 def md_escape(text: str) -> str:
@@ -261,8 +239,8 @@ def md_escape(text: str) -> str:
 
 
 def tex_escape(text: str) -> str:
-    out = "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
-    for symbol, macro in _TEX_SYMBOLS.items():
+    out = "".join(_TEXT["tex"]["special"].get(ch, ch) for ch in text)
+    for symbol, macro in _TEXT["tex"]["symbols"].items():
         out = out.replace(symbol, macro)
     return out
 
