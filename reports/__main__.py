@@ -13,7 +13,9 @@ from reports.render import text
 
 
 def _split(values: Sequence[str] | None) -> list[str] | None:
-    return None if values is None else [part.strip() for v in values for part in v.split(",") if part.strip()]
+    if values is None:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
 
 
 def _positive(text: str) -> int:
@@ -23,16 +25,34 @@ def _positive(text: str) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    """The parser; the options' names and help are ``templates/text.yaml``'s `cli.options`."""
-    parser = argparse.ArgumentParser(prog="python -m reports", description=text("cli.description"))
+    parser = argparse.ArgumentParser(
+        prog="python -m reports",
+        description="Build the benchmark report (tables and figures) from the run records in results/.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    build = sub.add_parser("build", help=text("cli.build"), description=text("build_help"),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    for option in text("cli.options", formats=", ".join(FORMATS), n_boot=stats.N_BOOT, seed=stats.SEED):
-        flags = option.pop("flags")
-        if flags == ["--n-boot"]:
-            option.update(type=_positive, default=stats.N_BOOT)
-        build.add_argument(*flags, **option)
+    build = sub.add_parser("build", help="build Markdown/LaTeX/HTML tables and figures from the run records",
+                           description=text("build_help"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    build.add_argument("--results", default="results", metavar="DIR",
+                       help="folder of run records, searched recursively (default: results)")
+    build.add_argument("--out", default="reports/generated", metavar="DIR",
+                       help="output folder, created if missing; must not be a file (default: "
+                            "reports/generated)")
+    build.add_argument("--suite", "--suites", dest="suites", nargs="+", action="extend", metavar="SUITE",
+                       help="only these suites (e.g. digits cifar10)")
+    build.add_argument("--methods", nargs="+", action="extend", metavar="METHOD",
+                       help="only these methods, by registry, variant or display name (e.g. simclr byol "
+                            "self_classifier/reimpl); reference rows are kept only if named (random_init, "
+                            "supervised)")
+    build.add_argument("--epochs", nargs="+", action="extend", metavar="N",
+                       help="only runs with these numbers of pretraining epochs")
+    build.add_argument("--format", dest="formats", nargs="+", action="extend", metavar="FMT",
+                       help=f"output formats, any of {', '.join(FORMATS)} (default: all)")
+    build.add_argument("--paper-csv", metavar="CSV", default=None,
+                       help="papers' numbers (default: reports/paper_results.csv)")
+    build.add_argument("--no-figures", action="store_true", help="skip the PNG figures (faster)")
+    build.add_argument("--n-boot", type=_positive, default=stats.N_BOOT, metavar="B",
+                       help=f"bootstrap resamples for the intervals and tests (default: {stats.N_BOOT}, seed "
+                            f"{stats.SEED})")
     return parser
 
 
@@ -53,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not (len(result["cells"]) or result["excluded"] or result["skipped"] or result["superseded"]):
         which = " matches the filters" if (args.suites or args.methods or args.epochs) else ""
-        print(text("cli.no_records", results=args.results, which=which), file=sys.stderr)
+        print(f"warning: no run record under {args.results}{which} (nothing to report; run `python -m "
+              "benchmarks run` first or pass --results the folder it wrote); the report written has no table",
+              file=sys.stderr)
         return 1
     for path in result["paths"].values():
         print(f"wrote {path}")

@@ -42,12 +42,14 @@ def check_out_dir(out_dir: Path, figures: bool) -> None:
     """Before any work: the output folder exists or can be created, is a folder, and takes files."""
     for folder in (out_dir, out_dir / "figures") if figures else (out_dir,):
         if folder.exists() and not folder.is_dir():
-            raise BenchmarkError(text("errors.out_is_file", out_dir=out_dir, folder=folder))
+            raise BenchmarkError(f"--out {out_dir}: {folder} is an existing file, not a folder; pass --out a "
+                                 "folder (it is created if missing) or move the file away")
         try:
             folder.mkdir(parents=True, exist_ok=True)
             tempfile.NamedTemporaryFile(prefix=".write-test.", suffix=".tmp", dir=folder).close()  # deletes it
         except OSError as exc:
-            raise BenchmarkError(text("errors.out_not_writable", folder=folder, why=exc.strerror or exc)) from exc
+            raise BenchmarkError(f"cannot write the report to {folder} ({exc.strerror or exc}); choose another "
+                                 "--out folder or fix its permissions, then rerun") from exc
 
 
 def _write_file(path: Path, data: bytes) -> Path:
@@ -436,7 +438,8 @@ def build_report(results_dir: str | Path = "results", out_dir: str | Path = "rep
     opts = BuildOptions(**options)
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     if not results_dir.is_dir():
-        raise BenchmarkError(text("errors.no_results", results_dir=results_dir))
+        raise BenchmarkError(f"results folder {results_dir} does not exist or is not a folder; pass --results DIR "
+                             "(the folder of run records that `python -m benchmarks run` writes)")
     check_out_dir(out_dir, opts.figures)
     loaded = _load(results_dir, opts)
     model = build_model(loaded.completed, opts.n_boot)
