@@ -33,7 +33,6 @@ STATUSES = ("completed", "diverged", "failed")
 PREDICTIONS_FORMAT = "ssl-bench-predictions/1"
 PREDICTIONS_SUFFIX = ".predictions.npz"
 FINGERPRINTS = ("training", "settings", "evaluation", "run")
-METRICS = ("top1", "top5", "NMI", "AMI", "ARI", "ACC", "ACC_MANY_TO_ONE")
 
 
 class _Strict(BaseModel):
@@ -265,11 +264,17 @@ _SCHEMA2_BLOCK = re.compile(r"_B(\d+)$")
 _SCHEMA2_HEAD = re.compile(r"^clustering_head_k\d+_h(\d+)$")
 
 
-def entry_settings(protocol: str, settings: dict, *, block: int | str | None = None, head: int | None = None,
-                   dataset: str | None = None) -> dict:
-    """An entry's settings: the protocol's settings plus its place (block, head, transfer dataset)."""
+PLACE = ("block", "head", "dataset")  # the settings that place an entry rather than describe its protocol
+
+
+def evaluation_entries(key: str, values: dict, details: dict, *, block: int | str | None = None,
+                       head: int | None = None, dataset: str | None = None) -> list[dict]:
+    """The entries of one evaluation `key` ({metric: value}, `details` naming protocol and settings), each with
+    the protocol's settings plus its place (block, head, transfer dataset)."""
     place = {"block": block, "head": head, "dataset": dataset}
-    return {**settings, **{name: value for name, value in place.items() if value is not None}}
+    settings = {**details.get("settings", {}), **{name: value for name, value in place.items() if value is not None}}
+    return [{"protocol": details["protocol"], "settings": settings, "metric": metric, "value": value, "key": key}
+            for metric, value in values.items()]
 
 
 def metric_entries(metrics: dict, evaluation: dict) -> list[dict]:
@@ -282,13 +287,10 @@ def metric_entries(metrics: dict, evaluation: dict) -> list[dict]:
             raise RecordError(f"metrics['{key}'] has no evaluation['{key}'] naming its protocol and settings")
         block = _SCHEMA2_BLOCK.search(key)
         head = _SCHEMA2_HEAD.match(key)
-        settings = entry_settings(
-            details["protocol"], details.get("settings", {}),
-            block=int(block.group(1)) if block else ("avg" if key.endswith("_avg") else None),
+        entries += evaluation_entries(
+            key, values, details, block=int(block.group(1)) if block else ("avg" if key.endswith("_avg") else None),
             head=int(head.group(1)) if head else None,
             dataset=details.get("target") if details["protocol"] == "transfer" else None)
-        entries.extend({"protocol": details["protocol"], "settings": settings, "metric": metric,
-                        "value": value, "key": key} for metric, value in values.items())
     return entries
 
 
@@ -323,19 +325,17 @@ def entry_table(record: dict) -> dict[str, dict[str, float]]:
     return table
 
 
-_PLACE = ("block", "head", "dataset")
+def at_place(settings: dict, wanted: dict) -> bool:
+    """Whether an entry's `settings` include `wanted` and hold no place (``PLACE``) that `wanted` does not name:
+    asking for k=20 finds the whole-backbone entry, not block 2's."""
+    return all(settings.get(k) == v for k, v in wanted.items()) \
+        and not any(k in settings and k not in wanted for k in PLACE)
 
 
 def metric_value(record: dict, protocol: str, metric: str, **settings) -> float | None:
-    """The value of the first entry of `protocol` and `metric` whose settings include `settings` (an entry with
-    a block, head or dataset only when one is asked for); None if the record has none."""
-    for entry in record["metrics"]:
-        given = entry["settings"]
-        if entry["protocol"] == protocol and entry["metric"] == metric \
-                and all(given.get(k) == v for k, v in settings.items()) \
-                and not any(k in given and k not in settings for k in _PLACE):
-            return entry["value"]
-    return None
+    """The value of the first entry of `protocol` and `metric` at `settings` (``at_place``); None if none."""
+    return next((e["value"] for e in record["metrics"] if e["protocol"] == protocol and e["metric"] == metric
+                 and at_place(e["settings"], settings)), None)
 
 
 def provenance_of(record: dict) -> dict:

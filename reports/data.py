@@ -38,8 +38,6 @@ METRIC_TOLERANCE = 0.01
 CLUSTER_METRICS = {"NMI": "nmi", "AMI": "ami", "ARI": "ari", "ACC": "acc", "ACC_M2O": "acc_many_to_one",
                    "ACC_MANY_TO_ONE": "acc_many_to_one"}
 TOPK = {"top1": 1, "top5": 5}
-#: the entry settings that place an entry (not protocol settings a column compares)
-PLACE = ("block", "head", "dataset")
 
 
 @dataclass(frozen=True)
@@ -340,10 +338,8 @@ def entries_frame(runs: list[Run]) -> pd.DataFrame:
 
 
 def at_place(frame: pd.DataFrame, protocol: str, place: dict) -> pd.Series:
-    """Rows of `frame` of `protocol` at exactly `place`: the block, head or transfer dataset (``PLACE``) and
-    other settings it names, and none of ``PLACE`` that it does not name."""
-    fits = [all(e.get(k) == v for k, v in place.items()) and not any(k in e and k not in place for k in PLACE)
-            for e in frame["entry"]]
+    """Rows of `frame` of `protocol` at exactly `place` (``benchmarks.records.at_place``)."""
+    fits = [records.at_place(e, place) for e in frame["entry"]]
     return (frame["protocol"] == protocol) & pd.Series(fits, index=frame.index, dtype=bool)
 
 

@@ -51,7 +51,7 @@ from benchmarks.evaluation.knn import (
 )
 from benchmarks.evaluation.linear import Labelled, budget_params, linear_probe, linear_probe_on_views
 from benchmarks.evaluation.settings import PROTOCOLS, EvaluationConfig, KnnSettings
-from benchmarks.records import entry_settings, entry_table
+from benchmarks.records import entry_table, evaluation_entries
 from ssl_common.typed import validate
 
 if TYPE_CHECKING:
@@ -214,9 +214,7 @@ class _Evaluation:
     def add(self, key: str, metrics: dict, details: dict, predictions: dict | None = None, **place) -> None:
         """Record one evaluation: an entry per metric (its protocol and settings from `details`, plus its
         `place`: block, head or dataset), the details under `key`, and its predictions."""
-        settings = entry_settings(details["protocol"], details.get("settings", {}), **place)
-        self.result.entries += [{"protocol": details["protocol"], "settings": settings, "metric": metric,
-                                 "value": value, "key": key} for metric, value in metrics.items()]
+        self.result.entries += evaluation_entries(key, metrics, details, **place)
         self.result.evaluation[key] = details
         self.result.predictions.update(predictions or {})
 
