@@ -56,6 +56,7 @@ from benchmarks.launcher import limit_threads
 from benchmarks.records import (
     SCHEMA_VERSION,
     atomic_write,
+    read_predictions,
     read_record,
     record_path,
     record_stem,
@@ -513,8 +514,6 @@ def evaluate(config: SuiteConfig, model: TrainedModel, data: SuiteData, protocol
 def merge_evaluation(record: dict, record_file: Path | None, evaluated: Evaluated):
     """(record, predictions) with what the evaluation's protocols produce replaced by `evaluated` and its
     provenance entry added; the other protocols' entries, details and predictions are kept."""
-    from benchmarks.records import read_predictions
-
     protocols = evaluated.provenance["protocols"]
     merged = copy.deepcopy(record)
     evaluation = merged.get("evaluation", {})
