@@ -12,13 +12,7 @@ from reports.build import FORMATS, build_report
 from reports.render import text
 
 
-def _split(values: Sequence[str] | None) -> list[str] | None:
-    if values is None:
-        return None
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
-
-def _positive(text: str) -> int:
+def _resamples(text: str) -> int:
     if not text.isdigit() or int(text) < 100:
         raise argparse.ArgumentTypeError(f"takes a whole number >= 100, got {text!r}")
     return int(text)
@@ -50,23 +44,17 @@ def make_parser() -> argparse.ArgumentParser:
     build.add_argument("--paper-csv", metavar="CSV", default=None,
                        help="papers' numbers (default: reports/paper_results.csv)")
     build.add_argument("--no-figures", action="store_true", help="skip the PNG figures (faster)")
-    build.add_argument("--n-boot", type=_positive, default=stats.N_BOOT, metavar="B",
+    build.add_argument("--n-boot", type=_resamples, default=stats.N_BOOT, metavar="B",
                        help=f"bootstrap resamples for the intervals and tests (default: {stats.N_BOOT}, seed "
                             f"{stats.SEED})")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    epochs = _split(args.epochs)
-    bad = [e for e in epochs or [] if not e.isdigit()]
-    if bad:
-        parser.error(f"--epochs takes whole numbers, got {', '.join(bad)}")
+    args = make_parser().parse_args(argv)
     try:
-        result = build_report(args.results, args.out, suites=_split(args.suites), methods=_split(args.methods),
-                              epochs=None if epochs is None else [int(e) for e in epochs],
-                              formats=_split(args.formats) or list(FORMATS), paper_csv=args.paper_csv,
+        result = build_report(args.results, args.out, suites=args.suites, methods=args.methods, epochs=args.epochs,
+                              formats=args.formats or FORMATS, paper_csv=args.paper_csv,
                               figures=not args.no_figures, n_boot=args.n_boot)
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.errors import BenchmarkError
-from benchmarks.records import atomic_write
+from benchmarks.records import atomic_write, check_writable_folder
 from reports import figures as figs
 from reports import papers, render, stats
 from reports.cells import HEADLINE, KIND_TITLES, Model, build_model, headline_columns, leaderboard
@@ -39,17 +38,9 @@ def _slug(text: str) -> str:
 
 
 def check_out_dir(out_dir: Path, figures: bool) -> None:
-    """Before any work: the output folder exists or can be created, is a folder, and takes files."""
+    """Before any work: the output folder (and its figures/) is, or can be made, a folder that takes files."""
     for folder in (out_dir, out_dir / "figures") if figures else (out_dir,):
-        if folder.exists() and not folder.is_dir():
-            raise BenchmarkError(f"--out {out_dir}: {folder} is an existing file, not a folder; pass --out a "
-                                 "folder (it is created if missing) or move the file away")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            tempfile.NamedTemporaryFile(prefix=".write-test.", suffix=".tmp", dir=folder).close()  # deletes it
-        except OSError as exc:
-            raise BenchmarkError(f"cannot write the report to {folder} ({exc.strerror or exc}); choose another "
-                                 "--out folder or fix its permissions, then rerun") from exc
+        check_writable_folder(folder, "--out")
 
 
 def _write_file(path: Path, data: bytes) -> Path:
@@ -340,6 +331,13 @@ def _record_sections(loaded: LoadedRecords, model: Model) -> list[Section]:
     return sections
 
 
+def _listed(values: Iterable | None) -> list[str] | None:
+    """Sorted distinct names; a comma also separates them ("simclr,byol" as on the command line)."""
+    if values is None:
+        return None
+    return sorted({part.strip() for value in values for part in str(value).split(",") if part.strip()})
+
+
 @dataclass
 class BuildOptions:
     """What ``build_report`` builds: filters (None = all), formats, papers' CSV, figures, stderr, resamples."""
@@ -354,15 +352,18 @@ class BuildOptions:
     n_boot: int = stats.N_BOOT
 
     def __post_init__(self) -> None:
-        wanted = {str(f).strip().lower().lstrip(".") for f in self.formats}
+        wanted = set(_listed([str(f).lower().lstrip(".") for f in self.formats]))
         unknown = ", ".join(sorted(wanted - set(FORMATS)))
         if unknown or not wanted:
             what = f"unknown report format(s) {unknown}" if unknown else "no report format selected"
             raise BenchmarkError(f"{what}; choose from {', '.join(FORMATS)}")
         self.formats = tuple(f for f in FORMATS if f in wanted)
-        self.suites = None if self.suites is None else sorted({str(s) for s in self.suites})
-        self.methods = None if self.methods is None else sorted({str(m) for m in self.methods})
-        self.epochs = None if self.epochs is None else sorted({int(e) for e in self.epochs})
+        self.suites, self.methods = _listed(self.suites), _listed(self.methods)
+        if self.epochs is not None:
+            epochs = _listed(self.epochs)
+            if not all(e.isdigit() for e in epochs):
+                raise BenchmarkError(f"--epochs takes whole numbers, got {', '.join(epochs)}")
+            self.epochs = sorted({int(e) for e in epochs})
         self.stderr = sys.stderr if self.stderr is None else self.stderr
 
     def filters_text(self) -> str:

@@ -239,7 +239,7 @@ def test_output_folder_that_is_a_file_is_a_clean_error(built, tmp_path, capsys):
     with pytest.raises(BenchmarkError) as info:
         build_report(built["results"], target, figures=False, n_boot=100, stderr=open(os.devnull, "w"))
     message = str(info.value)
-    assert "\n" not in message and str(target) in message and "is an existing file" in message
+    assert "\n" not in message and str(target) in message and "is a file, not a folder" in message
     code = main(["build", "--results", str(built["results"]), "--out", str(target), "--no-figures"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and str(target) in err and err.count("\n") == 1
@@ -252,7 +252,7 @@ def test_read_only_output_folder_is_a_clean_error(built, tmp_path):
     folder.mkdir()
     folder.chmod(0o500)
     try:
-        with pytest.raises(BenchmarkError, match="cannot write the report to"):
+        with pytest.raises(BenchmarkError, match="cannot be written"):
             build_report(built["results"], folder, figures=False, n_boot=100, stderr=open(os.devnull, "w"))
     finally:
         folder.chmod(0o700)
