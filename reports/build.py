@@ -139,14 +139,13 @@ def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
 
 def _cost_row(label: str, runs: pd.DataFrame) -> list[str]:
     gpu = runs["gpu"].any()
-    wall = [float(w) for w in runs["wall_time_s"].dropna()]
-    per_run = sum(wall) / len(wall) if wall else math.nan
-    speed = [float(s) for s in runs["throughput_images_per_s"].dropna() if s]
+    wall = runs["wall_time_s"].dropna().astype(float)
+    speed = runs["throughput_images_per_s"].dropna().astype(float).loc[lambda s: s != 0]
     peak = runs.dropna(subset=["peak_memory_mb"])
     sources = {s or ("cuda_max_allocated" if gpu else "not recorded") for s in peak["peak_memory_source"]}
     return [label, str(len(runs)),
-            DASH if not wall else (f"{per_run / 3600:.3f} GPU-h" if gpu else f"{per_run:.1f} s"),
-            DASH if not speed else f"{sum(speed) / len(speed):.0f}",
+            DASH if wall.empty else (f"{wall.mean() / 3600:.3f} GPU-h" if gpu else f"{wall.mean():.1f} s"),
+            DASH if speed.empty else f"{speed.mean():.0f}",
             DASH if peak.empty else f"{peak['peak_memory_mb'].astype(float).max():.0f}"
             + (" (RSS)" if sources == {"process_peak_rss"} else ""),
             ", ".join(sorted(set(runs["device"])))]

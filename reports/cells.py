@@ -37,7 +37,6 @@ SUBSET_PROTOCOLS = ("semi", "finetune")  # trained on labelled images
 KIND_TITLES = {"clustering": "Clustering (k-means, K = classes)", "heads": "Clustering with the methods' own heads",
                "linear": "Linear evaluation", "knn": "kNN", "semi": "Semi-supervised and fine-tuning",
                "transfer": "Transfer", "blocks": "Per-block probes", "other": "Other protocols"}
-KINDS = tuple(KIND_TITLES)
 _KIND_OF = {"clustering": "clustering", "clustering_head": "heads", "linear": "linear", "online_linear": "linear",
             "knn": "knn", "semi": "semi", "finetune": "semi", "transfer": "transfer"}
 METRIC_ORDER = {"NMI": 0, "AMI": 1, "ARI": 2, "ACC": 3, "ACC_M2O": 4, "ACC_MANY_TO_ONE": 4, "top1": 0, "top5": 1}
@@ -74,7 +73,6 @@ def metric_label(protocol: str, metric: str) -> str:
     return "ACC (one-to-one)" if one_to_one else METRIC_LABELS.get(metric, metric)
 
 
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -100,7 +98,6 @@ def protocol_label(protocol: str, settings: dict, params: dict, key: str) -> str
     labels = {"linear": f"linear probe (offline{views})", "online_linear": "online linear (during pretraining)",
               "finetune": "100% labels (fine-tune)", "transfer": f"→ {settings.get('dataset')} (linear)"}
     return _knn_label(settings, params) if protocol == "knn" else labels.get(protocol, key)
-
 
 
 @dataclass
@@ -334,7 +331,6 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
         model.cells = pd.DataFrame(cells)
         _mark_best(model)
     return model
-
 
 
 def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:

@@ -233,7 +233,6 @@ def text(name: str, **values):
 # ------------------------------------------------------------------------------------------ rendering
 
 
-
 def md_escape(text: str) -> str:
     return re.sub(r"([\\|*_`])", r"\\\1", text).replace("\n", " ")
 
