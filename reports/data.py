@@ -2,7 +2,7 @@
 predictions, the tidy frame of metric entries, training curves and the papers' CSV.
 
 ``load_records`` reads each record with ``benchmarks.records.read_record`` and checks what the report reads beyond
-the schema (``clusters[key]``, the predictions against the recorded metrics); a file that fails is ``Skipped`` with
+the schema (the predictions against the recorded metrics and ``clusters[key]``); a file that fails is ``Skipped`` with
 the reason, and the build goes on. Per run identity the newest record wins (``newest_first``); the others are
 ``Superseded``. ``entries_frame`` is the report's one source of numbers. An entry's ``key`` only names its
 predictions' arrays and ``clusters[key]``; nothing reads meaning out of it.
@@ -115,10 +115,6 @@ def selected(record: dict, suites=None, methods=None, epochs=None) -> bool:
             and (epochs is None or record["epochs"] in {int(e) for e in epochs}))
 
 
-def _digest(labels: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
 def _checked_arrays(record: dict, arrays: dict, key: str, clustering: bool) -> tuple[np.ndarray, np.ndarray]:
     """`key`'s test labels (int64) and predictions, of the types and shapes ``records.read_predictions`` names."""
     name = f"{key}:labels" if f"{key}:labels" in arrays else "labels"
@@ -167,6 +163,7 @@ def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
     for key in sorted(protocols.keys() & arrays.keys()):
         clustering = protocols[key] in CLUSTERING_PROTOCOLS
         labels, pred = _checked_arrays(record, arrays, key, clustering)
+        labels_id = hashlib.sha256(labels.tobytes()).hexdigest()[:16]  # labels: int64 [n]
         for metric, recorded in sorted(values[key].items()):
             if clustering:
                 data, recomputed = pred.astype(np.int64), stats.clustering_score(labels, pred, CLUSTER_METRICS[metric])
@@ -179,7 +176,7 @@ def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
                 raise RecordError(f"mismatched predictions file: {key} {metric} from the predictions is "
                                   f"{recomputed:.4f}, the record says {recorded:.4f}; rerun the evaluation to "
                                   f"regenerate both")
-            out[(key, metric)] = PerImage("clustering" if clustering else "accuracy", labels, data, _digest(labels))
+            out[(key, metric)] = PerImage("clustering" if clustering else "accuracy", labels, data, labels_id)
     _derive_block_averages(record, out)
     return out
 
@@ -228,12 +225,6 @@ def _reason(exc: Exception, path: Path, root: Path) -> str:
     return message.replace(str(root), name) if root.name else message
 
 
-def identity(record: dict) -> tuple:
-    fp = record["fingerprints"]
-    return (record["suite"], record["method"], record["epochs"], record["seed"], fp["training"],
-            fp["evaluation"])
-
-
 def newest_first(runs: list[Run], root: Path) -> list[Run]:
     """Newest `created` first; ties: the file at its canonical path, then sorted path order."""
     def canonical(run: Run) -> bool:
@@ -255,8 +246,10 @@ def load_records(results_dir: str | Path, suites=None, methods=None, epochs=None
         except Exception as exc:  # noqa: BLE001 -- one unreadable file of any kind must not stop the build
             out.skipped.append(Skipped(shown_path(path, root), _reason(exc, path, root)))
             continue
-        if selected(run.record, suites, methods, epochs):
-            groups.setdefault(identity(run.record), []).append(run)
+        r, fp = run.record, run.record["fingerprints"]
+        if selected(r, suites, methods, epochs):
+            identity = (r["suite"], r["method"], r["epochs"], r["seed"], fp["training"], fp["evaluation"])
+            groups.setdefault(identity, []).append(run)
     for group in groups.values():  # in any order: the lists are sorted by path below
         winner, *others = newest_first(group, root)
         out.superseded += [Superseded(o.path, o.record["created"], winner.path, winner.record["created"])
