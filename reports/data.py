@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,14 +104,12 @@ def shown_path(path: Path, results_dir: Path) -> str:
 
 
 def selected(record: dict, suites=None, methods=None, epochs=None) -> bool:
-    """Whether a record passes --suite / --methods / --epochs (methods: registry, variant or display name)."""
-    def folded(values: Iterable[str]) -> set[str]:
-        return {str(v).strip().casefold() for v in values}
-
+    """Whether a record passes --suite / --methods / --epochs, as ``build.BuildOptions`` lists them (stripped
+    names, whole epochs); names are compared without case, methods by registry, variant or display name."""
     names = {record[k].casefold() for k in ("method", "method_display", "method_base")}
-    return ((suites is None or record["suite"].casefold() in folded(suites))
-            and (methods is None or bool(names & folded(methods)))
-            and (epochs is None or record["epochs"] in {int(e) for e in epochs}))
+    return ((suites is None or record["suite"].casefold() in {s.casefold() for s in suites})
+            and (methods is None or bool(names & {m.casefold() for m in methods}))
+            and (epochs is None or record["epochs"] in epochs))
 
 
 def _checked_arrays(record: dict, arrays: dict, key: str, clustering: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -301,8 +298,7 @@ def entries_frame(runs: list[Run]) -> pd.DataFrame:
 
 def at_place(frame: pd.DataFrame, protocol: str, place: dict) -> pd.Series:
     """Rows of `frame` of `protocol` at exactly `place` (``benchmarks.records.at_place``)."""
-    fits = [records.at_place(e, place) for e in frame["entry"]]
-    return (frame["protocol"] == protocol) & pd.Series(fits, index=frame.index, dtype=bool)
+    return (frame["protocol"] == protocol) & frame["entry"].map(lambda e: records.at_place(e, place)).astype(bool)
 
 
 def dotted_json(obj, prefix: str = "") -> dict[str, str]:
