@@ -2,7 +2,7 @@
 predictions, the tidy frame of metric entries, training curves and the papers' CSV.
 
 ``load_records`` reads each record with ``benchmarks.records.read_record`` and checks what the report reads beyond
-the schema (``clusters[key]``, the predictions against the recorded metrics); a file that fails is ``Skipped`` with
+the schema (the predictions against the recorded metrics and ``clusters[key]``); a file that fails is ``Skipped`` with
 the reason, and the build goes on. Per run identity the newest record wins (``newest_first``); the others are
 ``Superseded``. ``entries_frame`` is the report's one source of numbers. An entry's ``key`` only names its
 predictions' arrays and ``clusters[key]``; nothing reads meaning out of it.
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -105,35 +104,35 @@ def shown_path(path: Path, results_dir: Path) -> str:
 
 
 def selected(record: dict, suites=None, methods=None, epochs=None) -> bool:
-    """Whether a record passes --suite / --methods / --epochs (methods: registry, variant or display name)."""
-    def folded(values: Iterable[str]) -> set[str]:
-        return {str(v).strip().casefold() for v in values}
-
+    """Whether a record passes --suite / --methods / --epochs, as ``build.BuildOptions`` lists them (stripped
+    names, whole epochs); names are compared without case, methods by registry, variant or display name."""
     names = {record[k].casefold() for k in ("method", "method_display", "method_base")}
-    return ((suites is None or record["suite"].casefold() in folded(suites))
-            and (methods is None or bool(names & folded(methods)))
-            and (epochs is None or record["epochs"] in {int(e) for e in epochs}))
+    return ((suites is None or record["suite"].casefold() in {s.casefold() for s in suites})
+            and (methods is None or bool(names & {m.casefold() for m in methods}))
+            and (epochs is None or record["epochs"] in epochs))
 
 
-def parse_created(text: str) -> datetime:
-    """ISO-8601 (``Z`` or an offset; a naive time is taken as UTC, as the schema says the field is UTC)."""
-    try:
-        when = datetime.fromisoformat(text)
-    except (TypeError, ValueError) as exc:
-        raise RecordError(f"'created' is not an ISO-8601 timestamp: {text!r}") from exc
-    return when if when.tzinfo is not None else when.replace(tzinfo=timezone.utc)
-
-
-def _digest(labels: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()[:16]
-
-
-def _labels_array(arrays: dict, name: str) -> np.ndarray:
-    labels = np.asarray(arrays[name])
+def _checked_arrays(record: dict, arrays: dict, key: str, clustering: bool) -> tuple[np.ndarray, np.ndarray]:
+    """`key`'s test labels (int64) and predictions, of the types and shapes ``records.read_predictions`` names."""
+    name = f"{key}:labels" if f"{key}:labels" in arrays else "labels"
+    labels, pred = np.asarray(arrays[name]), np.asarray(arrays[key])
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or labels.size == 0 or labels.min() < 0:
         raise RecordError(f"predictions '{name}' must be non-negative integer labels [n], got "
                           f"{labels.dtype} {list(labels.shape)}")
-    return labels.astype(np.int64)
+    if pred.dtype.kind not in "iu":
+        raise RecordError(f"predictions '{key}' must be integers, got {pred.dtype}")
+    if clustering:
+        if pred.shape != labels.shape or pred.min() < 0:
+            raise RecordError(f"predictions '{key}' must be non-negative cluster indices [{len(labels)}], got "
+                              f"{list(pred.shape)}")
+        nonempty, said = len(np.unique(pred)), record["clusters"][key]["num_nonempty"]  # RunRecord: it exists
+        if nonempty != said:
+            raise RecordError(f"mismatched predictions file: {key} has {nonempty} non-empty clusters, "
+                              f"clusters['{key}'] says {said}")
+    elif pred.ndim not in (1, 2, 3) or pred.shape[-1 if pred.ndim == 1 else -2] != len(labels):
+        raise RecordError(f"predictions '{key}' must be [n], [n, 5] or [subsets, n, 5] with n = "
+                          f"{len(labels)}, got {list(pred.shape)}")
+    return labels.astype(np.int64), pred
 
 
 def _correctness(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -145,45 +144,9 @@ def _correctness(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     return hit.astype(np.float64).reshape(-1, len(labels)).mean(axis=0)
 
 
-def _check_value(key: str, metric: str, recomputed: float, recorded: float) -> None:
-    if not abs(recomputed - recorded) <= METRIC_TOLERANCE:
-        raise RecordError(f"mismatched predictions file: {key} {metric} from the predictions is "
-                          f"{recomputed:.4f}, the record says {recorded:.4f}; rerun the evaluation to "
-                          f"regenerate both")
-
-
-def _clusters_per_image(record: dict, key: str, pred: np.ndarray, labels: np.ndarray, values: dict) -> dict:
-    if pred.shape != labels.shape or pred.min() < 0:
-        raise RecordError(f"predictions '{key}' must be non-negative cluster indices [{len(labels)}], got "
-                          f"{list(pred.shape)}")
-    nonempty, info = len(np.unique(pred)), record["clusters"][key]
-    if nonempty != info["num_nonempty"]:
-        raise RecordError(f"mismatched predictions file: {key} has {nonempty} non-empty clusters, "
-                          f"clusters['{key}'] says {info['num_nonempty']}")
-    out = {}
-    for metric in sorted(values):
-        _check_value(key, metric, stats.clustering_score(labels, pred, CLUSTER_METRICS[metric]), values[metric])
-        out[(key, metric)] = PerImage("clustering", labels, pred.astype(np.int64), _digest(labels))
-    return out
-
-
-def _accuracy_per_image(key: str, pred: np.ndarray, labels: np.ndarray, values: dict) -> dict:
-    if pred.ndim not in (1, 2, 3) or pred.shape[-1 if pred.ndim == 1 else -2] != len(labels):
-        raise RecordError(f"predictions '{key}' must be [n], [n, 5] or [subsets, n, 5] with n = "
-                          f"{len(labels)}, got {list(pred.shape)}")
-    out = {}
-    for metric in sorted(values):
-        k = TOPK.get(metric)
-        if k is None or (pred.ndim == 1 and k > 1):
-            continue  # no per-image form of this metric (e.g. top-5 from top-1 predictions only)
-        correct = _correctness(pred, labels, k)
-        _check_value(key, metric, 100.0 * float(correct.mean()), values[metric])
-        out[(key, metric)] = PerImage("accuracy", labels, correct, _digest(labels))
-    return out
-
-
 def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
-    """Per-image data of every (key, metric) the predictions cover, each checked against the metric."""
+    """Per-image data of every (key, metric) the predictions cover -- a clustering key's cluster of each image,
+    a classification key's top-k correctness of each -- each recomputed metric checked against the record."""
     if not arrays:
         return {}
     if "labels" not in arrays:
@@ -195,14 +158,22 @@ def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
         protocols[e["key"]] = e["protocol"]
     out: dict[tuple[str, str], PerImage] = {}
     for key in sorted(protocols.keys() & arrays.keys()):
-        labels = _labels_array(arrays, f"{key}:labels" if f"{key}:labels" in arrays else "labels")
-        pred = np.asarray(arrays[key])
-        if pred.dtype.kind not in "iu":
-            raise RecordError(f"predictions '{key}' must be integers, got {pred.dtype}")
-        if protocols[key] in CLUSTERING_PROTOCOLS:
-            out.update(_clusters_per_image(record, key, pred, labels, values[key]))
-        else:
-            out.update(_accuracy_per_image(key, pred, labels, values[key]))
+        clustering = protocols[key] in CLUSTERING_PROTOCOLS
+        labels, pred = _checked_arrays(record, arrays, key, clustering)
+        labels_id = hashlib.sha256(labels.tobytes()).hexdigest()[:16]  # labels: int64 [n]
+        for metric, recorded in sorted(values[key].items()):
+            if clustering:
+                data, recomputed = pred.astype(np.int64), stats.clustering_score(labels, pred, CLUSTER_METRICS[metric])
+            elif metric in TOPK and (pred.ndim > 1 or TOPK[metric] == 1):
+                data = _correctness(pred, labels, TOPK[metric])
+                recomputed = 100.0 * float(data.mean())
+            else:
+                continue  # no per-image form of this metric (e.g. top-5 from top-1 predictions only)
+            if not abs(recomputed - recorded) <= METRIC_TOLERANCE:
+                raise RecordError(f"mismatched predictions file: {key} {metric} from the predictions is "
+                                  f"{recomputed:.4f}, the record says {recorded:.4f}; rerun the evaluation to "
+                                  f"regenerate both")
+            out[(key, metric)] = PerImage("clustering" if clustering else "accuracy", labels, data, labels_id)
     _derive_block_averages(record, out)
     return out
 
@@ -233,10 +204,10 @@ def _derive_block_averages(record: dict, out: dict) -> None:
 
 
 def _read_one(path: Path, root: Path) -> Run:
-    record = records.read_record(path)  # validated (RunRecord, clusters included); schema 2 converted on load
-    created = parse_created(record["created"])
+    record = records.read_record(path)  # validated (RunRecord: 'created' ISO-8601, clusters[key] of every entry)
+    created = datetime.fromisoformat(record["created"])  # a naive time is UTC, as the schema says
     completed = record["status"] == "completed"
-    return Run(shown_path(path, root), record, created,
+    return Run(shown_path(path, root), record, created if created.tzinfo else created.replace(tzinfo=timezone.utc),
                per_image(record, records.read_predictions(path, record)) if completed else {})
 
 
@@ -251,22 +222,14 @@ def _reason(exc: Exception, path: Path, root: Path) -> str:
     return message.replace(str(root), name) if root.name else message
 
 
-def identity(record: dict) -> tuple:
-    fp = record["fingerprints"]
-    return (record["suite"], record["method"], record["epochs"], record["seed"], fp["training"],
-            fp["evaluation"])
-
-
 def newest_first(runs: list[Run], root: Path) -> list[Run]:
     """Newest `created` first; ties: the file at its canonical path, then sorted path order."""
     def canonical(run: Run) -> bool:
         r = run.record
-        path = records.record_path(root, r["suite"], r["method"], r["epochs"], r["seed"],
-                                   r["fingerprints"]["run"])
+        path = records.record_path(root, r["suite"], r["method"], r["epochs"], r["seed"], r["fingerprints"]["run"])
         return run.path == shown_path(path, root)
 
-    by_canonical = sorted(sorted(runs, key=lambda r: r.path), key=lambda r: not canonical(r))
-    return sorted(by_canonical, key=lambda r: r.created, reverse=True)
+    return sorted(runs, key=lambda r: (-r.created.timestamp(), not canonical(r), r.path))
 
 
 def load_records(results_dir: str | Path, suites=None, methods=None, epochs=None) -> LoadedRecords:
@@ -280,10 +243,12 @@ def load_records(results_dir: str | Path, suites=None, methods=None, epochs=None
         except Exception as exc:  # noqa: BLE001 -- one unreadable file of any kind must not stop the build
             out.skipped.append(Skipped(shown_path(path, root), _reason(exc, path, root)))
             continue
-        if selected(run.record, suites, methods, epochs):
-            groups.setdefault(identity(run.record), []).append(run)
-    for key in sorted(groups, key=repr):
-        winner, *others = newest_first(groups[key], root)
+        r, fp = run.record, run.record["fingerprints"]
+        if selected(r, suites, methods, epochs):
+            identity = (r["suite"], r["method"], r["epochs"], r["seed"], fp["training"], fp["evaluation"])
+            groups.setdefault(identity, []).append(run)
+    for group in groups.values():  # in any order: the lists are sorted by path below
+        winner, *others = newest_first(group, root)
         out.superseded += [Superseded(o.path, o.record["created"], winner.path, winner.record["created"])
                            for o in others]
         (out.completed if winner.record["status"] == "completed" else out.excluded).append(winner)
@@ -303,44 +268,37 @@ def paper_of(rec: dict) -> str | None:
     return rec["paper_reference"]
 
 
-RUN_COLUMNS = ("suite", "dataset", "epochs", "method", "method_base", "display", "is_reference", "settings_fp",
-               "seed", "paper_reference", "backbone", "hparams")
-ENTRY_COLUMNS = (*RUN_COLUMNS, "run", "path", "created", "protocol", "key", "metric", "value", "settings", "entry",
-                 "num_clusters", "num_classes")
-
-
-def run_columns(rec: dict) -> dict:
-    """The columns of a run (``RUN_COLUMNS``) that every one of its entries' rows carries."""
-    return {"suite": rec["suite"], "dataset": rec["dataset"], "epochs": rec["epochs"], "method": rec["method"],
-            "method_base": rec["method_base"], "display": rec["method_display"],
-            "is_reference": rec["is_reference"], "settings_fp": rec["fingerprints"]["settings"],
-            "seed": rec["seed"], "paper_reference": paper_of(rec), "backbone": rec["backbone"],
-            "hparams": canonical_json((rec.get("method_config") or {}).get("hparams") or {})}
+ENTRY_COLUMNS = ("suite", "dataset", "epochs", "method", "method_base", "display", "is_reference", "settings_fp",
+                 "seed", "paper_reference", "backbone", "hparams", "run", "path", "created", "protocol", "key",
+                 "metric", "value", "settings", "entry", "num_clusters", "num_classes")
 
 
 def entries_frame(runs: list[Run]) -> pd.DataFrame:
-    """The tidy frame (``ENTRY_COLUMNS``): one row per (run, metric entry), ``run`` = its index in `runs`,
-    ``settings`` canonical JSON of the dict ``entry``; clusters and classes of clustering entries."""
+    """The tidy frame (``ENTRY_COLUMNS``): one row per (run, metric entry), with its run's columns, ``run`` = its
+    index in `runs`, ``settings`` canonical JSON of the dict ``entry``; clusters and classes of clustering entries."""
     rows = []
     for i, run in enumerate(runs):
         rec = run.record
-        common = {**run_columns(rec), "run": i, "path": run.path, "created": run.created}
+        common = {"suite": rec["suite"], "dataset": rec["dataset"], "epochs": rec["epochs"], "method": rec["method"],
+                  "method_base": rec["method_base"], "display": rec["method_display"],
+                  "is_reference": rec["is_reference"], "settings_fp": rec["fingerprints"]["settings"],
+                  "seed": rec["seed"], "paper_reference": paper_of(rec), "backbone": rec["backbone"],
+                  "hparams": canonical_json((rec.get("method_config") or {}).get("hparams") or {}),
+                  "run": i, "path": run.path, "created": run.created}
         for e in rec["metrics"]:
-            info = rec["clusters"].get(e["key"]) if e["protocol"] in CLUSTERING_PROTOCOLS else None
+            info = rec["clusters"].get(e["key"], {}) if e["protocol"] in CLUSTERING_PROTOCOLS else {}
             settings = e["settings"]
             if "dataset" in settings:  # a transfer target by its loader name (schema-2 conversion): as displayed
                 settings = {**settings, "dataset": dataset_display_name(settings["dataset"])}
             rows.append({**common, "protocol": e["protocol"], "key": e["key"], "metric": e["metric"],
                          "value": float(e["value"]), "settings": canonical_json(settings), "entry": settings,
-                         "num_clusters": (info or {}).get("num_clusters"),
-                         "num_classes": (info or {}).get("num_classes")})
+                         "num_clusters": info.get("num_clusters"), "num_classes": info.get("num_classes")})
     return pd.DataFrame(rows, columns=list(ENTRY_COLUMNS))
 
 
 def at_place(frame: pd.DataFrame, protocol: str, place: dict) -> pd.Series:
     """Rows of `frame` of `protocol` at exactly `place` (``benchmarks.records.at_place``)."""
-    fits = [records.at_place(e, place) for e in frame["entry"]]
-    return (frame["protocol"] == protocol) & pd.Series(fits, index=frame.index, dtype=bool)
+    return (frame["protocol"] == protocol) & frame["entry"].map(lambda e: records.at_place(e, place)).astype(bool)
 
 
 def dotted_json(obj, prefix: str = "") -> dict[str, str]:
@@ -356,8 +314,7 @@ def dotted_json(obj, prefix: str = "") -> dict[str, str]:
 def differing(dicts: list[dict]) -> list[str]:
     """Dotted keys whose values are not the same in every one of `dicts` (missing counts as different)."""
     flat = [dotted_json(d) for d in dicts]
-    keys = sorted(set().union(*flat)) if flat else []
-    return [k for k in keys if len({f.get(k, "\0missing") for f in flat}) > 1]
+    return [k for k in sorted(set().union(*flat)) if len({f.get(k, "\0missing") for f in flat}) > 1]
 
 
 def history_frame(runs: list[Run]) -> pd.DataFrame:
@@ -366,7 +323,7 @@ def history_frame(runs: list[Run]) -> pd.DataFrame:
         return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
     rows = [(rec["suite"], rec["dataset"], rec["epochs"], rec["method"], rec["fingerprints"]["settings"],
-             rec["seed"], float(entry.get("epoch")), series, float(entry[series]))
+             rec["seed"], float(entry["epoch"]), series, float(entry[series]))
             for rec in (run.record for run in runs) for entry in rec["history"] for series in HISTORY_SERIES
             if number(entry.get(series))]
     return pd.DataFrame(rows, columns=["suite", "dataset", "epochs", "method", "settings_fp", "seed", "epoch",
@@ -392,4 +349,4 @@ def load_paper_results(path: str | Path | None = None) -> pd.DataFrame:
     except ValueError as exc:
         raise BenchmarkError(f"{path}: a value, std or epochs entry is not a number ({exc})") from exc
     papers.insert(0, "line", range(2, len(papers) + 2))  # line number in the CSV (header is line 1)
-    return papers.reset_index(drop=True)
+    return papers
