@@ -12,7 +12,6 @@ settings; 7b. the hyperparameters the paper row names (``PAPER_HPARAMS``); 8. th
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -217,16 +216,12 @@ def pair_with_papers(cells: pd.DataFrame, papers: pd.DataFrame) -> tuple[pd.Data
                           f"{other['line']})")
             continue
         paper_n = PAPER_RUNS.get((row["paper"], row["table"]))
-        std = None if pd.isna(row["std"]) else float(row["std"])
         for j in free:
             taken[j] = i
-            cell = cells.loc[j]
-            delta = stats.delta_interval(list(cell["values"]), row["value"], std, paper_n)
-            welch = stats.welch_test(cell["mean"], cell["std"], cell["n"], row["value"], std, paper_n) \
-                if std is not None and paper_n else stats.WelchTest(math.nan, math.nan, math.nan)
-            pairs.append((j, int(row["line"]), row["paper"], row["table"], float(row["value"]),
-                          math.nan if std is None else std, paper_n, delta.delta, delta.ci_low, delta.ci_high,
-                          welch.p_value, f"{row['paper']} {row['table']}"))
+            delta = stats.delta_interval(cells.at[j, "values"], row["value"], float(row["std"]), paper_n)
+            pairs.append((j, int(row["line"]), row["paper"], row["table"], float(row["value"]), float(row["std"]),
+                          paper_n, delta.delta, delta.ci_low, delta.ci_high, delta.p_value,
+                          f"{row['paper']} {row['table']}"))
     unmatched = papers.loc[sorted(reasons)].copy()
     unmatched["reason"] = [reasons[i] for i in unmatched.index]
     return pd.DataFrame(pairs, columns=PAIR_COLUMNS), unmatched.reset_index(drop=True)
