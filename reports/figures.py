@@ -101,15 +101,11 @@ def curve_panels(history: pd.DataFrame) -> pd.DataFrame:
     different scales, a loss near 200 flattened the others to zero), online kNN top-1 as recorded."""
     if history.empty:
         return history
-    counts = history.groupby(["series", "method"])["epoch"].nunique()
-    keep = counts[counts >= 2].index
-    data = history.set_index(["series", "method"]).loc[lambda d: d.index.isin(keep)].reset_index()
-    loss = data["series"] == "loss"
-    if loss.any():
-        first = data[loss].groupby("method")["epoch"].min()
-        at_first = data[loss & (data["epoch"] == data["method"].map(first))].groupby("method")["value"].mean()
-        scale = data.loc[loss, "method"].map(at_first)
-        data.loc[loss, "value"] = data.loc[loss, "value"] / scale.where(scale != 0)
+    data = history[history.groupby(["series", "method"])["epoch"].transform("nunique") >= 2].reset_index(drop=True)
+    losses = data[data["series"] == "loss"]
+    at_first = losses["epoch"] == losses.groupby("method")["epoch"].transform("min")
+    scale = losses["value"].where(at_first).groupby(losses["method"]).transform("mean")
+    data.loc[losses.index, "value"] = losses["value"] / scale.where(scale != 0)
     return data.dropna(subset=["value"])
 
 
