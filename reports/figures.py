@@ -70,12 +70,11 @@ def difference_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence
 
     def draw(fig: Figure) -> None:
         axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
-        position = {r: i for i, r in enumerate(rows)}
         for ax, column in zip(axes.flat, columns):
             mine = points[points["column"] == column]
             ax.axvline(0.0, color=(0.3, 0.3, 0.3), linewidth=0.8, linestyle="--")
             for p in mine.itertuples(index=False):
-                y = position[p.row]
+                y = rows.index(p.row)
                 color = (palette or {}).get(p.row, "C0")
                 if not (math.isnan(p.low) or math.isnan(p.high)):
                     ax.hlines(y, p.low, p.high, color=color, linewidth=1.0)

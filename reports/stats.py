@@ -50,7 +50,6 @@ class SeedTest(NamedTuple):
     diff: float  # mean(a) - mean(b)
     low: float  # Welch–Satterthwaite interval of the difference
     high: float
-    df: float
     p_value: float  # two-sided Welch p (NaN: not testable)
 
 
@@ -190,10 +189,10 @@ def welch_seed_test(values_a, values_b, level: float = LEVEL) -> SeedTest:
     b = np.asarray(values_b, dtype=np.float64)
     diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
     if a.size < 2 or b.size < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
-        return SeedTest(diff, math.nan, math.nan, math.nan, math.nan)
+        return SeedTest(diff, math.nan, math.nan, math.nan)
     res = stats.ttest_ind(a, b, equal_var=False)
     ci = res.confidence_interval(confidence_level=level)
-    return SeedTest(diff, float(ci.low), float(ci.high), float(res.df), float(res.pvalue))
+    return SeedTest(diff, float(ci.low), float(ci.high), float(res.pvalue))
 
 
 RANK_INTERVAL_COLUMNS = ("method", "mean_rank", "rank_low", "rank_high", "n_seeds")
