@@ -194,6 +194,16 @@ def test_clustering_score_averages_seeds():
 # ------------------------------------------------------------------------------------------------ ranks
 
 
+def test_clustering_replicates_are_fixed_by_their_inputs_and_seed():
+    rng = np.random.default_rng(5)
+    y, p = rng.integers(0, 4, 300), rng.integers(0, 6, 300)
+    first = stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2)
+    first[:] = -1.0  # a caller's change must not reach the next caller
+    again = stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2)
+    assert (again >= 0).all() and np.array_equal(again, stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2))
+    assert not np.array_equal(again, stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=3))
+
+
 def test_rank_of_means_ranks_means_and_resamples_each_methods_seeds_independently():
     rows = [("A", s, m, v) for m in ("x", "y") for s, v in enumerate((90.0, 91.0, 92.0))]
     rows += [("B", s, m, v) for m in ("x", "y") for s, v in enumerate((80.0, 81.0, 82.0))]
