@@ -38,14 +38,6 @@ def render_png(width: float, height: float, draw: Callable[[Figure], None]) -> b
     return buffer.getvalue()
 
 
-def _legend_outside(ax) -> None:
-    handles, labels = ax.get_legend_handles_labels()
-    if ax.get_legend() is not None:
-        ax.get_legend().remove()
-    if handles:
-        ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-
-
 def palette_for(methods: Sequence[str]) -> dict[str, tuple]:
     """One colour per row label, the same in every build whatever else is in the report: seaborn's "tab20"
     palette indexed by a stable hash (md5) of the label itself, not by its position among the labels."""
@@ -70,12 +62,11 @@ def difference_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence
 
     def draw(fig: Figure) -> None:
         axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
-        position = {r: i for i, r in enumerate(rows)}
         for ax, column in zip(axes.flat, columns):
             mine = points[points["column"] == column]
             ax.axvline(0.0, color=(0.3, 0.3, 0.3), linewidth=0.8, linestyle="--")
             for p in mine.itertuples(index=False):
-                y = position[p.row]
+                y = rows.index(p.row)
                 color = (palette or {}).get(p.row, "C0")
                 if not (math.isnan(p.low) or math.isnan(p.high)):
                     ax.hlines(y, p.low, p.high, color=color, linewidth=1.0)
@@ -101,15 +92,11 @@ def curve_panels(history: pd.DataFrame) -> pd.DataFrame:
     different scales, a loss near 200 flattened the others to zero), online kNN top-1 as recorded."""
     if history.empty:
         return history
-    counts = history.groupby(["series", "method"])["epoch"].nunique()
-    keep = counts[counts >= 2].index
-    data = history.set_index(["series", "method"]).loc[lambda d: d.index.isin(keep)].reset_index()
-    loss = data["series"] == "loss"
-    if loss.any():
-        first = data[loss].groupby("method")["epoch"].min()
-        at_first = data[loss & (data["epoch"] == data["method"].map(first))].groupby("method")["value"].mean()
-        scale = data.loc[loss, "method"].map(at_first)
-        data.loc[loss, "value"] = data.loc[loss, "value"] / scale.where(scale != 0)
+    data = history[history.groupby(["series", "method"])["epoch"].transform("nunique") >= 2].reset_index(drop=True)
+    losses = data[data["series"] == "loss"]
+    at_first = losses["epoch"] == losses.groupby("method")["epoch"].transform("min")
+    scale = losses["value"].where(at_first).groupby(losses["method"]).transform("mean")
+    data.loc[losses.index, "value"] = losses["value"] / scale.where(scale != 0)
     return data.dropna(subset=["value"])
 
 
@@ -121,20 +108,21 @@ def curves_chart(history: pd.DataFrame, methods: Sequence[str], title: str,
     if history.empty:
         return None
     series = [s for s in SERIES_LABELS if (history["series"] == s).any()]
-    present = set(history["method"])
-    methods = [m for m in methods if m in present]
+    methods = [m for m in methods if (history["method"] == m).any()]
 
     def draw(fig: Figure) -> None:
         axes = fig.subplots(1, len(series), squeeze=False)[0]
         for ax, name in zip(axes, series):
             data = history[history["series"] == name]
-            sns.lineplot(data=data, x="epoch", y="value", hue="method", hue_order=list(methods),
+            sns.lineplot(data=data, x="epoch", y="value", hue="method", hue_order=methods,
                          estimator="mean", errorbar="sd", sort=True, marker="o", markersize=3,
                          palette=palette, legend=ax is axes[-1], ax=ax)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.set_ylabel(SERIES_LABELS[name])
-        _legend_outside(axes[-1])
+        handles, labels = axes[-1].get_legend_handles_labels()
+        if handles:  # seaborn drew its legend inside the panel (only with handles): replaced by one outside
+            axes[-1].legend(handles, labels, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
         fig.suptitle(title, fontsize=9)
 
     return render_png(4.0 * len(series) + 1.6, 3.2, draw)

@@ -12,7 +12,6 @@ settings; 7b. the hyperparameters the paper row names (``PAPER_HPARAMS``); 8. th
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -80,13 +79,18 @@ def _fmt_setting(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _listed(values) -> str:
+    """The distinct values, sorted, for a reason: "CIFAR-10, STL-10"."""
+    return ", ".join(str(v) for v in sorted(set(values)))
+
+
 def _method_filter(row: pd.Series, cells: pd.DataFrame, subset: bool) -> tuple[pd.Series, str]:
     """Cells of the CSV row's method (see the module docstring), and the reason when there are none."""
     name = row["method"].casefold()
     if name in ("random", "random init", "supervised"):
-        base, role = "random_init", ""
-        if name == "supervised":  # in label-subset protocols: the network trained on the labelled images only
-            base, role = ("random_init", SUBSET_ROLE) if subset else ("supervised", "")
+        # "Supervised" in label-subset protocols: the network trained on the labelled images only
+        base = "supervised" if name == "supervised" and not subset else "random_init"
+        role = SUBSET_ROLE if name == "supervised" and subset else ""
         mask = (cells["method_base"] == base) & (cells["role"] == role)
         return mask, "" if mask.any() else f"no run of {row['method']} (reference row)"
     bases = {b for b, d in BASE_DISPLAY.items() if d.casefold() == name}
@@ -97,8 +101,8 @@ def _method_filter(row: pd.Series, cells: pd.DataFrame, subset: bool) -> tuple[p
         return mask, ""
     if not same.any():
         return mask, f"no run of {row['method']} (following {row['paper']})"
-    refs = sorted({r for r in cells.loc[same, "paper_reference"] if isinstance(r, str)})
-    ours = f"follow {', '.join(refs)}" if refs else "name no paper"
+    refs = _listed(cells.loc[same, "paper_reference"].dropna())
+    ours = f"follow {refs}" if refs else "name no paper"
     if refs and cells.loc[same, "paper_reference"].isna().any():
         ours += " or none"
     return mask, f"our {row['method']} runs {ours} (paper_reference), this row is from {row['paper']}"
@@ -112,19 +116,17 @@ PAIRING_COLUMNS = ("row", "method_base", "display", "role", "paper_reference", "
 
 def _run_filters(row: pd.Series, cand: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Steps 3-5: pretraining dataset, backbone, epochs."""
-    names = ", ".join(sorted(set(cand["row"])))
     same = cand[cand["dataset"].str.casefold() == row["pretrain_dataset"].casefold()]
     if same.empty:
-        return same, f"no run of {names} on {row['pretrain_dataset']} (ours: {', '.join(sorted(set(cand['dataset'])))})"
+        return same, f"no run of {_listed(cand['row'])} on {row['pretrain_dataset']} (ours: {_listed(cand['dataset'])})"
     cand = same
-    same = cand[[BACKBONES.get(b) == row["backbone"] for b in cand["backbone"]]]
+    same = cand[cand["backbone"].map(BACKBONES) == row["backbone"]]
     if same.empty:
-        return same, f"backbone {', '.join(sorted(set(cand['backbone'])))}, paper {row['backbone']}"
+        return same, f"backbone {_listed(cand['backbone'])}, paper {row['backbone']}"
     cand = same
     same = cand[cand["epochs"] == int(row["epochs"])] if not pd.isna(row["epochs"]) else cand.iloc[:0]
     if same.empty:
-        ours = ", ".join(str(e) for e in sorted(set(cand["epochs"])))
-        return same, f"our runs have {ours} epochs, the paper {row['epochs']}"
+        return same, f"our runs have {_listed(cand['epochs'])} epochs, the paper {row['epochs']}"
     return same, ""
 
 
@@ -147,9 +149,8 @@ def _evaluation_filters(row: pd.Series, proto: Protocol, cand: pd.DataFrame) -> 
     place = place_of(proto, row, cand)
     same = cand[at_place(cand, proto.ours, place)]
     if same.empty:
-        kind = sorted(set(cand.loc[cand["protocol"] == proto.ours, "key"]))
-        return same, f"{describe(proto.ours, place)} not measured in our runs" + (
-            f" (ours: {', '.join(kind)})" if kind else "")
+        kind = _listed(cand.loc[cand["protocol"] == proto.ours, "key"])
+        return same, f"{describe(proto.ours, place)} not measured in our runs" + (f" (ours: {kind})" if kind else "")
     same, why = _agreeing(same, "settings", proto.settings, lambda c, k, v: f"ours {c['key']} ({k} {v})")
     if same.empty:
         return same, f"protocol: {why}"
@@ -160,8 +161,7 @@ def _evaluation_filters(row: pd.Series, proto: Protocol, cand: pd.DataFrame) -> 
             return same, f"method settings: {why}"
     cand, same = same, same[same["metric"] == row["metric"]]
     if same.empty:
-        ours = ", ".join(sorted(set(cand["metric"])))
-        return same, f"metric {row['metric']} not in our {cand['key'].iloc[0]} (ours: {ours})"
+        return same, f"metric {row['metric']} not in our {cand['key'].iloc[0]} (ours: {_listed(cand['metric'])})"
     return same, ""
 
 
@@ -217,16 +217,12 @@ def pair_with_papers(cells: pd.DataFrame, papers: pd.DataFrame) -> tuple[pd.Data
                           f"{other['line']})")
             continue
         paper_n = PAPER_RUNS.get((row["paper"], row["table"]))
-        std = None if pd.isna(row["std"]) else float(row["std"])
         for j in free:
             taken[j] = i
-            cell = cells.loc[j]
-            delta = stats.delta_interval(list(cell["values"]), row["value"], std, paper_n)
-            welch = stats.welch_test(cell["mean"], cell["std"], cell["n"], row["value"], std, paper_n) \
-                if std is not None and paper_n else stats.WelchTest(math.nan, math.nan, math.nan)
-            pairs.append((j, int(row["line"]), row["paper"], row["table"], float(row["value"]),
-                          math.nan if std is None else std, paper_n, delta.delta, delta.ci_low, delta.ci_high,
-                          welch.p_value, f"{row['paper']} {row['table']}"))
+            delta = stats.delta_interval(cells.at[j, "values"], row["value"], float(row["std"]), paper_n)
+            pairs.append((j, int(row["line"]), row["paper"], row["table"], float(row["value"]), float(row["std"]),
+                          paper_n, delta.delta, delta.ci_low, delta.ci_high, delta.p_value,
+                          f"{row['paper']} {row['table']}"))
     unmatched = papers.loc[sorted(reasons)].copy()
     unmatched["reason"] = [reasons[i] for i in unmatched.index]
     return pd.DataFrame(pairs, columns=PAIR_COLUMNS), unmatched.reset_index(drop=True)
@@ -252,7 +248,7 @@ LAYOUTS = tuple(Layout(**{k: _tuples(v) for k, v in spec.items()}) for spec in _
 def _matches(papers: pd.DataFrame, fields: tuple[str, ...], values: tuple) -> pd.Series:
     mask = pd.Series(True, index=papers.index)
     for f, v in zip(fields, values):
-        mask &= (papers[f] == v).fillna(False).astype(bool) if f == "epochs" else papers[f].astype(object) == v
+        mask &= papers[f].astype(object) == v  # a missing value (epochs: pd.NA) equals nothing
     return mask
 
 

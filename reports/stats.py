@@ -9,7 +9,6 @@ share the test images). Randomness: ``numpy.random.default_rng(seed)``, so rebui
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -39,24 +38,18 @@ class Interval(NamedTuple):
     ci_high: float
 
 
-class WelchTest(NamedTuple):
-    t: float
-    df: float
-    p_value: float
-
-
 class Delta(NamedTuple):
     delta: float  # ours - paper
     ci_low: float
     ci_high: float
     df: float
+    p_value: float  # two-sided Welch p (NaN: the paper gives no std over n >= 2 runs)
 
 
 class SeedTest(NamedTuple):
     diff: float  # mean(a) - mean(b)
     low: float  # Welch–Satterthwaite interval of the difference
     high: float
-    df: float
     p_value: float  # two-sided Welch p (NaN: not testable)
 
 
@@ -66,11 +59,6 @@ class SeedTest(NamedTuple):
 def _t(level: float, df: float) -> float:
     """The two-sided Student-t quantile at `level`."""
     return float(stats.t.ppf((1 + level) / 2, df))
-
-
-def _welch_df(va: float, vb: float, n_a: float, n_b: float) -> float:
-    """Welch–Satterthwaite degrees of freedom from the variances of the means (scipy's *_from_stats give none)."""
-    return (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
 
 
 def seed_summary(values, level: float = LEVEL) -> SeedSummary:
@@ -86,37 +74,27 @@ def seed_summary(values, level: float = LEVEL) -> SeedSummary:
     return SeedSummary(mean, std, n, mean - half, mean + half)
 
 
-def _missing(std, n) -> bool:
-    return std is None or n is None or not math.isfinite(std) or not math.isfinite(n) or n < 2
-
-
-def welch_test(mean_a, std_a, n_a, mean_b, std_b, n_b) -> WelchTest:
-    """Welch's two-sided t-test from means, sample stds and counts (``scipy.stats.ttest_ind_from_stats``);
-    NaN when a std is missing, a side has fewer than two runs, or both stds are 0."""
-    if _missing(std_a, n_a) or _missing(std_b, n_b) or std_a == std_b == 0:
-        return WelchTest(math.nan, math.nan, math.nan)
-    df = _welch_df(std_a**2 / n_a, std_b**2 / n_b, n_a, n_b)
-    t, p = stats.ttest_ind_from_stats(mean_a, std_a, n_a, mean_b, std_b, n_b, equal_var=False)
-    return WelchTest(float(t), float(df), float(p))
-
-
 def delta_interval(ours, paper_mean, paper_std=None, paper_n=None, level: float = LEVEL) -> Delta:
-    """Δ = mean(ours over seeds) − paper_mean with a t interval: Welch–Satterthwaite when the paper gives its
-    std over n >= 2 runs, else the prediction interval of one new run of ours (Δ ± t_{n-1} · s · √(1 + 1/n));
-    NaN bounds with a single seed of ours."""
+    """Δ = mean(ours over seeds) − paper_mean with a t interval: Welch–Satterthwaite, and Welch's p
+    (``scipy.stats.ttest_ind_from_stats``), when the paper gives its std over n >= 2 runs (both stds 0: no
+    p), else the prediction interval of one new run of ours (Δ ± t_{n-1} · s · √(1 + 1/n)); NaN bounds with
+    a single seed of ours."""
     own = seed_summary(ours, level)
     delta = own.mean - float(paper_mean)
     if own.n < 2:
-        return Delta(delta, math.nan, math.nan, math.nan)
-    if _missing(paper_std, paper_n):  # the paper's number is one run: where one new run of ours would fall
+        return Delta(delta, math.nan, math.nan, math.nan, math.nan)
+    if not (paper_std is not None and paper_n is not None and math.isfinite(paper_std) and paper_n >= 2):
+        # the paper's number is one run: where one new run of ours would fall
         half = _t(level, own.n - 1) * own.std * math.sqrt(1 + 1 / own.n)
-        return Delta(delta, delta - half, delta + half, float(own.n - 1))
+        return Delta(delta, delta - half, delta + half, float(own.n - 1), math.nan)
     va, vb = own.std**2 / own.n, paper_std**2 / paper_n
     if va + vb == 0:
-        return Delta(delta, delta, delta, math.nan)
-    df = _welch_df(va, vb, own.n, paper_n)
+        return Delta(delta, delta, delta, math.nan, math.nan)
+    # Welch–Satterthwaite degrees of freedom (scipy's *_from_stats give none)
+    df = (va + vb) ** 2 / (va**2 / (own.n - 1) + vb**2 / (paper_n - 1))
     half = _t(level, df) * math.sqrt(va + vb)
-    return Delta(delta, delta - half, delta + half, float(df))
+    welch = stats.ttest_ind_from_stats(own.mean, own.std, own.n, paper_mean, paper_std, paper_n, equal_var=False)
+    return Delta(delta, delta - half, delta + half, float(df), float(welch.pvalue))
 
 
 # ------------------------------------------------------------------------------------ over test images
@@ -182,22 +160,6 @@ def clustering_replicates(labels_true, labels_pred, metric: str = "nmi", n_boot:
     tests/test_stats.py bounds the difference)."""
     y = cmetrics.index_labels(labels_true).reshape(-1)
     preds = np.atleast_2d(cmetrics.index_labels(labels_pred))
-    # a report asks for the same replicates many times (a column's best row: its interval, then one paired
-    # test per contender); they are a pure function of these inputs, so they are computed once
-    key = (hashlib.sha256(y.tobytes() + b"|" + preds.tobytes() + repr(preds.shape).encode()).hexdigest(),
-           metric, n_boot, seed)
-    if key not in _REPLICATES:
-        if len(_REPLICATES) >= _REPLICATES_KEPT:
-            _REPLICATES.clear()
-        _REPLICATES[key] = _clustering_replicates(y, preds, metric, n_boot, seed)
-    return _REPLICATES[key].copy()
-
-
-_REPLICATES: dict[tuple, np.ndarray] = {}
-_REPLICATES_KEPT = 512  # n_boot floats each: a few MB at most
-
-
-def _clustering_replicates(y: np.ndarray, preds: np.ndarray, metric: str, n_boot: int, seed: int) -> np.ndarray:
     classes, k = int(y.max()) + 1, int(preds.max()) + 1
     emis = [cmetrics.expected_mutual_information(np.bincount(y), np.bincount(p)) if metric == "ami" else None
             for p in preds]
@@ -227,10 +189,10 @@ def welch_seed_test(values_a, values_b, level: float = LEVEL) -> SeedTest:
     b = np.asarray(values_b, dtype=np.float64)
     diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
     if a.size < 2 or b.size < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):
-        return SeedTest(diff, math.nan, math.nan, math.nan, math.nan)
+        return SeedTest(diff, math.nan, math.nan, math.nan)
     res = stats.ttest_ind(a, b, equal_var=False)
     ci = res.confidence_interval(confidence_level=level)
-    return SeedTest(diff, float(ci.low), float(ci.high), float(res.df), float(res.pvalue))
+    return SeedTest(diff, float(ci.low), float(ci.high), float(res.pvalue))
 
 
 RANK_INTERVAL_COLUMNS = ("method", "mean_rank", "rank_low", "rank_high", "n_seeds")

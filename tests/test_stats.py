@@ -57,21 +57,22 @@ def test_seed_summary_one_seed_has_nan_spread():
     assert s.mean == 71.5 and s.n == 1 and all(math.isnan(x) for x in (s.std, s.ci_low, s.ci_high))
 
 
-def test_welch_test_hand_computation():
+def test_delta_interval_welch_p_hand_computation():
     ma, sa, na, mb, sb, nb = 71.2, 0.4, 3, 70.1, 0.9, 5
     va, vb = sa**2 / na, sb**2 / nb
     t = (ma - mb) / math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va**2 / (na - 1) + vb**2 / (nb - 1))
-    res = stats.welch_test(ma, sa, na, mb, sb, nb)
-    assert res.t == pytest.approx(t, rel=1e-12) and res.df == pytest.approx(df, rel=1e-12)
+    res = stats.delta_interval([70.8, 71.2, 71.6], mb, sb, nb)  # mean 71.2, sample std 0.4
+    assert res.delta == pytest.approx(ma - mb, rel=1e-12) and res.df == pytest.approx(df, rel=1e-9)
     assert (t, df) == (pytest.approx(2.37048, abs=1e-5), pytest.approx(5.80824, abs=1e-5))  # by hand
     assert res.p_value == pytest.approx(2 * sps.t.sf(abs(t), df), rel=1e-9)
 
 
-@pytest.mark.parametrize("args", [(71.2, None, 3, 70.1, 0.9, 5), (71.2, 0.4, 1, 70.1, 0.9, 5),
-                                  (71.2, 0.4, 3, 70.1, math.nan, 5)])
-def test_welch_test_nan_without_std_or_runs(args):
-    assert all(math.isnan(x) for x in stats.welch_test(*args))
+@pytest.mark.parametrize("args", [([70.8, 71.2, 71.6], 70.1, None, 5), ([71.2], 70.1, 0.9, 5),
+                                  ([70.8, 71.2, 71.6], 70.1, math.nan, 5), ([70.8, 71.2, 71.6], 70.1, 0.9, 1),
+                                  ([71.0, 71.0, 71.0], 70.1, 0.0, 5)])
+def test_delta_interval_has_no_welch_p_without_std_runs_or_spread(args):
+    assert math.isnan(stats.delta_interval(*args).p_value)
 
 
 def test_delta_interval_welch_and_constant_paper():
@@ -193,13 +194,13 @@ def test_clustering_score_averages_seeds():
 # ------------------------------------------------------------------------------------------------ ranks
 
 
-def test_clustering_replicates_are_computed_once_and_handed_out_as_copies():
+def test_clustering_replicates_are_fixed_by_their_inputs_and_seed():
     rng = np.random.default_rng(5)
     y, p = rng.integers(0, 4, 300), rng.integers(0, 6, 300)
     first = stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2)
     first[:] = -1.0  # a caller's change must not reach the next caller
     again = stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2)
-    assert np.array_equal(again, stats._clustering_replicates(y, np.atleast_2d(p), "nmi", 50, 2))
+    assert (again >= 0).all() and np.array_equal(again, stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=2))
     assert not np.array_equal(again, stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=3))
 
 
