@@ -8,7 +8,6 @@ appendix (``templates/text.yaml``). Same records, same bytes: all sorted, fixed 
 from __future__ import annotations
 
 import math
-import os
 import re
 import sys
 from collections.abc import Iterable, Sequence
@@ -20,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.errors import BenchmarkError
-from benchmarks.records import atomic_write, check_writable_folder
+from benchmarks.records import atomic_write, atomic_write_text, check_writable_folder
 from reports import figures as figs
 from reports import papers, render, stats
 from reports.cells import HEADLINE, KIND_TITLES, Model, build_model, headline_columns, leaderboard
@@ -29,7 +28,6 @@ from reports.render import DASH, Figure, Section, fmt, fmt_p, paper_text, plain_
 
 FORMATS = ("md", "tex", "html")
 TITLE = "Self-supervised representation learning benchmark"
-OUTPUT_MODE = 0o644
 FIGURE_PATTERN = re.compile(r"(forest|bars|curves)_[a-z0-9_.-]+\.png")
 
 
@@ -41,13 +39,6 @@ def check_out_dir(out_dir: Path, figures: bool) -> None:
     """Before any work: the output folder (and its figures/) is, or can be made, a folder that takes files."""
     for folder in (out_dir, out_dir / "figures") if figures else (out_dir,):
         check_writable_folder(folder, "--out")
-
-
-def _write_file(path: Path, data: bytes) -> Path:
-    """Atomically (a reader never sees half a file), readable by others (mkstemp creates 0600)."""
-    atomic_write(path, lambda handle: handle.write(data))
-    os.chmod(path, OUTPUT_MODE)
-    return path
 
 
 def heading_of(table: tuple) -> str:
@@ -397,12 +388,14 @@ def _summary_section(loaded: LoadedRecords, model: Model, opts: BuildOptions) ->
 
 
 def _write(out_dir: Path, sections: list[Section], images: dict[str, bytes], formats) -> tuple[dict, list]:
-    """The figures (stale ones of earlier builds removed) and the report in each format."""
-    figure_paths = [_write_file(out_dir / "figures" / name, images[name]) for name in sorted(images)]
+    """The figures (stale ones of earlier builds removed) and the report in each format, each written atomically
+    (a reader never sees half a file) with the mode of the umask, as every file the suite writes."""
+    figure_paths = [atomic_write(out_dir / "figures" / name, lambda handle, png=images[name]: handle.write(png))
+                    for name in sorted(images)]
     for stale in sorted((out_dir / "figures").glob("*.png")):  # figures of earlier builds (other filters)
         if stale.name not in images and FIGURE_PATTERN.fullmatch(stale.name):
             stale.unlink()
-    paths = {f: _write_file(out_dir / f"report.{f}", render.render(f, TITLE, sections, images).encode())
+    paths = {f: atomic_write_text(out_dir / f"report.{f}", render.render(f, TITLE, sections, images))
              for f in formats}
     return paths, figure_paths
 
