@@ -27,6 +27,7 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 _TEXT = yaml.safe_load((TEMPLATES / "text.yaml").read_text(encoding="utf-8"))
 _SYMBOLS = {"tied": TIED, "untestable": UNTESTABLE, "zero_spread": ZERO_SPREAD, "alpha": ALPHA,
             "subset_label": SUBSET_LABEL, "dash": DASH}
+INFO_HEADERS = {"K": "K", "source": "source", "nonempty": "non-empty clusters"}  # grid_table's info columns
 
 
 class Cell(NamedTuple):
@@ -136,13 +137,14 @@ def paper_text(value: float, std: float) -> str:
     return fmt(value) + ("" if math.isnan(std) else f" ± {fmt(std)}")
 
 
-def pair_title(pair) -> str:
+def _paper_cells(pair) -> list[Cell]:
+    """The paper's number and Δ = ours − paper beside a paired cell (dashes if none), both titled with the pair."""
+    if pair is None:
+        return [Cell(DASH), Cell(DASH)]
     runs = f" over {pair.paper_n} runs" if pair.paper_n else ""
     welch = "" if math.isnan(pair.welch_p) else f"; Welch p = {fmt_p(pair.welch_p)}"
-    return f"{pair.source} (CSV line {pair.line}){runs}; Δ = ours − paper {delta_text(pair)}{welch}"
-
-
-INFO_HEADERS = {"K": "K", "source": "source", "nonempty": "non-empty clusters"}
+    title = f"{pair.source} (CSV line {pair.line}){runs}; Δ = ours − paper {delta_text(pair)}{welch}"
+    return [Cell(paper_text(pair.paper_value, pair.paper_std), title=title), Cell(delta_text(pair), title=title)]
 
 
 def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] = ()) -> Table:
@@ -166,10 +168,7 @@ def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] =
             hit = mine[mine["_col"] == c]
             row.append(render_cell(hit.iloc[0], n) if len(hit) else Cell(DASH))
             if c in with_paper:
-                pair = paired.get(int(hit.index[0])) if len(hit) else None
-                row += [Cell(DASH), Cell(DASH)] if pair is None else \
-                    [Cell(paper_text(pair.paper_value, pair.paper_std), title=pair_title(pair)),
-                     Cell(delta_text(pair), title=pair_title(pair))]
+                row += _paper_cells(paired.get(int(hit.index[0])) if len(hit) else None)
         if bool(first["is_reference"]) and reference_from is None:
             reference_from = len(rows)
         rows.append(row)
@@ -244,9 +243,8 @@ def _td_attrs(cell: Cell, numeric: bool) -> str:
     return attrs + (f' title="{html.escape(cell.title)}"' if cell.title else "")
 
 
-def _bold(cell: Cell, escape, wrap: str) -> str:
-    text = escape(cell.text)
-    return wrap.format(text) if cell.bold and text else text
+def _cell_filter(escape, wrap: str):
+    return lambda cell: wrap.format(escape(cell.text)) if cell.bold and cell.text else escape(cell.text)
 
 
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -255,9 +253,8 @@ _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
 _ENV.filters.update(
     md=md_escape, tex=tex_escape, h=html.escape, td_attrs=_td_attrs,
     b64=lambda data: base64.b64encode(data).decode("ascii"),
-    md_cell=lambda cell: _bold(cell, md_escape, "**{}**"),
-    tex_cell=lambda cell: _bold(cell, tex_escape, r"\textbf{{{}}}"),
-    html_cell=lambda cell: _bold(cell, html.escape, "<strong>{}</strong>"),
+    md_cell=_cell_filter(md_escape, "**{}**"), tex_cell=_cell_filter(tex_escape, r"\textbf{{{}}}"),
+    html_cell=_cell_filter(html.escape, "<strong>{}</strong>"),
     md_rule=lambda t: "|" + "|".join(":--" if i < t.numeric_from else "--:" for i in range(len(t.columns))) + "|")
 _ENV.tests.update(table=lambda b: isinstance(b, Table), figure=lambda b: isinstance(b, Figure),
                   bullets=lambda b: isinstance(b, list))
