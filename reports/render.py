@@ -79,7 +79,7 @@ def interval(low: float, high: float, brackets: str = "[]") -> str:
 
 
 def _image_interval(cell) -> str:
-    """The bootstrap interval over test images; of one seed's run in angle brackets, never the seeds' square ones."""
+    """The bootstrap interval over test images; for one seed's run in angle brackets, never the seeds' square ones."""
     return interval(cell['img_low'], cell['img_high'], "[]" if cell['n'] >= 2 else "⟨⟩")
 
 
