@@ -27,10 +27,9 @@ def make_parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="build Markdown/LaTeX/HTML tables and figures from the run records",
                            description=text("build_help"), formatter_class=argparse.RawDescriptionHelpFormatter)
     build.add_argument("--results", default="results", metavar="DIR",
-                       help="folder of run records, searched recursively (default: results)")
+                       help="folder of run records, searched recursively (default: %(default)s)")
     build.add_argument("--out", default="reports/generated", metavar="DIR",
-                       help="output folder, created if missing; must not be a file (default: "
-                            "reports/generated)")
+                       help="output folder, created if missing; must not be a file (default: %(default)s)")
     build.add_argument("--suite", "--suites", dest="suites", nargs="+", action="extend", metavar="SUITE",
                        help="only these suites (e.g. digits cifar10)")
     build.add_argument("--methods", nargs="+", action="extend", metavar="METHOD",
@@ -41,7 +40,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="only runs with these numbers of pretraining epochs")
     build.add_argument("--format", dest="formats", nargs="+", action="extend", metavar="FMT",
                        help=f"output formats, any of {', '.join(FORMATS)} (default: all)")
-    build.add_argument("--paper-csv", metavar="CSV", default=None,
+    build.add_argument("--paper-csv", metavar="CSV",
                        help="papers' numbers (default: reports/paper_results.csv)")
     build.add_argument("--no-figures", action="store_true", help="skip the PNG figures (faster)")
     build.add_argument("--n-boot", type=_resamples, default=stats.N_BOOT, metavar="B",

@@ -27,6 +27,7 @@ TEMPLATES = Path(__file__).resolve().parent / "templates"
 _TEXT = yaml.safe_load((TEMPLATES / "text.yaml").read_text(encoding="utf-8"))
 _SYMBOLS = {"tied": TIED, "untestable": UNTESTABLE, "zero_spread": ZERO_SPREAD, "alpha": ALPHA,
             "subset_label": SUBSET_LABEL, "dash": DASH}
+INFO_HEADERS = {"K": "K", "source": "source", "nonempty": "non-empty clusters"}  # grid_table's info columns
 
 
 class Cell(NamedTuple):
@@ -58,7 +59,7 @@ class Section:
 
 
 def fmt(value: float) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if pd.isna(value):  # None or NaN
         return DASH
     text = f"{value:.{DECIMALS}f}"
     return text[1:] if text.startswith("-") and float(text) == 0 else text
@@ -70,16 +71,16 @@ def fmt_delta(value: float) -> str:
 
 
 def fmt_p(p: float) -> str:
-    return DASH if p is None or math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
+    return DASH if pd.isna(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def interval(low: float, high: float) -> str:
-    return f"[{fmt(low)}, {fmt(high)}]"
+def interval(low: float, high: float, brackets: str = "[]") -> str:
+    return f"{brackets[0]}{fmt(low)}, {fmt(high)}{brackets[1]}"
 
 
-def image_interval_text(low: float, high: float) -> str:
-    """The one-seed interval (bootstrap over test images): angle brackets, never the seeds' square ones."""
-    return f"⟨{fmt(low)}, {fmt(high)}⟩"
+def _image_interval(cell) -> str:
+    """The bootstrap interval over test images; for one seed's run in angle brackets, never the seeds' square ones."""
+    return interval(cell['img_low'], cell['img_high'], "[]" if cell['n'] >= 2 else "⟨⟩")
 
 
 def value_text(cell) -> str:
@@ -89,14 +90,13 @@ def value_text(cell) -> str:
         text = f"{fmt(cell['mean'])} ± {fmt(cell['std'])} {interval(cell['t_low'], cell['t_high'])}"
         return text + ZERO_SPREAD if cell['std'] == 0 else text
     if not math.isnan(cell['img_low']):
-        text = f"{fmt(cell['mean'])} {image_interval_text(cell['img_low'], cell['img_high'])}"
+        text = f"{fmt(cell['mean'])} {_image_interval(cell)}"
         return text + ZERO_SPREAD if fmt(cell['img_low']) == fmt(cell['img_high']) else text
     return fmt(cell['mean'])
 
 
 def cell_title(cell) -> str:
-    seeds = ",".join(str(s) for s in cell['seeds'])
-    parts = [f"{cell['row']}, {cell['column']}: n = {cell['n']} seed(s) ({seeds})"]
+    parts = [f"{cell['row']}, {cell['column']}: n = {cell['n']} seed(s) ({','.join(map(str, cell['seeds']))})"]
     if cell['n'] >= 2:
         zero = " (zero spread: the seeds agree exactly, which is no certainty)" if cell['std'] == 0 else ""
         parts.append(f"mean {fmt(cell['mean'])}, std {fmt(cell['std'])} (ddof=1), 95% t-interval over seeds "
@@ -105,9 +105,8 @@ def cell_title(cell) -> str:
         parts.append(f"value {fmt(cell['mean'])}")
     if not math.isnan(cell['img_low']):
         what = "the mean over seeds" if cell['n'] >= 2 else "the run"
-        shown = interval if cell['n'] >= 2 else image_interval_text
         parts.append(f"95% {cell['img_method']} bootstrap over {cell['n_images']} test images of {what} "
-                     f"{shown(cell['img_low'], cell['img_high'])}")
+                     f"{_image_interval(cell)}")
     elif cell['img_note']:
         parts.append(f"no image bootstrap: {cell['img_note']}")
     if cell['test_note']:
@@ -138,17 +137,14 @@ def paper_text(value: float, std: float) -> str:
     return fmt(value) + ("" if math.isnan(std) else f" ± {fmt(std)}")
 
 
-def pair_title(pair) -> str:
+def _paper_cells(pair) -> list[Cell]:
+    """The paper's number and Δ = ours − paper beside a paired cell (dashes if none), both titled with the pair."""
+    if pair is None:
+        return [Cell(DASH), Cell(DASH)]
     runs = f" over {pair.paper_n} runs" if pair.paper_n else ""
     welch = "" if math.isnan(pair.welch_p) else f"; Welch p = {fmt_p(pair.welch_p)}"
-    return f"{pair.source} (CSV line {pair.line}){runs}; Δ = ours − paper {delta_text(pair)}{welch}"
-
-
-def row_sort_key(label: str, is_reference: bool) -> tuple:
-    return (is_reference, label.casefold(), label)
-
-
-INFO_HEADERS = {"K": "K", "source": "source", "nonempty": "non-empty clusters"}
+    title = f"{pair.source} (CSV line {pair.line}){runs}; Δ = ours − paper {delta_text(pair)}{welch}"
+    return [Cell(paper_text(pair.paper_value, pair.paper_std), title=title), Cell(delta_text(pair), title=title)]
 
 
 def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] = ()) -> Table:
@@ -157,7 +153,7 @@ def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] =
     paired = {int(p.cell): p for p in pairs.itertuples(index=False)}
     col_sort = dict(zip(cells["_col"], cells["_col_sort"]))
     columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
-    with_paper = {c for c in columns if any(int(j) in paired for j in cells.index[cells["_col"] == c])}
+    with_paper = set(cells.loc[cells.index.isin(list(paired)), "_col"])
     header = ["Method", "n", *[INFO_HEADERS[i] for i in info]]
     for c in columns:
         header += [c, f"{c} paper", f"{c} Δ"] if c in with_paper else [c]
@@ -172,14 +168,11 @@ def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] =
             hit = mine[mine["_col"] == c]
             row.append(render_cell(hit.iloc[0], n) if len(hit) else Cell(DASH))
             if c in with_paper:
-                pair = paired.get(int(hit.index[0])) if len(hit) else None
-                row += [Cell(DASH), Cell(DASH)] if pair is None else \
-                    [Cell(paper_text(pair.paper_value, pair.paper_std), title=pair_title(pair)),
-                     Cell(delta_text(pair), title=pair_title(pair))]
+                row += _paper_cells(paired.get(int(hit.index[0])) if len(hit) else None)
         if bool(first["is_reference"]) and reference_from is None:
             reference_from = len(rows)
         rows.append(row)
-    return Table(header, rows, reference_from=reference_from, numeric_from=1)
+    return Table(header, rows, reference_from=reference_from)
 
 
 def table_caption(cells: pd.DataFrame, pairs: pd.DataFrame, extra: list[str] | None = None) -> str:
@@ -200,21 +193,20 @@ def table_caption(cells: pd.DataFrame, pairs: pd.DataFrame, extra: list[str] | N
 def prepare(cells: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Row and column labels and sort keys of one kind's cells (heads: one row per method and K, grouped by K:
     only rows of one K are compared)."""
+    by_row = [(bool(ref), r.casefold(), r) for r, ref in zip(cells["row"], cells["is_reference"])]  # references last
     if kind == "heads":
         suffix = [c["column"][len(metric_label(c["protocol"], c["metric"])):]
                   + (f" [head {c['entry']['head']}]" if c["entry"].get("head") else "")
                   for _, c in cells.iterrows()]
         return cells.assign(
             _rid=[f"{r}|{k}|{s}" for r, k, s in zip(cells["row"], cells["key"], suffix)],
-            _row=[f"{r}{s}" if s else r for r, s in zip(cells["row"], suffix)],
-            _row_sort=[(bool(ref), int(k) if str(k).isdigit() else 0, row_sort_key(r, bool(ref)), s)
-                       for r, ref, k, s in zip(cells["row"], cells["is_reference"], cells["K"], suffix)],
+            _row=[r + s for r, s in zip(cells["row"], suffix)],
+            _row_sort=[(key[0], int(k) if str(k).isdigit() else 0, key, s)
+                       for key, k, s in zip(by_row, cells["K"], suffix)],
             _col=[metric_label(p, m) for p, m in zip(cells["protocol"], cells["metric"])],
             _col_sort=[(METRIC_ORDER.get(m, 9), m) for m in cells["metric"]])
     return cells.assign(
-        _rid=cells["row"], _row=cells["row"],
-        _row_sort=[row_sort_key(r, bool(ref)) for r, ref in zip(cells["row"], cells["is_reference"])],
-        _col=cells["column"],
+        _rid=cells["row"], _row=cells["row"], _row_sort=by_row, _col=cells["column"],
         _col_sort=[(column_order(p, e), METRIC_ORDER.get(m, 9), m, s) for p, e, m, s in
                    zip(cells["protocol"], cells["entry"], cells["metric"], cells["settings"])])
 
@@ -237,11 +229,12 @@ def md_escape(text: str) -> str:
     return re.sub(r"([\\|*_`])", r"\\\1", text).replace("\n", " ")
 
 
+# every key is one character and no replacement holds a key, so one pass escapes both
+_TEX = str.maketrans({**_TEXT["tex"]["special"], **_TEXT["tex"]["symbols"]})
+
+
 def tex_escape(text: str) -> str:
-    out = "".join(_TEXT["tex"]["special"].get(ch, ch) for ch in text)
-    for symbol, macro in _TEXT["tex"]["symbols"].items():
-        out = out.replace(symbol, macro)
-    return out
+    return text.translate(_TEX)
 
 
 def _td_attrs(cell: Cell, numeric: bool) -> str:
@@ -250,9 +243,8 @@ def _td_attrs(cell: Cell, numeric: bool) -> str:
     return attrs + (f' title="{html.escape(cell.title)}"' if cell.title else "")
 
 
-def _bold(cell: Cell, escape, wrap: str) -> str:
-    text = escape(cell.text)
-    return wrap.format(text) if cell.bold and text else text
+def _cell_filter(escape, wrap: str):
+    return lambda cell: wrap.format(escape(cell.text)) if cell.bold and cell.text else escape(cell.text)
 
 
 _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
@@ -261,9 +253,8 @@ _ENV = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
 _ENV.filters.update(
     md=md_escape, tex=tex_escape, h=html.escape, td_attrs=_td_attrs,
     b64=lambda data: base64.b64encode(data).decode("ascii"),
-    md_cell=lambda cell: _bold(cell, md_escape, "**{}**"),
-    tex_cell=lambda cell: _bold(cell, tex_escape, r"\textbf{{{}}}"),
-    html_cell=lambda cell: _bold(cell, html.escape, "<strong>{}</strong>"),
+    md_cell=_cell_filter(md_escape, "**{}**"), tex_cell=_cell_filter(tex_escape, r"\textbf{{{}}}"),
+    html_cell=_cell_filter(html.escape, "<strong>{}</strong>"),
     md_rule=lambda t: "|" + "|".join(":--" if i < t.numeric_from else "--:" for i in range(len(t.columns))) + "|")
 _ENV.tests.update(table=lambda b: isinstance(b, Table), figure=lambda b: isinstance(b, Figure),
                   bullets=lambda b: isinstance(b, list))
