@@ -175,10 +175,8 @@ class _Figures:
         """Each contender's difference to its column's best with the interval of the table's test."""
         if not self.wanted or (points := _points(prepared, kind)).empty:
             return []
-        col_sort = dict(zip(prepared["_col"], prepared["_col_sort"]))
-        row_sort = points.drop_duplicates("row").set_index("row")["sort"].to_dict()
-        rows = sorted(row_sort, key=lambda r: (row_sort[r], r))
-        png = figs.difference_plot(points, sorted(col_sort, key=lambda c: (col_sort[c], c)), rows,
+        rows = render.in_order(points["row"], points["sort"])
+        png = figs.difference_plot(points, render.in_order(prepared["_col"], prepared["_col_sort"]), rows,
                                    f"{KIND_TITLES[kind]}: {heading_of(table)}",
                                    {r: self.palette.get(r.split(" (K=")[0]) for r in rows})
         caption = text("captions.forest", kind=KIND_TITLES[kind], heading=heading_of(table))

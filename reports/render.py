@@ -147,19 +147,23 @@ def _paper_cells(pair) -> list[Cell]:
     return [Cell(paper_text(pair.paper_value, pair.paper_std), title=title), Cell(delta_text(pair), title=title)]
 
 
+def in_order(labels, sort_keys) -> list:
+    """The distinct labels by their sort key (a label's last), then by the label itself."""
+    key = dict(zip(labels, sort_keys))
+    return sorted(key, key=lambda label: (key[label], label))
+
+
 def grid_table(cells: pd.DataFrame, pairs: pd.DataFrame, info: tuple[str, ...] = ()) -> Table:
     """Rows x columns of cells prepared with `_rid` (row identity), `_row`, `_row_sort`, `_col`, `_col_sort`,
     reference rows below a separator; a paper and a Δ column follow every column with a paired cell."""
     paired = {int(p.cell): p for p in pairs.itertuples(index=False)}
-    col_sort = dict(zip(cells["_col"], cells["_col_sort"]))
-    columns = sorted(col_sort, key=lambda c: (col_sort[c], c))
+    columns = in_order(cells["_col"], cells["_col_sort"])
     with_paper = set(cells.loc[cells.index.isin(list(paired)), "_col"])
     header = ["Method", "n", *[INFO_HEADERS[i] for i in info]]
     for c in columns:
         header += [c, f"{c} paper", f"{c} Δ"] if c in with_paper else [c]
-    row_sort = dict(zip(cells["_rid"], cells["_row_sort"]))
     rows, reference_from = [], None
-    for rid in sorted(row_sort, key=lambda r: (row_sort[r], r)):
+    for rid in in_order(cells["_rid"], cells["_row_sort"]):
         mine = cells[cells["_rid"] == rid]
         n = len({s for seeds in mine["seeds"] for s in seeds})
         first = mine.iloc[0]
