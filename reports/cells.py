@@ -7,7 +7,6 @@ protocol settings) and ``_mark_best`` marks them. The rules are the report's app
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -175,12 +174,12 @@ def _settings_labels(base: str, group: pd.DataFrame, runs: list[Run], notes: lis
     """Several settings of one method: each row labelled with the keys whose values differ, from the records'
     `method_config`, else from their `config` without the evaluation section."""
     recs = [runs[int(i)].record for i in group["run"]]
-    prefix, dicts = "", [r["method_config"] for r in recs]
+    dicts = [r["method_config"] for r in recs]
     if not differing(dicts):  # the same method settings: the difference is elsewhere in the config
-        prefix, dicts = "config.", [{k: v for k, v in r["config"].items() if k != "evaluation"} for r in recs]
-    keys, labels = [prefix + k for k in differing(dicts)], {}
+        dicts = [{"config": {k: v for k, v in r["config"].items() if k != "evaluation"}} for r in recs]
+    keys, labels = differing(dicts), {}
     for fp, d in zip(group["settings_fp"], dicts):
-        flat = {prefix + k: v for k, v in dotted_json(d).items()}
+        flat = dotted_json(d)
         labels[fp] = f"{base} [{_label_parts(keys, flat) if keys else f'settings {fp}'}]"
         if keys:
             notes.append(f"{labels[fp]}: {_label_parts(keys, flat, limit=len(keys))} (settings fingerprint {fp})")
@@ -289,7 +288,7 @@ CELL_DEFAULTS = {"n_images": 0, "img_value": math.nan, "img_low": math.nan, "img
                  "img_note": "", "best": False, "tied": False, "p_holm": math.nan, "test_note": "", "untestable": False,
                  "p_raw": math.nan, "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan, "K": "",
                  "source": "", "nonempty": "", "num_classes": None}
-GROUP = ["method", "settings_fp", "role", "key", "metric", "settings"]
+GROUP = ["method", "settings_fp", "role", "key", "metric", "settings"]  # a row's id, then a column's
 
 
 def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
@@ -303,10 +302,8 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
         labels, model.row_notes[table] = row_labels(table_values, runs)
         headers = column_headers(table_values, runs)
         for ids, g in table_values.groupby(GROUP, sort=True):
-            method, fp, role, key, metric, settings = ids
             cells.append({"suite": suite, "dataset": dataset, "epochs": int(epochs), "table": table,
-                          **dict(zip(GROUP, ids)), "row": labels[(method, fp, role)],
-                          "column": headers[(key, metric, settings)], **CELL_DEFAULTS,
+                          **dict(zip(GROUP, ids)), "row": labels[ids[:3]], "column": headers[ids[3:]], **CELL_DEFAULTS,
                           **_cell(g.sort_values("seed"), runs, n_boot)})
     if cells:
         model.cells = pd.DataFrame(cells)
@@ -331,7 +328,6 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
         else:
             tested.append((j, test))
     for (j, test), p in zip(tested, stats.holm([t.p_value for _, t in tested])):
-        p = float(p)
         level = 1 - ALPHA * (test.p_value / p if p > 0 else 1.0 / len(tested))
         again = stats.welch_seed_test(cells.at[j, "values"], best["values"], level=level)
         delta = f"{test.diff:+.2f}".replace("-0.00", "+0.00")
