@@ -122,8 +122,6 @@ def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[
                 "it would measure K, not quality)" for r in values[one_to_one].itertuples()]
     shown = ~supervised & ~one_to_one
     values = values[shown].assign(role=np.where(subset[shown], SUBSET_ROLE, ""))
-    if values.empty:
-        return values, [], dropped
     values = values.sort_values(["created", "path"], ascending=[False, True], kind="mergesort")
     dup = values.duplicated(SAME, keep="first")
     lost = values[dup].drop_duplicates(["path", "key"]).merge(values[~dup][[*SAME, "path", "run"]], on=SAME,
@@ -147,8 +145,8 @@ def variant_differences(rec: dict, base: dict | None) -> list[tuple[str, str]]:
         if not isinstance(sections, dict):
             return []
         mine, theirs = sections.get(rec["method"]), sections.get(rec["method_base"])
-    a, b = (dotted_json({k: v for k, v in (d or {}).items() if k not in BOOKKEEPING}) for d in (mine, theirs))
-    return [(k.removeprefix("hparams."), a.get(k, "unset")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    a, b = ({k: v for k, v in (d or {}).items() if k not in BOOKKEEPING} for d in (mine, theirs))
+    return [(k.removeprefix("hparams."), dotted_json(a).get(k, "unset")) for k in differing([a, b])]
 
 
 def _label_parts(keys: list[str], flat: dict[str, str], limit: int = 3) -> str:
