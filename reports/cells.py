@@ -354,14 +354,9 @@ def headline_columns(model: Model, table: tuple) -> tuple[pd.DataFrame, list[pd.
     dataset) under the most common protocol settings (ties: the first)."""
     cells = model.cells
     mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
-    used = []
-    for protocol, wanted, metric in HEADLINE:
-        group = mine[at_place(mine, protocol, wanted) & (mine["metric"] == metric)]
-        if group.empty:
-            continue
-        # idxmax: the first of the sorted settings among the most common
-        used.append(group[group["settings"] == group.groupby("settings").size().idxmax()])
-    return mine, used
+    groups = [mine[at_place(mine, protocol, wanted) & (mine["metric"] == metric)]
+              for protocol, wanted, metric in HEADLINE]
+    return mine, [g[g["settings"] == g["settings"].mode().iloc[0]] for g in groups if not g.empty]  # mode() is sorted
 
 
 def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str], list[str]]:
