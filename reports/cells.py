@@ -57,8 +57,7 @@ def percent(fraction: float) -> str:
 
 def column_order(protocol: str, settings: dict) -> tuple:
     """Columns in reading order: kNN by k, semi by size (per class, %, fine-tuning), blocks by index."""
-    kind = kind_of(protocol, settings)
-    if kind == "blocks":
+    if kind_of(protocol, settings) == "blocks":
         block = settings["block"]
         return (4, protocol, settings.get("k", 0), math.inf if block == "avg" else block)
     if protocol == "semi":
@@ -336,8 +335,7 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
 
 
 def _mark_best(model: Model) -> None:
-    """Bold, the not-significantly-different marker and "not testable", per column among non-reference rows
-    (Welch over seeds, Holm; the appendix's rules, ``templates/text.yaml``)."""
+    """``_mark_column`` for every column of two or more non-reference rows (the appendix, ``templates/text.yaml``)."""
     cells = model.cells
     contenders = cells[~cells["is_reference"].astype(bool)]
     for _, group in contenders.groupby(["table", "key", "metric", "settings"], sort=True):
