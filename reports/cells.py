@@ -7,7 +7,6 @@ protocol settings) and ``_mark_best`` marks them. The rules are the report's app
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -58,8 +57,7 @@ def percent(fraction: float) -> str:
 
 def column_order(protocol: str, settings: dict) -> tuple:
     """Columns in reading order: kNN by k, semi by size (per class, %, fine-tuning), blocks by index."""
-    kind = kind_of(protocol, settings)
-    if kind == "blocks":
+    if kind_of(protocol, settings) == "blocks":
         block = settings["block"]
         return (4, protocol, settings.get("k", 0), math.inf if block == "avg" else block)
     if protocol == "semi":
@@ -73,31 +71,24 @@ def metric_label(protocol: str, metric: str) -> str:
     return "ACC (one-to-one)" if one_to_one else METRIC_LABELS.get(metric, metric)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _knn_label(settings: dict, params: dict) -> str:
-    k, temperature, per_class = settings["k"], settings.get("temperature"), params.get("bank_images_per_class_min")
-    text = f"kNN k={k}" + (f", T={temperature:g}" if isinstance(temperature, (int, float)) else "")
-    return text + (f" (k > {int(per_class)} bank images per class)" if _is_number(per_class) and k > per_class else "")
-
-
-def protocol_label(protocol: str, settings: dict, params: dict, key: str) -> str:
-    """What the column measures, in words (the metric follows); `key` names an unknown protocol."""
-    kind = kind_of(protocol, settings)
-    if kind == "blocks":
+def protocol_label(protocol: str, settings: dict, bank_min: float | None, key: str) -> str:
+    """What the column measures, in words (the metric follows); `bank_min` is kNN's fewest bank images per class,
+    `key` names an unknown protocol."""
+    if kind_of(protocol, settings) == "blocks":
         probe = PROBES.get(protocol) or f"kNN k={settings.get('k')}"
         return f"{probe} {'avg' if settings['block'] == 'avg' else 'B' + str(settings['block'])}"
-    if kind in ("clustering", "heads"):
-        return ""
+    if protocol == "knn":
+        k, temperature = settings["k"], settings.get("temperature")
+        text = f"kNN k={k}" + (f", T={temperature:g}" if isinstance(temperature, (int, float)) else "")
+        return text + (f" (k > {int(bank_min)} bank images per class)" if bank_min is not None and k > bank_min else "")
     if protocol == "semi" and ("per_class" in settings or "fraction" in settings):
         return (f"{settings['per_class']} per class" if "per_class" in settings
                 else f"{percent(settings['fraction'])}% labels")
     views = f", views {settings['views']}" if settings.get("views") is not None else ""
     labels = {"linear": f"linear probe (offline{views})", "online_linear": "online linear (during pretraining)",
-              "finetune": "100% labels (fine-tune)", "transfer": f"→ {settings.get('dataset')} (linear)"}
-    return _knn_label(settings, params) if protocol == "knn" else labels.get(protocol, key)
+              "finetune": "100% labels (fine-tune)", "transfer": f"→ {settings.get('dataset')} (linear)",
+              "clustering": "", "clustering_head": ""}
+    return labels.get(protocol, key)
 
 
 @dataclass
@@ -124,23 +115,18 @@ def values_frame(runs: list[Run]) -> tuple[pd.DataFrame, list[Superseded], list[
     supervised = subset & (values["method_base"] == "supervised")
     one_to_one = ((values["metric"] == "ACC") & values["protocol"].isin(CLUSTERING_PROTOCOLS)
                   & (values["num_clusters"] != values["num_classes"]))
-    dropped = [f"{p}: {k} of the supervised reference is not shown (its backbone saw all labels: it is no "
-               "semi-supervised baseline)" for p, k in set(zip(values.loc[supervised, "path"],
-                                                                 values.loc[supervised, "key"]))]
+    dropped = [f"{r.path}: {r.key} of the supervised reference is not shown (its backbone saw all labels: it is no "
+               "semi-supervised baseline)" for r in values[supervised].drop_duplicates(["path", "key"]).itertuples()]
     dropped += [f"{r.path}: {r.key} one-to-one ACC is not shown (K = {r.num_clusters} != {r.num_classes} classes: "
                 "it would measure K, not quality)" for r in values[one_to_one].itertuples()]
     shown = ~supervised & ~one_to_one
     values = values[shown].assign(role=np.where(subset[shown], SUBSET_ROLE, ""))
-    if values.empty:
-        return values, [], dropped
     values = values.sort_values(["created", "path"], ascending=[False, True], kind="mergesort")
     dup = values.duplicated(SAME, keep="first")
-    winners = values[~dup].set_index(SAME)
-    superseded = []
-    for r in values[dup].drop_duplicates(["path", "key"]).itertuples(index=False):
-        w = winners.loc[tuple(getattr(r, c) for c in SAME)]
-        superseded.append(Superseded(r.path, runs[r.run].record["created"], w["path"],
-                                     runs[int(w["run"])].record["created"], f"{r.key} values"))
+    lost = values[dup].drop_duplicates(["path", "key"]).merge(values[~dup][[*SAME, "path", "run"]], on=SAME,
+                                                             suffixes=("", "_winner"))
+    superseded = [Superseded(r.path, runs[r.run].record["created"], r.path_winner,
+                             runs[r.run_winner].record["created"], f"{r.key} values") for r in lost.itertuples()]
     values = values[~dup].sort_values(SAME, kind="mergesort", ignore_index=True)
     return values, sorted(superseded, key=lambda s: (s.path, s.what)), dropped
 
@@ -158,8 +144,8 @@ def variant_differences(rec: dict, base: dict | None) -> list[tuple[str, str]]:
         if not isinstance(sections, dict):
             return []
         mine, theirs = sections.get(rec["method"]), sections.get(rec["method_base"])
-    a, b = (dotted_json({k: v for k, v in (d or {}).items() if k not in BOOKKEEPING}) for d in (mine, theirs))
-    return [(k.removeprefix("hparams."), a.get(k, "unset")) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    a, b = ({k: v for k, v in (d or {}).items() if k not in BOOKKEEPING} for d in (mine, theirs))
+    return [(k.removeprefix("hparams."), dotted_json(a).get(k, "unset")) for k in differing([a, b])]
 
 
 def _label_parts(keys: list[str], flat: dict[str, str], limit: int = 3) -> str:
@@ -185,12 +171,12 @@ def _settings_labels(base: str, group: pd.DataFrame, runs: list[Run], notes: lis
     """Several settings of one method: each row labelled with the keys whose values differ, from the records'
     `method_config`, else from their `config` without the evaluation section."""
     recs = [runs[int(i)].record for i in group["run"]]
-    prefix, dicts = "", [r["method_config"] for r in recs]
+    dicts = [r["method_config"] for r in recs]
     if not differing(dicts):  # the same method settings: the difference is elsewhere in the config
-        prefix, dicts = "config.", [{k: v for k, v in r["config"].items() if k != "evaluation"} for r in recs]
-    keys, labels = [prefix + k for k in differing(dicts)], {}
+        dicts = [{"config": {k: v for k, v in r["config"].items() if k != "evaluation"}} for r in recs]
+    keys, labels = differing(dicts), {}
     for fp, d in zip(group["settings_fp"], dicts):
-        flat = {prefix + k: v for k, v in dotted_json(d).items()}
+        flat = dotted_json(d)
         labels[fp] = f"{base} [{_label_parts(keys, flat) if keys else f'settings {fp}'}]"
         if keys:
             notes.append(f"{labels[fp]}: {_label_parts(keys, flat, limit=len(keys))} (settings fingerprint {fp})")
@@ -222,21 +208,16 @@ def column_headers(values: pd.DataFrame, runs: list[Run]) -> dict[tuple, str]:
     one evaluation and metric are named in brackets (other than those the label names already)."""
     headers = {}
     for (key, metric), group in values.groupby(["key", "metric"], sort=True):
-        variants = sorted(set(group["settings"]))
-        split = differing([json.loads(s) for s in variants]) if len(variants) > 1 else []
         protocol, entry = group["protocol"].iloc[0], group["entry"].iloc[0]
-        named = {} if "block" in entry else {"linear": ("views",), "knn": ("k", "temperature")}.get(protocol, ())
-        split = [k for k in split if k not in named]
-        for settings in variants:
-            mine = group[group["settings"] == settings]
+        named = () if "block" in entry else {"linear": ("views",), "knn": ("k", "temperature")}.get(protocol, ())
+        split = [k for k in differing(list(group.drop_duplicates("settings")["entry"])) if k not in named]
+        for settings, mine in group.groupby("settings"):
             per_class = [runs[int(i)].record["evaluation"][key].get("bank_images_per_class_min") for i in mine["run"]]
-            numbers = [v for v in per_class if _is_number(v)]
-            params = {"bank_images_per_class_min": min(numbers)} if numbers else {}
-            words = protocol_label(protocol, mine["entry"].iloc[0], params, key)
-            text = f"{words} {metric_label(protocol, metric)}".strip()
-            if split:
-                text += f" [{_label_parts(split, dotted_json(json.loads(settings)), limit=4)}]"
-            headers[(key, metric, settings)] = text
+            bank_min = min((v for v in per_class if isinstance(v, (int, float)) and not isinstance(v, bool)),
+                           default=None)
+            text = f"{protocol_label(protocol, mine['entry'].iloc[0], bank_min, key)} {metric_label(protocol, metric)}"
+            brackets = f" [{_label_parts(split, dotted_json(mine['entry'].iloc[0]), limit=4)}]" if split else ""
+            headers[(key, metric, settings)] = text.strip() + brackets
     return headers
 
 
@@ -280,11 +261,6 @@ def _cluster_info(infos: list[dict]) -> dict:
             "num_classes": classes.pop() if len(classes) == 1 else None}
 
 
-def _clipped(bound: float, towards, limit: float) -> float:
-    # a t-interval of a mean near 100% passes 100; NaN (one seed: no interval) stays NaN
-    return bound if math.isnan(bound) else towards(limit, bound)
-
-
 def _cell(g: pd.DataFrame, runs: list[Run], n_boot: int) -> dict:
     """One cell from the values of its seeds (sorted by seed): the seed statistics, the image bootstrap and,
     for clustering, K and the non-empty clusters."""
@@ -295,8 +271,9 @@ def _cell(g: pd.DataFrame, runs: list[Run], n_boot: int) -> dict:
     cell.update(kind=kind_of(first["protocol"], first["entry"]), entry=first["entry"],
                 is_reference=bool(first["is_reference"]) or first["role"] == SUBSET_ROLE,
                 n=summary.n, seeds=tuple(int(s) for s in g["seed"]), values=tuple(g["value"]),
-                mean=summary.mean, std=summary.std, t_low=_clipped(summary.ci_low, max, low),
-                t_high=_clipped(summary.ci_high, min, high))
+                # a t-interval of a mean near 100% passes 100; NaN (one seed: no interval) stays NaN
+                mean=summary.mean, std=summary.std, t_low=np.maximum(summary.ci_low, low),
+                t_high=np.minimum(summary.ci_high, high))
     parts = [runs[int(i)].per_image.get((first["key"], first["metric"])) for i in g["run"]]
     cell.update(image_interval(parts, first["metric"], n_boot))
     if first["protocol"] in CLUSTERING_PROTOCOLS:
@@ -308,7 +285,7 @@ CELL_DEFAULTS = {"n_images": 0, "img_value": math.nan, "img_low": math.nan, "img
                  "img_note": "", "best": False, "tied": False, "p_holm": math.nan, "test_note": "", "untestable": False,
                  "p_raw": math.nan, "diff": math.nan, "diff_low": math.nan, "diff_high": math.nan, "K": "",
                  "source": "", "nonempty": "", "num_classes": None}
-GROUP = ["method", "settings_fp", "role", "key", "metric", "settings"]
+GROUP = ["method", "settings_fp", "role", "key", "metric", "settings"]  # a row's id, then a column's
 
 
 def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
@@ -322,10 +299,8 @@ def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
         labels, model.row_notes[table] = row_labels(table_values, runs)
         headers = column_headers(table_values, runs)
         for ids, g in table_values.groupby(GROUP, sort=True):
-            method, fp, role, key, metric, settings = ids
             cells.append({"suite": suite, "dataset": dataset, "epochs": int(epochs), "table": table,
-                          **dict(zip(GROUP, ids)), "row": labels[(method, fp, role)],
-                          "column": headers[(key, metric, settings)], **CELL_DEFAULTS,
+                          **dict(zip(GROUP, ids)), "row": labels[ids[:3]], "column": headers[ids[3:]], **CELL_DEFAULTS,
                           **_cell(g.sort_values("seed"), runs, n_boot)})
     if cells:
         model.cells = pd.DataFrame(cells)
@@ -349,9 +324,7 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
             cells.loc[j, ["untestable", "test_note"]] = [True, note]
         else:
             tested.append((j, test))
-    adjusted = stats.holm([t.p_value for _, t in tested]) if tested else []
-    for (j, test), p in zip(tested, adjusted):
-        p = float(p)
+    for (j, test), p in zip(tested, stats.holm([t.p_value for _, t in tested])):
         level = 1 - ALPHA * (test.p_value / p if p > 0 else 1.0 / len(tested))
         again = stats.welch_seed_test(cells.at[j, "values"], best["values"], level=level)
         delta = f"{test.diff:+.2f}".replace("-0.00", "+0.00")
@@ -362,8 +335,7 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
 
 
 def _mark_best(model: Model) -> None:
-    """Bold, the not-significantly-different marker and "not testable", per column among non-reference rows
-    (Welch over seeds, Holm; the appendix's rules, ``templates/text.yaml``)."""
+    """``_mark_column`` for every column of two or more non-reference rows (the appendix, ``templates/text.yaml``)."""
     cells = model.cells
     contenders = cells[~cells["is_reference"].astype(bool)]
     for _, group in contenders.groupby(["table", "key", "metric", "settings"], sort=True):
@@ -380,14 +352,9 @@ def headline_columns(model: Model, table: tuple) -> tuple[pd.DataFrame, list[pd.
     dataset) under the most common protocol settings (ties: the first)."""
     cells = model.cells
     mine = cells[(cells["table"] == table) & ~cells["is_reference"].astype(bool)]
-    used = []
-    for protocol, wanted, metric in HEADLINE:
-        group = mine[at_place(mine, protocol, wanted) & (mine["metric"] == metric)]
-        if group.empty:
-            continue
-        counts = group.groupby("settings").size()
-        used.append(group[group["settings"] == min(counts.index, key=lambda s: (-counts[s], s))])
-    return mine, used
+    groups = [mine[at_place(mine, protocol, wanted) & (mine["metric"] == metric)]
+              for protocol, wanted, metric in HEADLINE]
+    return mine, [g[g["settings"] == g["settings"].mode().iloc[0]] for g in groups if not g.empty]  # mode() is sorted
 
 
 def leaderboard(model: Model, table: tuple, n_boot: int = stats.N_BOOT) -> tuple[pd.DataFrame, list[str], list[str]]:
