@@ -24,6 +24,7 @@ N_BOOT = 1000
 SEED = 0
 _BLOCK = 4_000_000  # resampled indices drawn at once (32 MB), whatever n_boot is
 
+
 class SeedSummary(NamedTuple):
     mean: float
     std: float
