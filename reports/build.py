@@ -35,12 +35,6 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", str(text)).strip("-").lower() or "x"
 
 
-def check_out_dir(out_dir: Path, figures: bool) -> None:
-    """Before any work: the output folder (and its figures/) is, or can be made, a folder that takes files."""
-    for folder in (out_dir, out_dir / "figures") if figures else (out_dir,):
-        check_writable_folder(folder, "--out")
-
-
 def heading_of(table: tuple) -> str:
     suite, dataset, epochs = table
     return f"{dataset} — suite {suite}, {epochs} epochs"
@@ -71,19 +65,23 @@ def _points(prepared: pd.DataFrame, kind: str) -> pd.DataFrame:
     return points[status != ""].reset_index(drop=True)
 
 
-def _table_runs(model: Model, table: tuple) -> pd.DataFrame:
-    """One row per run of a table: its method, settings, seed, device and recorded cost."""
-    costs = ("wall_time_s", "throughput_images_per_s", "peak_memory_mb", "peak_memory_source")
-    runs = pd.DataFrame([{**{key: r[key] for key in ("suite", "dataset", "epochs", "method")},
-                          "settings_fp": r["fingerprints"]["settings"], "seed": int(r["seed"]), "device": device_of(r),
-                          **{key: r.get(key) for key in costs}} for r in (run.record for run in model.runs)])
-    runs["gpu"] = runs["device"].str.startswith("cuda")
-    return runs[(runs["suite"] == table[0]) & (runs["dataset"] == table[1]) & (runs["epochs"] == table[2])]
+def _of_table(frame: pd.DataFrame, table: tuple) -> pd.DataFrame:
+    return frame[frame[["suite", "dataset", "epochs"]].eq(list(table)).all(axis=1)]
 
 
-def _budget_text(model: Model, table: tuple) -> str:
+def _runs_frame(runs: Sequence) -> pd.DataFrame:
+    """One row per run: its table, method, settings, seed, device and recorded cost."""
+    costs = ["wall_time_s", "throughput_images_per_s", "peak_memory_mb", "peak_memory_source"]
+    frame = pd.DataFrame([(r["suite"], r["dataset"], r["epochs"], r["method"], r["fingerprints"]["settings"],
+                           int(r["seed"]), device_of(r), *(r.get(key) for key in costs))
+                          for r in (run.record for run in runs)],
+                         columns=["suite", "dataset", "epochs", "method", "settings_fp", "seed", "device", *costs])
+    return frame.assign(gpu=frame["device"].str.startswith("cuda"))
+
+
+def _budget_text(runs: pd.DataFrame, table: tuple) -> str:
     """Seeds, epochs and the pretraining wall time of one table's runs (GPU-hours on a GPU)."""
-    runs = _table_runs(model, table)
+    runs = _of_table(runs, table)
     seconds = sum(float(w or 0.0) for w in runs["wall_time_s"])
     cost = f"{seconds / 3600:.2f} GPU-hours" if runs["gpu"].any() else f"{seconds / 60:.1f} CPU-minutes"
     return text("summary.budget", runs=len(runs), seeds=", ".join(map(str, sorted(set(runs["seed"])))),
@@ -110,8 +108,8 @@ def _verdict(column: pd.DataFrame) -> str:
     return line + (f"; {tied} row(s) in all not significantly different from the best" if tied else "") + "."
 
 
-def _leaderboard_section(model: Model, table: tuple, n_boot: int) -> Section:
-    ranks, columns, unranked = leaderboard(model, table, n_boot)
+def _leaderboard_section(board: tuple, n_boot: int) -> Section:
+    ranks, columns, unranked = board  # reports.cells.leaderboard's
     section = Section("Leaderboard", 3)
     if ranks.empty:
         section.blocks.append(text("leaderboard.not_ranked", columns=", ".join(columns) or "none measured"))
@@ -142,11 +140,9 @@ def _cost_row(label: str, runs: pd.DataFrame) -> list[str]:
             ", ".join(sorted(set(runs["device"])))]
 
 
-def _cost_section(model: Model, table: tuple) -> Section:
+def _cost_section(mine: pd.DataFrame, runs: pd.DataFrame) -> Section:
     """Per row: means over its runs of recorded wall time (all attempts), throughput; the peak memory's maximum."""
-    cells = model.cells
-    rows = cells[(cells["table"] == table) & (cells["role"] == "")].drop_duplicates(["row", "method", "settings_fp"])
-    runs = _table_runs(model, table)
+    rows = mine[mine["role"] == ""].drop_duplicates(["row", "method", "settings_fp"])
     groups = [(r.row, runs[(runs["method"] == r.method) & (runs["settings_fp"] == r.settings_fp)])
               for r in rows.sort_values(["row", "method", "settings_fp"]).itertuples()]
     t = plain_table(["Method", "runs", "wall time per run", "images/s (training)", "peak memory (MB)", "device"],
@@ -158,8 +154,8 @@ def _cost_section(model: Model, table: tuple) -> Section:
 class _Figures:
     """The report's PNG figures: drawn only when wanted, under unique deterministic names, kept by name."""
 
-    def __init__(self, wanted: bool, cells: pd.DataFrame) -> None:
-        self.wanted, self.images = wanted, {}
+    def __init__(self, wanted: bool, cells: pd.DataFrame, history: pd.DataFrame) -> None:
+        self.wanted, self.images, self.history = wanted, {}, history
         self.palette = figs.palette_for(sorted(set(cells["row"]))) if wanted else {}
 
     def add(self, stem: str, png: bytes | None, caption: str) -> list[Figure]:
@@ -182,10 +178,9 @@ class _Figures:
         caption = text("captions.forest", kind=KIND_TITLES[kind], heading=heading_of(table))
         return self.add(f"forest_{_stem(table)}_{kind}", png, caption)
 
-    def curves(self, history: pd.DataFrame, mine: pd.DataFrame, table: tuple) -> list[Section]:
+    def curves(self, mine: pd.DataFrame, table: tuple) -> list[Section]:
         """The training curves of one table's runs, labelled as their rows."""
-        hist = history[(history["suite"] == table[0]) & (history["dataset"] == table[1])
-                       & (history["epochs"] == table[2])]
+        hist = _of_table(self.history, table)
         if not self.wanted or hist.empty:
             return []
         labels = {(m, fp): r for m, fp, r, role in zip(mine["method"], mine["settings_fp"], mine["row"], mine["role"])
@@ -197,17 +192,18 @@ class _Figures:
         return [Section("Training curves", 3, figure)] if figure else []
 
 
-def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, figures: _Figures,
-                    n_boot: int = stats.N_BOOT) -> list[Section]:
-    """Per table: heading and row notes, leaderboard, cost, a grid (and forest figure) per kind, training curves."""
+def _table_sections(model: Model, boards: dict, runs: pd.DataFrame, pairs: pd.DataFrame, figures: _Figures,
+                    n_boot: int) -> list[Section]:
+    """Per table (`boards`' keys, its leaderboard): heading and row notes, leaderboard, cost, a grid (and forest
+    figure) per kind, training curves."""
     sections: list[Section] = []
     cells = model.cells
-    for table in sorted(set(cells["table"])):
+    for table, board in boards.items():
         mine = cells[cells["table"] == table]
         top = Section(heading_of(table), 2)
         if model.row_notes.get(table):
             top.blocks += ["Rows of one method with different settings:", model.row_notes[table]]
-        sections += [top, _leaderboard_section(model, table, n_boot), _cost_section(model, table)]
+        sections += [top, _leaderboard_section(board, n_boot), _cost_section(mine, _of_table(runs, table))]
         for kind in KIND_TITLES:
             of_kind = mine[mine["kind"] == kind]
             if of_kind.empty:
@@ -218,7 +214,7 @@ def _table_sections(model: Model, pairs: pd.DataFrame, history: pd.DataFrame, fi
             t = render.grid_table(prepared, my_pairs, info)
             t.caption = render.table_caption(of_kind, my_pairs, [text(f"kind_notes.{kind}")])
             sections.append(Section(KIND_TITLES[kind], 3, [t, *figures.forest(prepared, kind, table)]))
-        sections += figures.curves(history, mine, table)
+        sections += figures.curves(mine, table)
     return sections
 
 
@@ -370,12 +366,12 @@ def _load(results_dir: Path, opts: BuildOptions) -> LoadedRecords:
     return loaded
 
 
-def _summary_section(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> Section:
+def _summary_section(loaded: LoadedRecords, model: Model, runs: pd.DataFrame, opts: BuildOptions) -> Section:
     summary = Section("Summary", 2, [text("summary.counts", completed=len(loaded.completed),
                                           excluded=len(loaded.excluded), superseded=len(loaded.superseded),
                                           skipped=len(loaded.skipped), filters=opts.filters_text())])
-    for table in sorted(set(model.cells["table"])) if not model.cells.empty else []:
-        summary.blocks.append(f"{heading_of(table)} ({_budget_text(model, table)}):")
+    for table in sorted(set(model.cells["table"])):
+        summary.blocks.append(f"{heading_of(table)} ({_budget_text(runs, table)}):")
         verdicts = [_verdict(column) for column in headline_columns(model, table)[1]]
         summary.blocks.append(verdicts or [text("summary.no_headline")])
     if loaded.skipped:
@@ -404,7 +400,9 @@ def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[
     paper_rows = papers.relevant_papers(load_paper_results(opts.paper_csv), loaded.completed + loaded.excluded,
                                         opts.suites, opts.methods, opts.epochs)
     pairs, unmatched = papers.pair_with_papers(model.cells, paper_rows)
-    figures = _Figures(opts.figures, model.cells)
+    figures = _Figures(opts.figures, model.cells, history)
+    runs = _runs_frame(model.runs)
+    boards = {table: leaderboard(model, table, opts.n_boot) for table in sorted(set(model.cells["table"]))}
     appendix = Section("Appendix: how the numbers are made", 2,
                        [text("conventions", n_boot=opts.n_boot, seed=stats.SEED)], collapsible=True)
     related, unrelated = split_unrelated(unmatched, set(model.cells["dataset"]))
@@ -413,11 +411,12 @@ def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[
                listing("unrelated", _unmatched_rows(unrelated))]
     for section in details:
         section.collapsible = True
-    sections = [_summary_section(loaded, model, opts), Section("How to read this", 2, [text("how_to_read")]),
-                *_table_sections(model, pairs, history, figures, opts.n_boot),
+    sections = [_summary_section(loaded, model, runs, opts), Section("How to read this", 2, [text("how_to_read")]),
+                *_table_sections(model, boards, runs, pairs, figures, opts.n_boot),
                 *_layout_sections(paper_rows, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
                 *details]
-    return sections, figures.images, {"pairs": pairs, "unmatched_paper": unmatched, "history": history}
+    return sections, figures.images, {"pairs": pairs, "unmatched_paper": unmatched, "history": history,
+                                      "leaderboards": {table: board[0] for table, board in boards.items()}}
 
 
 def build_report(results_dir: str | Path = "results", out_dir: str | Path = "reports/generated",
@@ -431,13 +430,12 @@ def build_report(results_dir: str | Path = "results", out_dir: str | Path = "rep
     if not results_dir.is_dir():
         raise BenchmarkError(f"results folder {results_dir} does not exist or is not a folder; pass --results DIR "
                              "(the folder of run records that `python -m benchmarks run` writes)")
-    check_out_dir(out_dir, opts.figures)
+    for folder in (out_dir, out_dir / "figures") if opts.figures else (out_dir,):  # takes files, before any work
+        check_writable_folder(folder, "--out")
     loaded = _load(results_dir, opts)
     model = build_model(loaded.completed, opts.n_boot)
     sections, images, data = _sections(loaded, model, opts)
     paths, figure_paths = _write(out_dir, sections, images, opts.formats)
-    tables = sorted(set(model.cells["table"])) if not model.cells.empty else []
     return {"paths": paths, "figures": figure_paths, "cells": model.cells, "aggregated": model.cells,
             "values": model.values, **data, "excluded": loaded.excluded, "skipped": list(loaded.skipped),
-            "superseded": list(loaded.superseded) + list(model.superseded),
-            "leaderboards": {t: leaderboard(model, t, opts.n_boot)[0] for t in tables}, "headline": HEADLINE}
+            "superseded": list(loaded.superseded) + list(model.superseded), "headline": HEADLINE}
