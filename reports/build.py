@@ -22,7 +22,7 @@ from benchmarks.errors import BenchmarkError
 from benchmarks.records import atomic_write, atomic_write_text, check_writable_folder
 from reports import figures as figs
 from reports import papers, render, stats
-from reports.cells import HEADLINE, KIND_TITLES, Model, build_model, headline_columns, leaderboard
+from reports.cells import KIND_TITLES, Model, build_model, headline_columns, leaderboard
 from reports.data import LoadedRecords, device_of, history_frame, load_paper_results, load_records
 from reports.render import DASH, Figure, Section, fmt, fmt_p, paper_text, plain_table, text, value_text
 
@@ -422,9 +422,9 @@ def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[
 def build_report(results_dir: str | Path = "results", out_dir: str | Path = "reports/generated",
                  **options) -> dict:
     """Build the report (`options`: ``BuildOptions``' fields); return a dict of the written ``paths``
-    ({format: Path}) and ``figures``, and the data behind the tables: ``cells`` (= ``aggregated``, see
-    ``reports.cells.build_model``), ``values``, ``pairs``, ``unmatched_paper`` (with ``reason``), ``excluded``,
-    ``skipped``, ``superseded``, ``history``, ``leaderboards`` ({table: ranks}) and ``headline``."""
+    ({format: Path}) and ``figures``, and the data behind the tables: ``cells`` (see ``reports.cells.build_model``),
+    ``values``, ``pairs``, ``unmatched_paper`` (with ``reason``), ``excluded``, ``skipped``, ``superseded``,
+    ``history`` and ``leaderboards`` ({table: ranks})."""
     opts = BuildOptions(**options)
     results_dir, out_dir = Path(results_dir), Path(out_dir)
     if not results_dir.is_dir():
@@ -436,6 +436,5 @@ def build_report(results_dir: str | Path = "results", out_dir: str | Path = "rep
     model = build_model(loaded.completed, opts.n_boot)
     sections, images, data = _sections(loaded, model, opts)
     paths, figure_paths = _write(out_dir, sections, images, opts.formats)
-    return {"paths": paths, "figures": figure_paths, "cells": model.cells, "aggregated": model.cells,
-            "values": model.values, **data, "excluded": loaded.excluded, "skipped": list(loaded.skipped),
-            "superseded": list(loaded.superseded) + list(model.superseded), "headline": HEADLINE}
+    return {"paths": paths, "figures": figure_paths, "cells": model.cells, "values": model.values, **data,
+            "excluded": loaded.excluded, "skipped": loaded.skipped, "superseded": loaded.superseded + model.superseded}
