@@ -82,7 +82,7 @@ def _runs_frame(runs: Sequence) -> pd.DataFrame:
 def _budget_text(runs: pd.DataFrame, table: tuple) -> str:
     """Seeds, epochs and the pretraining wall time of one table's runs (GPU-hours on a GPU)."""
     runs = _of_table(runs, table)
-    seconds = sum(float(w or 0.0) for w in runs["wall_time_s"])
+    seconds = runs["wall_time_s"].astype(float).sum()  # a required number of every record
     cost = f"{seconds / 3600:.2f} GPU-hours" if runs["gpu"].any() else f"{seconds / 60:.1f} CPU-minutes"
     return text("summary.budget", runs=len(runs), seeds=", ".join(map(str, sorted(set(runs["seed"])))),
                 epochs=table[2], cost=cost)
