@@ -100,7 +100,7 @@ def shown_path(path: Path, results_dir: Path) -> str:
         rel = path.relative_to(results_dir)
     except ValueError:
         return path.as_posix()
-    return (Path(name) / rel).as_posix() if name else rel.as_posix()
+    return (Path(name) / rel).as_posix()  # Path("") / rel is rel (a results folder at "/")
 
 
 def selected(record: dict, suites=None, methods=None, epochs=None) -> bool:

@@ -207,8 +207,7 @@ def pair_with_papers(cells: pd.DataFrame, papers: pd.DataFrame) -> tuple[pd.Data
         free = [j for j in cand.index if j not in taken]
         if not free:
             other = papers.loc[taken[cand.index[0]]]
-            reasons[i] = (f"the same cell is paired with {other['paper']} {other['table']} (CSV line "
-                          f"{other['line']})")
+            reasons[i] = f"the same cell is paired with {other['paper']} {other['table']} (CSV line {other['line']})"
             continue
         paper_n = PAPER_RUNS.get((row["paper"], row["table"]))
         for j in free:
