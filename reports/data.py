@@ -100,7 +100,7 @@ def shown_path(path: Path, results_dir: Path) -> str:
         rel = path.relative_to(results_dir)
     except ValueError:
         return path.as_posix()
-    return (Path(name) / rel).as_posix() if name else rel.as_posix()
+    return (Path(name) / rel).as_posix()  # Path("") / rel is rel (a results folder at "/")
 
 
 def selected(record: dict, suites=None, methods=None, epochs=None) -> bool:
@@ -136,12 +136,10 @@ def _checked_arrays(record: dict, arrays: dict, key: str, clustering: bool) -> t
 
 
 def _correctness(pred: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """[n] per-image correctness (float, mean over labelled subsets for [subsets, n, 5])."""
-    if pred.ndim == 1:
-        pred = pred[:, None]
-    top = pred[..., :k]
-    hit = ((top == labels[:, None]) & (top >= 0)).any(axis=-1)
-    return hit.astype(np.float64).reshape(-1, len(labels)).mean(axis=0)
+    """[n] per-image correctness (float, mean over labelled subsets for [subsets, n, 5]); labels are non-negative
+    (``_checked_arrays``), so a -1 (no prediction) is never a hit."""
+    top = (pred[:, None] if pred.ndim == 1 else pred)[..., :k]
+    return (top == labels[:, None]).any(axis=-1).reshape(-1, len(labels)).mean(axis=0)
 
 
 def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
@@ -206,9 +204,8 @@ def _derive_block_averages(record: dict, out: dict) -> None:
 def _read_one(path: Path, root: Path) -> Run:
     record = records.read_record(path)  # validated (RunRecord: 'created' ISO-8601, clusters[key] of every entry)
     created = datetime.fromisoformat(record["created"])  # a naive time is UTC, as the schema says
-    completed = record["status"] == "completed"
     return Run(shown_path(path, root), record, created if created.tzinfo else created.replace(tzinfo=timezone.utc),
-               per_image(record, records.read_predictions(path, record)) if completed else {})
+               per_image(record, records.read_predictions(path, record)) if record["status"] == "completed" else {})
 
 
 def _reason(exc: Exception, path: Path, root: Path) -> str:
@@ -304,10 +301,7 @@ def at_place(frame: pd.DataFrame, protocol: str, place: dict) -> pd.Series:
 def dotted_json(obj, prefix: str = "") -> dict[str, str]:
     """Nested dicts as dotted keys -> canonical JSON of the leaf (lists are leaves)."""
     if isinstance(obj, dict) and obj:
-        out: dict[str, str] = {}
-        for key in sorted(obj):
-            out.update(dotted_json(obj[key], f"{prefix}{key}."))
-        return out
+        return {k: v for key in sorted(obj) for k, v in dotted_json(obj[key], f"{prefix}{key}.").items()}
     return {prefix[:-1]: obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True)}
 
 
@@ -319,13 +313,10 @@ def differing(dicts: list[dict]) -> list[str]:
 
 def history_frame(runs: list[Run]) -> pd.DataFrame:
     """Per-epoch training curves (loss, online kNN top-1); entries that are not finite numbers are ignored."""
-    def number(value) -> bool:
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
-
     rows = [(rec["suite"], rec["dataset"], rec["epochs"], rec["method"], rec["fingerprints"]["settings"],
              rec["seed"], float(entry["epoch"]), series, float(entry[series]))
             for rec in (run.record for run in runs) for entry in rec["history"] for series in HISTORY_SERIES
-            if number(entry.get(series))]
+            if type(entry.get(series)) in (int, float) and math.isfinite(entry[series])]  # JSON numbers, not bool
     return pd.DataFrame(rows, columns=["suite", "dataset", "epochs", "method", "settings_fp", "seed", "epoch",
                                        "series", "value"])
 

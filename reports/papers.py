@@ -56,7 +56,7 @@ PAPER_HPARAMS = {(r["paper"], r["table"], r["pretrain_dataset"]): tuple(r["hpara
 def protocol_for(paper: str, table: str, protocol: str) -> Protocol | None:
     """The table's own mapping of a CSV protocol, else the paper's "*" one."""
     mine = [p for p in PROTOCOLS if p.paper == paper and p.protocol == protocol and p.table in ("*", table)]
-    return next((p for p in mine if p.table == table), mine[0] if mine else None)
+    return min(mine, key=lambda p: p.table == "*", default=None)  # min keeps the first of equals
 
 
 def place_of(proto: Protocol, row: pd.Series, cells: pd.DataFrame) -> dict:
@@ -108,34 +108,27 @@ def _method_filter(row: pd.Series, cells: pd.DataFrame, subset: bool) -> tuple[p
     return mask, f"our {row['method']} runs {ours} (paper_reference), this row is from {row['paper']}"
 
 
-#: the cell columns ``pairing_candidates`` reads: a report cell has them, and so has a planned run's
-#: prospective cell (``benchmarks.reproduce``), so that the report and the planner decide pairing alike
-PAIRING_COLUMNS = ("row", "method_base", "display", "role", "paper_reference", "dataset", "backbone", "epochs",
-                   "protocol", "entry", "key", "settings", "metric", "num_classes")
-
-
 def _run_filters(row: pd.Series, cand: pd.DataFrame) -> tuple[pd.DataFrame, str]:
     """Steps 3-5: pretraining dataset, backbone, epochs."""
-    same = cand[cand["dataset"].str.casefold() == row["pretrain_dataset"].casefold()]
+    on_dataset = cand[cand["dataset"].str.casefold() == row["pretrain_dataset"].casefold()]
+    if on_dataset.empty:
+        return on_dataset, (f"no run of {_listed(cand['row'])} on {row['pretrain_dataset']} "
+                            f"(ours: {_listed(cand['dataset'])})")
+    backbone = on_dataset[on_dataset["backbone"].map(BACKBONES) == row["backbone"]]
+    if backbone.empty:
+        return backbone, f"backbone {_listed(on_dataset['backbone'])}, paper {row['backbone']}"
+    same = backbone[backbone["epochs"] == int(row["epochs"])] if not pd.isna(row["epochs"]) else backbone.iloc[:0]
     if same.empty:
-        return same, f"no run of {_listed(cand['row'])} on {row['pretrain_dataset']} (ours: {_listed(cand['dataset'])})"
-    cand = same
-    same = cand[cand["backbone"].map(BACKBONES) == row["backbone"]]
-    if same.empty:
-        return same, f"backbone {_listed(cand['backbone'])}, paper {row['backbone']}"
-    cand = same
-    same = cand[cand["epochs"] == int(row["epochs"])] if not pd.isna(row["epochs"]) else cand.iloc[:0]
-    if same.empty:
-        return same, f"our runs have {_listed(cand['epochs'])} epochs, the paper {row['epochs']}"
+        return same, f"our runs have {_listed(backbone['epochs'])} epochs, the paper {row['epochs']}"
     return same, ""
 
 
 def _agreeing(cand: pd.DataFrame, column: str, required: tuple, what) -> tuple[pd.DataFrame, str]:
-    """The candidates whose `column` (a dict, or JSON of one) has every required (name, value); else the
+    """The candidates whose `column` (canonical JSON of a dict) has every required (name, value); else the
     mismatches, each worded by `what(cell, name, ours)`."""
     keep, mismatches = [], set()
-    for (_, cell), given in zip(cand.iterrows(), cand[column]):
-        mine = json.loads(given) if isinstance(given, str) else (given if isinstance(given, dict) else {})
+    for _, cell in cand.iterrows():
+        mine = json.loads(cell[column])
         wrong = [(k, v) for k, v in required if mine.get(k, "\0") != v]
         keep.append(not wrong)
         mismatches |= {f"{what(cell, k, _fmt_setting(mine[k]) if k in mine else 'unset')}, paper {_fmt_setting(v)}"
@@ -154,11 +147,10 @@ def _evaluation_filters(row: pd.Series, proto: Protocol, cand: pd.DataFrame) -> 
     same, why = _agreeing(same, "settings", proto.settings, lambda c, k, v: f"ours {c['key']} ({k} {v})")
     if same.empty:
         return same, f"protocol: {why}"
-    required = PAPER_HPARAMS.get((row["paper"], row["table"], row["pretrain_dataset"]), ())
-    if required and "hparams" in same.columns:  # the method settings that define the paper's row
-        same, why = _agreeing(same, "hparams", required, lambda c, k, v: f"ours {k} {v}")
-        if same.empty:
-            return same, f"method settings: {why}"
+    required = PAPER_HPARAMS.get((row["paper"], row["table"], row["pretrain_dataset"]), ())  # none: all agree
+    same, why = _agreeing(same, "hparams", required, lambda c, k, v: f"ours {k} {v}")
+    if same.empty:
+        return same, f"method settings: {why}"
     cand, same = same, same[same["metric"] == row["metric"]]
     if same.empty:
         return same, f"metric {row['metric']} not in our {cand['key'].iloc[0]} (ours: {_listed(cand['metric'])})"
@@ -166,10 +158,12 @@ def _evaluation_filters(row: pd.Series, proto: Protocol, cand: pd.DataFrame) -> 
 
 
 def pairing_candidates(row: pd.Series, cells: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The one pairing predicate: the cells (suite, method, epochs, protocol, settings, metric; the columns
-    of ``PAIRING_COLUMNS``) that fit a CSV row on every criterion of the module docstring, or none and the
-    first criterion that fails. The report pairs its cells with it (``pair_with_papers``) and ``python -m
-    benchmarks reproduce`` plans its runs with it, so a plan and its report cannot disagree."""
+    """The one pairing predicate: the cells (suite, method, epochs, protocol, settings, metric) that fit a CSV row
+    on every criterion of the module docstring, or none and the first criterion that fails. It reads the cell
+    columns row, method_base, display, role, paper_reference, dataset, backbone, epochs, protocol, entry, key,
+    settings, hparams, metric, num_classes: a report cell has them, and so has a planned run's prospective cell.
+    The report pairs its cells with it (``pair_with_papers``) and ``python -m benchmarks reproduce`` plans its
+    runs with it, so a plan and its report cannot disagree."""
     proto = protocol_for(row["paper"], row["table"], row["protocol"])
     if proto is None or proto.ours is None:
         return cells.iloc[:0], f"protocol {row['protocol']} has no counterpart in this suite"
@@ -183,16 +177,16 @@ def pairing_candidates(row: pd.Series, cells: pd.DataFrame) -> tuple[pd.DataFram
 
 
 def relevant_papers(papers: pd.DataFrame, runs, suites=None, methods=None, epochs=None) -> pd.DataFrame:
-    """Paper rows that concern the selected runs (the filters applied the same way as to the records)."""
+    """Paper rows that concern the selected runs (the filters as ``build.BuildOptions`` lists them, applied the
+    same way as to the records: ``data.selected``)."""
     keep = pd.Series(True, index=papers.index)
     records = [run.record for run in runs]
     if methods is not None:
-        names = {str(m).casefold() for m in methods}
-        for rec in records:
-            names |= {rec["method_display"].casefold(), BASE_DISPLAY.get(rec["method_base"], "").casefold()}
+        names = {m.casefold() for m in methods} | {name.casefold() for rec in records for name in
+                                                   (rec["method_display"], BASE_DISPLAY.get(rec["method_base"], ""))}
         keep &= papers["method"].str.casefold().isin(names)
     if epochs is not None:
-        keep &= papers["epochs"].isin([int(e) for e in epochs]).fillna(False).astype(bool)
+        keep &= papers["epochs"].isin(epochs)  # Int64: a missing epochs is in no list
     if suites is not None:
         keep &= papers["pretrain_dataset"].str.casefold().isin({rec["dataset"].casefold() for rec in records})
     return papers[keep]
@@ -213,8 +207,7 @@ def pair_with_papers(cells: pd.DataFrame, papers: pd.DataFrame) -> tuple[pd.Data
         free = [j for j in cand.index if j not in taken]
         if not free:
             other = papers.loc[taken[cand.index[0]]]
-            reasons[i] = (f"the same cell is paired with {other['paper']} {other['table']} (CSV line "
-                          f"{other['line']})")
+            reasons[i] = f"the same cell is paired with {other['paper']} {other['table']} (CSV line {other['line']})"
             continue
         paper_n = PAPER_RUNS.get((row["paper"], row["table"]))
         for j in free:
@@ -223,8 +216,7 @@ def pair_with_papers(cells: pd.DataFrame, papers: pd.DataFrame) -> tuple[pd.Data
             pairs.append((j, int(row["line"]), row["paper"], row["table"], float(row["value"]), float(row["std"]),
                           paper_n, delta.delta, delta.ci_low, delta.ci_high, delta.p_value,
                           f"{row['paper']} {row['table']}"))
-    unmatched = papers.loc[sorted(reasons)].copy()
-    unmatched["reason"] = [reasons[i] for i in unmatched.index]
+    unmatched = papers.loc[sorted(reasons)].assign(reason=pd.Series(reasons, dtype=object))
     return pd.DataFrame(pairs, columns=PAIR_COLUMNS), unmatched.reset_index(drop=True)
 
 
@@ -246,10 +238,7 @@ LAYOUTS = tuple(Layout(**{k: _tuples(v) for k, v in spec.items()}) for spec in _
 
 
 def _matches(papers: pd.DataFrame, fields: tuple[str, ...], values: tuple) -> pd.Series:
-    mask = pd.Series(True, index=papers.index)
-    for f, v in zip(fields, values):
-        mask &= papers[f].astype(object) == v  # a missing value (epochs: pd.NA) equals nothing
-    return mask
+    return (papers[list(fields)].astype(object) == list(values)).all(axis=1)  # a missing value (pd.NA) equals nothing
 
 
 def layout_measured(layout: Layout, cells: pd.DataFrame) -> bool:
