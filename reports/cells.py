@@ -66,6 +66,11 @@ def column_order(protocol: str, settings: dict) -> tuple:
             "clustering_head": (5, settings.get("k", 0))}.get(protocol, (9, 0))
 
 
+def fmt_delta(value: float) -> str:
+    text = f"{value:+.{DECIMALS}f}"
+    return "+" + text[1:] if float(text) == 0 else text
+
+
 def metric_label(protocol: str, metric: str) -> str:
     one_to_one = metric == "ACC" and protocol == "clustering_head"
     return "ACC (one-to-one)" if one_to_one else METRIC_LABELS.get(metric, metric)
@@ -323,13 +328,13 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
             note = f"not testable: {short} (n = {other['n']} vs {best['n']} for the best, {best['row']})"
             cells.loc[j, ["untestable", "test_note"]] = [True, note]
         else:
-            tested.append((j, test))
-    for (j, test), p in zip(tested, stats.holm([t.p_value for _, t in tested])):
+            tested.append((j, other, test))
+    for (j, other, test), p in zip(tested, stats.holm([t.p_value for *_, t in tested])):
         level = 1 - ALPHA * (test.p_value / p if p > 0 else 1.0 / len(tested))
-        again = stats.welch_seed_test(cells.at[j, "values"], best["values"], level=level)
-        delta = f"{test.diff:+.2f}".replace("-0.00", "+0.00")
-        note = (f"vs best {best['row']}: Δ = {delta} (means over seeds, n = {cells.at[j, 'n']} vs {best['n']}), "
-                f"Welch t-test over seeds p = {test.p_value:.3g}, Holm-adjusted over {len(tested)} = {p:.3g}")
+        again = stats.welch_seed_test(other["values"], best["values"], level=level)
+        note = (f"vs best {best['row']}: Δ = {fmt_delta(test.diff)} (means over seeds, n = {other['n']} vs "
+                f"{best['n']}), Welch t-test over seeds p = {test.p_value:.3g}, "
+                f"Holm-adjusted over {len(tested)} = {p:.3g}")
         cells.loc[j, ["p_holm", "p_raw", "diff_low", "diff_high", "tied", "test_note"]] = \
             [p, test.p_value, again.low, again.high, bool(p >= ALPHA), note]
 

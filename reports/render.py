@@ -17,7 +17,7 @@ import jinja2
 import pandas as pd
 import yaml
 
-from reports.cells import ALPHA, DECIMALS, METRIC_ORDER, SUBSET_LABEL, column_order, metric_label
+from reports.cells import ALPHA, DECIMALS, METRIC_ORDER, SUBSET_LABEL, column_order, fmt_delta, metric_label
 
 DASH = "–"  # nothing measured
 TIED = "†"  # not significantly different from the best of its column
@@ -63,11 +63,6 @@ def fmt(value: float) -> str:
         return DASH
     text = f"{value:.{DECIMALS}f}"
     return text[1:] if text.startswith("-") and float(text) == 0 else text
-
-
-def fmt_delta(value: float) -> str:
-    text = f"{value:+.{DECIMALS}f}"
-    return "+" + text[1:] if float(text) == 0 else text
 
 
 def fmt_p(p: float) -> str:
