@@ -296,21 +296,20 @@ GROUP = ["method", "settings_fp", "role", "key", "metric", "settings"]  # a row'
 def build_model(runs: list[Run], n_boot: int = stats.N_BOOT) -> Model:
     """Aggregate the values over seeds: one cell per (table, row, column), then the marks."""
     values, superseded, dropped = values_frame(runs)
-    empty = ["suite", "dataset", "epochs", "table", *GROUP, "row", "column", "n", "mean", *CELL_DEFAULTS]
-    model = Model(values, pd.DataFrame(columns=empty), runs, superseded, dropped)
-    cells = []
+    cells, row_notes = [], {}
     for (suite, dataset, epochs), table_values in values.groupby(["suite", "dataset", "epochs"], sort=True):
         table = (suite, dataset, int(epochs))
-        labels, model.row_notes[table] = row_labels(table_values, runs)
+        labels, row_notes[table] = row_labels(table_values, runs)
         headers = column_headers(table_values, runs)
         for ids, g in table_values.groupby(GROUP, sort=True):
             cells.append({"suite": suite, "dataset": dataset, "epochs": int(epochs), "table": table,
                           **dict(zip(GROUP, ids)), "row": labels[ids[:3]], "column": headers[ids[3:]], **CELL_DEFAULTS,
                           **_cell(g.sort_values("seed"), runs, n_boot)})
+    empty = ["suite", "dataset", "epochs", "table", *GROUP, "row", "column", "n", "mean", *CELL_DEFAULTS]
+    frame = pd.DataFrame(cells) if cells else pd.DataFrame(columns=empty)
     if cells:
-        model.cells = pd.DataFrame(cells)
-        _mark_best(model)
-    return model
+        _mark_best(frame)
+    return Model(values, frame, runs, superseded, dropped, row_notes)
 
 
 def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
@@ -339,9 +338,8 @@ def _mark_column(cells: pd.DataFrame, group: pd.DataFrame) -> None:
             [p, test.p_value, again.low, again.high, bool(p >= ALPHA), note]
 
 
-def _mark_best(model: Model) -> None:
+def _mark_best(cells: pd.DataFrame) -> None:
     """``_mark_column`` for every column of two or more non-reference rows (the appendix, ``templates/text.yaml``)."""
-    cells = model.cells
     contenders = cells[~cells["is_reference"].astype(bool)]
     for _, group in contenders.groupby(["table", "key", "metric", "settings"], sort=True):
         if len(group) >= 2:
