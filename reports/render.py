@@ -193,17 +193,16 @@ def prepare(cells: pd.DataFrame, kind: str) -> pd.DataFrame:
     """Row and column labels and sort keys of one kind's cells (heads: one row per method and K, grouped by K:
     only rows of one K are compared)."""
     by_row = [(bool(ref), r.casefold(), r) for r, ref in zip(cells["row"], cells["is_reference"])]  # references last
-    if kind == "heads":
-        suffix = [c["column"][len(metric_label(c["protocol"], c["metric"])):]
-                  + (f" [head {c['entry']['head']}]" if c["entry"].get("head") else "")
-                  for _, c in cells.iterrows()]
+    if kind == "heads":  # the column is the metric; the rest of its header goes to the row
+        metric = [metric_label(p, m) for p, m in zip(cells["protocol"], cells["metric"])]
+        suffix = [c[len(m):] + (f" [head {e['head']}]" if e.get("head") else "")
+                  for c, m, e in zip(cells["column"], metric, cells["entry"])]
         return cells.assign(
             _rid=[f"{r}|{k}|{s}" for r, k, s in zip(cells["row"], cells["key"], suffix)],
             _row=[r + s for r, s in zip(cells["row"], suffix)],
             _row_sort=[(key[0], int(k) if str(k).isdigit() else 0, key, s)
                        for key, k, s in zip(by_row, cells["K"], suffix)],
-            _col=[metric_label(p, m) for p, m in zip(cells["protocol"], cells["metric"])],
-            _col_sort=[(METRIC_ORDER.get(m, 9), m) for m in cells["metric"]])
+            _col=metric, _col_sort=[(METRIC_ORDER.get(m, 9), m) for m in cells["metric"]])
     return cells.assign(
         _rid=cells["row"], _row=cells["row"], _row_sort=by_row, _col=cells["column"],
         _col_sort=[(column_order(p, e), METRIC_ORDER.get(m, 9), m, s) for p, e, m, s in
