@@ -182,7 +182,7 @@ def _settings_labels(base: str, group: pd.DataFrame, runs: list[Run], notes: lis
     keys, labels = differing(dicts), {}
     for fp, d in zip(group["settings_fp"], dicts):
         flat = dotted_json(d)
-        labels[fp] = f"{base} [{_label_parts(keys, flat) if keys else f'settings {fp}'}]"
+        labels[fp] = f"{base} [{_label_parts(keys, flat) or f'settings {fp}'}]"
         if keys:
             notes.append(f"{labels[fp]}: {_label_parts(keys, flat, limit=len(keys))} (settings fingerprint {fp})")
     return labels
