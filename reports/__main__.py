@@ -12,10 +12,10 @@ from reports.build import FORMATS, build_report
 from reports.render import text
 
 
-def _resamples(text: str) -> int:
-    if not text.isdigit() or int(text) < 100:
-        raise argparse.ArgumentTypeError(f"takes a whole number >= 100, got {text!r}")
-    return int(text)
+def _resamples(value: str) -> int:
+    if not value.isdigit() or int(value) < 100:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 100, got {value!r}")
+    return int(value)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -44,7 +44,7 @@ def make_parser() -> argparse.ArgumentParser:
                        help="papers' numbers (default: reports/paper_results.csv)")
     build.add_argument("--no-figures", action="store_true", help="skip the PNG figures (faster)")
     build.add_argument("--n-boot", type=_resamples, default=stats.N_BOOT, metavar="B",
-                       help=f"bootstrap resamples for the intervals and tests (default: {stats.N_BOOT}, seed "
+                       help=f"bootstrap resamples for the intervals and tests (default: %(default)s, seed "
                             f"{stats.SEED})")
     return parser
 

@@ -128,12 +128,11 @@ def _leaderboard_section(board: tuple, n_boot: int) -> Section:
 
 def _cost_row(label: str, runs: pd.DataFrame) -> list[str]:
     gpu = runs["gpu"].any()
-    wall = runs["wall_time_s"].dropna().astype(float)
+    wall = runs["wall_time_s"].astype(float).mean()  # a required number; a row's cells come from its runs
     speed = runs["throughput_images_per_s"].dropna().astype(float).loc[lambda s: s != 0]
     peak = runs.dropna(subset=["peak_memory_mb"])
     sources = {s or ("cuda_max_allocated" if gpu else "not recorded") for s in peak["peak_memory_source"]}
-    return [label, str(len(runs)),
-            DASH if wall.empty else (f"{wall.mean() / 3600:.3f} GPU-h" if gpu else f"{wall.mean():.1f} s"),
+    return [label, str(len(runs)), f"{wall / 3600:.3f} GPU-h" if gpu else f"{wall:.1f} s",
             DASH if speed.empty else f"{speed.mean():.0f}",
             DASH if peak.empty else f"{peak['peak_memory_mb'].astype(float).max():.0f}"
             + (" (RSS)" if sources == {"process_peak_rss"} else ""),
@@ -156,7 +155,7 @@ class _Figures:
 
     def __init__(self, wanted: bool, cells: pd.DataFrame, history: pd.DataFrame) -> None:
         self.wanted, self.images, self.history = wanted, {}, history
-        self.palette = figs.palette_for(sorted(set(cells["row"]))) if wanted else {}
+        self.palette = figs.palette_for(cells["row"]) if wanted else {}
 
     def add(self, stem: str, png: bytes | None, caption: str) -> list[Figure]:
         if png is None:
@@ -267,11 +266,8 @@ def _unmatched_rows(unmatched: pd.DataFrame) -> list[list[str]]:
     """One row per paper row group (paper, table, method, datasets, backbone, epochs, protocol, reason)."""
     keys = ["paper", "table", "method", "pretrain_dataset", "eval_dataset", "backbone", "epochs", "protocol", "reason"]
     frame = unmatched.assign(epochs=[DASH if pd.isna(e) else str(int(e)) for e in unmatched["epochs"]])
-    rows = []
-    for (*fields, reason), group in frame.groupby(keys, sort=False):
-        values = ", ".join(f"{m} {paper_text(v, s)}" for m, v, s in zip(group["metric"], group["value"], group["std"]))
-        rows.append([*fields, values, reason])
-    return rows
+    return [[*fields, ", ".join(f"{m} {paper_text(v, s)}" for m, v, s in zip(g["metric"], g["value"], g["std"])),
+             reason] for (*fields, reason), g in frame.groupby(keys, sort=False)]
 
 
 def split_unrelated(unmatched: pd.DataFrame, datasets: set[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -291,15 +287,12 @@ def _mapping_section() -> Section:
 
 def _details_rows(model: Model) -> list[list[str]]:
     """Per cell with n >= 2: its seeds, mean ± std, t-interval, image bootstrap and test against the best."""
-    rows = []
-    multi = model.cells[model.cells["n"] >= 2]
-    for _, c in multi.sort_values(["table", "row", "key", "metric", "settings"]).iterrows():
-        boot = c["img_note"] or DASH if math.isnan(c["img_low"]) else \
-            f"{render.interval(c['img_low'], c['img_high'])} ({c['img_method']})"
-        rows.append([heading_of(c["table"]), c["row"], c["column"], f"{c['n']} ({','.join(map(str, c['seeds']))})",
-                     f"{fmt(c['mean'])} ± {fmt(c['std'])}", render.interval(c["t_low"], c["t_high"]), boot,
-                     c["test_note"] or DASH])
-    return rows
+    multi = model.cells[model.cells["n"] >= 2].sort_values(["table", "row", "key", "metric", "settings"])
+    return [[heading_of(c["table"]), c["row"], c["column"], f"{c['n']} ({','.join(map(str, c['seeds']))})",
+             f"{fmt(c['mean'])} ± {fmt(c['std'])}", render.interval(c["t_low"], c["t_high"]),
+             c["img_note"] or DASH if math.isnan(c["img_low"])
+             else f"{render.interval(c['img_low'], c['img_high'])} ({c['img_method']})", c["test_note"] or DASH]
+            for _, c in multi.iterrows()]
 
 
 def _record_sections(loaded: LoadedRecords, model: Model) -> list[Section]:
@@ -348,7 +341,7 @@ class BuildOptions:
             if not all(e.isdigit() for e in epochs):
                 raise BenchmarkError(f"--epochs takes whole numbers, got {', '.join(epochs)}")
             self.epochs = sorted({int(e) for e in epochs})
-        self.stderr = sys.stderr if self.stderr is None else self.stderr
+        self.stderr = self.stderr or sys.stderr
 
     def filters_text(self) -> str:
         parts = [f"{name} = {', '.join(str(v) for v in values)}" for name, values in
@@ -403,18 +396,17 @@ def _sections(loaded: LoadedRecords, model: Model, opts: BuildOptions) -> tuple[
     figures = _Figures(opts.figures, model.cells, history)
     runs = _runs_frame(model.runs)
     boards = {table: leaderboard(model, table, opts.n_boot) for table in sorted(set(model.cells["table"]))}
-    appendix = Section("Appendix: how the numbers are made", 2,
-                       [text("conventions", n_boot=opts.n_boot, seed=stats.SEED)], collapsible=True)
     related, unrelated = split_unrelated(unmatched, set(model.cells["dataset"]))
-    details = [listing("unmatched", _unmatched_rows(related)), _mapping_section(),
-               listing("details", _details_rows(model)), *_record_sections(loaded, model),
-               listing("unrelated", _unmatched_rows(unrelated))]
-    for section in details:
+    conventions = text("conventions", n_boot=opts.n_boot, seed=stats.SEED)
+    appendix = [Section("Appendix: how the numbers are made", 2, [conventions]),
+                listing("unmatched", _unmatched_rows(related)), _mapping_section(),
+                listing("details", _details_rows(model)), *_record_sections(loaded, model),
+                listing("unrelated", _unmatched_rows(unrelated))]
+    for section in appendix:  # all closed in HTML
         section.collapsible = True
     sections = [_summary_section(loaded, model, runs, opts), Section("How to read this", 2, [text("how_to_read")]),
                 *_table_sections(model, boards, runs, pairs, figures, opts.n_boot),
-                *_layout_sections(paper_rows, model, pairs), _pairs_section(model, pairs, len(unrelated)), appendix,
-                *details]
+                *_layout_sections(paper_rows, model, pairs), _pairs_section(model, pairs, len(unrelated)), *appendix]
     return sections, figures.images, {"pairs": pairs, "unmatched_paper": unmatched, "history": history,
                                       "leaderboards": {table: board[0] for table, board in boards.items()}}
 

@@ -51,10 +51,9 @@ STATUS_MARKERS = {"best": ("D", True), "worse": ("o", True), "tied": ("o", False
 
 def difference_plot(points: pd.DataFrame, columns: Sequence[str], rows: Sequence[str], title: str,
                     palette: dict[str, tuple] | None = None) -> bytes:
-    """One panel per column: each row's difference to the column's best with the interval of the table's test
-    (its reading: templates/text.yaml), marker by ``STATUS_MARKERS``. `points`: `column`, `row`, `value`
-    (row − best), `low`, `high`, `status`. Hand-drawn lines: the intervals come from the test, not from data."""
-    rows = [r for r in rows if r in set(points["row"])]
+    """One panel per column, `rows` in that order: each row's difference to the column's best with the interval of
+    the table's test (its reading: templates/text.yaml), marker by ``STATUS_MARKERS``. `points`: `column`, `row`,
+    `value` (row − best), `low`, `high`, `status`. Hand-drawn lines: the intervals come from the test, not data."""
     columns = [c for c in columns if c in set(points["column"])]
     ncols = min(3, len(columns))
     nrows = math.ceil(len(columns) / ncols)

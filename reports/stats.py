@@ -212,13 +212,10 @@ def rank_of_means(scores: pd.DataFrame, n_boot: int = N_BOOT, level: float = LEV
     groups = {(m, k): g["value"].to_numpy(np.float64) for (m, k), g in frame.groupby(["method", "metric"])}
     means = np.array([[groups[(m, k)].mean() for m in methods] for k in metrics])  # [metric, method]
     rng = np.random.default_rng(seed)
-    reps = np.empty((n_boot, len(metrics), len(methods)))
-    for i, k in enumerate(metrics):
-        for j, m in enumerate(methods):
-            v = groups[(m, k)]
-            reps[:, i, j] = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
-    boot = stats.rankdata(-reps, axis=2).mean(axis=1)  # [n_boot, method]
-    low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)], axis=0)
+    reps = np.array([[v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+                      for v in (groups[(m, k)] for m in methods)] for k in metrics])  # [metric, method, n_boot]
+    boot = stats.rankdata(-reps, axis=1).mean(axis=0)  # [method, n_boot]
+    low, high = np.percentile(boot, [50 * (1 - level), 50 * (1 + level)], axis=1)
     return pd.DataFrame({"method": methods, "mean_rank": stats.rankdata(-means, axis=1).mean(axis=0),
                          "rank_low": low, "rank_high": high,
                          "n_seeds": [min(len(groups[(m, k)]) for k in metrics) for m in methods]},
