@@ -248,7 +248,9 @@ def image_interval(parts: list[PerImage | None], metric: str, n_boot: int) -> di
         iv = stats.accuracy_interval(data, n_boot=n_boot)
         low, high, how = iv.ci_low, iv.ci_high, "percentile"
     else:
-        iv = stats.clustering_interval(parts[0].labels, data, CLUSTER_METRICS[metric], n_boot=n_boot)
+        together = tuple(CLUSTER_METRICS[m] for m in parts[0].metrics if m in CLUSTER_METRICS)
+        iv = stats.clustering_interval(parts[0].labels, data, CLUSTER_METRICS[metric], n_boot=n_boot,
+                                       together=together)
         (low, high), how = reflect(iv, *metric_range(metric)), "basic"
     return {"img_value": iv.value, "img_low": low, "img_high": high, "img_method": how,
             "n_images": len(parts[0].labels)}

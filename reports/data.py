@@ -69,6 +69,7 @@ class PerImage:
     labels: np.ndarray  # [n] test labels of this key
     data: np.ndarray  # accuracy: float [n]; clustering: int [n]
     labels_id: str  # digest of the labels: runs are paired over images only when these agree
+    metrics: tuple[str, ...] = ()  # clustering: the record's metrics of these assignments (scored together)
 
 
 @dataclass
@@ -171,7 +172,8 @@ def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
                 raise RecordError(f"mismatched predictions file: {key} {metric} from the predictions is "
                                   f"{recomputed:.4f}, the record says {recorded:.4f}; rerun the evaluation to "
                                   f"regenerate both")
-            out[(key, metric)] = PerImage("clustering" if clustering else "accuracy", labels, data, labels_id)
+            out[(key, metric)] = PerImage("clustering" if clustering else "accuracy", labels, data, labels_id,
+                                          tuple(sorted(values[key])) if clustering else ())
     _derive_block_averages(record, out)
     return out
 

@@ -9,6 +9,7 @@ share the test images). Randomness: ``numpy.random.default_rng(seed)``, so rebui
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -153,30 +154,48 @@ def clustering_score(labels_true, labels_pred, metric: str = "nmi") -> float:
     return 100.0 * float(np.mean([score(y, p) for p in preds]))
 
 
-def clustering_replicates(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT,
-                          seed: int = SEED) -> np.ndarray:
+def clustering_replicates(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT, seed: int = SEED,
+                          together: tuple[str, ...] = ()) -> np.ndarray:
     """Bootstrap replicates (percent) of a clustering metric over test images, mean over seeds, with the
     resamples of ``_resamples``: one bincount per block of resamples makes the contingency matrices. AMI
     uses the observed marginals' expected mutual information (exact per replicate costs minutes a report;
-    tests/test_stats.py bounds the difference)."""
+    tests/test_stats.py bounds the difference). The metrics `together` with it (the other metrics of the same
+    predictions) are scored on the same matrices, their most costly part, and kept for their own calls."""
     y = cmetrics.index_labels(labels_true).reshape(-1)
     preds = np.atleast_2d(cmetrics.index_labels(labels_pred))
+    key = (hashlib.sha256(y.tobytes() + b"|" + preds.tobytes() + repr(preds.shape).encode()).hexdigest(), n_boot, seed)
+    if metric not in _REPLICATES.get(key, {}):
+        if len(_REPLICATES) >= _REPLICATES_KEPT:
+            _REPLICATES.clear()
+        _REPLICATES[key] = {**_REPLICATES.get(key, {}),
+                            **_clustering_replicates(y, preds, sorted({metric, *together}), n_boot, seed)}
+    return _REPLICATES[key][metric].copy()
+
+
+_REPLICATES: dict[tuple, dict[str, np.ndarray]] = {}
+_REPLICATES_KEPT = 64  # a few metrics x n_boot floats each
+
+
+def _clustering_replicates(y: np.ndarray, preds: np.ndarray, metrics: list[str], n_boot: int,
+                           seed: int) -> dict[str, np.ndarray]:
     classes, k = int(y.max()) + 1, int(preds.max()) + 1
-    emis = [cmetrics.expected_mutual_information(np.bincount(y), np.bincount(p)) if metric == "ami" else None
+    emis = [cmetrics.expected_mutual_information(np.bincount(y), np.bincount(p)) if "ami" in metrics else None
             for p in preds]
-    out = []
+    out: dict[str, list] = {metric: [] for metric in metrics}
     for block in _resamples(len(y), n_boot, seed):
         tables = (cmetrics.resampled_contingencies(y, p, block, classes, k) for p in preds)  # one at a time
-        per_seed = [cmetrics.batched_scores(c, metric, emi) for c, emi in zip(tables, emis)]
-        out.append(100.0 * np.mean(per_seed, axis=0))
-    return np.concatenate(out)
+        per_seed = [{m: cmetrics.batched_scores(c, m, emi) for m in metrics} for c, emi in zip(tables, emis)]
+        for m in metrics:
+            out[m].append(100.0 * np.mean([scores[m] for scores in per_seed], axis=0))
+    return {m: np.concatenate(parts) for m, parts in out.items()}
 
 
 def clustering_interval(labels_true, labels_pred, metric: str = "nmi", n_boot: int = N_BOOT,
-                        level: float = LEVEL, seed: int = SEED) -> Interval:
-    """Percentile bootstrap interval (percent) of a clustering metric over test images. Caveat: duplicated
-    images inflate agreement (NMI, AMI, ACC), so the interval can lie above the observed value."""
-    reps = clustering_replicates(labels_true, labels_pred, metric, n_boot, seed)
+                        level: float = LEVEL, seed: int = SEED, together: tuple[str, ...] = ()) -> Interval:
+    """Percentile bootstrap interval (percent) of a clustering metric over test images (`together`: as in
+    ``clustering_replicates``). Caveat: duplicated images inflate agreement (NMI, AMI, ACC), so the interval can
+    lie above the observed value."""
+    reps = clustering_replicates(labels_true, labels_pred, metric, n_boot, seed, together)
     return Interval(clustering_score(labels_true, labels_pred, metric), *_percentiles(reps, level))
 
 

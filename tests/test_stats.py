@@ -204,6 +204,17 @@ def test_clustering_replicates_are_fixed_by_their_inputs_and_seed():
     assert not np.array_equal(again, stats.clustering_replicates(y, p, "nmi", n_boot=50, seed=3))
 
 
+def test_clustering_replicates_scored_together_equal_each_scored_alone():
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 5, 300), rng.integers(0, 7, (2, 300))
+    metrics = ("nmi", "ami", "ari", "acc", "acc_many_to_one")
+    stats._REPLICATES.clear()
+    together = {m: stats.clustering_replicates(y, p, m, n_boot=60, seed=4, together=metrics) for m in metrics}
+    for metric in metrics:
+        stats._REPLICATES.clear()  # computed again, alone
+        assert np.array_equal(together[metric], stats.clustering_replicates(y, p, metric, n_boot=60, seed=4))
+
+
 def test_rank_of_means_ranks_means_and_resamples_each_methods_seeds_independently():
     rows = [("A", s, m, v) for m in ("x", "y") for s, v in enumerate((90.0, 91.0, 92.0))]
     rows += [("B", s, m, v) for m in ("x", "y") for s, v in enumerate((80.0, 81.0, 82.0))]

@@ -34,8 +34,9 @@ def results(tmp_path_factory):
                         "transfer_linear:CIFAR-10": base + 20}
             clusters = {"clustering": (CLASSES, 0.3 + 0.02 * i, seed)}
             if method in HEADS:
-                clusters |= {f"clustering_head_k{CLASSES}": (CLASSES, 0.35, seed + 10),
-                             f"clustering_head_k{3 * CLASSES}": (3 * CLASSES, 0.4, seed + 20)}
+                # each method's own assignments (a shared one would be served from the report's replicate memo)
+                clusters |= {f"clustering_head_k{CLASSES}": (CLASSES, 0.35, 100 * i + seed + 10),
+                             f"clustering_head_k{3 * CLASSES}": (3 * CLASSES, 0.4, 100 * i + seed + 20)}
             write_run(root, suite="cifar100", dataset="CIFAR-100", method=method, seed=seed, labels=labels,
                       accuracy=accuracy, clusters=clusters, transfer_labels=transfer)
     return root
