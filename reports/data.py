@@ -160,9 +160,11 @@ def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
         clustering = protocols[key] in CLUSTERING_PROTOCOLS
         labels, pred = _checked_arrays(record, arrays, key, clustering)
         labels_id = hashlib.sha256(labels.tobytes()).hexdigest()[:16]  # labels: int64 [n]
+        assignments = pred.astype(np.int64) if clustering else None  # one array for all metrics of the key
+        scored_together = tuple(sorted(values[key])) if clustering else ()
         for metric, recorded in sorted(values[key].items()):
             if clustering:
-                data, recomputed = pred.astype(np.int64), stats.clustering_score(labels, pred, CLUSTER_METRICS[metric])
+                data, recomputed = assignments, stats.clustering_score(labels, pred, CLUSTER_METRICS[metric])
             elif metric in TOPK and (pred.ndim > 1 or TOPK[metric] == 1):
                 data = _correctness(pred, labels, TOPK[metric])
                 recomputed = 100.0 * float(data.mean())
@@ -173,7 +175,7 @@ def per_image(record: dict, arrays: dict) -> dict[tuple[str, str], PerImage]:
                                   f"{recomputed:.4f}, the record says {recorded:.4f}; rerun the evaluation to "
                                   f"regenerate both")
             out[(key, metric)] = PerImage("clustering" if clustering else "accuracy", labels, data, labels_id,
-                                          tuple(sorted(values[key])) if clustering else ())
+                                          scored_together)
     _derive_block_averages(record, out)
     return out
 
